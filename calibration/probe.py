@@ -1,0 +1,197 @@
+"""Short timed training steps on replicas, through the trainer's engine -> raw measurements with provenance.
+
+    python -m rigplan.calibration.probe --job llama-3.1-8b:lora:16:1x2048,4x2048 --job llama-3.1-8b@4:qlora:16:2x2048 --out runs.jsonl
+
+A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,... Each shape is measured after a warm-up step, with torch's
+peak allocated and reserved memory and NVML's used memory; an out-of-memory shape is recorded, not fatal.
+Every row is appended (and flushed) as soon as it is measured, so a killed probe keeps what it had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rigplan.calibration.replica import build_replica, reduced
+from rigplan.estimator.plan import Plan
+from rigplan.profiles.catalog import resolve_model
+
+GIB = 2**30
+STEPS = 6  # 1 warm-up + 5 timed: the median of 5 is stable to ~1% on an H100 (shared/data runs)
+WARMUP = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    layers: int | None
+    method: Literal["lora", "qlora"]
+    rank: int
+    shapes: tuple[tuple[int, int], ...]
+    optimizer: str = "adamw_8bit"
+    checkpointing: str = "unsloth"
+
+    @classmethod
+    def parse(cls, text: str) -> "Job":
+        parts = text.split(":")
+        model, _, layers = parts[0].partition("@")
+        shapes = tuple(tuple(int(x) for x in s.split("x")) for s in parts[3].split(","))
+        extra = dict(p.split("=", 1) for p in parts[4:])
+        return cls(model, int(layers) if layers else None, parts[1], int(parts[2]), shapes, **extra)  # type: ignore[arg-type]
+
+
+def provenance() -> dict[str, Any]:
+    """GPU, driver, CUDA and package versions, date and command: what a measurement needs to be reused."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "unsloth", "unsloth_zoo", "bitsandbytes", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    driver = None
+    total = None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / GIB
+    except Exception as e:  # no NVML: record why rather than fail a probe
+        driver = f"unavailable: {e}"
+    return {"gpu": gpu, "gpu_total_gib": total, "driver": driver, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "packages": versions,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)}
+
+
+def nvml_used_gib() -> float | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / GIB
+    except Exception:
+        return None
+
+
+def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str) -> dict[str, Any]:
+    """Warm-up, then timed forward+backward+optimizer steps on random ids; peaks since the reset."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() / GIB if cuda else None
+    times, losses, nvml_after = [], [], []
+    for step in range(STEPS):
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+        if cuda:
+            nvml_after.append((nvml_used_gib(), torch.cuda.memory_reserved() / GIB))
+    step_s = statistics.median(times[WARMUP:])
+    row: dict[str, Any] = {"base_gib": base, "step_s": round(step_s, 4),
+                           "tok_per_s": round(batch * seq / step_s, 1), "loss": losses[-1],
+                           "step_times_s": [round(t, 4) for t in times]}
+    if cuda:
+        used, reserved = nvml_after[-1]
+        row.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 4),
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 4),
+                   nvml_used_gib=round(used, 4) if used is not None else None,
+                   context_gib=round(used - reserved, 4) if used is not None else None)
+    return row
+
+
+def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any]) -> None:
+    import torch
+
+    from rigplan.trainer.engine import load
+
+    spec = reduced(resolve_model(job.model), job.layers)
+    with tempfile.TemporaryDirectory(prefix="rigplan-replica-") as tmp:
+        t0 = time.perf_counter()
+        build_replica(spec, Path(tmp), device=device)
+        build_s = time.perf_counter() - t0
+        max_seq = max(s for _, s in job.shapes)
+        plan = Plan(model=spec.id, model_path=tmp, gpu="", method=job.method, rank=job.rank, micro_batch=1,
+                    grad_accum=1, seq_len=max_seq, optimizer=job.optimizer,  # type: ignore[arg-type]
+                    checkpointing=job.checkpointing,  # type: ignore[arg-type]
+                    target_modules=spec.target_modules)
+        t0 = time.perf_counter()
+        model, _tok = load(plan, engine)  # type: ignore[arg-type]
+        load_s = time.perf_counter() - t0
+        after_load = torch.cuda.memory_allocated() / GIB if device.startswith("cuda") else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        if job.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+        else:
+            opt = torch.optim.AdamW(params, lr=1e-4)
+        head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
+                "rank": job.rank, "engine": engine, "optimizer": job.optimizer, "checkpointing": job.checkpointing,
+                "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
+                "load_s": round(load_s, 1), "after_load_gib": after_load}
+        for batch, seq in job.shapes:
+            row = {**head, "batch": batch, "seq": seq, "err": None}
+            try:
+                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device))
+            except torch.OutOfMemoryError as e:
+                row["err"] = f"oom: {str(e).splitlines()[0][:200]}"
+                opt.zero_grad(set_to_none=True)
+            row["provenance"] = prov
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k not in ("provenance", "step_times_s")}), flush=True)
+        del model, opt, params
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", action="append", required=True, help="MODEL[@LAYERS]:METHOD:RANK:BxS,...")
+    parser.add_argument("--engine", choices=["unsloth", "hf"], default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    import torch
+
+    from rigplan.trainer.engine import choose_engine, import_engine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = args.engine or choose_engine()
+    import_engine(engine)  # Unsloth before transformers, which the replica builder imports
+    prov = provenance()
+    for text in args.job:
+        run_job(Job.parse(text), engine, args.out, device, prov)
+
+
+if __name__ == "__main__":
+    main()

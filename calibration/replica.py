@@ -1,0 +1,95 @@
+"""A random-weight model directory built from a ModelSpec's facts, and a tokenizer made in code.
+
+Memory and step time depend on shapes, not weight values, so a replica measures what the real model would,
+with nothing downloaded. Depth can be reduced (`num_layers`) for quick calibration probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from rigplan.profiles.catalog import ModelSpec
+
+# The words of the code-made tokenizer; ids past them exist in the model's vocabulary all the same.
+TOKENIZER_WORDS = 4_000
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+# A chat template for the tokenizer made in code (ChatML, as Qwen uses); real tokenizers bring their own.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def reduced(spec: ModelSpec, num_layers: int | None) -> ModelSpec:
+    """The same architecture with fewer decoder layers (None: full depth)."""
+    if num_layers is None or num_layers == spec.num_hidden_layers:
+        return spec
+    return dataclasses.replace(spec, id=f"{spec.id}-L{num_layers}", num_hidden_layers=num_layers)
+
+
+def hf_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:
+    """A transformers config holding the spec's facts (model_type picks the modeling code)."""
+    from transformers import AutoConfig
+
+    facts: dict[str, Any] = dict(
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        vocab_size=vocab_size or spec.vocab_size,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        max_position_embeddings=spec.max_position_embeddings,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if spec.rope_theta is not None:
+        facts["rope_theta"] = spec.rope_theta
+    if spec.model_type == "llama":
+        facts["attention_bias"] = spec.attention_bias
+    if spec.architectures:
+        facts["architectures"] = list(spec.architectures)
+    return AutoConfig.for_model(spec.model_type, **facts)
+
+
+def make_tokenizer(words: int = TOKENIZER_WORDS) -> Any:
+    """A word-level tokenizer with bos/eos/pad and a chat template, made without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for extra in ("<|im_start|>", "<|im_end|>"):
+        vocab[extra] = len(vocab)
+    for i in range(words):
+        vocab[f"w{i}"] = len(vocab)
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'\"-()":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_replica(spec: ModelSpec, out_dir: Path, device: str = "cpu", vocab_size: int | None = None,
+                  dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Write a random-weight model + tokenizer to out_dir, loadable by from_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = hf_config(spec, vocab_size)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    make_tokenizer().save_pretrained(out_dir)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out_dir

@@ -1,0 +1,124 @@
+"""Plan (what to train and what it will cost) and Coefficients (the fitted constants of the estimator).
+
+Plan is the only thing that crosses from the estimator to the trainer. Imports nothing heavy, reads no files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Method = Literal["lora", "qlora"]
+Optimizer = Literal["adamw_8bit", "adamw_torch"]
+Checkpointing = Literal["unsloth", "off"]
+
+PLAN_SCHEMA_VERSION = 1
+# Unsloth's defaults that users run (https://docs.unsloth.ai, get_peft_model): all seven projections.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One training configuration and the estimator's prediction for it."""
+
+    model: str
+    """Profile id of the architecture (or the path of its config.json)."""
+    model_path: str
+    """Hub id or local directory the weights load from."""
+    gpu: str
+    """GPU id the prediction is for."""
+    method: Method
+    """'lora' (16-bit frozen base) or 'qlora' (4-bit NF4 frozen base)."""
+    rank: int
+    """LoRA rank r."""
+    micro_batch: int
+    """Sequences per forward/backward."""
+    grad_accum: int
+    """Micro-batches per optimizer step."""
+    seq_len: int
+    """Tokens per sequence (the longest a batch is padded or packed to)."""
+    lora_alpha: int = 0
+    """LoRA scaling numerator; 0 means 'same as rank', Unsloth's default."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    """Linear layers that get adapters."""
+    optimizer: Optimizer = "adamw_8bit"
+    """bitsandbytes 8-bit AdamW (Unsloth's default) or torch's 32-bit AdamW."""
+    checkpointing: Checkpointing = "unsloth"
+    """Activation checkpointing: Unsloth's (recompute each layer in backward) or none."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (Unsloth's notebooks use 2e-4 for LoRA)."""
+    epochs: float = 1.0
+    """Passes over the data."""
+    seed: int = 3407
+    """Seed for adapters, data order and dropout (Unsloth's notebooks use 3407)."""
+    peak_allocated_gib: float = 0.0
+    """Predicted torch peak allocated memory, GiB (2^30 bytes)."""
+    peak_reserved_gib: float = 0.0
+    """Predicted torch peak reserved memory (caching allocator), GiB."""
+    total_gib: float = 0.0
+    """Predicted GPU memory in use as nvidia-smi shows it (CUDA context included), GiB."""
+    tokens_per_s: float = 0.0
+    """Predicted training throughput, tokens per second."""
+    step_s: float = 0.0
+    """Predicted seconds per optimizer step (all micro-batches)."""
+    components_gib: dict[str, float] = field(default_factory=dict)
+    """The memory terms that add up to total_gib, GiB each."""
+    calibration: str = ""
+    """Which coefficients made the prediction (GPU, date)."""
+    schema_version: int = PLAN_SCHEMA_VERSION
+    """Version of this file format."""
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha or self.rank
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data: dict[str, Any] = json.loads(text)
+        version = data.get("schema_version")
+        if version != PLAN_SCHEMA_VERSION:
+            raise ValueError(f"plan schema_version {version!r}, this rigplan reads {PLAN_SCHEMA_VERSION}")
+        data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Fitted constants of the memory and speed terms, with where they were measured.
+
+    Memory coefficients multiply the shapes in estimator/memory.py; speed ones those in estimator/speed.py.
+    """
+
+    fixed_bytes: int
+    """Allocated on top of the weights after loading (rotary caches, Unsloth buffers), bytes."""
+    step_fixed_bytes: int
+    """Allocated during a step independent of tokens (workspaces, optimizer scratch), bytes."""
+    ckpt_per_hidden: float
+    """Bytes kept per token per layer per hidden unit by checkpointing (2.0 = one bf16 copy)."""
+    transient_per_hidden: float
+    """Bytes per token per hidden unit of one layer's recompute (attention, norms)."""
+    transient_per_intermediate: float
+    """Bytes per token per MLP unit of one layer's recompute (gate, up, activation)."""
+    logits_per_vocab: float
+    """Bytes per token per vocabulary entry for logits and loss (2.0 = one bf16 copy)."""
+    reserved_ratio: float
+    """Peak reserved over peak allocated, minus 1: the caching allocator's slack."""
+    context_bytes: int
+    """CUDA context and library workspaces outside torch's allocator (NVML used - reserved), bytes."""
+    mfu: dict[str, float]
+    """Model-FLOPs utilisation by method ('lora', 'qlora'), against the GPU's dense bf16 rate."""
+    step_overhead_s: float
+    """Fixed seconds per micro-batch (launches, optimizer, Python)."""
+    gpu: str = ""
+    """GPU id these were measured on."""
+    source: str = ""
+    """Where the fit came from: runs file(s), date."""

@@ -1,0 +1,1 @@
+"""Facts: model architectures (from each model's config.json), GPU specs, shipped calibrations."""

@@ -1,0 +1,259 @@
+"""Load and validate the model and GPU rows (models.json, gpus.json) into frozen specs; resolve names.
+
+Standard library only: `rigplan check` reads these in milliseconds and never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from rigplan.errors import UnknownGpuError, UnknownModelError
+
+PROFILES_DIR = Path(__file__).resolve().parent
+
+# config.json keys that differ by family: (key, default when the config leaves it out).
+# Defaults are those of each transformers config class (LlamaConfig, Qwen2Config, Gemma2Config, ...).
+TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+# Qwen2's attention always has q/k/v bias (modeling_qwen2.py hard-codes bias=True); its config has no key.
+BIAS_BY_DEFAULT = {"qwen2"}
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (modeling_phi3.py).
+FUSED_PROJECTIONS = {"phi3"}
+# Gemma 2/3 put a norm before and after both attention and MLP (4 per layer, modeling_gemma2.py).
+FOUR_NORMS = {"gemma2", "gemma3", "gemma3_text"}
+# Qwen3 and Gemma 3 normalise queries and keys per head (q_norm, k_norm of size head_dim).
+QK_NORM = {"qwen3", "gemma3", "gemma3_text"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model's architecture, as its config.json gives it; params_total is derived once."""
+
+    id: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    attention_bias: bool = False
+    architectures: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    rope_theta: float | None = None
+    sliding_window: int | None = None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    params_published: int | None = None
+    params_note: str = ""
+    source: str = ""
+
+    @property
+    def hub_id(self) -> str:
+        """The id to download weights from: the first alias that looks like a hub id, else the id."""
+        return next((a for a in self.aliases if "/" in a), self.id)
+
+    def linear_shapes(self) -> list[tuple[str, int, int]]:
+        """The per-layer linear projections LoRA targets, as (name, in_features, out_features)."""
+        h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        q_out, kv_out = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        experts = max(1, self.num_local_experts)
+        if self.model_type in FUSED_PROJECTIONS:
+            return [("qkv_proj", h, q_out + 2 * kv_out), ("o_proj", q_out, h),
+                    ("gate_up_proj", h, 2 * i), ("down_proj", i, h)]
+        attn = [("q_proj", h, q_out), ("k_proj", h, kv_out), ("v_proj", h, kv_out), ("o_proj", q_out, h)]
+        mlp = [("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)] * experts
+        return attn + mlp
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """LoRA target names: Unsloth's seven projections, or Phi-3's fused four."""
+        return tuple(dict.fromkeys(name for name, _, _ in self.linear_shapes()))
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer: projections, their biases, norms, MoE router."""
+        linear = sum(n_in * n_out for _, n_in, n_out in self.linear_shapes())
+        hd = self.head_dim
+        bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
+        norms = (4 if self.model_type in FOUR_NORMS else 2) * self.hidden_size
+        norms += 2 * hd if self.model_type in QK_NORM else 0
+        router = self.hidden_size * self.num_local_experts
+        return linear + bias + norms + router
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """The output projection's own weights: none when it shares the embedding matrix."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def params_total(self) -> int:
+        # Embeddings + layers + final norm + untied lm_head: how Hugging Face counts a model's size.
+        return (self.embedding_params + self.num_hidden_layers * self.layer_params()
+                + self.hidden_size + self.lm_head_params)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU as its vendor's spec sheet gives it; memory in GiB, bandwidth in GB/s (1e9)."""
+
+    id: str
+    name: str
+    nvml_name: str
+    memory_gib: float
+    bandwidth_gb_s: float
+    bf16_dense_tflops: float
+    compute_capability: str
+    bf16: bool
+    source: str
+    fp16_dense_tflops: float | None = None
+    architecture: str = ""
+    aliases: tuple[str, ...] = ()
+    price_usd: float | None = None
+    source_2: str | None = None
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+    @property
+    def tensor_tflops(self) -> float:
+        """The dense 16-bit tensor rate training runs at: bf16 where supported, fp16 otherwise (T4)."""
+        return self.bf16_dense_tflops if self.bf16 else (self.fp16_dense_tflops or self.bf16_dense_tflops)
+
+
+MODEL_REQUIRED = ("id", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                  "tie_word_embeddings", "max_position_embeddings", "params_published", "source")
+GPU_REQUIRED = ("id", "name", "nvml_name", "memory_gib", "bandwidth_gb_s", "bf16_dense_tflops",
+                "compute_capability", "bf16", "source")
+
+
+def _build(cls: type, row: dict[str, Any], required: tuple[str, ...], where: str) -> Any:
+    """A spec from one row; every missing or unknown key is reported at once."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    problems = [f"missing {k!r}" for k in required if row.get(k) is None]
+    problems += [f"unknown key {k!r}" for k in row if k not in fields]
+    if problems:
+        raise ValueError(f"{where} row {row.get('id', '?')!r}: " + "; ".join(problems))
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in row.items()}
+    return cls(**values)
+
+
+@lru_cache(maxsize=None)
+def models() -> tuple[ModelSpec, ...]:
+    """Every model row of profiles/models.json, validated."""
+    rows = json.loads((PROFILES_DIR / "models.json").read_text())
+    return tuple(_build(ModelSpec, r, MODEL_REQUIRED, "models.json") for r in rows)
+
+
+@lru_cache(maxsize=None)
+def gpus() -> tuple[GpuSpec, ...]:
+    """Every GPU row of profiles/gpus.json, validated."""
+    rows = json.loads((PROFILES_DIR / "gpus.json").read_text())
+    return tuple(_build(GpuSpec, r, GPU_REQUIRED, "gpus.json") for r in rows)
+
+
+def _key(name: str) -> str:
+    return name.strip().lower()
+
+
+def _gpu_key(name: str) -> str:
+    # "NVIDIA GeForce RTX 4090", "RTX 4090", "rtx-4090" and "4090" all become "rtx4090" or "4090".
+    s = re.sub(r"\b(nvidia|geforce|tesla)\b", "", name.lower())
+    return re.sub(r"[^a-z0-9]", "", s)
+
+
+def model_from_config(config: dict[str, Any], model_id: str, source: str) -> ModelSpec:
+    """A ModelSpec from a config.json dict (multimodal configs: their text_config)."""
+    cfg = dict(config.get("text_config") or config)
+    model_type = cfg.get("model_type") or config.get("model_type", "")
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        spec = ModelSpec(
+            id=model_id,
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings",
+                                             config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT))),
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+            attention_bias=bool(cfg.get("attention_bias", model_type in BIAS_BY_DEFAULT)),
+            architectures=tuple(config.get("architectures") or ()),
+            rope_theta=cfg.get("rope_theta"),
+            sliding_window=cfg.get("sliding_window"),
+            num_local_experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+            source=source,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnknownModelError(f"{source}: not a causal-LM config.json ({e!s}); pass a model's config.json") from e
+    return spec
+
+
+def _model_from_path(path: Path) -> ModelSpec:
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UnknownModelError(f"{path} has no config.json; pass a model directory or its config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnknownModelError(f"{file}: unreadable config ({e}); pass a valid config.json") from e
+    if not isinstance(config, dict):
+        raise UnknownModelError(f"{file}: not a JSON object; pass a model's config.json")
+    name = (path if path.is_dir() else path.parent).name or file.stem
+    return model_from_config(config, name, str(file))
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """A profile by id or alias (any case), else a local model directory or config.json."""
+    key = _key(name)
+    for spec in models():
+        if key == spec.id or key in (_key(a) for a in spec.aliases):
+            return spec
+    path = Path(name).expanduser()
+    if path.exists():
+        return _model_from_path(path)
+    names = [m.id for m in models()] + [a for m in models() for a in m.aliases]
+    close = difflib.get_close_matches(key, [_key(n) for n in names], n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise UnknownModelError(f"unknown model {name!r}; {hint}(rigplan models lists all; "
+                            "or pass a local model directory or its config.json)")
+
+
+def resolve_gpu(name: str) -> GpuSpec:
+    """A GPU by id, alias, marketing name or NVML name, spelled loosely (`4090`, `RTX 4090`)."""
+    key = _gpu_key(name)
+    for spec in gpus():
+        spellings = (spec.id, spec.name, spec.nvml_name, *spec.aliases)
+        if key and key in (_gpu_key(s) for s in spellings):
+            return spec
+    close = difflib.get_close_matches(name.lower(), [g.id for g in gpus()], n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise UnknownGpuError(f"unknown GPU {name!r}; {hint}(rigplan gpus lists all)")
+
+
+def gpu_by_nvml_name(nvml_name: str) -> GpuSpec | None:
+    """The catalogue row NVML's name belongs to, or None for a card we have no row for."""
+    try:
+        return resolve_gpu(nvml_name)
+    except UnknownGpuError:
+        return None

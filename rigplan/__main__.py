@@ -1,0 +1,5 @@
+"""`python -m rigplan` runs the same CLI as the `rigplan` console script."""
+
+from rigplan.cli import main
+
+main()

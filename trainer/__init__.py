@@ -1,0 +1,1 @@
+"""Training engines (Unsloth on CUDA, transformers + PEFT elsewhere), data, TRL training, export."""

@@ -1,0 +1,98 @@
+"""The two training engines behind one signature: Unsloth on CUDA, transformers + PEFT elsewhere.
+
+`load_unsloth(plan)` and `load_hf_peft(plan)` both return (model, tokenizer) with LoRA adapters attached.
+`import unsloth` happens only here, before transformers and peft (Unsloth patches them on import).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+from rigplan.errors import RigplanError
+from rigplan.estimator.plan import Plan
+
+Engine = Literal["unsloth", "hf"]
+
+
+def choose_engine() -> Engine:
+    """Unsloth where it can run (CUDA and the package present), transformers + PEFT otherwise."""
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
+        return "unsloth"
+    return "hf"
+
+
+def import_engine(engine: Engine) -> None:
+    """Import Unsloth first when it is the engine: it patches transformers and peft on import."""
+    if engine == "unsloth":
+        import unsloth  # noqa: F401
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().is_dir()
+
+
+def load_unsloth(plan: Plan) -> tuple[Any, Any]:
+    """Unsloth's FastLanguageModel with the plan's method, rank and checkpointing."""
+    import unsloth  # noqa: F401  (must come before transformers/peft: it patches them)
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=plan.model_path,
+        max_seq_length=plan.seq_len,
+        dtype=torch.bfloat16,
+        load_in_4bit=plan.method == "qlora",
+        local_files_only=_is_local(plan.model_path),
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=plan.rank,
+        lora_alpha=plan.alpha,
+        lora_dropout=0.0,  # 0 lets Unsloth use its fused LoRA kernels
+        target_modules=list(plan.target_modules),
+        bias="none",
+        use_gradient_checkpointing="unsloth" if plan.checkpointing == "unsloth" else False,
+        random_state=plan.seed,
+    )
+    return model, tokenizer
+
+
+def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
+    """Plain transformers + PEFT (bitsandbytes NF4 for QLoRA): the baseline, and the CPU path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": _is_local(plan.model_path)}
+    if plan.method == "qlora":
+        if not cuda:
+            raise RigplanError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); pass --method lora on this machine")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+        kwargs["attn_implementation"] = "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(plan.model_path, local_files_only=kwargs["local_files_only"])
+    if plan.checkpointing == "unsloth":
+        # PEFT's own checkpointing: non-reentrant, inputs made to require grad so the frozen base backprops.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=list(plan.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config), tokenizer
+
+
+def load(plan: Plan, engine: Engine | None = None) -> tuple[Any, Any]:
+    """The one place the engine is chosen."""
+    engine = engine or choose_engine()
+    return load_unsloth(plan) if engine == "unsloth" else load_hf_peft(plan)
