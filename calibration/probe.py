@@ -146,6 +146,9 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any])
         t0 = time.perf_counter()
         model, _tok = load(plan, engine)  # type: ignore[arg-type]
         load_s = time.perf_counter() - t0
+        # Training mode, as TRL's trainer sets it: without it transformers skips gradient checkpointing
+        # (`if self.gradient_checkpointing and self.training`), and the peak is that of no checkpointing.
+        model.train()
         after_load = torch.cuda.memory_allocated() / GIB if device.startswith("cuda") else None
         params = [p for p in model.parameters() if p.requires_grad]
         if job.optimizer == "adamw_8bit":
