@@ -20,6 +20,31 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 
 @dataclass(frozen=True)
+class Setup:
+    """The training choices the memory and speed terms depend on."""
+
+    method: Method
+    """'lora' or 'qlora'."""
+    rank: int
+    """LoRA rank r."""
+    micro_batch: int
+    """Sequences per forward/backward."""
+    seq_len: int
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    optimizer: Optimizer = "adamw_8bit"
+    """Optimizer whose state is kept per trainable parameter."""
+    checkpointing: Checkpointing = "unsloth"
+    """Activation checkpointing on ('unsloth') or off."""
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro-batch."""
+        return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
 class Plan:
     """One training configuration and the estimator's prediction for it."""
 
@@ -96,29 +121,49 @@ class Coefficients:
     """Fitted constants of the memory and speed terms, with where they were measured.
 
     Memory coefficients multiply the shapes in estimator/memory.py; speed ones those in estimator/speed.py.
+    calibration/fit.py fits them by least squares over those same term functions.
     """
 
-    fixed_bytes: int
-    """Allocated on top of the weights after loading (rotary caches, Unsloth buffers), bytes."""
-    step_fixed_bytes: int
-    """Allocated during a step independent of tokens (workspaces, optimizer scratch), bytes."""
+    fixed_bytes: float
+    """Allocated on top of weights and adapters once loaded (rotary tables, Unsloth buffers), bytes."""
+    step_fixed_bytes: float
+    """Allocated during a step whatever its size (workspaces, optimizer scratch), bytes."""
     ckpt_per_hidden: float
-    """Bytes kept per token per layer per hidden unit by checkpointing (2.0 = one bf16 copy)."""
+    """Checkpointing on: bytes kept per token, per layer, per hidden unit (2.0 = one bf16 copy)."""
     transient_per_hidden: float
-    """Bytes per token per hidden unit of one layer's recompute (attention, norms)."""
+    """Checkpointing on: bytes per token per hidden unit while one layer is recomputed."""
     transient_per_intermediate: float
-    """Bytes per token per MLP unit of one layer's recompute (gate, up, activation)."""
+    """Checkpointing on: bytes per token per MLP unit while one layer is recomputed."""
     logits_per_vocab: float
-    """Bytes per token per vocabulary entry for logits and loss (2.0 = one bf16 copy)."""
+    """Bytes per token per vocabulary entry for the logits and the loss (2.0 = one bf16 copy)."""
+    nockpt_per_hidden: float
+    """Checkpointing off: bytes kept per token, per layer, per hidden unit."""
+    nockpt_per_intermediate: float
+    """Checkpointing off: bytes kept per token, per layer, per MLP unit."""
     reserved_ratio: float
     """Peak reserved over peak allocated, minus 1: the caching allocator's slack."""
-    context_bytes: int
+    context_bytes: float
     """CUDA context and library workspaces outside torch's allocator (NVML used - reserved), bytes."""
-    mfu: dict[str, float]
-    """Model-FLOPs utilisation by method ('lora', 'qlora'), against the GPU's dense bf16 rate."""
+    mfu: float
+    """Model-FLOPs utilisation of the matmuls against the GPU's dense 16-bit rate."""
+    elementwise_bytes: float
+    """Bytes moved per token, per layer, per hidden + MLP unit by memory-bound ops (norms, rope,
+    activations, LoRA adapters, checkpoint copies), at the GPU's memory bandwidth."""
+    dequant_bytes: float
+    """QLoRA: bytes moved per 4-bit weight per micro-batch to dequantize it (each pass reads NF4,
+    writes bf16), at the GPU's memory bandwidth."""
     step_overhead_s: float
-    """Fixed seconds per micro-batch (launches, optimizer, Python)."""
+    """Seconds per micro-batch whatever the model (optimizer step, Python, launches)."""
+    layer_overhead_s: float
+    """Floor on a micro-batch's GPU time, per decoder layer: the host's launches and checkpoint offload."""
     gpu: str = ""
     """GPU id these were measured on."""
     source: str = ""
-    """Where the fit came from: runs file(s), date."""
+    """Where the fit came from: runs file(s), date, residuals."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Coefficients":
+        return cls(**data)

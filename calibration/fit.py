@@ -1,0 +1,241 @@
+"""Fit the estimator's Coefficients to measured runs by least squares over its own term functions.
+
+    python -m rigplan.calibration.fit profiles/calibrations/h100-runs/*.jsonl --gpu h100-sxm --out FILE
+
+No second formula lives here: the known terms (weights, adapters, gradients, optimizer state) and the
+FLOP count come from estimator/, and each fitted coefficient multiplies the shape that term uses.
+Standard library only (a few unknowns: normal equations are enough).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rigplan.calibration.replica import reduced
+from rigplan.estimator import memory, speed
+from rigplan.estimator.plan import Coefficients, Setup
+from rigplan.profiles.catalog import ModelSpec, resolve_gpu, resolve_model
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured shape: the model as run (depth included), the setup, and what was measured."""
+
+    model: ModelSpec
+    setup: Setup
+    row: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        s = self.setup
+        ck = "" if s.checkpointing == "unsloth" else " no-ckpt"
+        return f"{self.model.id} {s.method} r{s.rank} {s.micro_batch}x{s.seq_len}{ck}"
+
+
+def parse_run(row: dict[str, Any]) -> Run:
+    """A Run from a probe row (calibration/probe.py) or a shared/data row ("llama-3.1-8b-L32")."""
+    arch, layers = row.get("arch"), row.get("layers")
+    if arch is None:  # shared/data rows name the depth in the model: "<id>-L<layers>"
+        arch, _, depth = row["model"].rpartition("-L")
+        layers = int(depth)
+    spec = reduced(resolve_model(arch), layers)
+    setup = Setup(method=row["method"], rank=int(row["rank"]), micro_batch=int(row["batch"]),
+                  seq_len=int(row["seq"]), optimizer=row.get("optimizer", "adamw_8bit"),
+                  checkpointing=row.get("checkpointing", "unsloth"))
+    return Run(spec, setup, row)
+
+
+def load_runs(paths: list[Path], engine: str = "unsloth") -> list[Run]:
+    """Measured rows without errors, from the given engine, that are usable as facts."""
+    runs = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("err") or row.get("engine", "unsloth") != engine or row.get("exclude"):
+                continue
+            runs.append(parse_run(row))
+    return runs
+
+
+def _solve(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Least squares by the normal equations, columns scaled; a coefficient that comes out negative is
+    held at 0 and the rest refitted (every term here is a size, so none can be negative)."""
+    n = len(rows[0])
+    active = list(range(n))
+    while True:
+        scale = [max(abs(r[j]) for r in rows) or 1.0 for j in active]
+        a = [[sum(r[p] / sp * r[q] / sq for r in rows) for q, sq in zip(active, scale)]
+             for p, sp in zip(active, scale)]
+        b = [sum(r[p] / sp * yi for r, yi in zip(rows, y)) for p, sp in zip(active, scale)]
+        for i in range(len(a)):  # a tiny ridge keeps an unidentifiable column from blowing up
+            a[i][i] += 1e-9 * (a[i][i] or 1.0)
+        x = _gauss(a, b)
+        coef = [0.0] * n
+        for xi, j, sj in zip(x, active, scale):
+            coef[j] = xi / sj
+        negative = [j for j in active if coef[j] < 0]
+        if not negative:
+            return coef
+        active.remove(min(negative, key=lambda j: coef[j]))
+        if not active:
+            return [0.0] * n
+
+
+def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
+    n = len(b)
+    m = [row[:] + [bi] for row, bi in zip(a, b)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        for r in range(n):
+            if r != c and m[c][c]:
+                f = m[r][c] / m[c][c]
+                m[r] = [x - f * y for x, y in zip(m[r], m[c])]
+    return [m[i][n] / m[i][i] if m[i][i] else 0.0 for i in range(n)]
+
+
+def speed_valid(run: Run) -> bool:
+    """Step times that show training speed: not the runs the probe left in eval mode."""
+    return "eval mode" not in run.row.get("note", "")
+
+
+def known_bytes(run: Run) -> int:
+    """The memory terms that need no fitting: weights, adapters, their gradients, optimizer state."""
+    m, s = run.model, run.setup
+    return (memory.base_weights_bytes(m, s.method) + memory.lora_weights_bytes(m, s.rank)
+            + memory.lora_grads_bytes(m, s.rank) + memory.optimizer_state_bytes(m, s.rank, s.optimizer))
+
+
+def _unit(**overrides: float) -> Coefficients:
+    """Coefficients with one memory coefficient at 1 and the rest 0: evaluates that term's shape."""
+    base = dict(fixed_bytes=0.0, step_fixed_bytes=0.0, ckpt_per_hidden=0.0, transient_per_hidden=0.0,
+                transient_per_intermediate=0.0, logits_per_vocab=0.0, nockpt_per_hidden=0.0,
+                nockpt_per_intermediate=0.0, reserved_ratio=0.0, context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
+                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0)
+    base.update(overrides)
+    return Coefficients(**base)  # type: ignore[arg-type]
+
+
+MEMORY_COEFFS_CKPT = ("step_fixed_bytes", "ckpt_per_hidden", "transient_per_hidden",
+                      "transient_per_intermediate", "logits_per_vocab")
+MEMORY_COEFFS_NOCKPT = ("step_fixed_bytes", "nockpt_per_hidden", "nockpt_per_intermediate", "logits_per_vocab")
+
+
+def _features(run: Run, names: tuple[str, ...]) -> list[float]:
+    """Each coefficient's column: the allocated total the estimator gives with only that one set to 1."""
+    cols = []
+    for name in names:
+        parts = memory.components_bytes(run.model, run.setup, _unit(**{name: 1.0}))
+        cols.append(float(memory.peak_allocated_bytes(parts) - known_bytes(run)))
+    return cols
+
+
+def fit(runs: list[Run], gpu: str, source: str) -> tuple[Coefficients, dict[str, Any]]:
+    """Coefficients fitted to the runs, and the fit's residuals per run."""
+    load_rows = [r for r in runs if r.row.get("after_load_gib") is not None and r.row.get("clean_load", True)]
+    fixed = statistics.median(
+        r.row["after_load_gib"] * GIB - memory.base_weights_bytes(r.model, r.setup.method)
+        - memory.lora_weights_bytes(r.model, r.setup.rank) for r in load_rows)
+    mem_runs = [r for r in runs if r.row.get("peak_alloc_gib") is not None and r.row.get("clean_load", True)]
+    values: dict[str, float] = {"fixed_bytes": fixed}
+    # The fixed part of a step is shared by both fits; take it from the checkpointed runs (most of them).
+    for ckpt, names in (("unsloth", MEMORY_COEFFS_CKPT), ("off", MEMORY_COEFFS_NOCKPT)):
+        sel = [r for r in mem_runs if r.setup.checkpointing == ckpt]
+        if not sel:
+            continue
+        x = [_features(r, names) for r in sel]
+        y = [r.row["peak_alloc_gib"] * GIB - known_bytes(r) - fixed for r in sel]
+        for name, c in zip(names, _solve(x, y)):
+            if ckpt == "off" and name in ("step_fixed_bytes", "logits_per_vocab") and name in values:
+                continue
+            values[name] = c
+    ratios = [r.row["peak_reserved_gib"] / r.row["peak_alloc_gib"] - 1 for r in mem_runs]
+    values["reserved_ratio"] = statistics.median(ratios)
+    contexts = [r.row["context_gib"] * GIB for r in runs if r.row.get("context_gib") is not None]
+    values["context_bytes"] = statistics.median(contexts)
+
+    values.update(_fit_speed([r for r in runs if r.row.get("step_s") and speed_valid(r)], gpu))
+    coeffs = Coefficients(**values, gpu=gpu, source=source)  # type: ignore[arg-type]
+    return coeffs, residuals(runs, coeffs, gpu)
+
+
+def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
+    """micro-batch s = max(FLOPs / (peak x mfu) + (elementwise + dequant bytes) / bandwidth,
+    floor x layers) + overhead. The max is fitted in two stages: the GPU terms on the runs above the floor
+    (at first those of >= 4096 tokens per micro-batch), then the floor from the runs below the GPU line."""
+    g = resolve_gpu(gpu)
+    peak, bandwidth = g.tensor_tflops * 1e12, g.bandwidth_gb_s * 1e9
+
+    def cols(r: Run) -> list[float]:
+        return [speed.flops_per_token(r.model, r.setup) * r.setup.tokens / peak,
+                speed.elementwise_units(r.model, r.setup) / bandwidth,
+                speed.quantized_weights(r.model, r.setup) / bandwidth, 1.0]
+
+    above = [r for r in runs if r.setup.tokens >= 4096 and r.setup.micro_batch >= 2] or runs
+    floor = 0.0
+    for _ in range(4):
+        inv_mfu, elem, deq, overhead = _solve([cols(r) for r in above], [r.row["step_s"] for r in above])
+        gpu_line = {id(r): sum(c * x for c, x in zip(cols(r), (inv_mfu, elem, deq, 0.0))) for r in runs}
+        below = [r for r in runs if gpu_line[id(r)] + overhead < 0.9 * r.row["step_s"]]
+        floor = statistics.median((r.row["step_s"] - overhead) / r.model.num_hidden_layers for r in below) \
+            if below else 0.0
+        above = [r for r in runs if gpu_line[id(r)] >= floor * r.model.num_hidden_layers] or runs
+    return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
+            "step_overhead_s": overhead, "layer_overhead_s": floor}
+
+
+def predict(run: Run, coeffs: Coefficients, gpu: str) -> dict[str, float]:
+    """The estimator's numbers for one measured run."""
+    parts = memory.components_bytes(run.model, run.setup, coeffs)
+    g = resolve_gpu(gpu)
+    return {"peak_alloc_gib": memory.peak_allocated_bytes(parts) / GIB,
+            "peak_reserved_gib": memory.peak_reserved_bytes(parts) / GIB,
+            "tok_per_s": speed.tokens_per_s(run.model, run.setup, g, coeffs)}
+
+
+def residuals(runs: list[Run], coeffs: Coefficients, gpu: str) -> dict[str, Any]:
+    """Relative errors (predicted / measured - 1) per run, and their worst absolute values."""
+    table = []
+    for r in runs:
+        p = predict(r, coeffs, gpu)
+        table.append({"run": r.label,
+                      "peak_reserved_err": p["peak_reserved_gib"] / r.row["peak_reserved_gib"] - 1,
+                      "tok_per_s_err": p["tok_per_s"] / r.row["tok_per_s"] - 1
+                      if r.row.get("tok_per_s") and speed_valid(r) else None})
+    mem = [abs(t["peak_reserved_err"]) for t in table]
+    tps = [abs(t["tok_per_s_err"]) for t in table if t["tok_per_s_err"] is not None]
+    return {"max_abs_peak_reserved_err": max(mem, default=0.0), "max_abs_tok_per_s_err": max(tps, default=0.0),
+            "runs": table}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--gpu", required=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    runs = load_runs(args.runs)
+    coeffs, res = fit(runs, args.gpu, source=", ".join(p.name for p in args.runs))
+    print(json.dumps(dataclasses.asdict(coeffs), indent=2))
+    for t in res["runs"]:
+        tps = f"{t['tok_per_s_err']:+7.1%}" if t["tok_per_s_err"] is not None else "      -"
+        print(f"{t['run']:45} mem {t['peak_reserved_err']:+7.1%}  tok/s {tps}")
+    print(f"max |mem err| {res['max_abs_peak_reserved_err']:.1%}   max |tok/s err| {res['max_abs_tok_per_s_err']:.1%}")
+    if args.out:
+        from rigplan.calibration.store import write_calibration
+
+        write_calibration(args.out, coeffs, res, runs_files=[str(p) for p in args.runs])
+
+
+if __name__ == "__main__":
+    main()

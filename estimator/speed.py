@@ -1,0 +1,70 @@
+"""Training speed: FLOPs per token from the architecture, over the GPU's dense 16-bit rate times a fitted
+model-FLOPs utilisation, plus fitted per-step overheads. Pure: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+from rigplan.estimator.memory import lora_params
+from rigplan.estimator.plan import Coefficients, Setup
+from rigplan.profiles.catalog import GpuSpec, ModelSpec
+
+# A matmul of a token through a weight matrix costs 2 FLOPs per weight (multiply + add).
+FLOPS_PER_MAC = 2
+# A causal mask halves the attention score and value work (FlashAttention computes only the lower triangle).
+CAUSAL_FRACTION = 0.5
+
+
+def flops_per_token(model: ModelSpec, setup: Setup) -> float:
+    """Training FLOPs per token for LoRA on a frozen base (Kaplan et al. 2020, sec. 2.1, adapted).
+
+    Full fine-tuning costs 6N per token: forward 2N, backward 4N (input and weight gradients). With the
+    base frozen its weight gradients are skipped, so backward is 2N; checkpointing recomputes each layer's
+    forward (another 2N over the decoder, not the lm_head). Adapters cost 6 x their parameters (full
+    training). Attention's seq-dependent part: QK^T and AV, 2 x 2 x seq x heads x head_dim per token per
+    layer in forward, causal-halved, backward twice that, and once more when recomputed.
+    """
+    layers = model.num_hidden_layers
+    decoder = layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    head = model.vocab_size * model.hidden_size
+    passes = 3 if setup.checkpointing == "unsloth" else 2  # forward + input-grad backward (+ recompute)
+    frozen = FLOPS_PER_MAC * (passes * decoder + 2 * head)
+    adapters = 3 * FLOPS_PER_MAC * lora_params(model, setup.rank)
+    attn_fwd = 2 * FLOPS_PER_MAC * setup.seq_len * model.num_attention_heads * model.head_dim * layers
+    attention = attn_fwd * CAUSAL_FRACTION * (1 + 2 + (1 if setup.checkpointing == "unsloth" else 0))
+    return frozen + adapters + attention
+
+
+def elementwise_units(model: ModelSpec, setup: Setup) -> float:
+    """Token-layer-units touched by memory-bound ops: their bytes scale with hidden + MLP width."""
+    return setup.tokens * model.num_hidden_layers * (model.hidden_size + model.intermediate_size)
+
+
+def quantized_weights(model: ModelSpec, setup: Setup) -> float:
+    """4-bit weights dequantized every micro-batch (QLoRA only): the decoder's projections."""
+    if setup.method != "qlora":
+        return 0.0
+    return model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+
+
+def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
+    """Seconds for one micro-batch: GPU time (matmuls at the fitted share of peak FLOP/s plus memory-bound
+    work at the GPU's bandwidth, a roofline-style sum; Williams et al. 2009), but never less than the
+    host's per-layer floor (launches, checkpoint offload): the H100 runs at batch 1 x 2048 sit on it."""
+    return max(gpu_s(model, setup, gpu, coeffs), coeffs.layer_overhead_s * model.num_hidden_layers) \
+        + coeffs.step_overhead_s
+
+
+def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
+    compute = flops_per_token(model, setup) * setup.tokens / (gpu.tensor_tflops * 1e12 * coeffs.mfu)
+    moved = (coeffs.elementwise_bytes * elementwise_units(model, setup)
+             + coeffs.dequant_bytes * quantized_weights(model, setup))
+    return compute + moved / (gpu.bandwidth_gb_s * 1e9)
+
+
+def step_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
+    """Seconds per optimizer step: grad_accum micro-batches."""
+    return setup.grad_accum * micro_batch_s(model, setup, gpu, coeffs)
+
+
+def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
+    return setup.tokens / micro_batch_s(model, setup, gpu, coeffs)
