@@ -234,7 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         from rigplan.calibration.store import write_calibration
 
-        write_calibration(args.out, coeffs, res, runs_files=[str(p) for p in args.runs])
+        prov = next((r.row["provenance"] for r in runs if r.row.get("provenance")), {})
+        write_calibration(args.out, coeffs, res, runs_files=[str(p) for p in args.runs],
+                          provenance={k: prov.get(k) for k in ("gpu", "driver", "cuda", "packages")}
+                          | {"date": (prov.get("date") or "")[:10], "command": "python -m rigplan.calibration.fit "
+                             + " ".join(str(p) for p in args.runs) + f" --gpu {args.gpu}"})
 
 
 if __name__ == "__main__":

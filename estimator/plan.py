@@ -92,6 +92,8 @@ class Plan:
     """The memory terms that add up to total_gib, GiB each."""
     calibration: str = ""
     """Which coefficients made the prediction (GPU, date)."""
+    num_gpus: int = 1
+    """GPUs training data-parallel; tokens_per_s is for all of them."""
     schema_version: int = PLAN_SCHEMA_VERSION
     """Version of this file format."""
 

@@ -55,6 +55,8 @@ class ModelSpec:
     num_experts_per_tok: int = 0
     params_published: int | None = None
     params_note: str = ""
+    published_counts_lm_head: bool = False
+    """The published total counts an lm_head the checkpoint stores although the config ties it."""
     source: str = ""
 
     @property
@@ -97,6 +99,12 @@ class ModelSpec:
     def lm_head_params(self) -> int:
         """The output projection's own weights: none when it shares the embedding matrix."""
         return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def params_as_published(self) -> int:
+        """params_total counted the way params_published was (a stored tied lm_head counted twice)."""
+        extra = self.vocab_size * self.hidden_size if self.published_counts_lm_head and self.tie_word_embeddings else 0
+        return self.params_total + extra
 
     @property
     def params_total(self) -> int:
@@ -249,6 +257,16 @@ def resolve_gpu(name: str) -> GpuSpec:
     close = difflib.get_close_matches(name.lower(), [g.id for g in gpus()], n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     raise UnknownGpuError(f"unknown GPU {name!r}; {hint}(rigplan gpus lists all)")
+
+
+@lru_cache(maxsize=None)
+def known_issues() -> tuple[dict[str, str], ...]:
+    """Recorded failures and slow paths of an engine with a model family (profiles/known_issues.json)."""
+    return tuple(json.loads((PROFILES_DIR / "known_issues.json").read_text()))
+
+
+def issues_for(model: ModelSpec) -> list[dict[str, str]]:
+    return [i for i in known_issues() if i["model_type"] == model.model_type]
 
 
 def gpu_by_nvml_name(nvml_name: str) -> GpuSpec | None:

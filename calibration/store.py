@@ -1,0 +1,79 @@
+"""Calibration files: the shipped reference (profiles/calibrations/) and per-GPU fits in the user's data
+directory. JSON with provenance, written atomically. Standard library only: `rigplan check` reads these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rigplan.errors import CalibrationError
+from rigplan.estimator.plan import Coefficients
+from rigplan.profiles.catalog import PROFILES_DIR
+
+CALIBRATION_SCHEMA_VERSION = 1
+REFERENCE_FILE = PROFILES_DIR / "calibrations" / "h100-sxm.json"
+
+
+def user_dir() -> Path:
+    """Where a user's own calibrations live: $RIGPLAN_HOME, else the platform's data directory."""
+    if os.environ.get("RIGPLAN_HOME"):
+        return Path(os.environ["RIGPLAN_HOME"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "rigplan"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "rigplan"
+
+
+def write_calibration(path: Path, coeffs: Coefficients, residuals: dict[str, Any],
+                      runs_files: list[str] | None = None, provenance: dict[str, Any] | None = None) -> None:
+    """Write atomically (temp file in the same folder, then os.replace): a crash leaves the old file whole."""
+    doc = {"schema_version": CALIBRATION_SCHEMA_VERSION, "coefficients": coeffs.to_dict(),
+           "residuals": residuals, "runs_files": runs_files or [], "provenance": provenance or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_calibration(path: Path) -> tuple[Coefficients, dict[str, Any]]:
+    """Coefficients and the whole document; CalibrationError if the file is corrupt or of another version."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
+            raise CalibrationError(f"{path}: calibration schema {doc.get('schema_version')!r}, this rigplan reads "
+                                   f"{CALIBRATION_SCHEMA_VERSION}; run rigplan calibrate again")
+        return Coefficients.from_dict(doc["coefficients"]), doc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CalibrationError(f"{path}: unreadable calibration ({e}); run rigplan calibrate again") from e
+
+
+def reference() -> tuple[Coefficients, dict[str, Any]]:
+    """The shipped reference calibration, measured on our H100 (raw runs beside it)."""
+    return read_calibration(REFERENCE_FILE)
+
+
+def for_gpu(gpu_id: str) -> tuple[Coefficients, dict[str, Any], bool]:
+    """The user's own calibration of this GPU when there is a good one, else the reference.
+    The flag says whether the coefficients were measured on this GPU model."""
+    own = user_dir() / f"{gpu_id}.json"
+    if own.exists():
+        try:
+            coeffs, doc = read_calibration(own)
+            return coeffs, doc, True
+        except CalibrationError as e:
+            warnings.warn(f"rigplan: ignoring {own}: {e}", stacklevel=2)
+    coeffs, doc = reference()
+    return coeffs, doc, coeffs.gpu == gpu_id

@@ -1,0 +1,214 @@
+"""The planner: estimate one configuration, or search method x rank x micro-batch x accumulation x
+sequence length x checkpointing for the fastest that fits with a safety margin. Never prints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rigplan.errors import ConfigError
+from rigplan.estimator import memory, speed
+from rigplan.estimator.plan import Checkpointing, Coefficients, Method, Plan, Setup
+from rigplan.profiles.catalog import GpuSpec, ModelSpec
+
+GIB = 2**30
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_EFFECTIVE_BATCH = 16
+DEFAULT_RANK = 16  # Unsloth's get_peft_model default and its notebooks' choice
+RANKS = (8, 16, 32, 64)
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+MIN_SEQ_LEN = 256
+# A plan must leave this share of the GPU free: the estimator's worst error on the recorded H100 runs
+# (bench/accuracy.py) was under 10% of peak reserved memory, and other processes hold some memory too.
+SAFETY_MARGIN = 0.10
+# Share of a card's nominal memory that CUDA can use: NVML reports 81,559 MiB total on the "80 GB" H100
+# of our runs (shared/gpu/README.md, profiles/calibrations/h100-runs/), 99.6% of 80 GiB.
+USABLE_FRACTION = 81_559 / (80 * 1024)
+# Speeds within this share count as a tie; then the smaller-memory, nearer-to-default choice wins.
+SPEED_TIE = 0.03
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One configuration's predicted memory and speed on one GPU."""
+
+    setup: Setup
+    components_bytes: dict[str, int]
+    peak_allocated_gib: float
+    peak_reserved_gib: float
+    total_gib: float
+    tokens_per_s: float
+    step_s: float
+    gpu_memory_gib: float
+    fits: bool
+
+    @property
+    def headroom_gib(self) -> float:
+        """GPU memory left at the peak (negative: short by that much)."""
+        return self.gpu_memory_gib - self.total_gib
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The planner's answer: the recommended plan (None if nothing fits), runners-up, and why."""
+
+    fits: bool
+    best: Plan | None
+    alternatives: list[Plan]
+    reason: str
+    gpu_memory_gib: float
+    requested_seq_len: int
+
+
+def usable_gib(gpu: GpuSpec, local_total_gib: float | None = None) -> float:
+    """Memory a plan may use: NVML's total on the local card, else the catalogue's nominal figure."""
+    return local_total_gib if local_total_gib is not None else gpu.memory_gib * USABLE_FRACTION
+
+
+def validate(model: ModelSpec, setup: Setup) -> None:
+    """Every problem with a setup, in one error."""
+    problems = []
+    if setup.micro_batch <= 0:
+        problems.append(f"batch {setup.micro_batch} must be >= 1; pass --batch 1 or more")
+    if setup.rank <= 0:
+        problems.append(f"rank {setup.rank} must be >= 1; pass --rank 8, 16, 32 or 64")
+    if setup.grad_accum <= 0:
+        problems.append(f"gradient accumulation {setup.grad_accum} must be >= 1")
+    if setup.seq_len <= 0:
+        problems.append(f"--seq {setup.seq_len} must be >= 1")
+    elif setup.seq_len > model.max_position_embeddings:
+        problems.append(f"--seq {setup.seq_len} exceeds {model.id}'s context "
+                        f"({model.max_position_embeddings}); lower --seq")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
+             gpu_memory_gib: float | None = None) -> Estimate:
+    """Memory and speed of one configuration (what `rigplan estimate` prints)."""
+    validate(model, setup)
+    parts = memory.components_bytes(model, setup, coeffs)
+    total = memory.total_bytes(parts) / GIB
+    limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
+    return Estimate(
+        setup=setup, components_bytes=parts,
+        peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,
+        peak_reserved_gib=memory.peak_reserved_bytes(parts) / GIB,
+        total_gib=total,
+        tokens_per_s=speed.tokens_per_s(model, setup, gpu, coeffs),
+        step_s=speed.step_s(model, setup, gpu, coeffs),
+        gpu_memory_gib=limit,
+        fits=total <= limit * (1 - SAFETY_MARGIN),
+    )
+
+
+def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients, model_path: str | None = None,
+            num_gpus: int = 1) -> Plan:
+    """The Plan that carries an estimate to the trainer."""
+    s = est.setup
+    return Plan(model=model.id, model_path=model_path or model.hub_id, gpu=gpu.id, method=s.method, rank=s.rank,
+                micro_batch=s.micro_batch, grad_accum=s.grad_accum, seq_len=s.seq_len,
+                target_modules=model.target_modules, optimizer=s.optimizer, checkpointing=s.checkpointing,
+                peak_allocated_gib=round(est.peak_allocated_gib, 3), peak_reserved_gib=round(est.peak_reserved_gib, 3),
+                total_gib=round(est.total_gib, 3), tokens_per_s=round(est.tokens_per_s * num_gpus, 1),
+                step_s=round(est.step_s, 4),
+                components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
+                calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=num_gpus)
+
+
+def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
+                methods: tuple[Method, ...], ranks: tuple[int, ...], checkpointing: tuple[Checkpointing, ...],
+                limit: float) -> list[Estimate]:
+    out = []
+    for method in methods:
+        for rank in ranks:
+            for ckpt in checkpointing:
+                for micro in MICRO_BATCHES:
+                    if micro > effective_batch:
+                        break
+                    setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
+                                  grad_accum=max(1, effective_batch // micro), checkpointing=ckpt)
+                    out.append(estimate(model, setup, gpu, coeffs, limit))
+    return out
+
+
+def _preference(est: Estimate, fastest: float) -> tuple[int, int, float, float]:
+    """Order among fitting estimates: 16-bit LoRA first (no quantization error, faster), then speed
+    (ties within SPEED_TIE), then the rank nearest the default, then the smaller memory."""
+    s = est.setup
+    speed_bucket = math.floor((1 - est.tokens_per_s / fastest) / SPEED_TIE) if fastest else 0
+    return (s.method != "lora", speed_bucket, abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
+
+
+def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DEFAULT_SEQ_LEN,
+         effective_batch: int = DEFAULT_EFFECTIVE_BATCH, methods: tuple[Method, ...] = ("lora", "qlora"),
+         ranks: tuple[int, ...] = RANKS, checkpointing: tuple[Checkpointing, ...] = ("unsloth", "off"),
+         gpu_memory_gib: float | None = None, model_path: str | None = None, num_gpus: int = 1,
+         alternatives: int = 4) -> PlanResult:
+    """The fastest configuration that fits with SAFETY_MARGIN, preferring 16-bit LoRA when it fits; if
+    nothing fits at seq_len, the longest shorter sequence that does, said in the reason."""
+    if effective_batch <= 0:
+        raise ConfigError(f"effective batch {effective_batch} must be >= 1")
+    if num_gpus <= 0:
+        raise ConfigError(f"--gpus {num_gpus} must be >= 1")
+    validate(model, Setup(method=methods[0], rank=min(ranks), micro_batch=1, seq_len=seq_len))
+    limit = usable_gib(gpu, gpu_memory_gib)
+    per_gpu_batch = max(1, effective_batch // num_gpus)
+    seq = seq_len
+    while True:
+        cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit)
+        fitting = [c for c in cands if c.fits]
+        if fitting or seq // 2 < MIN_SEQ_LEN:
+            break
+        seq //= 2
+    if not fitting:
+        smallest = min(cands, key=lambda c: c.total_gib)
+        return PlanResult(False, None, [], (
+            f"does not fit: the smallest setup ({smallest.setup.method}, rank {smallest.setup.rank}, batch 1, "
+            f"seq {smallest.setup.seq_len}) needs {smallest.total_gib:.1f} GiB of {limit:.1f} GiB"), limit, seq_len)
+    fastest = max(c.tokens_per_s for c in fitting)
+    fitting.sort(key=lambda c: _preference(c, fastest))
+    best = fitting[0]
+    plans = [to_plan(model, e, gpu, coeffs, model_path, num_gpus) for e in _runners_up(fitting, alternatives)]
+    return PlanResult(seq == seq_len, plans[0], plans[1:], _reason(best, cands, seq, seq_len, limit, num_gpus),
+                      limit, seq_len)
+
+
+def _runners_up(fitting: list[Estimate], n: int) -> list[Estimate]:
+    """The best, then the best of each other method x checkpointing x rank, so alternatives differ."""
+    out, seen = [fitting[0]], set()
+    s0 = fitting[0].setup
+    seen.add((s0.method, s0.checkpointing, s0.rank))
+    for e in fitting[1:]:
+        key = (e.setup.method, e.setup.checkpointing, e.setup.rank)
+        if key not in seen and len(out) <= n:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def _reason(best: Estimate, cands: list[Estimate], seq: int, requested: int, limit: float, num_gpus: int) -> str:
+    s = best.setup
+    lora_fits = any(c.fits and c.setup.method == "lora" for c in cands)
+    if s.method == "lora":
+        why = f"16-bit LoRA fits with {best.headroom_gib:.1f} GiB to spare"
+    elif not lora_fits:
+        lora_min = min((c.total_gib for c in cands if c.setup.method == "lora"), default=float("nan"))
+        why = f"QLoRA: 16-bit LoRA needs at least {lora_min:.1f} GiB of {limit:.1f} GiB"
+    else:
+        why = "QLoRA"
+    why += f"; micro-batch {s.micro_batch} x {s.grad_accum} accumulation is the fastest that fits"
+    if s.checkpointing == "off":
+        why += ", without checkpointing (room for all activations)"
+    if seq != requested:
+        why = f"does not fit at seq {requested}; at seq {seq}: " + why
+    if num_gpus > 1:
+        why += f"; {num_gpus} GPUs assumed to scale linearly (data parallel, not measured)"
+    return why
+
+
+def train_time_s(tokens: float, epochs: float, plan_: Plan) -> float:
+    """Wall time of a run: all tokens, every epoch, at the plan's throughput (packed batches)."""
+    return tokens * epochs / plan_.tokens_per_s if plan_.tokens_per_s else float("inf")
+

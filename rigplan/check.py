@@ -1,0 +1,200 @@
+"""What `rigplan check`, `estimate` and `plan` compute, as plain dicts (the same ones --json prints).
+
+Ties profiles (facts), calibration/store (the fitted coefficients) and the estimator together. No torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rigplan.calibration import store
+from rigplan.errors import ConfigError, UnknownGpuError
+from rigplan.estimator import planner
+from rigplan.estimator.plan import Coefficients, Plan, Setup
+from rigplan.profiles import catalog, nvml
+from rigplan.profiles.catalog import GpuSpec, ModelSpec
+from rigplan.trainer import data
+
+DEFAULT_EPOCHS = 1.0
+# With no data or --examples, time is shown for this many tokens: a typical small instruction set.
+DEFAULT_WORKLOAD_TOKENS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How much text a run trains on."""
+
+    tokens: float
+    epochs: float
+    examples: int | None
+    avg_tokens: float | None
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "epochs": self.epochs, "examples": self.examples,
+                "avg_tokens": self.avg_tokens, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Target:
+    """The GPU a plan is for: its catalogue facts and the memory to plan with."""
+
+    spec: GpuSpec
+    memory_gib: float
+    local: bool
+
+
+def workload(data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
+             seq_len: int | None) -> tuple[Workload, int | None]:
+    """The workload, and the sequence length the data asks for (its 95th percentile, or None)."""
+    if epochs <= 0:
+        raise ConfigError(f"--epochs {epochs} must be > 0")
+    if data_file is not None:
+        lengths = data.estimated_lengths(Path(data_file))
+        p95 = data.percentile(lengths, 95)
+        # Round the 95th percentile up to a multiple of 256: longer examples are truncated (5% at most).
+        seq = seq_len or max(256, -(-p95 // 256) * 256)
+        tokens = sum(min(n, seq) for n in lengths)
+        return Workload(tokens, epochs, len(lengths), tokens / len(lengths),
+                        f"{data_file} (lengths estimated from characters)"), seq
+    if examples is not None:
+        if examples <= 0 or (avg_tokens is not None and avg_tokens <= 0):
+            raise ConfigError("--examples and --avg-tokens must be > 0")
+        avg = avg_tokens if avg_tokens is not None else (seq_len or planner.DEFAULT_SEQ_LEN) / 2
+        src = "--examples" + (" --avg-tokens" if avg_tokens is not None else ", avg tokens = half of --seq")
+        return Workload(examples * avg, epochs, examples, avg, src), None
+    return Workload(DEFAULT_WORKLOAD_TOKENS, epochs, None, None, "per 1M tokens (pass --examples or --data)"), None
+
+
+def resolve_target(gpu: str | None) -> tuple[Target | None, str]:
+    """A named GPU from the catalogue, or the local one ('auto' or None); (None, why) when there is none."""
+    if gpu and gpu != "auto":
+        spec = catalog.resolve_gpu(gpu)
+        return Target(spec, planner.usable_gib(spec), False), ""
+    found, why = nvml.local_gpus()
+    if not found:
+        return None, f"no local GPU: {why}; showing the catalogue"
+    local = found[0]
+    spec = catalog.gpu_by_nvml_name(local.name)
+    if spec is None:
+        raise UnknownGpuError(f"local GPU {local.name!r} is not in the catalogue; pass --gpu with the "
+                              "closest card (rigplan gpus lists all)")
+    return Target(spec, local.total_gib, True), ""
+
+
+def calibration_info(coeffs: Coefficients, doc: dict[str, Any], measured_here: bool, gpu: GpuSpec) -> dict[str, Any]:
+    res = doc.get("residuals", {})
+    mem, tps = res.get("max_abs_peak_reserved_err"), res.get("max_abs_tok_per_s_err")
+    date = doc.get("provenance", {}).get("date", "")
+    if measured_here:
+        label = f"calibrated on {coeffs.gpu} {date}".strip()
+        note = f"max error on its runs: memory {mem:.0%}, speed {tps:.0%}" if mem is not None else ""
+    else:
+        label = f"reference calibration ({coeffs.gpu} {date}) scaled to {gpu.id} by its spec sheet".replace("  ", " ")
+        note = (f"memory terms carry over (max error {mem:.0%} on the reference runs); speed scales with "
+                "FLOP/s and bandwidth and is less certain (run rigplan calibrate on this GPU)") if mem is not None else ""
+    return {"label": label, "measured_on_this_gpu": measured_here, "note": note}
+
+
+def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
+    """A plan as the flat dict --json shows and the table prints."""
+    return {"method": p.method, "rank": p.rank, "batch": p.micro_batch, "grad_accum": p.grad_accum,
+            "effective_batch": p.effective_batch * p.num_gpus, "seq": p.seq_len, "checkpointing": p.checkpointing,
+            "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
+            "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,
+            "step_s": p.step_s, "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
+            "components_gib": p.components_gib}
+
+
+def warnings_for(model: ModelSpec) -> list[str]:
+    return [f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
+
+
+def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: int | None = None,
+          data_file: Path | None = None, examples: int | None = None, avg_tokens: float | None = None,
+          epochs: float = DEFAULT_EPOCHS, effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH) -> dict[str, Any]:
+    """Does the model fit this GPU, with which plan; or, with no GPU named or found, which GPUs can train it."""
+    model = catalog.resolve_model(model_name)
+    load, data_seq = workload(data_file, examples, avg_tokens, epochs, seq_len)
+    seq = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
+    target, why = resolve_target(gpu)
+    if target is None:
+        return {**catalogue(model, seq, load, effective_batch), "note": why}
+    result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus)
+    return {
+        "model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name, "gpu_memory_gib": round(target.memory_gib, 2),
+        "gpu_source": "local (NVML)" if target.local else "catalogue", "num_gpus": num_gpus,
+        "fits": result.fits, "reason": result.reason, "calibration": info,
+        "recommended": plan_row(plan_, load) if plan_ else None,
+        "alternatives": [plan_row(p, load) for p in result.alternatives],
+        "workload": load.to_dict(), "warnings": warnings_for(model),
+    }
+
+
+def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int,
+              num_gpus: int = 1, model_path: str | None = None) -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
+    coeffs, doc, here = store.for_gpu(target.spec.id)
+    result = planner.plan(model, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
+                          gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path)
+    return result, result.best, calibration_info(coeffs, doc, here, target.spec)
+
+
+def catalogue(model: ModelSpec, seq: int, load: Workload, effective_batch: int) -> dict[str, Any]:
+    """Every catalogue GPU's best plan for the model; the smallest card that fits and the best per dollar."""
+    rows = []
+    for spec in catalog.gpus():
+        result, p, _ = best_plan(model, Target(spec, planner.usable_gib(spec), False), seq, effective_batch)
+        row = {"gpu": spec.id, "name": spec.name, "memory_gib": spec.memory_gib, "price_usd": spec.price_usd,
+               "fits": result.fits, "recommended": plan_row(p, load) if p and result.fits else None}
+        if row["recommended"] and spec.price_usd:
+            row["tokens_per_s_per_kusd"] = round(p.tokens_per_s / spec.price_usd * 1000, 1)
+        rows.append(row)
+    fitting = [r for r in rows if r["fits"]]
+    smallest = min(fitting, key=lambda r: (r["memory_gib"], r["price_usd"] or 1e12), default=None)
+    priced = [r for r in fitting if r.get("tokens_per_s_per_kusd")]
+    per_dollar = max(priced, key=lambda r: r["tokens_per_s_per_kusd"], default=None)
+    return {"model": model.id, "gpu": None, "seq": seq, "gpus": rows, "workload": load.to_dict(),
+            "smallest_fitting": smallest and smallest["gpu"], "best_per_dollar": per_dollar and per_dollar["gpu"],
+            "warnings": warnings_for(model)}
+
+
+def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, gpu: str | None = None,
+             grad_accum: int = 1, checkpointing: str = "unsloth", optimizer: str = "adamw_8bit") -> dict[str, Any]:
+    """One configuration's memory (term by term) and speed on one GPU (the local one, or H100 by default)."""
+    model = catalog.resolve_model(model_name)
+    target, _ = resolve_target(gpu)
+    if target is None:
+        spec = catalog.resolve_gpu(store.reference()[0].gpu)
+        target = Target(spec, planner.usable_gib(spec), False)
+    coeffs, doc, here = store.for_gpu(target.spec.id)
+    setup = Setup(method=method, rank=rank, micro_batch=batch, seq_len=seq_len, grad_accum=grad_accum,  # type: ignore[arg-type]
+                  checkpointing=checkpointing, optimizer=optimizer)  # type: ignore[arg-type]
+    est = planner.estimate(model, setup, target.spec, coeffs, target.memory_gib)
+    gib = planner.GIB
+    return {"model": model.id, "gpu": target.spec.id, "gpu_memory_gib": round(target.memory_gib, 2),
+            "method": method, "rank": rank, "batch": batch, "grad_accum": grad_accum, "seq": seq_len,
+            "checkpointing": checkpointing, "optimizer": optimizer,
+            "peak_allocated_gib": round(est.peak_allocated_gib, 3), "peak_reserved_gib": round(est.peak_reserved_gib, 3),
+            "total_gib": round(est.total_gib, 3), "fits": est.fits, "tokens_per_s": round(est.tokens_per_s, 1),
+            "step_s": round(est.step_s, 4),
+            "components": {k: round(v / gib, 3) for k, v in est.components_bytes.items()},
+            "calibration": calibration_info(coeffs, doc, here, target.spec), "warnings": warnings_for(model)}
+
+
+def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data_file: Path | None = None,
+              effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH, num_gpus: int = 1, epochs: float = DEFAULT_EPOCHS,
+              model_path: str | None = None) -> Plan:
+    """The recommended Plan, as `rigplan run` will read it; an error when nothing fits."""
+    model = catalog.resolve_model(model_name)
+    _, data_seq = workload(data_file, None, None, epochs, seq_len)
+    target, why = resolve_target(gpu)
+    if target is None:
+        raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
+    result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
+                             num_gpus, model_path)
+    if p is None or not result.fits:
+        raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU or a shorter --seq")
+    return dataclasses.replace(p, epochs=float(epochs))

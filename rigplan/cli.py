@@ -1,0 +1,235 @@
+"""The rigplan command line: each command parses options, calls one library function, prints a table or --json.
+
+No arithmetic here. Library code raises RigplanError; this module prints its one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from rigplan.errors import RigplanError
+from rigplan.estimator.planner import DEFAULT_EFFECTIVE_BATCH, DEFAULT_RANK, DEFAULT_SEQ_LEN
+
+EXIT_USAGE = 2
+
+
+def format_table(title: str, headers: list[str], rows: list[list[Any]], decimals: dict[str, int] | None = None) -> str:
+    """One titled table: numbers right-aligned with fixed decimals, text left-aligned, units in headers."""
+    decimals = decimals or {}
+
+    def cell(h: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:,.{decimals.get(h, 1)}f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    text = [[cell(h, v) for h, v in zip(headers, r)] for r in rows]
+    numeric = [all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) or r[i] is None for r in rows)
+               for i in range(len(headers))]
+    widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
+
+    rule = "-" * len(line(headers))
+    return "\n".join([title, rule, line(headers), rule] + [line(r) for r in text] + [rule])
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Call library code; a RigplanError becomes one line on stderr and exit code 2."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn()
+        for w in caught:
+            click.echo(str(w.message), err=True)
+        return out
+    except RigplanError as e:
+        click.echo(f"rigplan: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _emit(data: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], str]) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else render(data))
+
+
+PLAN_HEADERS = ["", "method", "rank", "batch", "accum", "seq", "ckpt", "peak GiB", "total GiB", "tok/s", "time h"]
+
+
+def _plan_cells(label: str, r: dict[str, Any]) -> list[Any]:
+    return [label, r["method"], r["rank"], r["batch"], r["grad_accum"], r["seq"], r["checkpointing"],
+            r["peak_reserved_gib"], r["total_gib"], round(r["tokens_per_s"]), r["train_hours"]]
+
+
+def _render_check(d: dict[str, Any]) -> str:
+    if d.get("gpu") is None:
+        return _render_catalogue(d)
+    verdict = "FITS" if d["fits"] else "DOES NOT FIT"
+    rows = []
+    if d["recommended"]:
+        rows.append(_plan_cells("recommended", d["recommended"]))
+    rows += [_plan_cells("alternative", a) for a in d["alternatives"]]
+    title = (f"rigplan check: {d['model']} on {d['gpu_name']} ({d['gpu_memory_gib']:.1f} GiB, {d['gpu_source']})"
+             + (f" x {d['num_gpus']}" if d["num_gpus"] > 1 else ""))
+    out = [title, f"verdict: {verdict}: {d['reason']}"]
+    if rows:
+        out.append(format_table("", PLAN_HEADERS, rows, {"peak GiB": 1, "total GiB": 1, "time h": 2}).lstrip("\n"))
+    out.append(f"memory: peak = torch peak reserved, total = what nvidia-smi shows (CUDA context included); "
+               f"time: {d['workload']['source']}, {d['workload']['tokens']:,.0f} tokens x {d['workload']['epochs']:g} epoch(s)")
+    out.append(f"calibration: {d['calibration']['label']}; {d['calibration']['note']}")
+    out += [f"warning: {w}" for w in d["warnings"]]
+    return "\n".join(out)
+
+
+def _render_catalogue(d: dict[str, Any]) -> str:
+    rows = []
+    for g in d["gpus"]:
+        r = g["recommended"]
+        mark = " (smallest)" if g["gpu"] == d["smallest_fitting"] else " (best per $)" if g["gpu"] == d["best_per_dollar"] else ""
+        rows.append([g["gpu"] + mark, float(g["memory_gib"]), g["fits"], r and r["method"], r and r["rank"],
+                     r and r["batch"], r and r["total_gib"], r and round(r["tokens_per_s"]), r and r["train_hours"],
+                     g["price_usd"] and round(g["price_usd"]), g.get("tokens_per_s_per_kusd")])
+    headers = ["gpu", "memory GiB", "fits", "method", "rank", "batch", "total GiB", "tok/s", "time h", "price $",
+               "tok/s per k$"]
+    table = format_table(f"rigplan check: {d['model']} on catalogue GPUs (seq {d['seq']})", headers, rows,
+                         {"memory GiB": 0, "total GiB": 1, "time h": 2, "tok/s per k$": 1})
+    notes = [d.get("note", ""), f"smallest card that fits: {d['smallest_fitting']}; fastest per dollar: {d['best_per_dollar']}",
+             f"time: {d['workload']['source']}; speeds scale the H100 reference calibration by each GPU's spec sheet"]
+    return "\n".join([table] + [n for n in notes if n] + [f"warning: {w}" for w in d["warnings"]])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rigplan")
+def main() -> None:
+    """rigplan: what LLM fine-tuning your GPU can do, measured."""
+
+
+def _data_opts(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the data.")(f)
+    f = click.option("--avg-tokens", type=float, help="Average tokens per example (with --examples).")(f)
+    f = click.option("--examples", type=int, help="Number of training examples.")(f)
+    f = click.option("--data", "data_file", type=click.Path(path_type=Path), help="JSONL/JSON dataset.")(f)
+    return f
+
+
+@main.command()
+@click.argument("model")
+@click.option("--gpu", default="auto", show_default=True, help="GPU id/name, or auto for the local one.")
+@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True, help="GPUs, data parallel.")
+@click.option("--seq", "seq_len", type=int, help=f"Sequence length [default: {DEFAULT_SEQ_LEN}, or from --data].")
+@click.option("--batch", "effective_batch", type=int, default=DEFAULT_EFFECTIVE_BATCH, show_default=True,
+              help="Target effective batch (micro-batch x accumulation x GPUs).")
+@_data_opts
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def check(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_batch: int, data_file: Path | None,
+          examples: int | None, avg_tokens: float | None, epochs: float, as_json: bool) -> None:
+    """Does MODEL fit this GPU, with which settings, and how long will training take?"""
+    from rigplan import check as lib
+
+    data = _run(lambda: lib.check(model, gpu, num_gpus, seq_len, data_file, examples, avg_tokens, epochs, effective_batch))
+    _emit(data, as_json, _render_check)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch (sequences per step).")
+@click.option("--seq", "seq_len", type=int, default=DEFAULT_SEQ_LEN, show_default=True)
+@click.option("--rank", type=int, default=DEFAULT_RANK, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--checkpointing", type=click.Choice(["unsloth", "off"]), default="unsloth", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw_8bit", "adamw_torch"]), default="adamw_8bit", show_default=True)
+@click.option("--gpu", default="auto", show_default=True, help="GPU id/name; auto: local, else h100-sxm.")
+@click.option("--json", "as_json", is_flag=True)
+def estimate(model: str, method: str, batch: int, seq_len: int, rank: int, grad_accum: int, checkpointing: str,
+             optimizer: str, gpu: str, as_json: bool) -> None:
+    """Memory, term by term, and speed of one configuration."""
+    from rigplan import check as lib
+
+    data = _run(lambda: lib.estimate(model, method, batch, seq_len, rank, gpu, grad_accum, checkpointing, optimizer))
+
+    def render(d: dict[str, Any]) -> str:
+        rows = [[k, v] for k, v in d["components"].items()]
+        title = (f"rigplan estimate: {d['model']} {d['method']} r{d['rank']} batch {d['batch']} x seq {d['seq']} "
+                 f"on {d['gpu']} ({d['gpu_memory_gib']:.1f} GiB)")
+        out = [format_table(title, ["memory term", "GiB"], rows, {"GiB": 3})]
+        out.append(f"peak allocated {d['peak_allocated_gib']:.2f} GiB, peak reserved {d['peak_reserved_gib']:.2f} GiB, "
+                   f"total (nvidia-smi) {d['total_gib']:.2f} GiB: {'fits' if d['fits'] else 'DOES NOT FIT'}")
+        out.append(f"speed {d['tokens_per_s']:,.0f} tok/s, {d['step_s']:.3f} s per step; calibration: {d['calibration']['label']}")
+        out += [f"warning: {w}" for w in d["warnings"]]
+        return "\n".join(out)
+
+    _emit(data, as_json, render)
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option("--gpu", default="auto", show_default=True)
+@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True)
+@click.option("--seq", "seq_len", type=int)
+@click.option("--batch", "effective_batch", type=int, default=DEFAULT_EFFECTIVE_BATCH, show_default=True)
+@click.option("--data", "data_file", type=click.Path(path_type=Path))
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--model-path", help="Hub id or local directory to load weights from [default: the profile's hub id].")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the plan here (what rigplan run reads).")
+def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_batch: int, data_file: Path | None,
+             epochs: float, model_path: str | None, out: Path | None) -> None:
+    """The recommended plan as JSON (to stdout, or --out FILE for rigplan run)."""
+    from rigplan import check as lib
+
+    p = _run(lambda: lib.make_plan(model, gpu, seq_len, data_file, effective_batch, num_gpus, epochs, model_path))
+    if out:
+        out.write_text(p.to_json() + "\n")
+        click.echo(f"wrote {out}: {p.method} r{p.rank}, batch {p.micro_batch} x {p.grad_accum}, seq {p.seq_len}, "
+                   f"{p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s")
+    else:
+        click.echo(p.to_json())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def gpus(as_json: bool) -> None:
+    """The GPU catalogue."""
+    from rigplan.profiles import catalog
+
+    rows = [g for g in catalog.gpus()]
+    data = {"gpus": [{"id": g.id, "name": g.name, "nvml_name": g.nvml_name, "memory_gib": g.memory_gib,
+                      "bandwidth_gb_s": g.bandwidth_gb_s, "bf16_dense_tflops": g.bf16_dense_tflops,
+                      "compute_capability": g.compute_capability, "bf16": g.bf16, "price_usd": g.price_usd,
+                      "source": g.source} for g in rows]}
+    _emit(data, as_json, lambda d: format_table(
+        f"rigplan gpus: {len(rows)} GPUs", ["id", "name", "memory GiB", "bandwidth GB/s", "bf16 TFLOP/s", "cc", "price $"],
+        [[g["id"], g["name"], float(g["memory_gib"]), float(g["bandwidth_gb_s"]), float(g["bf16_dense_tflops"]),
+          g["compute_capability"], g["price_usd"] and round(g["price_usd"])] for g in d["gpus"]],
+        {"memory GiB": 0, "bandwidth GB/s": 0, "bf16 TFLOP/s": 1}))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def models(as_json: bool) -> None:
+    """The model catalogue."""
+    from rigplan.profiles import catalog
+
+    data = {"models": [{"id": m.id, "model_type": m.model_type, "params_b": round(m.params_total / 1e9, 2),
+                        "layers": m.num_hidden_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
+                        "context": m.max_position_embeddings, "hub_id": m.hub_id, "source": m.source}
+                       for m in catalog.models()]}
+    _emit(data, as_json, lambda d: format_table(
+        f"rigplan models: {len(d['models'])} models", ["id", "type", "params B", "layers", "hidden", "vocab", "context", "hub id"],
+        [[m["id"], m["model_type"], m["params_b"], m["layers"], m["hidden_size"], m["vocab_size"], m["context"], m["hub_id"]]
+         for m in d["models"]], {"params B": 2}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Profile integrity: every model's parameter count against its published figure, every GPU row complete,
+and name resolution (ids, aliases, NVML names, config.json paths) with helpful errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from rigplan.errors import UnknownGpuError, UnknownModelError
+from rigplan.profiles import catalog
+
+MODELS = catalog.models()
+GPUS = catalog.gpus()
+REQUIRED_MODEL_IDS = [
+    "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b",
+    "mistral-7b", "mistral-nemo-12b", "mistral-small-24b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b",
+    "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "qwen3-0.6b", "qwen3-8b", "qwen3-32b",
+    "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b",
+    "phi-3.5-mini", "phi-4",
+]
+REQUIRED_GPU_IDS = ["t4", "rtx-3060", "rtx-4090", "rtx-5090", "rtx-a6000", "rtx-6000-ada", "l4", "l40s", "a10g",
+                    "a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "b200"]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=[m.id for m in MODELS])
+def test_parameter_count_matches_published(model: catalog.ModelSpec) -> None:
+    assert model.params_as_published == pytest.approx(model.params_published, rel=0.01)
+
+
+@pytest.mark.parametrize("model", MODELS, ids=[m.id for m in MODELS])
+def test_model_row_is_consistent(model: catalog.ModelSpec) -> None:
+    assert re.fullmatch(r"[a-z0-9.\-]+", model.id)
+    assert model.source.startswith("https://huggingface.co/") and model.source.endswith("config.json")
+    assert model.num_attention_heads % model.num_key_value_heads == 0
+    assert model.max_position_embeddings >= 2048
+
+
+def test_catalogues_are_large_enough_and_unique() -> None:
+    assert len(MODELS) >= 25 and len(GPUS) >= 25
+    ids = {m.id for m in MODELS}
+    assert set(REQUIRED_MODEL_IDS) <= ids
+    assert set(REQUIRED_GPU_IDS) <= {g.id for g in GPUS}
+    aliases = [a.lower() for m in MODELS for a in m.aliases]
+    assert len(aliases) == len(set(aliases)) and not ids & set(aliases)
+
+
+@pytest.mark.parametrize("gpu", GPUS, ids=[g.id for g in GPUS])
+def test_gpu_row_is_complete(gpu: catalog.GpuSpec) -> None:
+    assert re.fullmatch(r"[a-z0-9\-]+", gpu.id)
+    assert gpu.memory_gib >= 8 and gpu.bandwidth_gb_s > 100 and gpu.bf16_dense_tflops > 10
+    assert re.fullmatch(r"\d+\.\d", gpu.compute_capability)
+    assert gpu.bf16 == (float(gpu.compute_capability) >= 8.0)
+    assert gpu.source.startswith("http") and gpu.nvml_name
+    assert catalog.resolve_gpu(gpu.nvml_name) == gpu and catalog.resolve_gpu(gpu.id) == gpu
+
+
+@pytest.mark.parametrize("spelling", ["rtx-4090", "4090", "RTX 4090", "NVIDIA GeForce RTX 4090", "rtx4090"])
+def test_gpu_spellings(spelling: str) -> None:
+    assert catalog.resolve_gpu(spelling).id == "rtx-4090"
+
+
+def test_h100_nvml_name_is_the_sxm_card() -> None:
+    assert catalog.resolve_gpu("NVIDIA H100 80GB HBM3").id == "h100-sxm"
+
+
+def test_unknown_names_suggest_close_ids() -> None:
+    with pytest.raises(UnknownModelError, match="did you mean 'llama-3.1-8b'"):
+        catalog.resolve_model("lama-3.1-8b")
+    with pytest.raises(UnknownGpuError, match="did you mean"):
+        catalog.resolve_gpu("rtx-4900")
+
+
+def test_aliases_resolve_any_case() -> None:
+    assert catalog.resolve_model("MISTRAL-7B").id == "mistral-7b"
+    assert catalog.resolve_model("mistralai/Mistral-7B-v0.3").id == "mistral-7b"
+    assert catalog.resolve_model("Qwen/Qwen2.5-7B").id == "qwen2.5-7b"
+
+
+def test_local_config_json_and_directory(tmp_path) -> None:
+    """A model not in the profiles, read offline from its config.json (file or directory)."""
+    spec = catalog.resolve_model("qwen2.5-7b")
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": spec.hidden_size,
+              "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_hidden_layers,
+              "num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_key_value_heads,
+              "vocab_size": spec.vocab_size, "tie_word_embeddings": False, "max_position_embeddings": 32768}
+    d = tmp_path / "my-model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    for where in (d, d / "config.json"):
+        m = catalog.resolve_model(str(where))
+        assert m.id == "my-model" and m.head_dim == 128 and m.attention_bias  # Qwen2 default
+        assert m.params_total == spec.params_total
+
+
+def test_multimodal_config_uses_text_config(tmp_path) -> None:
+    gemma = catalog.resolve_model("gemma-3-12b")
+    text = {"model_type": "gemma3_text", "hidden_size": gemma.hidden_size, "intermediate_size": gemma.intermediate_size,
+            "num_hidden_layers": gemma.num_hidden_layers, "num_attention_heads": gemma.num_attention_heads,
+            "num_key_value_heads": gemma.num_key_value_heads, "head_dim": gemma.head_dim, "vocab_size": gemma.vocab_size}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+    assert catalog.resolve_model(str(tmp_path / "config.json")).params_total == gemma.params_total
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"model_type": "llama"}'])
+def test_unreadable_config_is_a_clear_error(tmp_path, content: str) -> None:
+    f = tmp_path / "config.json"
+    f.write_text(content)
+    with pytest.raises(UnknownModelError, match="config"):
+        catalog.resolve_model(str(f))
+
+
+def test_phi3_targets_fused_projections() -> None:
+    assert catalog.resolve_model("phi-3.5-mini").target_modules == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def test_gemma2_has_a_known_issue() -> None:
+    assert any(i["severity"] == "fails" for i in catalog.issues_for(catalog.resolve_model("gemma-2-9b")))

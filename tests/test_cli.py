@@ -1,0 +1,119 @@
+"""The CLI through click's CliRunner: tables, --json keys, plan files, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from rigplan.cli import format_table, main
+from rigplan.estimator.plan import Plan
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_check_json_has_the_documented_keys() -> None:
+    r = invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert {"model", "gpu", "fits", "recommended", "alternatives"} <= d.keys()
+    assert {"method", "rank", "batch", "grad_accum", "seq", "peak_reserved_gib", "total_gib",
+            "tokens_per_s"} <= d["recommended"].keys()
+    assert d["fits"] and d["recommended"]["method"] == "lora"
+
+
+def test_check_table_names_model_gpu_and_units() -> None:
+    r = invoke("check", "llama-3.1-8b", "--gpu", "4090", "--examples", "1000", "--avg-tokens", "500")
+    assert r.exit_code == 0
+    assert "llama-3.1-8b on GeForce RTX 4090" in r.output and "peak GiB" in r.output and "tok/s" in r.output
+    assert "FITS" in r.output
+
+
+def test_check_time_scales_with_examples_and_epochs() -> None:
+    def hours(*extra: str) -> float:
+        return json.loads(invoke("check", "qwen2.5-7b", "--gpu", "a100-80gb", "--json", *extra).output)[
+            "recommended"]["train_hours"]
+    one = hours("--examples", "100000", "--avg-tokens", "500")
+    assert hours("--examples", "200000", "--avg-tokens", "500") == pytest.approx(2 * one, rel=0.01)
+    assert hours("--examples", "100000", "--avg-tokens", "500", "--epochs", "3") == pytest.approx(3 * one, rel=0.01)
+
+
+def test_check_without_gpu_lists_the_catalogue() -> None:
+    r = invoke("check", "llama-3.1-8b", "--gpu", "auto", "--json")
+    d = json.loads(r.output)
+    if d["gpu"] is not None:  # a machine with an NVIDIA GPU answers for it instead
+        pytest.skip("a local GPU was found")
+    assert len(d["gpus"]) >= 25 and d["smallest_fitting"] and d["best_per_dollar"]
+    by_id = {g["gpu"]: g for g in d["gpus"]}
+    assert by_id["rtx-4090"]["fits"] and by_id["rtx-4090"]["recommended"]["method"] == "lora"
+
+
+def test_check_data_file_sets_sequence_length(tmp_path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": "word " * 1000}) for _ in range(50)))
+    d = json.loads(invoke("check", "llama-3.2-1b", "--gpu", "rtx-4090", "--data", str(f), "--json").output)
+    assert d["recommended"]["seq"] == 1280 and d["workload"]["examples"] == 50
+
+
+def test_estimate_json_components_add_to_total() -> None:
+    r = invoke("estimate", "llama-3.1-8b", "--method", "qlora", "--batch", "4", "--seq", "2048", "--rank", "16",
+               "--gpu", "h100-sxm", "--json")
+    d = json.loads(r.output)
+    for key in ("peak_allocated_gib", "peak_reserved_gib", "total_gib", "tokens_per_s", "step_s", "components"):
+        assert key in d
+    assert sum(d["components"].values()) == pytest.approx(d["total_gib"], abs=0.02)
+
+
+def test_plan_out_writes_a_plan_run_can_read(tmp_path) -> None:
+    out = tmp_path / "plan.json"
+    r = invoke("plan", "mistral-7b", "--gpu", "l4", "--epochs", "2", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    p = Plan.from_json(out.read_text())
+    assert p.model == "mistral-7b" and p.gpu == "l4" and p.epochs == 2.0 and p.model_path == "mistralai/Mistral-7B-v0.3"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["check", "lama-3.1-8b", "--gpu", "4090"], "did you mean 'llama-3.1-8b'"),
+    (["check", "llama-3.1-8b", "--gpu", "rtx-9999"], "unknown GPU 'rtx-9999'"),
+    (["check", "llama-3.1-8b", "--gpu", "4090", "--seq", "200000"], "exceeds llama-3.1-8b's context (131072)"),
+    (["estimate", "llama-3.1-8b", "--batch", "0", "--gpu", "4090"], "batch 0 must be >= 1"),
+    (["estimate", "llama-3.1-8b", "--rank", "0", "--gpu", "4090"], "rank 0 must be >= 1"),
+    (["check", "./no/such/config.json", "--gpu", "4090"], "unknown model"),
+    (["plan", "llama-3.1-70b", "--gpu", "rtx-4090"], "does not fit"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message) -> None:
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    assert message in r.output and r.output.startswith("rigplan: ") and r.output.count("\n") == 1
+    assert "Traceback" not in r.output
+
+
+def test_unreadable_config_exit_2(tmp_path) -> None:
+    (tmp_path / "config.json").write_text("{broken")
+    r = invoke("check", str(tmp_path), "--gpu", "4090")
+    assert r.exit_code == 2 and "unreadable config" in r.output
+
+
+def test_catalogue_commands() -> None:
+    assert "rtx-4090" in invoke("gpus").output and "llama-3.1-8b" in invoke("models").output
+    assert len(json.loads(invoke("models", "--json").output)["models"]) >= 25
+
+
+def test_format_table_aligns_numbers_right() -> None:
+    t = format_table("T", ["name", "GiB"], [["a", 1.5], ["bbb", 12.25]], {"GiB": 2})
+    lines = t.splitlines()
+    assert lines[0] == "T" and lines[4].endswith(" 1.50") and lines[5].endswith("12.25")
+
+
+def test_check_does_not_import_torch() -> None:
+    code = ("import sys; from click.testing import CliRunner; from rigplan.cli import main; "
+            "r = CliRunner().invoke(main, ['check', 'llama-3.1-8b', '--gpu', 'rtx-4090']); "
+            "assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('torch', 'transformers', 'numpy', 'pandas') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,73 @@
+"""Memory terms: exact formulas against hand counts and against recorded H100 after-load memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rigplan.estimator import memory
+from rigplan.estimator.plan import Setup
+from rigplan.profiles.catalog import resolve_model
+
+GIB = 2**30
+LLAMA8B = resolve_model("llama-3.1-8b")
+
+
+def test_lora_params_llama_8b_rank_16() -> None:
+    # Per layer r x (in + out) over q,k,v,o,gate,up,down = 16 x 81,920; 32 layers.
+    assert memory.lora_params(LLAMA8B, 16) == 32 * 16 * 81_920 == 41_943_040
+
+
+def test_nf4_double_quant_bytes() -> None:
+    assert memory.NF4_BYTES_PER_PARAM == pytest.approx(0.5 + 1 / 64 + 4 / 16_384)
+
+
+def test_lora_base_is_all_weights_in_bf16() -> None:
+    assert memory.base_weights_bytes(LLAMA8B, "lora") == 2 * 8_030_261_248
+
+
+def test_qlora_quantizes_only_decoder_projections() -> None:
+    q = memory.base_weights_bytes(LLAMA8B, "qlora")
+    embeddings_and_head = 2 * 128_256 * 4096 * 2
+    assert embeddings_and_head < q < memory.base_weights_bytes(LLAMA8B, "lora") / 2.5
+
+
+@pytest.mark.parametrize("optimizer,per_param", [("adamw_8bit", 2.03125), ("adamw_torch", 8)])
+def test_optimizer_state(optimizer: str, per_param: float) -> None:
+    assert memory.optimizer_state_bytes(LLAMA8B, 16, optimizer) == int(41_943_040 * per_param)
+
+
+def test_after_load_matches_recorded_runs(run_files) -> None:
+    """Weights + fp32 adapters + the fitted fixed bytes against torch's allocated memory after loading,
+    on every clean recorded run (real H100 measurements)."""
+    from rigplan.calibration.fit import load_runs
+    from rigplan.calibration.store import reference
+
+    coeffs = reference()[0]
+    runs = [r for r in load_runs(run_files) if r.row.get("after_load_gib") and r.row.get("clean_load", True)]
+    assert len(runs) >= 20
+    for r in runs:
+        predicted = (memory.base_weights_bytes(r.model, r.setup.method) + memory.lora_weights_bytes(r.model, r.setup.rank)
+                     + coeffs.fixed_bytes) / GIB
+        assert predicted == pytest.approx(r.row["after_load_gib"], rel=0.03), r.label
+
+
+def test_components_add_up(coeffs) -> None:
+    parts = memory.components_bytes(LLAMA8B, Setup("qlora", 16, 4, 2048), coeffs)
+    assert memory.total_bytes(parts) == sum(parts.values())
+    assert memory.peak_reserved_bytes(parts) == memory.total_bytes(parts) - parts["cuda_context"]
+
+
+def test_activations_grow_with_tokens_and_without_checkpointing(coeffs) -> None:
+    small = memory.components_bytes(LLAMA8B, Setup("lora", 16, 1, 2048), coeffs)
+    big = memory.components_bytes(LLAMA8B, Setup("lora", 16, 8, 2048), coeffs)
+    off = memory.components_bytes(LLAMA8B, Setup("lora", 16, 8, 2048, checkpointing="off"), coeffs)
+    assert memory.total_bytes(small) < memory.total_bytes(big) < memory.total_bytes(off)
+    assert off["recompute_transient"] == 0 and off["activations_kept"] > big["activations_kept"]
+
+
+def test_rank_raises_adapter_memory(coeffs) -> None:
+    r16 = memory.components_bytes(LLAMA8B, Setup("lora", 16, 1, 2048), coeffs)
+    r64 = memory.components_bytes(LLAMA8B, Setup("lora", 64, 1, 2048), coeffs)
+    assert r64["lora_weights"] == 4 * r16["lora_weights"] and r64["optimizer_state"] == 4 * r16["optimizer_state"]

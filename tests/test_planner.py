@@ -1,0 +1,88 @@
+"""The planner's choices at the edges (just fits / just doesn't), its preferences, and input errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from rigplan.errors import ConfigError
+from rigplan.estimator import planner
+from rigplan.estimator.plan import Plan, Setup
+from rigplan.profiles.catalog import resolve_gpu, resolve_model
+
+LLAMA8B = resolve_model("llama-3.1-8b")
+
+
+def test_16gib_card_does_not_hold_8b_in_16bit_lora(coeffs) -> None:
+    result = planner.plan(LLAMA8B, resolve_gpu("rtx-4060-ti-16gb"), coeffs)
+    assert result.fits and result.best.method == "qlora"
+    assert "16-bit LoRA needs" in result.reason
+
+
+def test_70b_qlora_does_not_fit_24gib(coeffs) -> None:
+    result = planner.plan(resolve_model("llama-3.1-70b"), resolve_gpu("rtx-4090"), coeffs)
+    assert not result.fits and result.best is None and "does not fit" in result.reason
+
+
+def test_8b_prefers_16bit_lora_on_24gib(coeffs) -> None:
+    result = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs)
+    assert result.best.method == "lora" and result.best.effective_batch == planner.DEFAULT_EFFECTIVE_BATCH
+    assert result.best.total_gib <= 24 * planner.USABLE_FRACTION * (1 - planner.SAFETY_MARGIN)
+    assert result.alternatives and all(isinstance(a, Plan) for a in result.alternatives)
+
+
+def _limit_for(est: planner.Estimate) -> float:
+    return est.total_gib / (1 - planner.SAFETY_MARGIN)
+
+
+def test_just_fits_and_just_does_not(coeffs) -> None:
+    gpu = resolve_gpu("rtx-4090")
+    setup = Setup("lora", 16, 1, 2048)
+    need = _limit_for(planner.estimate(LLAMA8B, setup, gpu, coeffs))
+    assert planner.estimate(LLAMA8B, setup, gpu, coeffs, gpu_memory_gib=need + 0.01).fits
+    assert not planner.estimate(LLAMA8B, setup, gpu, coeffs, gpu_memory_gib=need - 0.01).fits
+
+
+def test_planner_switches_to_qlora_just_below_lora_minimum(coeffs) -> None:
+    gpu = resolve_gpu("rtx-4090")
+    smallest_lora = min(planner.estimate(LLAMA8B, Setup("lora", r, 1, 2048), gpu, coeffs).total_gib
+                        for r in planner.RANKS)
+    limit = smallest_lora / (1 - planner.SAFETY_MARGIN)
+    assert planner.plan(LLAMA8B, gpu, coeffs, gpu_memory_gib=limit + 0.01).best.method == "lora"
+    assert planner.plan(LLAMA8B, gpu, coeffs, gpu_memory_gib=limit - 0.01).best.method == "qlora"
+
+
+def test_shorter_sequence_when_requested_one_does_not_fit(coeffs) -> None:
+    gpu = resolve_gpu("rtx-3060")
+    result = planner.plan(LLAMA8B, gpu, coeffs, seq_len=131_072)
+    assert not result.fits and result.best is not None and result.best.seq_len < 131_072
+    assert "does not fit at seq 131072" in result.reason
+
+
+def test_more_memory_never_slows_the_plan(coeffs) -> None:
+    speeds = [planner.plan(LLAMA8B, resolve_gpu(g), coeffs, gpu_memory_gib=m).best.tokens_per_s
+              for g, m in (("h100-sxm", 20), ("h100-sxm", 40), ("h100-sxm", 80))]
+    assert speeds == sorted(speeds)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"micro_batch": 0}, "batch 0 must be >= 1"),
+    ({"rank": -1}, "rank -1 must be >= 1"),
+    ({"seq_len": 200_000}, "exceeds llama-3.1-8b's context"),
+])
+def test_bad_settings_are_clear_errors(coeffs, kwargs, match) -> None:
+    setup = Setup(**{"method": "lora", "rank": 16, "micro_batch": 1, "seq_len": 2048, **kwargs})
+    with pytest.raises(ConfigError, match=match):
+        planner.estimate(LLAMA8B, setup, resolve_gpu("h100-sxm"), coeffs)
+
+
+def test_plan_json_round_trips_exactly(coeffs) -> None:
+    p = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs).best
+    assert Plan.from_json(p.to_json()) == p
+    with pytest.raises(ValueError, match="schema_version"):
+        Plan.from_json(p.to_json().replace('"schema_version": 1', '"schema_version": 99'))
+
+
+def test_multi_gpu_splits_the_effective_batch(coeffs) -> None:
+    one = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs).best
+    two = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs, num_gpus=2)
+    assert two.best.effective_batch * 2 == one.effective_batch and "not measured" in two.reason

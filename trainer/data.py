@@ -1,0 +1,147 @@
+"""Training data: format detection, line-numbered validation, length statistics.
+
+Standard library only, so `rigplan check --data FILE` stays instant and torch-free. Formats: {"text"},
+Alpaca {"instruction", "input", "output"}, chat {"messages": [{"role", "content"}]} and ShareGPT
+{"conversations": [{"from", "value"}]}, in JSONL or one JSON array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rigplan.errors import DataError
+
+Format = Literal["text", "alpaca", "chat", "sharegpt"]
+# Without the model's tokenizer (check downloads nothing), lengths are estimated from characters. About 4
+# characters per token is the usual figure for English BPE vocabularies (OpenAI's tokenizer guide); rigplan
+# run measures real token counts with the model's tokenizer.
+CHARS_PER_TOKEN = 4.0
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool"}
+MAX_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """One bad record: its 1-based line (JSONL) or index (JSON array), and what is wrong."""
+
+    line: int
+    reason: str
+
+
+def detect_format(record: dict[str, Any]) -> Format | None:
+    if "messages" in record:
+        return "chat"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def _problem(record: Any, fmt: Format) -> str | None:
+    """What is wrong with one record of the file's format, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if fmt == "text":
+        text = record.get("text")
+        return 'missing field "text"' if text is None else None if isinstance(text, str) and text.strip() \
+            else 'empty "text"'
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if key not in record:
+                return f'missing field "{key}"'
+            if not isinstance(record[key], str) or not record[key].strip():
+                return f'empty "{key}"'
+        return None
+    key, role_key, text_key, roles = (("messages", "role", "content", CHAT_ROLES) if fmt == "chat"
+                                      else ("conversations", "from", "value", set(SHAREGPT_ROLES)))
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        return f'missing or empty "{key}"'
+    for n, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            return f'turn {n}: needs "{role_key}" and "{text_key}"'
+        if turn[role_key] not in roles:
+            return f'turn {n}: unknown role {turn[role_key]!r} (use one of {", ".join(sorted(roles))})'
+        if not isinstance(turn[text_key], str):
+            return f'turn {n}: "{text_key}" is not a string'
+    return None
+
+
+def read_records(path: Path) -> list[tuple[int, Any]]:
+    """(line, record) pairs; a line that is not JSON becomes (line, DataIssue)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e}); pass a UTF-8 JSONL or JSON file") from e
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg}); fix the file") from e
+    out: list[tuple[int, Any]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((n, DataIssue(n, f"invalid JSON ({e.msg})")))
+    return out
+
+
+def validate(path: Path) -> tuple[Format, list[tuple[int, dict[str, Any]]], list[DataIssue]]:
+    """The file's format, its good records and every problem (all gathered before anything stops)."""
+    records = read_records(path)
+    fmts = [detect_format(r) for _, r in records if isinstance(r, dict)]
+    fmt = max(set(f for f in fmts if f), key=fmts.count, default=None)
+    if fmt is None:
+        raise DataError(f"{path}: no record has text, instruction/output, messages or conversations; "
+                        "use one of those formats")
+    good, issues = [], []
+    for line, rec in records:
+        reason = rec.reason if isinstance(rec, DataIssue) else _problem(rec, fmt)
+        if reason:
+            issues.append(DataIssue(line, reason))
+        else:
+            good.append((line, rec))
+    return fmt, good, issues
+
+
+def issues_message(path: Path, issues: list[DataIssue]) -> str:
+    shown = "; ".join(f"line {i.line}: {i.reason}" for i in issues[:MAX_SHOWN])
+    more = f" (and {len(issues) - MAX_SHOWN} more)" if len(issues) > MAX_SHOWN else ""
+    return f"{path}: {len(issues)} bad record(s): {shown}{more}; fix them or pass --skip-bad"
+
+
+def record_text(record: dict[str, Any], fmt: Format) -> str:
+    """All the text a record carries, for length estimates."""
+    if fmt == "text":
+        return record["text"]
+    if fmt == "alpaca":
+        return "\n".join(str(record.get(k) or "") for k in ("instruction", "input", "output"))
+    key, text_key = ("messages", "content") if fmt == "chat" else ("conversations", "value")
+    return "\n".join(t[text_key] for t in record[key])
+
+
+def estimated_lengths(path: Path, skip_bad: bool = False) -> list[int]:
+    """Estimated tokens per example (characters / CHARS_PER_TOKEN), for planning without a tokenizer."""
+    fmt, good, issues = validate(path)
+    if issues and not skip_bad:
+        raise DataError(issues_message(path, issues))
+    return [max(1, round(len(record_text(r, fmt)) / CHARS_PER_TOKEN)) for _, r in good]
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
