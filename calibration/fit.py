@@ -121,7 +121,7 @@ def _unit(**overrides: float) -> Coefficients:
     base = dict(fixed_bytes=0.0, step_fixed_bytes=0.0, ckpt_per_hidden=0.0, transient_per_hidden=0.0,
                 transient_per_intermediate=0.0, logits_per_vocab=0.0, nockpt_per_hidden=0.0,
                 nockpt_per_intermediate=0.0, reserved_ratio=0.0, context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
-                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0)
+                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, layer_hidden_overhead_s=0.0)
     base.update(overrides)
     return Coefficients(**base)  # type: ignore[arg-type]
 
@@ -170,9 +170,10 @@ def fit(runs: list[Run], gpu: str, source: str) -> tuple[Coefficients, dict[str,
 
 
 def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
-    """micro-batch s = max(FLOPs / (peak x mfu) + (elementwise + dequant bytes) / bandwidth,
-    floor x layers) + overhead. The max is fitted in two stages: the GPU terms on the runs above the floor
-    (at first those of >= 4096 tokens per micro-batch), then the floor from the runs below the GPU line."""
+    """micro-batch s = max(GPU line, host floor) + overhead, where the GPU line is FLOPs / (peak x mfu)
+    + (elementwise + dequant bytes) / bandwidth and the floor is layers x (a + b x hidden / 1000).
+    The max is fitted in alternation: the GPU terms on the runs above the floor (at first those of >= 4096
+    tokens per micro-batch), the floor on the runs clearly below the GPU line."""
     g = resolve_gpu(gpu)
     peak, bandwidth = g.tensor_tflops * 1e12, g.bandwidth_gb_s * 1e9
 
@@ -182,16 +183,20 @@ def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
                 speed.quantized_weights(r.model, r.setup) / bandwidth, 1.0]
 
     above = [r for r in runs if r.setup.tokens >= 4096 and r.setup.micro_batch >= 2] or runs
-    floor = 0.0
-    for _ in range(4):
+    per_layer = per_khidden = 0.0
+    for _ in range(6):
         inv_mfu, elem, deq, overhead = _solve([cols(r) for r in above], [r.row["step_s"] for r in above])
         gpu_line = {id(r): sum(c * x for c, x in zip(cols(r), (inv_mfu, elem, deq, 0.0))) for r in runs}
         below = [r for r in runs if gpu_line[id(r)] + overhead < 0.9 * r.row["step_s"]]
-        floor = statistics.median((r.row["step_s"] - overhead) / r.model.num_hidden_layers for r in below) \
-            if below else 0.0
-        above = [r for r in runs if gpu_line[id(r)] >= floor * r.model.num_hidden_layers] or runs
+        if below:
+            per_layer, per_khidden = _solve(
+                [[float(r.model.num_hidden_layers), r.model.num_hidden_layers * r.model.hidden_size / 1000]
+                 for r in below], [r.row["step_s"] - overhead for r in below])
+        floor = {id(r): r.model.num_hidden_layers * (per_layer + per_khidden * r.model.hidden_size / 1000)
+                 for r in runs}
+        above = [r for r in runs if gpu_line[id(r)] >= floor[id(r)]] or runs
     return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
-            "step_overhead_s": overhead, "layer_overhead_s": floor}
+            "step_overhead_s": overhead, "layer_overhead_s": per_layer, "layer_hidden_overhead_s": per_khidden}
 
 
 def predict(run: Run, coeffs: Coefficients, gpu: str) -> dict[str, float]:

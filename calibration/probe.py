@@ -27,8 +27,12 @@ from rigplan.estimator.plan import Plan
 from rigplan.profiles.catalog import resolve_model
 
 GIB = 2**30
-STEPS = 6  # 1 warm-up + 5 timed: the median of 5 is stable to ~1% on an H100 (shared/data runs)
-WARMUP = 1
+WARMUP = 1  # the first step compiles (Unsloth compiles each decoder block: 15-40 s on an H100)
+MIN_STEPS = 6
+MAX_STEPS = 40
+# Time at least this long after warm-up: 5 steps of ~0.1 s gave medians 37% apart between two processes
+# for the same 1B shape on the H100, while steps of >= 0.7 s agreed within 1%.
+MIN_TIMED_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,11 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() / GIB if cuda else None
-    times, losses, nvml_after = [], [], []
-    for step in range(STEPS):
+    times: list[float] = []
+    losses, nvml_after = [], []
+    for step in range(MAX_STEPS):
+        if step >= MIN_STEPS and sum(times[WARMUP:]) >= MIN_TIMED_S:
+            break
         ids = torch.randint(0, vocab, (batch, seq), device=device)
         if cuda:
             torch.cuda.synchronize()
@@ -115,8 +122,10 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
         losses.append(float(loss.detach()))
         if cuda:
             nvml_after.append((nvml_used_gib(), torch.cuda.memory_reserved() / GIB))
-    step_s = statistics.median(times[WARMUP:])
-    row: dict[str, Any] = {"base_gib": base, "step_s": round(step_s, 4),
+    timed = sorted(times[WARMUP:])
+    step_s = statistics.median(timed)
+    row: dict[str, Any] = {"base_gib": base, "step_s": round(step_s, 4), "steps_timed": len(timed),
+                           "step_s_p10_p90": [round(timed[len(timed) // 10], 4), round(timed[-1 - len(timed) // 10], 4)],
                            "tok_per_s": round(batch * seq / step_s, 1), "loss": losses[-1],
                            "step_times_s": [round(t, 4) for t in times]}
     if cuda:

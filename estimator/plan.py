@@ -149,15 +149,17 @@ class Coefficients:
     mfu: float
     """Model-FLOPs utilisation of the matmuls against the GPU's dense 16-bit rate."""
     elementwise_bytes: float
-    """Bytes moved per token, per layer, per hidden + MLP unit by memory-bound ops (norms, rope,
-    activations, LoRA adapters, checkpoint copies), at the GPU's memory bandwidth."""
+    """Bytes moved per token, per layer, per hidden + MLP unit, per pass by memory-bound ops (norms, rope,
+    activations, LoRA adapters), at the GPU's memory bandwidth."""
     dequant_bytes: float
     """QLoRA: bytes moved per 4-bit weight per micro-batch to dequantize it (each pass reads NF4,
     writes bf16), at the GPU's memory bandwidth."""
     step_overhead_s: float
     """Seconds per micro-batch whatever the model (optimizer step, Python, launches)."""
     layer_overhead_s: float
-    """Floor on a micro-batch's GPU time, per decoder layer: the host's launches and checkpoint offload."""
+    """Host floor on a micro-batch, per decoder layer: launches and synchronisation, seconds."""
+    layer_hidden_overhead_s: float
+    """Host floor on a micro-batch, per decoder layer per 1000 hidden units, seconds."""
     gpu: str = ""
     """GPU id these were measured on."""
     source: str = ""

@@ -1,0 +1,80 @@
+"""Estimate vs measurement on every recorded H100 run: peak reserved memory and tokens/s.
+
+    python bench/accuracy.py [RUNS.jsonl ...] [--calibration FILE] [--out bench/accuracy.json]
+
+Default runs: profiles/calibrations/h100-runs/*.jsonl (real Unsloth runs, provenance in each row).
+Goals (issue 3): peak reserved within 10% and tokens/s within 15% on every run. A run's memory is left out
+when it ran after another job in the same process (its memory includes that job's leftovers), its speed
+when the probe left the model in eval mode (not the training path). Exits 1 if a goal is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rigplan.calibration import fit, store
+from rigplan.cli import format_table
+from rigplan.estimator import planner
+from rigplan.profiles.catalog import PROFILES_DIR, resolve_gpu
+
+MEMORY_GOAL = 0.10
+SPEED_GOAL = 0.15
+RUNS_DIR = PROFILES_DIR / "calibrations" / "h100-runs"
+
+
+def compare(runs: list[fit.Run], coeffs, gpu_id: str) -> list[dict]:
+    """One row per run: measured and estimated figures, through the same estimate() `rigplan estimate` uses."""
+    gpu = resolve_gpu(gpu_id)
+    rows = []
+    for r in runs:
+        est = planner.estimate(r.model, r.setup, gpu, coeffs)
+        mem_ok = r.row.get("clean_load", True)
+        spd_ok = fit.speed_valid(r)
+        mem_err = est.peak_reserved_gib / r.row["peak_reserved_gib"] - 1 if mem_ok else None
+        tps_err = est.tokens_per_s / r.row["tok_per_s"] - 1 if spd_ok else None
+        rows.append({"run": r.label, "measured_reserved_gib": r.row["peak_reserved_gib"],
+                     "estimated_reserved_gib": round(est.peak_reserved_gib, 3), "reserved_err": mem_err,
+                     "measured_tok_per_s": r.row["tok_per_s"], "estimated_tok_per_s": round(est.tokens_per_s, 1),
+                     "tok_per_s_err": tps_err,
+                     "pass": (mem_err is None or abs(mem_err) <= MEMORY_GOAL)
+                     and (tps_err is None or abs(tps_err) <= SPEED_GOAL)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="*", type=Path)
+    parser.add_argument("--calibration", type=Path, default=store.REFERENCE_FILE)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("accuracy.json"))
+    args = parser.parse_args(argv)
+    coeffs, _ = store.read_calibration(args.calibration)
+    runs = fit.load_runs(args.runs or sorted(RUNS_DIR.glob("*.jsonl")))
+    rows = compare(runs, coeffs, coeffs.gpu)
+
+    def pct(x):
+        return None if x is None else round(100 * x, 1)
+
+    print(format_table(
+        f"bench/accuracy.py: rigplan estimate vs {len(rows)} recorded runs on {coeffs.gpu} "
+        f"(goals: memory within {MEMORY_GOAL:.0%}, speed within {SPEED_GOAL:.0%})",
+        ["run", "reserved GiB", "estimate GiB", "err %", "tok/s", "estimate tok/s", "err % ", "pass"],
+        [[r["run"], r["measured_reserved_gib"], r["estimated_reserved_gib"], pct(r["reserved_err"]),
+          round(r["measured_tok_per_s"]), round(r["estimated_tok_per_s"]), pct(r["tok_per_s_err"]), r["pass"]]
+         for r in rows], {"reserved GiB": 2, "estimate GiB": 2, "err %": 1, "err % ": 1}))
+    mem = [abs(r["reserved_err"]) for r in rows if r["reserved_err"] is not None]
+    tps = [abs(r["tok_per_s_err"]) for r in rows if r["tok_per_s_err"] is not None]
+    failed = [r["run"] for r in rows if not r["pass"]]
+    summary = {"runs": len(rows), "memory_checked": len(mem), "speed_checked": len(tps),
+               "max_abs_reserved_err": max(mem), "max_abs_tok_per_s_err": max(tps), "failed": failed,
+               "calibration": str(args.calibration), "goals": {"memory": MEMORY_GOAL, "speed": SPEED_GOAL}}
+    print(f"memory checked on {len(mem)} runs, worst {max(mem):.1%}; speed on {len(tps)} runs, worst {max(tps):.1%}; "
+          f"{'all within goals' if not failed else f'{len(failed)} outside goals'}")
+    args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
