@@ -24,6 +24,8 @@ llama-3.2-1b:qlora:64:2x2048,4x2048
 llama-3.2-1b:lora:16:4x2048,2x4096:checkpointing=off:optimizer=adamw_torch
 llama-3.2-3b:lora:8:1x4096,2x2048
 llama-3.1-8b:lora:16:1x2048,2x2048"
+JOBS[depthq]="llama-3.1-8b@2:qlora:16:2x2048,4x4096"
+JOBS[mistralfix]="mistral-7b:lora:32:2x8192,4x2048"
 JOBS[depth]="llama-3.1-8b@2:lora:16:2x2048,4x4096
 llama-3.1-8b@2:qlora:16:2x2048,4x4096"
 for g in "$@"; do

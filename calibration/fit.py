@@ -23,6 +23,10 @@ from rigplan.estimator.plan import Coefficients, Setup
 from rigplan.profiles.catalog import ModelSpec, resolve_gpu, resolve_model
 
 GIB = 2**30
+# On the H100 runs, micro-batches of >= 8192 tokens sat on the GPU line (FLOP-bound, within a few %),
+# those of <= 4096 above it (host-bound): the fit takes each side of the speed model's max from those.
+GPU_BOUND_TOKENS = 8192
+HOST_BOUND_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,8 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
 
 
 def speed_valid(run: Run) -> bool:
-    """Step times that show training speed: not the runs the probe left in eval mode."""
-    return "eval mode" not in run.row.get("note", "")
+    """Step times that show training speed (a row says `speed_invalid` with the reason when not)."""
+    return not run.row.get("speed_invalid")
 
 
 def known_bytes(run: Run) -> int:
@@ -170,31 +174,28 @@ def fit(runs: list[Run], gpu: str, source: str) -> tuple[Coefficients, dict[str,
 
 
 def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
-    """micro-batch s = max(GPU line, host floor) + overhead, where the GPU line is FLOPs / (peak x mfu)
-    + (elementwise + dequant bytes) / bandwidth and the floor is layers x (a + b x hidden / 1000).
-    The max is fitted in alternation: the GPU terms on the runs above the floor (at first those of >= 4096
-    tokens per micro-batch), the floor on the runs clearly below the GPU line."""
+    """micro-batch s = max(GPU line, host floor): the GPU line is FLOPs / (peak x mfu) + (elementwise +
+    dequant bytes) / bandwidth, the floor fixed + layers x (a + b x hidden / 1000). Each side of the max
+    is fitted on the runs it governs: the line on large micro-batches, the floor on small ones."""
     g = resolve_gpu(gpu)
     peak, bandwidth = g.tensor_tflops * 1e12, g.bandwidth_gb_s * 1e9
 
-    def cols(r: Run) -> list[float]:
+    def gpu_cols(r: Run) -> list[float]:
         return [speed.flops_per_token(r.model, r.setup) * r.setup.tokens / peak,
                 speed.elementwise_units(r.model, r.setup) / bandwidth,
-                speed.quantized_weights(r.model, r.setup) / bandwidth, 1.0]
+                speed.quantized_weights(r.model, r.setup) / bandwidth]
 
-    above = [r for r in runs if r.setup.tokens >= 4096 and r.setup.micro_batch >= 2] or runs
-    per_layer = per_khidden = 0.0
-    for _ in range(6):
-        inv_mfu, elem, deq, overhead = _solve([cols(r) for r in above], [r.row["step_s"] for r in above])
-        gpu_line = {id(r): sum(c * x for c, x in zip(cols(r), (inv_mfu, elem, deq, 0.0))) for r in runs}
-        below = [r for r in runs if gpu_line[id(r)] + overhead < 0.9 * r.row["step_s"]]
-        if below:
-            per_layer, per_khidden = _solve(
-                [[float(r.model.num_hidden_layers), r.model.num_hidden_layers * r.model.hidden_size / 1000]
-                 for r in below], [r.row["step_s"] - overhead for r in below])
-        floor = {id(r): r.model.num_hidden_layers * (per_layer + per_khidden * r.model.hidden_size / 1000)
-                 for r in runs}
-        above = [r for r in runs if gpu_line[id(r)] >= floor[id(r)]] or runs
+    def floor_cols(r: Run) -> list[float]:
+        layers = float(r.model.num_hidden_layers)
+        return [1.0, layers, layers * r.model.hidden_size / 1000]
+
+    # Large micro-batches keep the GPU busy and fix its line; small ones show the host floor.
+    big = [r for r in runs if r.setup.tokens >= GPU_BOUND_TOKENS] or runs
+    small = [r for r in runs if r.setup.tokens <= HOST_BOUND_TOKENS] or runs
+    gpu_coef = _solve([gpu_cols(r) for r in big], [r.row["step_s"] for r in big])
+    floor_coef = _solve([floor_cols(r) for r in small], [r.row["step_s"] for r in small])
+    inv_mfu, elem, deq = gpu_coef
+    overhead, per_layer, per_khidden = floor_coef
     return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
             "step_overhead_s": overhead, "layer_overhead_s": per_layer, "layer_hidden_overhead_s": per_khidden}
 

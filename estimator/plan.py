@@ -155,7 +155,7 @@ class Coefficients:
     """QLoRA: bytes moved per 4-bit weight per micro-batch to dequantize it (each pass reads NF4,
     writes bf16), at the GPU's memory bandwidth."""
     step_overhead_s: float
-    """Seconds per micro-batch whatever the model (optimizer step, Python, launches)."""
+    """Host floor on a micro-batch whatever the model (optimizer step, Python), seconds."""
     layer_overhead_s: float
     """Host floor on a micro-batch, per decoder layer: launches and synchronisation, seconds."""
     layer_hidden_overhead_s: float

@@ -55,7 +55,7 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
     work at the GPU's bandwidth, a roofline-style sum; Williams et al. 2009), but never less than the host's
     floor, which overlaps with GPU work: the H100 runs at 1 x 2048 tokens sit on that floor, larger ones
     on the GPU line."""
-    return max(gpu_s(model, setup, gpu, coeffs), host_floor_s(model, setup, coeffs)) + coeffs.step_overhead_s
+    return max(gpu_s(model, setup, gpu, coeffs), host_floor_s(model, setup, coeffs))
 
 
 def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
@@ -66,10 +66,11 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
 
 
 def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
-    """The host's floor on a micro-batch: per layer, a fixed cost plus one that grows with hidden width
-    (fitted on the H100 runs at 1-2 x 2048 tokens, where GPU time alone undershoots by up to 40%)."""
+    """The host's floor on a micro-batch: a fixed cost (optimizer step, Python) plus, per layer, a fixed
+    cost and one that grows with hidden width (fitted on the H100 runs at 1-2 x 2048 tokens, where GPU
+    time alone undershoots by up to 40%). The host works while the GPU does, so the two overlap."""
     per_layer = coeffs.layer_overhead_s + coeffs.layer_hidden_overhead_s * model.hidden_size / 1000
-    return per_layer * model.num_hidden_layers
+    return coeffs.step_overhead_s + per_layer * model.num_hidden_layers
 
 
 def step_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
