@@ -11,15 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from rigplan.profiles.catalog import ModelSpec
+from rigplan.trainer.data import DEFAULT_CHAT_TEMPLATE
 
 # The words of the code-made tokenizer; ids past them exist in the model's vocabulary all the same.
 TOKENIZER_WORDS = 4_000
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-# A chat template for the tokenizer made in code (ChatML, as Qwen uses); real tokenizers bring their own.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def reduced(spec: ModelSpec, num_layers: int | None) -> ModelSpec:
@@ -75,18 +71,22 @@ def make_tokenizer(words: int = TOKENIZER_WORDS) -> Any:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
     return fast
 
 
 def build_replica(spec: ModelSpec, out_dir: Path, device: str = "cpu", vocab_size: int | None = None,
-                  dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Write a random-weight model + tokenizer to out_dir, loadable by from_pretrained."""
+                  dtype: str = "bfloat16", seed: int = 0, init_std: float | None = None) -> Path:
+    """Write a random-weight model + tokenizer to out_dir, loadable by from_pretrained. init_std (default:
+    the config's 0.02) matters only for toy widths that must learn: at hidden 64 a 0.02 lm_head caps every
+    logit near 1, so no adapter can lower the loss much."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = hf_config(spec, vocab_size)
+    if init_std is not None:
+        config.initializer_range = init_std
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     out_dir = Path(out_dir)

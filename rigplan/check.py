@@ -6,6 +6,7 @@ Ties profiles (facts), calibration/store (the fitted coefficients) and the estim
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,13 +185,27 @@ def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, 
             "calibration": calibration_info(coeffs, doc, here, target.spec), "warnings": warnings_for(model)}
 
 
+# Without a GPU (CPU training through transformers + PEFT) nothing is predicted: these are the settings.
+CPU_MICRO_BATCH = 4
+
+
 def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data_file: Path | None = None,
               effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH, num_gpus: int = 1, epochs: float = DEFAULT_EPOCHS,
-              model_path: str | None = None) -> Plan:
-    """The recommended Plan, as `rigplan run` will read it; an error when nothing fits."""
+              model_path: str | None = None, allow_cpu: bool = False) -> Plan:
+    """The recommended Plan, as `rigplan run` will read it; an error when nothing fits. A local model
+    directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted."""
     model = catalog.resolve_model(model_name)
+    if model_path is None and Path(model_name).expanduser().is_dir():
+        model_path = str(Path(model_name).expanduser().resolve())
     _, data_seq = workload(data_file, None, None, epochs, seq_len)
     target, why = resolve_target(gpu)
+    if target is None and allow_cpu:
+        seq = min(seq_len or data_seq or planner.DEFAULT_SEQ_LEN, model.max_position_embeddings)
+        micro = min(CPU_MICRO_BATCH, effective_batch)
+        return Plan(model=model.id, model_path=model_path or model.hub_id, gpu="cpu", method="lora",
+                    rank=planner.DEFAULT_RANK, micro_batch=micro, grad_accum=max(1, effective_batch // micro),
+                    seq_len=seq, target_modules=model.target_modules, optimizer="adamw_torch",
+                    epochs=float(epochs), calibration="none: CPU, nothing predicted")
     if target is None:
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
@@ -198,3 +213,52 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     if p is None or not result.fits:
         raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU or a shorter --seq")
     return dataclasses.replace(p, epochs=float(epochs))
+
+
+def override(p: Plan, changes: dict[str, Any], force: bool = False) -> Plan:
+    """A user's changes to a plan, re-estimated on the plan's GPU; one that cannot fit is refused with the
+    estimate that says why (force: kept anyway). The trainer gets the result and never re-plans."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return p
+    new = dataclasses.replace(p, **changes)
+    if new.gpu == "cpu":
+        return new
+    model = catalog.resolve_model(new.model) if not Path(new.model_path).is_dir() else catalog.resolve_model(new.model_path)
+    spec = catalog.resolve_gpu(new.gpu)
+    coeffs, doc, _ = store.for_gpu(spec.id)
+    setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
+                  grad_accum=new.grad_accum, optimizer=new.optimizer, checkpointing=new.checkpointing)
+    est = planner.estimate(model, setup, spec, coeffs)
+    if not est.fits and not force:
+        raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in changes.items())} needs {est.total_gib:.1f} GiB on "
+                          f"{spec.id} ({est.gpu_memory_gib:.1f} GiB, {planner.SAFETY_MARGIN:.0%} kept free); "
+                          "change it, or pass --force to try anyway")
+    best = planner.to_plan(model, est, spec, coeffs, new.model_path, new.num_gpus)
+    keep = {f: getattr(new, f) for f in ("model", "learning_rate", "epochs", "seed", "lora_alpha")}
+    return dataclasses.replace(best, **keep)
+
+
+def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: dict[str, Any],
+                 force: bool = False) -> Plan:
+    """The plan `rigplan run` trains: a saved plan.json, or a fresh plan (CPU plan without a GPU), with the
+    user's overrides re-estimated."""
+    path = Path(model_or_plan)
+    if path.is_file() and path.suffix == ".json" and '"schema_version"' in path.read_text():
+        try:
+            base = Plan.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{path}: not a rigplan plan ({e}); make one with rigplan plan --out") from e
+    else:
+        base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True)
+    return override(base, changes, force)
+
+
+def dry_run_report(p: Plan, opts: Any) -> dict[str, Any]:
+    """What a run would train on (the data report, tokenized with the model's tokenizer), without training."""
+    from transformers import AutoTokenizer
+
+    from rigplan.trainer.run import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(p.model_path, local_files_only=Path(p.model_path).is_dir())
+    return {"plan": json.loads(p.to_json()), "data_report": prepare_data(p, tokenizer, opts).report}

@@ -198,6 +198,66 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 
 
 @main.command()
+@click.argument("model_or_plan")
+@click.option("--data", "data_file", type=click.Path(path_type=Path), required=True, help="JSONL/JSON training data.")
+@click.option("--gpu", default="auto", show_default=True, help="GPU to plan for; auto: the local one (CPU if none).")
+@click.option("--epochs", type=float, help="Passes over the data [default: the plan's, 1].")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("rigplan-run"), show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan and the data report, then stop.")
+@click.option("--skip-bad", is_flag=True, help="Drop bad records instead of stopping.")
+@click.option("--overlong", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--eval-fraction", type=float, help="Held-out share [default: 5% from 200 examples].")
+@click.option("--patience", type=int, default=3, show_default=True, help="Evaluations without improvement.")
+@click.option("--save-steps", type=int, default=50, show_default=True)
+@click.option("--max-steps", type=int, default=-1, show_default=True)
+@click.option("--merge", is_flag=True, help="Also write merged 16-bit weights.")
+@click.option("--force", is_flag=True, help="Train an override even if the estimate says it will not fit.")
+@click.option("--method", type=click.Choice(["lora", "qlora"]))
+@click.option("--batch", "micro_batch", type=int, help="Micro-batch.")
+@click.option("--grad-accum", type=int)
+@click.option("--rank", type=int)
+@click.option("--seq", "seq_len", type=int)
+@click.option("--lr", "learning_rate", type=float)
+@click.option("--engine", type=click.Choice(["unsloth", "hf"]), help="Force an engine.")
+def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
+        skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
+        save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
+        grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
+        engine: str | None) -> None:
+    """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
+    from rigplan import check as lib
+    from rigplan.trainer.run import RunOptions
+
+    opts = RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
+                      overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
+                      save_steps=save_steps, max_steps=max_steps, merge=merge, engine=engine)  # type: ignore[arg-type]
+    changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
+               "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs}
+    p = _run(lambda: lib.plan_for_run(model_or_plan, gpu, data_file, changes, force))
+    click.echo(f"plan: {p.model} {p.method} r{p.rank}, micro-batch {p.micro_batch} x {p.grad_accum}, seq {p.seq_len}, "
+               f"{p.epochs:g} epoch(s) on {p.gpu}" + (f": {p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s predicted"
+                                                       if p.total_gib else ""))
+    if dry_run:
+        report = _run(lambda: lib.dry_run_report(p, opts))
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rigplan.trainer.run import train
+
+    summary = _run(lambda: train(p, opts))
+    click.echo(f"{summary['status']} after {summary['global_step']} steps; loss {summary['first_loss']} -> "
+               f"{summary['final_loss']}; measured {summary['measured']}; adapter: {summary.get('adapter')}")
+    if summary["status"] == "nan":
+        click.echo(f"rigplan: {summary['message']}", err=True)
+        sys.exit(1)
+    if summary["exit_code"]:
+        click.echo(f"rigplan: stopped by signal {summary['signal']}; checkpoint and adapter saved in {out_dir}; "
+                   "continue with --resume", err=True)
+        sys.exit(summary["exit_code"])
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 def gpus(as_json: bool) -> None:
     """The GPU catalogue."""

@@ -24,6 +24,11 @@ CHAT_ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool"}
 MAX_SHOWN = 20
+# The chat template used when a tokenizer has none (ChatML, as Qwen's tokenizers use): stated in the data report.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -145,3 +150,43 @@ def percentile(values: list[int], q: float) -> int:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def to_messages(record: dict[str, Any], fmt: Format) -> list[dict[str, str]]:
+    """Alpaca and ShareGPT records as chat messages (role, content)."""
+    if fmt == "chat":
+        return [{"role": t["role"], "content": t["content"]} for t in record["messages"]]
+    if fmt == "sharegpt":
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+def tokenize(record: dict[str, Any], fmt: Format, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """input_ids and labels (-100 where no loss): text trains on everything; chat and Alpaca on the
+    assistant's turns only, through the tokenizer's chat template. EOS ends every example."""
+    eos = tokenizer.eos_token_id
+    if fmt == "text":
+        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+        ids = ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
+        return ids, list(ids)
+    messages = to_messages(record, fmt)
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        # Render the conversation up to this turn; the new text is this turn's (templates only append).
+        # Before an assistant turn, its header (add_generation_prompt) goes with the prompt, untrained.
+        steps = [(messages[:i], True, False)] if message["role"] == "assistant" else []
+        steps.append((messages[: i + 1], False, message["role"] == "assistant"))
+        for convo, gen_prompt, trained in steps:
+            text = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen_prompt) if convo else ""
+            piece = text[len(rendered):] if text.startswith(rendered) else text
+            rendered = text
+            piece_ids = tokenizer(piece, add_special_tokens=not ids)["input_ids"] if piece else []
+            ids += piece_ids
+            labels += piece_ids if trained else [-100] * len(piece_ids)
+    if eos is not None and ids[-1] != eos:
+        ids.append(eos)
+        labels.append(eos if messages[-1]["role"] == "assistant" else -100)
+    return ids, labels

@@ -1,0 +1,80 @@
+"""What a finished run leaves behind: the PEFT adapter and tokenizer, an Ollama Modelfile, a README of the
+run, and (--merge) merged 16-bit weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rigplan.estimator.plan import Plan
+
+
+def modelfile(plan: Plan, adapter_dir: str = "./adapter") -> str:
+    """An Ollama Modelfile: FROM the base model, ADAPTER the safetensors adapter directory
+    (https://github.com/ollama/ollama/blob/main/docs/modelfile.md#adapter). Ollama needs the base as a
+    local directory or an Ollama model name; a hub id is written as given, with a note."""
+    local = Path(plan.model_path).expanduser()
+    base = str(local.resolve()) if local.is_dir() else plan.model_path
+    note = "" if local.is_dir() else (
+        f"# {base} is a Hugging Face id: download it (huggingface-cli download {base} --local-dir base)\n"
+        "# and point FROM at that directory, or use the matching Ollama model name.\n")
+    return f"{note}FROM {base}\nADAPTER {adapter_dir}\n"
+
+
+def run_readme(plan: Plan, report: dict[str, Any], summary: dict[str, Any]) -> str:
+    m, p = summary.get("measured", {}), summary.get("predicted", {})
+
+    def fmt(x: Any, spec: str = ".2f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    return "\n".join([
+        f"# rigplan run: {plan.model} ({plan.method}, rank {plan.rank})",
+        "",
+        f"Status: {summary['status']} after {summary['global_step']} steps ({summary['engine']} engine).",
+        f"Plan: micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation, seq {plan.seq_len}, "
+        f"lr {plan.learning_rate}, {plan.epochs:g} epoch(s), {plan.optimizer}, checkpointing {plan.checkpointing}.",
+        f"Data: {report['file']} ({report['format']}), {report['train_examples']} train / {report['eval_examples']} eval "
+        f"examples, {report['tokens']:,} tokens, p95 length {report['length_p95']}, {report['overlong']} over seq "
+        f"({report['overlong_action']}), {report['bad_records']} bad record(s).",
+        f"Loss: first {fmt(summary.get('first_loss'), '.4f')}, final {fmt(summary.get('final_loss'), '.4f')}, "
+        f"best eval {fmt(summary.get('best_eval_loss'), '.4f')}.",
+        "",
+        "| | measured | plan predicted |",
+        "|---|---:|---:|",
+        f"| peak allocated GiB | {fmt(m.get('peak_allocated_gib'))} | {fmt(p.get('peak_allocated_gib'))} |",
+        f"| peak reserved GiB | {fmt(m.get('peak_reserved_gib'))} | {fmt(p.get('peak_reserved_gib'))} |",
+        f"| nvidia-smi GiB | {fmt(m.get('nvml_used_gib'))} | {fmt(p.get('total_gib'))} |",
+        f"| tokens/s | {fmt(m.get('tokens_per_s'), ',.0f')} | {fmt(p.get('tokens_per_s'), ',.0f')} |",
+        "",
+        "Files: `adapter/` (PEFT safetensors + tokenizer), `Modelfile` (Ollama), `plan.json`, `data_report.json`,",
+        "`metrics.jsonl`, `checkpoints/`, `run_summary.json`.",
+        "",
+    ])
+
+
+def merge_and_save(plan: Plan, adapter_dir: Path, out_dir: Path) -> Path:
+    """Merged 16-bit weights: the base reloaded in bf16 (never the 4-bit one), the adapter merged in."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    local = Path(plan.model_path).expanduser().is_dir()
+    base = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=torch.bfloat16, local_files_only=local)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_outputs(model: Any, tokenizer: Any, plan: Plan, out: Path, report: dict[str, Any],
+                  summary: dict[str, Any], merge: bool) -> dict[str, Any]:
+    adapter = out / "adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    (out / "Modelfile").write_text(modelfile(plan))
+    (out / "README.md").write_text(run_readme(plan, report, summary))
+    files = {"adapter": str(adapter), "modelfile": str(out / "Modelfile")}
+    if merge and summary["status"] in ("done", "early_stopped"):
+        files["merged"] = str(merge_and_save(plan, adapter, out / "merged"))
+    (out / "files.json").write_text(json.dumps(files, indent=2) + "\n")
+    return files
