@@ -27,6 +27,8 @@ EVAL_MIN_EXAMPLES = 200
 DEFAULT_EVAL_FRACTION = 0.05
 DEFAULT_PATIENCE = 3
 DEFAULT_SAVE_STEPS = 50
+# Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
+WARMUP_STEPS = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
 
 
@@ -184,6 +186,15 @@ class _Guard:
         self.nan_step: int | None = None
         self.tokens_per_step = tokens_per_step
         self.t0 = time.perf_counter()
+        self.step_times: list[float] = []
+
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s after the warm-up steps (Unsloth compiles each decoder block in the first ones)."""
+        n = len(self.step_times)
+        w = min(WARMUP_STEPS, n // 4)
+        if n - w < 2:
+            return None
+        return round(self.tokens_per_step * (n - 1 - w) / (self.step_times[-1] - self.step_times[w]), 1)
 
     def handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum  # acted on at the end of the current step: save, then stop
@@ -195,6 +206,7 @@ class _Guard:
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                guard.step_times.append(time.perf_counter())
                 if guard.signal is not None:
                     control.should_save = True
                     control.should_training_stop = True
@@ -240,10 +252,11 @@ def _last_checkpoint(out_dir: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def _measured(cuda: bool, trained_tokens: float, runtime_s: float) -> dict[str, Any]:
+def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float | None) -> dict[str, Any]:
     import torch
 
-    out: dict[str, Any] = {"tokens_per_s": round(trained_tokens / runtime_s, 1) if runtime_s else None}
+    out: dict[str, Any] = {"tokens_per_s": steady, "tokens_per_s_with_warmup":
+                           round(trained_tokens / runtime_s, 1) if runtime_s else None}
     if cuda:
         from rigplan.calibration.probe import nvml_used_gib
 
@@ -311,7 +324,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
 
     status = ("interrupted" if guard.signal is not None else "nan" if guard.nan_step is not None
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
-    measured = _measured(cuda, guard.tokens_per_step * (trainer.state.global_step - start_step), runtime)
+    measured = _measured(cuda, guard.tokens_per_step * (trainer.state.global_step - start_step), runtime,
+                         guard.steady_tokens_per_s())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {"status": status, "engine": engine, "global_step": trainer.state.global_step,
