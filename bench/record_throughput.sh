@@ -5,7 +5,8 @@
 set -uo pipefail
 mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+# pip's log stays in /tmp: $OUT brings back 8 files at most, and the runs below fill them
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
 run() {  # name, seconds, args...
   local name=$1 secs=$2; shift 2
   timeout "$secs" python3 bench/train_throughput.py --out /tmp/$name "$@" >"$OUT/$name.log" 2>&1
