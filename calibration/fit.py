@@ -23,10 +23,11 @@ from rigplan.estimator.plan import Coefficients, Setup
 from rigplan.profiles.catalog import ModelSpec, resolve_gpu, resolve_model
 
 GIB = 2**30
-# On the H100 runs, micro-batches of >= 8192 tokens sat on the GPU line (FLOP-bound, within a few %),
-# those of <= 4096 above it (host-bound): the fit takes each side of the speed model's max from those.
+# On the H100 runs, micro-batches of >= 8192 tokens sat on the GPU line (FLOP-bound, within a few %); the
+# host floor is fitted on the small ones (<= 4096 tokens) measured more than 10% above that line.
 GPU_BOUND_TOKENS = 8192
 HOST_BOUND_TOKENS = 4096
+HOST_BOUND_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _unit(**overrides: float) -> Coefficients:
     base = dict(fixed_bytes=0.0, step_fixed_bytes=0.0, ckpt_per_hidden=0.0, transient_per_hidden=0.0,
                 transient_per_intermediate=0.0, logits_per_vocab=0.0, nockpt_per_hidden=0.0,
                 nockpt_per_intermediate=0.0, reserved_ratio=0.0, context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
-                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, layer_hidden_overhead_s=0.0)
+                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0)
     base.update(overrides)
     return Coefficients(**base)  # type: ignore[arg-type]
 
@@ -175,8 +176,9 @@ def fit(runs: list[Run], gpu: str, source: str) -> tuple[Coefficients, dict[str,
 
 def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
     """micro-batch s = max(GPU line, host floor): the GPU line is FLOPs / (peak x mfu) + (elementwise +
-    dequant bytes) / bandwidth, the floor fixed + layers x (a + b x hidden / 1000). Each side of the max
-    is fitted on the runs it governs: the line on large micro-batches, the floor on small ones."""
+    dequant bytes) / bandwidth, fitted on the large micro-batches that keep the GPU busy; the floor is
+    fixed + checkpointed layers x per-layer cost, fitted on the small micro-batches measured clearly above
+    that line."""
     g = resolve_gpu(gpu)
     peak, bandwidth = g.tensor_tflops * 1e12, g.bandwidth_gb_s * 1e9
 
@@ -186,18 +188,17 @@ def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
                 speed.quantized_weights(r.model, r.setup) / bandwidth]
 
     def floor_cols(r: Run) -> list[float]:
-        layers = float(r.model.num_hidden_layers)
-        return [1.0, layers, layers * r.model.hidden_size / 1000]
+        return [1.0, float(r.model.num_hidden_layers) if r.setup.checkpointing == "unsloth" else 0.0]
 
-    # Large micro-batches keep the GPU busy and fix its line; small ones show the host floor.
     big = [r for r in runs if r.setup.tokens >= GPU_BOUND_TOKENS] or runs
-    small = [r for r in runs if r.setup.tokens <= HOST_BOUND_TOKENS] or runs
     gpu_coef = _solve([gpu_cols(r) for r in big], [r.row["step_s"] for r in big])
-    floor_coef = _solve([floor_cols(r) for r in small], [r.row["step_s"] for r in small])
+    line = {id(r): sum(c * x for c, x in zip(gpu_cols(r), gpu_coef)) for r in runs}
+    host_bound = [r for r in runs if r.setup.tokens <= HOST_BOUND_TOKENS
+                  and r.row["step_s"] > HOST_BOUND_MARGIN * line[id(r)]] or runs
+    overhead, per_layer = _solve([floor_cols(r) for r in host_bound], [r.row["step_s"] for r in host_bound])
     inv_mfu, elem, deq = gpu_coef
-    overhead, per_layer, per_khidden = floor_coef
     return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
-            "step_overhead_s": overhead, "layer_overhead_s": per_layer, "layer_hidden_overhead_s": per_khidden}
+            "step_overhead_s": overhead, "layer_overhead_s": per_layer}
 
 
 def predict(run: Run, coeffs: Coefficients, gpu: str) -> dict[str, float]:

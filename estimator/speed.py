@@ -14,23 +14,26 @@ FLOPS_PER_MAC = 2
 CAUSAL_FRACTION = 0.5
 
 
-def flops_per_token(model: ModelSpec, setup: Setup) -> float:
-    """Training FLOPs per token for LoRA on a frozen base (Kaplan et al. 2020, sec. 2.1, adapted).
-
-    Full fine-tuning costs 6N per token: forward 2N, backward 4N (input and weight gradients). With the
-    base frozen its weight gradients are skipped, so backward is 2N; checkpointing recomputes each layer's
-    forward (another 2N over the decoder, not the lm_head). Adapters cost 6 x their parameters (full
-    training). Attention's seq-dependent part: QK^T and AV, 2 x 2 x seq x heads x head_dim per token per
-    layer in forward, causal-halved, backward twice that, and once more when recomputed.
-    """
-    layers = model.num_hidden_layers
-    decoder = layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+def matmul_flops_per_token(model: ModelSpec, setup: Setup) -> float:
+    """Training FLOPs per token in the weight matmuls, LoRA on a frozen base (Kaplan et al. 2020, sec. 2.1,
+    adapted): full fine-tuning costs 6N per token (forward 2N, backward 4N for input and weight gradients).
+    With the base frozen its weight gradients are skipped, so backward is 2N; checkpointing recomputes each
+    layer's forward (another 2N over the decoder, not the lm_head). Adapters cost 6 x their parameters."""
+    decoder = model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
     head = model.vocab_size * model.hidden_size
-    frozen = FLOPS_PER_MAC * (passes(setup) * decoder + 2 * head)
-    adapters = 3 * FLOPS_PER_MAC * lora_params(model, setup.rank)
-    attn_fwd = 2 * FLOPS_PER_MAC * setup.seq_len * model.num_attention_heads * model.head_dim * layers
-    attention = attn_fwd * CAUSAL_FRACTION * (1 + 2 + (1 if setup.checkpointing == "unsloth" else 0))
-    return frozen + adapters + attention
+    return FLOPS_PER_MAC * (passes(setup) * decoder + 2 * head) + 3 * FLOPS_PER_MAC * lora_params(model, setup.rank)
+
+
+def attention_flops_per_token(model: ModelSpec, setup: Setup) -> float:
+    """Attention's sequence-dependent FLOPs per token: QK^T and AV, 2 x 2 x seq x heads x head_dim per layer
+    in forward, causal-halved; backward twice that, and once more when recomputed."""
+    fwd = 2 * FLOPS_PER_MAC * setup.seq_len * model.num_attention_heads * model.head_dim * model.num_hidden_layers
+    return fwd * CAUSAL_FRACTION * (1 + 2 + (passes(setup) - 2))
+
+
+def flops_per_token(model: ModelSpec, setup: Setup) -> float:
+    """All training FLOPs per token: the matmuls and attention."""
+    return matmul_flops_per_token(model, setup) + attention_flops_per_token(model, setup)
 
 
 def passes(setup: Setup) -> int:
@@ -66,10 +69,10 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
 
 
 def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
-    """The host's floor on a micro-batch: a fixed cost (optimizer step, Python) plus, per layer, a fixed
-    cost and one that grows with hidden width (fitted on the H100 runs at 1-2 x 2048 tokens, where GPU
-    time alone undershoots by up to 40%). The host works while the GPU does, so the two overlap."""
-    per_layer = coeffs.layer_overhead_s + coeffs.layer_hidden_overhead_s * model.hidden_size / 1000
+    """The host's floor on a micro-batch: a fixed cost (optimizer step, Python) plus, with Unsloth's
+    checkpointing, a cost per layer (its offload round trip: ~8-9 ms a layer on the H100 runs at 1-4 x 2048
+    tokens, for 1B, 3B and 8B alike; the runs without checkpointing sit on the GPU line)."""
+    per_layer = coeffs.layer_overhead_s if setup.checkpointing == "unsloth" else 0.0
     return coeffs.step_overhead_s + per_layer * model.num_hidden_layers
 
 
