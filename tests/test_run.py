@@ -151,3 +151,12 @@ def test_dry_run_prints_plan_and_data_report(model_dir, data_file, tmp_path) -> 
     report = json.loads(r.output[r.output.index("{"):])["data_report"]
     assert report["examples"] == 96 and report["seq_len"] == 32 and report["format"] == "alpaca"
     assert not (tmp_path / "o" / "adapter").exists()
+
+
+def test_gradient_accumulation_keeps_the_loss_scale(model_dir, data_file, tmp_path) -> None:
+    """8 sequences as 1 x 8 or as 4 x 2 with accumulation: the same first step, the same loss (a per-micro-
+    batch mean summed over accumulation once logged 4 x the true loss on CPU)."""
+    one = train(plan_for(model_dir), RunOptions(data=data_file, out_dir=tmp_path / "a", max_steps=1))
+    acc = train(plan_for(model_dir, micro_batch=2, grad_accum=4), RunOptions(data=data_file, out_dir=tmp_path / "b",
+                                                                            max_steps=1))
+    assert acc["first_loss"] == pytest.approx(one["first_loss"], rel=1e-3)

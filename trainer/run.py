@@ -241,7 +241,10 @@ def _trainer_class() -> Any:
 
     class PlainLossSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            outputs = model(**inputs)
+            # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
+            # tokens of the whole step (num_items_in_batch), as the model's own loss does when given it.
+            extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+            outputs = model(**inputs, **extra)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     return PlainLossSFTTrainer
