@@ -215,11 +215,14 @@ def residuals(runs: list[Run], coeffs: Coefficients, gpu: str) -> dict[str, Any]
     table = []
     for r in runs:
         p = predict(r, coeffs, gpu)
+        # A run's memory counts only when its process started clean; its speed only when it was timed
+        # on the training path (the same rules as bench/accuracy.py).
         table.append({"run": r.label,
-                      "peak_reserved_err": p["peak_reserved_gib"] / r.row["peak_reserved_gib"] - 1,
+                      "peak_reserved_err": p["peak_reserved_gib"] / r.row["peak_reserved_gib"] - 1
+                      if r.row.get("clean_load", True) else None,
                       "tok_per_s_err": p["tok_per_s"] / r.row["tok_per_s"] - 1
                       if r.row.get("tok_per_s") and speed_valid(r) else None})
-    mem = [abs(t["peak_reserved_err"]) for t in table]
+    mem = [abs(t["peak_reserved_err"]) for t in table if t["peak_reserved_err"] is not None]
     tps = [abs(t["tok_per_s_err"]) for t in table if t["tok_per_s_err"] is not None]
     return {"max_abs_peak_reserved_err": max(mem, default=0.0), "max_abs_tok_per_s_err": max(tps, default=0.0),
             "runs": table}
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(dataclasses.asdict(coeffs), indent=2))
     for t in res["runs"]:
         tps = f"{t['tok_per_s_err']:+7.1%}" if t["tok_per_s_err"] is not None else "      -"
-        print(f"{t['run']:45} mem {t['peak_reserved_err']:+7.1%}  tok/s {tps}")
+        mem = f"{t['peak_reserved_err']:+7.1%}" if t["peak_reserved_err"] is not None else "      -"
+        print(f"{t['run']:45} mem {mem}  tok/s {tps}")
     print(f"max |mem err| {res['max_abs_peak_reserved_err']:.1%}   max |tok/s err| {res['max_abs_tok_per_s_err']:.1%}")
     if args.out:
         from rigplan.calibration.store import write_calibration
