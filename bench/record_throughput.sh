@@ -15,5 +15,10 @@ run() {  # name, seconds, args...
   for p in rigplan hf bare; do [ -f /tmp/$name/log-$p.txt ] && tail -c 3000 /tmp/$name/log-$p.txt >"$OUT/$name-$p.tail.txt"; done
   tail -n 6 "$OUT/$name.log"
 }
-run tp-lora 330 --model llama-3.1-8b --method lora --examples 500 --steps 20
-run tp-qlora 200 --model llama-3.1-8b --method qlora --examples 500 --steps 20 --parts rigplan
+case "${1:-short}" in
+  short)  # 121-token examples (bench/results/h100-tp-*-121tok.json)
+    run tp-lora 330 --model llama-3.1-8b --method lora --examples 500 --steps 20 --words 120
+    run tp-qlora 200 --model llama-3.1-8b --method qlora --examples 500 --steps 20 --words 120 --parts rigplan ;;
+  long)   # 2001-token examples
+    run tp2-lora 480 --model llama-3.1-8b --method lora --examples 500 --steps 8 --words 2000 ;;
+esac

@@ -19,15 +19,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-WORDS_PER_EXAMPLE = 120  # "w1000".."w3999": same length under any tokenizer, so no padding differs
+# "w1000".."w3999": one token each with the code-made tokenizer, so every example has the same length and
+# no padding differs between the parts. 2000 words: 2048-token sequences, where activations matter
+# (at 120 words every part was host-overhead-bound and weights dominated memory: bench/results/).
+DEFAULT_WORDS = 2000
 SPEED_RATIO_GOAL, MEMORY_RATIO_GOAL, OVERHEAD_GOAL = 1.8, 0.75, 0.05
 
 
-def make_data(path: Path, examples: int, seed: int = 0) -> None:
+def make_data(path: Path, examples: int, words: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(examples):
-            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(1000, 4000)}" for _ in range(WORDS_PER_EXAMPLE))}) + "\n")
+            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(1000, 4000)}" for _ in range(words))}) + "\n")
 
 
 def part(args: argparse.Namespace) -> dict:
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
     p.add_argument("--examples", type=int, default=500)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--words", type=int, default=DEFAULT_WORDS, help="words (= tokens) per example")
     p.add_argument("--parts", default="rigplan,hf,bare")
     p.add_argument("--out", type=Path, default=Path("bench/throughput"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a toy-sized replica")
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "config.json").exists():
         build_replica(spec, model_dir, device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
     data = out / "data.jsonl"
-    make_data(data, args.examples)
+    make_data(data, args.examples, args.words)
     plan = check.plan_for_run(str(model_dir), "auto", data, {"method": args.method if cuda else None})
     (out / "plan.json").write_text(plan.to_json())
     results = {}
