@@ -126,7 +126,7 @@ def _unit(**overrides: float) -> Coefficients:
     base = dict(fixed_bytes=0.0, step_fixed_bytes=0.0, ckpt_per_hidden=0.0, transient_per_hidden=0.0,
                 transient_per_intermediate=0.0, logits_per_vocab=0.0, nockpt_per_hidden=0.0,
                 nockpt_per_intermediate=0.0, reserved_ratio=0.0, context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
-                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0)
+                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, nockpt_layer_overhead_s=0.0)
     base.update(overrides)
     return Coefficients(**base)  # type: ignore[arg-type]
 
@@ -188,17 +188,19 @@ def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
                 speed.quantized_weights(r.model, r.setup) / bandwidth]
 
     def floor_cols(r: Run) -> list[float]:
-        return [1.0, float(r.model.num_hidden_layers) if r.setup.checkpointing == "unsloth" else 0.0]
+        layers, ckpt = float(r.model.num_hidden_layers), r.setup.checkpointing == "unsloth"
+        return [1.0, layers if ckpt else 0.0, 0.0 if ckpt else layers]
 
     big = [r for r in runs if r.setup.tokens >= GPU_BOUND_TOKENS] or runs
     gpu_coef = _solve([gpu_cols(r) for r in big], [r.row["step_s"] for r in big])
     line = {id(r): sum(c * x for c, x in zip(gpu_cols(r), gpu_coef)) for r in runs}
     host_bound = [r for r in runs if r.setup.tokens <= HOST_BOUND_TOKENS
                   and r.row["step_s"] > HOST_BOUND_MARGIN * line[id(r)]] or runs
-    overhead, per_layer = _solve([floor_cols(r) for r in host_bound], [r.row["step_s"] for r in host_bound])
+    overhead, per_layer, nockpt_per_layer = _solve([floor_cols(r) for r in host_bound],
+                                                   [r.row["step_s"] for r in host_bound])
     inv_mfu, elem, deq = gpu_coef
     return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
-            "step_overhead_s": overhead, "layer_overhead_s": per_layer}
+            "step_overhead_s": overhead, "layer_overhead_s": per_layer, "nockpt_layer_overhead_s": nockpt_per_layer}
 
 
 def predict(run: Run, coeffs: Coefficients, gpu: str) -> dict[str, float]:

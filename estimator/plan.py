@@ -159,6 +159,8 @@ class Coefficients:
     """Host floor on a micro-batch whatever the model (optimizer step, Python), seconds."""
     layer_overhead_s: float
     """Host floor on a micro-batch per decoder layer with Unsloth's checkpointing, seconds."""
+    nockpt_layer_overhead_s: float
+    """Host floor on a micro-batch per decoder layer without checkpointing, seconds."""
     gpu: str = ""
     """GPU id these were measured on."""
     source: str = ""

@@ -69,10 +69,10 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
 
 
 def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
-    """The host's floor on a micro-batch: a fixed cost (optimizer step, Python) plus, with Unsloth's
-    checkpointing, a cost per layer (its offload round trip: ~8-9 ms a layer on the H100 runs at 1-4 x 2048
-    tokens, for 1B, 3B and 8B alike; the runs without checkpointing sit on the GPU line)."""
-    per_layer = coeffs.layer_overhead_s if setup.checkpointing == "unsloth" else 0.0
+    """The host's floor on a micro-batch: a fixed cost (optimizer step, Python) plus a cost per layer, larger
+    with Unsloth's checkpointing (its offload round trip: ~9-10 ms a layer on the H100 runs at 1-4 x 2048
+    tokens, for 1B, 3B and 8B alike) than without (~6 ms: 8B at 1 x 2001, 1B at 4 x 2048)."""
+    per_layer = coeffs.layer_overhead_s if setup.checkpointing == "unsloth" else coeffs.nockpt_layer_overhead_s
     return coeffs.step_overhead_s + per_layer * model.num_hidden_layers
 
 
