@@ -160,14 +160,15 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any])
         model.train()
         after_load = torch.cuda.memory_allocated() / GIB if device.startswith("cuda") else None
         params = [p for p in model.parameters() if p.requires_grad]
-        if job.optimizer == "adamw_8bit":
+        optimizer = job.optimizer if device.startswith("cuda") else "adamw_torch"  # bitsandbytes needs CUDA
+        if optimizer == "adamw_8bit":
             import bitsandbytes as bnb
 
             opt = bnb.optim.AdamW8bit(params, lr=1e-4)
         else:
             opt = torch.optim.AdamW(params, lr=1e-4)
         head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
-                "rank": job.rank, "engine": engine, "optimizer": job.optimizer, "checkpointing": job.checkpointing,
+                "rank": job.rank, "engine": engine, "optimizer": optimizer, "checkpointing": job.checkpointing,
                 "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "load_s": round(load_s, 1), "after_load_gib": after_load}
         for batch, seq in job.shapes:

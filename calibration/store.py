@@ -30,10 +30,13 @@ def user_dir() -> Path:
 
 
 def write_calibration(path: Path, coeffs: Coefficients, residuals: dict[str, Any],
-                      runs_files: list[str] | None = None, provenance: dict[str, Any] | None = None) -> None:
-    """Write atomically (temp file in the same folder, then os.replace): a crash leaves the old file whole."""
+                      runs_files: list[str] | None = None, provenance: dict[str, Any] | None = None,
+                      probes: list[dict[str, Any]] | None = None) -> None:
+    """Write atomically (temp file in the same folder, then os.replace): a crash leaves the old file whole.
+    The raw probes go in the file when given (rigplan calibrate), else the files they came from."""
     doc = {"schema_version": CALIBRATION_SCHEMA_VERSION, "coefficients": coeffs.to_dict(),
-           "residuals": residuals, "runs_files": runs_files or [], "provenance": provenance or {}}
+           "residuals": residuals, "runs_files": runs_files or [], "provenance": provenance or {},
+           "probes": probes or []}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

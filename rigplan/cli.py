@@ -258,6 +258,54 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
 
 
 @main.command()
+@click.option("--model", "models", multiple=True, help="Architecture(s) to probe [default: llama-3.1-8b].")
+@click.option("--methods", default="lora,qlora", show_default=True)
+@click.option("--quick", is_flag=True, help="One depth, one rank, three shapes.")
+@click.option("--json", "as_json", is_flag=True)
+def calibrate(models: tuple[str, ...], methods: str, quick: bool, as_json: bool) -> None:
+    """Measure this GPU with short training probes and fit rigplan's model to it."""
+    from rigplan.calibration import calibrate as lib
+
+    state: dict[str, Any] = {}
+
+    def on_job(i: int, n: int, job: str) -> None:
+        if as_json:
+            return
+        if "bar" not in state:
+            state["bar"] = click.progressbar(length=n, label="probing", item_show_func=lambda j: j)
+            state["bar"].__enter__()
+        state["bar"].update(1 if i else 0, job)
+
+    result = _run(lambda: lib.calibrate(tuple(models) or lib.DEFAULT_MODELS,
+                                        tuple(m for m in methods.split(",") if m), quick, on_job=on_job))
+    if "bar" in state:
+        state["bar"].update(1)
+        state["bar"].__exit__(None, None, None)
+
+    def render(d: dict[str, Any]) -> str:
+        rows = [[t["run"], None if t["peak_reserved_err"] is None else round(100 * t["peak_reserved_err"], 1),
+                 None if t["tok_per_s_err"] is None else round(100 * t["tok_per_s_err"], 1)] for t in d["residuals"]["runs"]]
+        table = format_table(f"rigplan calibrate: {d['gpu']}, {d['measured']} probes fitted",
+                             ["probe", "memory err %", "tok/s err %"], rows, {"memory err %": 1, "tok/s err %": 1})
+        return (f"{table}\nworst: memory {d['residuals']['max_abs_peak_reserved_err']:.1%}, speed "
+                f"{d['residuals']['max_abs_tok_per_s_err']:.1%}; written to {d['path']}"
+                + (f"\n{len(d['failed'])} probe job(s) failed: " + ", ".join(f['job'] for f in d["failed"]) if d["failed"] else ""))
+
+    _emit(result, as_json, render)
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("rigplan-report"), show_default=True)
+@click.option("--calibration", type=click.Path(path_type=Path), help="A calibration file [default: the shipped H100 one].")
+def report(out_dir: Path, calibration: Path | None) -> None:
+    """Plots of predicted vs measured memory and speed, and the probes as CSV."""
+    from rigplan.calibration import report as lib
+
+    files = _run(lambda: lib.write_report(out_dir, calibration))
+    click.echo("wrote " + ", ".join(files))
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 def gpus(as_json: bool) -> None:
     """The GPU catalogue."""

@@ -1,0 +1,55 @@
+"""The probe runner end to end on CPU (a tiny replica through the transformers engine), the calibrate job
+grid, and calibrate's refusal without a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from rigplan.calibration import calibrate
+from rigplan.calibration.probe import Job
+from rigplan.errors import CalibrationError
+from rigplan.profiles.catalog import resolve_model
+
+
+def test_job_parse() -> None:
+    job = Job.parse("llama-3.1-8b@4:qlora:16:1x2048,4x4096:checkpointing=off")
+    assert (job.model, job.layers, job.method, job.rank, job.shapes, job.checkpointing) == (
+        "llama-3.1-8b", 4, "qlora", 16, ((1, 2048), (4, 4096)), "off")
+
+
+def test_calibrate_grid_reduces_depth_and_covers_both_regimes() -> None:
+    jobs = calibrate.jobs(("llama-3.1-8b",), ("lora", "qlora"), quick=False)
+    assert len(jobs) == 2 * len(calibrate.DEPTHS) * len(calibrate.RANKS)
+    shapes = [Job.parse(j).shapes for j in jobs][0]
+    assert min(b * s for b, s in shapes) <= 4096 and max(b * s for b, s in shapes) >= 8192
+    assert all(Job.parse(j).layers in calibrate.DEPTHS for j in jobs)
+
+
+def test_calibrate_without_gpu_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr("rigplan.profiles.nvml.local_gpus", lambda: ([], "no NVIDIA driver or GPU found"))
+    with pytest.raises(CalibrationError, match="needs an NVIDIA GPU"):
+        calibrate.calibrate(quick=True)
+
+
+def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from rigplan.calibration import probe
+    from rigplan.calibration.replica import build_replica
+
+    spec = dataclasses.replace(resolve_model("qwen2.5-0.5b"), id="tiny-qwen", hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               vocab_size=4096)
+    model_dir = tmp_path / "tiny-qwen"
+    build_replica(spec, model_dir, dtype="float32")
+    out = tmp_path / "probes.jsonl"
+    probe.main(["--job", f"{model_dir}@1:lora:8:2x32,1x64", "--engine", "hf", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["batch"], r["seq"]) for r in rows] == [(2, 32), (1, 64)]
+    for r in rows:
+        assert r["err"] is None and r["layers"] == 1 and r["step_s"] > 0 and r["steps_timed"] >= 5
+        assert r["tok_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_s"], rel=0.01)
+        assert r["provenance"]["packages"]["torch"] and r["trainable_params"] > 0
