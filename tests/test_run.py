@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -160,3 +161,45 @@ def test_gradient_accumulation_keeps_the_loss_scale(model_dir, data_file, tmp_pa
     acc = train(plan_for(model_dir, micro_batch=2, grad_accum=4), RunOptions(data=data_file, out_dir=tmp_path / "b",
                                                                             max_steps=1))
     assert acc["first_loss"] == pytest.approx(one["first_loss"], rel=1e-3)
+
+
+def test_eval_split_and_best_adapter(model_dir, tmp_path) -> None:
+    rng = random.Random(1)
+    f = tmp_path / "big.jsonl"
+    f.write_text("\n".join(json.dumps({"text": " ".join(f"w{rng.randrange(60)}" for _ in range(12))})
+                           for _ in range(240)) + "\n")
+    s = train(plan_for(model_dir), RunOptions(data=f, out_dir=tmp_path / "o", max_steps=10, save_steps=5))
+    report = json.loads((tmp_path / "o" / "data_report.json").read_text())
+    assert report["eval_examples"] == 12 and report["train_examples"] == 228  # 5% held out from 200 on
+    assert s["best_eval_loss"] is not None and math.isfinite(s["best_eval_loss"])
+
+
+def test_nan_loss_stops_without_saving(tmp_path) -> None:
+    """The guard's callback on a logged NaN: stop, save nothing, remember the step (a real NaN could not be
+    provoked on CPU: gradient clipping and Adam keep even lr=1e6 finite)."""
+    from transformers import TrainerControl, TrainerState
+
+    guard = runlib._Guard(tmp_path, tokens_per_step=100)
+    cb = guard.callback()
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 7
+    control.should_save = True
+    cb.on_log(None, state, control, logs={"loss": float("nan")})
+    assert control.should_training_stop and not control.should_save and guard.nan_step == 7
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 7
+
+
+def test_merge_writes_weights_equal_to_base_plus_adapter(model_dir, data_file, tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train(plan_for(model_dir), RunOptions(data=data_file, out_dir=tmp_path / "o", max_steps=12, merge=True))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o" / "merged"), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(tmp_path / "o" / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    # Merged weights are bf16 ("16-bit"): compare at bf16's precision, and check the adapter moved the
+    # logits by more than that, so an unmerged base would fail.
+    tuned, merged_logits = peft(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, tuned, rtol=0.02, atol=0.2)
+    assert (base(input_ids=ids).logits - tuned).abs().max() > 1.0
