@@ -67,15 +67,15 @@ def provenance() -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[pkg] = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import pynvml  # nvidia-ml-py, a base dependency
+
     driver = None
     total = None
     try:
-        import pynvml
-
         pynvml.nvmlInit()
         driver = pynvml.nvmlSystemGetDriverVersion()
         total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / GIB
-    except Exception as e:  # no NVML: record why rather than fail a probe
+    except pynvml.NVMLError as e:  # no driver (a CPU probe): record why rather than fail
         driver = f"unavailable: {e}"
     return {"gpu": gpu, "gpu_total_gib": total, "driver": driver, "cuda": torch.version.cuda,
             "python": platform.python_version(), "packages": versions,
@@ -84,12 +84,13 @@ def provenance() -> dict[str, Any]:
 
 
 def nvml_used_gib() -> float | None:
-    try:
-        import pynvml
+    """GPU 0's used memory as nvidia-smi shows it, or None without a driver."""
+    import pynvml
 
+    try:
         pynvml.nvmlInit()
         return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / GIB
-    except Exception:
+    except pynvml.NVMLError:
         return None
 
 
