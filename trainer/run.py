@@ -288,7 +288,6 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
 
     from datasets import Dataset
-
     from transformers import set_seed
 
     cuda = torch.cuda.is_available()
@@ -304,8 +303,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     guard = _Guard(out, avg_len * plan.micro_batch * plan.grad_accum)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
-                         eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None,
-                         processing_class=tokenizer, callbacks=callbacks)
+                               eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None,
+                               processing_class=tokenizer, callbacks=callbacks)
     previous = {s: signal.signal(s, guard.handle) for s in EXIT_SIGNAL}
     try:
         if cuda:
