@@ -27,6 +27,8 @@ EVAL_MIN_EXAMPLES = 200
 DEFAULT_EVAL_FRACTION = 0.05
 DEFAULT_PATIENCE = 3
 DEFAULT_SAVE_STEPS = 50
+# Written into a checkpoint once transformers has saved all of it; only such checkpoints are resumed from.
+CHECKPOINT_COMPLETE = "rigplan_complete.json"
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
@@ -73,7 +75,7 @@ def check_out_dir(opts: RunOptions) -> None:
     """Never overwrite a run: a non-empty output directory needs --overwrite or --resume."""
     out = Path(opts.out_dir)
     if opts.resume:
-        if not any(out.glob("checkpoints/checkpoint-*")):
+        if _last_checkpoint(out) is None:
             raise ConfigError(f"{out}: no checkpoint to resume from; drop --resume to start a new run")
         return
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
@@ -212,16 +214,25 @@ class _Guard:
                     control.should_training_stop = True
                 return control
 
+            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+                # Called once transformers has written the whole checkpoint: mark it complete. Resume
+                # uses only marked checkpoints, so one cut short by a crash is never resumed from.
+                done = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_COMPLETE
+                if done.parent.is_dir():
+                    done.write_text(json.dumps({"step": state.global_step}))
+                return control
+
             def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-                logs = logs or {}
+                logs = logs if logs is not None else {}
                 loss = logs.get("loss", logs.get("eval_loss"))
                 if loss is not None and not math.isfinite(loss):
                     guard.nan_step = state.global_step
                     control.should_training_stop = True
                     control.should_save = False
                 elapsed = time.perf_counter() - guard.t0
-                row = {"step": state.global_step, "epoch": state.epoch, **logs,
-                       "tokens_per_s": round(guard.tokens_per_step * state.global_step / elapsed, 1) if elapsed else None}
+                if "loss" in logs and elapsed:  # shown in the progress lines (this callback runs first)
+                    logs["tokens_per_s"] = round(guard.tokens_per_step * len(guard.step_times) / elapsed, 1)
+                row = {"step": state.global_step, "epoch": state.epoch, **logs}
                 with (guard.out_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 return control
@@ -251,7 +262,9 @@ def _trainer_class() -> Any:
 
 
 def _last_checkpoint(out_dir: Path) -> str | None:
-    found = sorted(out_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    """The newest checkpoint transformers finished writing (marked by the guard's on_save)."""
+    found = sorted((p for p in out_dir.glob("checkpoints/checkpoint-*") if (p / CHECKPOINT_COMPLETE).exists()),
+                   key=lambda p: int(p.name.split("-")[-1]))
     return str(found[-1]) if found else None
 
 
@@ -305,6 +318,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
                                eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None,
                                processing_class=tokenizer, callbacks=callbacks)
+    handler = trainer.callback_handler  # our callback first, so the progress printer shows its tokens/s
+    handler.callbacks.insert(0, handler.callbacks.pop(handler.callbacks.index(callbacks[0])))
     previous = {s: signal.signal(s, guard.handle) for s in EXIT_SIGNAL}
     try:
         if cuda:
