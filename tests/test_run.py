@@ -205,3 +205,33 @@ def test_merge_writes_weights_equal_to_base_plus_adapter(model_dir, data_file, t
     tuned, merged_logits = peft(input_ids=ids).logits, merged(input_ids=ids).logits
     torch.testing.assert_close(merged_logits, tuned, rtol=0.02, atol=0.2)
     assert (base(input_ids=ids).logits - tuned).abs().max() > 1.0
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(model_dir, data_file, tmp_path, monkeypatch) -> None:
+    """Any micro-batch above 2 sequences raises CUDA's out-of-memory error: the trainer splits 8 into 4, then
+    2, at step 0, logs it, and ends where the run that never ran out of memory ends."""
+    from rigplan.trainer import engine
+
+    plan = plan_for(model_dir, epochs=1.0)
+    plain = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "plain"))
+    real_load = engine.load
+
+    def small_gpu_load(p, eng=None):
+        model, tok = real_load(p, eng)
+        inner = model.forward
+
+        def forward(*args, **kwargs):
+            if kwargs["input_ids"].shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return inner(*args, **kwargs)
+
+        model.forward = forward
+        return model, tok
+
+    monkeypatch.setattr(engine, "load", small_gpu_load)
+    tight = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "tight"))
+    assert tight["status"] == "done" and tight["global_step"] == plain["global_step"]
+    assert tight["oom_backoffs"] == [{"step": 0, "micro_batch": 4}, {"step": 0, "micro_batch": 2}]
+    assert tight["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-3)
+    events = [json.loads(x) for x in (tmp_path / "tight" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e.get("event") == "oom_backoff" for e in events) == 2

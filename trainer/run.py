@@ -12,6 +12,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,15 @@ class _Guard:
         self.tokens_per_step = tokens_per_step
         self.t0 = time.perf_counter()
         self.step_times: list[float] = []
+        self.backoffs: list[dict[str, int]] = []
+
+    def note_backoff(self, step: int, micro_batch: int) -> None:
+        """An out-of-memory error made the trainer split micro-batches: logged to metrics.jsonl and stderr."""
+        self.backoffs.append({"step": step, "micro_batch": micro_batch})
+        with (self.out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "event": "oom_backoff", "micro_batch": micro_batch}) + "\n")
+        print(f"rigplan: CUDA out of memory at step {step}: micro-batch now {micro_batch}, accumulation doubled",
+              file=sys.stderr, flush=True)
 
     def steady_tokens_per_s(self) -> float | None:
         """Tokens/s after the warm-up steps (Unsloth compiles each decoder block in the first ones)."""
@@ -240,25 +250,53 @@ class _Guard:
         return Callback()
 
 
-def _trainer_class() -> Any:
-    """TRL's SFTTrainer; where its fused LM-head loss cannot run (its kernels need Triton, which CPU builds of
-    torch lack: trl/kernels/chunked_logprob.py), a subclass computing the model's own causal-LM loss, the
-    override TRL documents for a custom loss."""
+def _trainer_class(guard: "_Guard") -> Any:
+    """TRL's SFTTrainer with rigplan's out-of-memory backoff; where TRL's fused LM-head loss cannot run
+    (its kernels need Triton, which CPU builds of torch lack: trl/kernels/chunked_logprob.py), computing the
+    model's own causal-LM loss instead, the override TRL documents for a custom loss."""
+    import torch
     from trl import SFTTrainer
     from trl.trainer import utils as trl_utils
 
-    if getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None:
-        return SFTTrainer
+    fused = getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
 
-    class PlainLossSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
-            # tokens of the whole step (num_items_in_batch), as the model's own loss does when given it.
-            extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
-            outputs = model(**inputs, **extra)
-            return (outputs.loss, outputs) if return_outputs else outputs.loss
+    class RigplanSFTTrainer(SFTTrainer):
+        split = 1  # micro-batches are cut into this many parts after out-of-memory errors
 
-    return PlainLossSFTTrainer
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
+            """On CUDA out-of-memory, halve the micro-batch (twice the accumulation) and redo this one:
+            losses are normalised by the step's token count, so the parts add up to the same gradient."""
+            while True:
+                batch = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor))
+                size = -(-batch // self.split)
+                saved = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters() if p.requires_grad]
+                try:
+                    total = None
+                    for start in range(0, batch, size):
+                        part = {k: v[start:start + size] if isinstance(v, torch.Tensor) and v.shape[:1] == (batch,)
+                                else v for k, v in inputs.items()}
+                        loss = super().training_step(model, part, num_items_in_batch)
+                        total = loss if total is None else total + loss
+                    return total
+                except torch.OutOfMemoryError:
+                    if size <= 1:
+                        raise
+                    for p, grad in saved:  # undo what the failed backward had accumulated
+                        p.grad = grad
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    self.split *= 2
+                    guard.note_backoff(self.state.global_step, -(-batch // self.split))
+
+        if not fused:
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+                # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
+                # tokens of the whole step (num_items_in_batch), as the model's own loss does when given it.
+                extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+                outputs = model(**inputs, **extra)
+                return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return RigplanSFTTrainer
 
 
 def _last_checkpoint(out_dir: Path) -> str | None:
@@ -315,7 +353,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     avg_len = prepared.report["tokens"] / max(1, prepared.report["examples"])
     guard = _Guard(out, avg_len * plan.micro_batch * plan.grad_accum)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
-    trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
+    trainer = _trainer_class(guard)(model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
                                eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None,
                                processing_class=tokenizer, callbacks=callbacks)
     handler = trainer.callback_handler  # our callback first, so the progress printer shows its tokens/s
@@ -329,10 +367,10 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         runtime = time.perf_counter() - t0
-    except torch.OutOfMemoryError as e:
-        raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} with micro-batch "
-                           f"{plan.micro_batch}; resume with --resume --batch {max(1, plan.micro_batch // 2)} "
-                           f"--grad-accum {plan.grad_accum * 2} (last checkpoint: {_last_checkpoint(out)})") from e
+    except torch.OutOfMemoryError as e:  # even one sequence per micro-batch does not fit
+        raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} with one sequence per "
+                           f"micro-batch; resume with --resume --seq {plan.seq_len // 2} or --method qlora "
+                           f"(last checkpoint: {_last_checkpoint(out)})") from e
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -351,7 +389,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                "train_loss": getattr(result, "training_loss", None), "measured": measured,
                "predicted": {"peak_allocated_gib": plan.peak_allocated_gib, "peak_reserved_gib": plan.peak_reserved_gib,
                              "total_gib": plan.total_gib, "tokens_per_s": plan.tokens_per_s},
-               "signal": guard.signal, "exit_code": EXIT_SIGNAL.get(guard.signal, 0) if guard.signal else 0}
+               "oom_backoffs": guard.backoffs, "signal": guard.signal, "exit_code": EXIT_SIGNAL.get(guard.signal, 0) if guard.signal else 0}
     if status == "nan":
         summary["message"] = (f"loss became NaN or infinite at step {guard.nan_step}; last good checkpoint: "
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
