@@ -92,12 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(part(args)), flush=True)
         return 0
 
-    import dataclasses
-
     import torch
 
     from rigplan import check
-    from rigplan.calibration.replica import build_replica
+    from rigplan.calibration.replica import build_replica, toy
     from rigplan.profiles.catalog import resolve_model
 
     out = args.out
@@ -105,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     spec = resolve_model(args.model)
     if args.tiny:
-        spec = dataclasses.replace(spec, id=f"tiny-{spec.id}", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=4096)
+        spec = toy(spec)
     model_dir = out / "model"
     if not (model_dir / "config.json").exists():
         build_replica(spec, model_dir, device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from rigplan.calibration.replica import build_replica, reduced
 from rigplan.estimator.plan import Plan
+from rigplan.profiles import nvml
 from rigplan.profiles.catalog import resolve_model
 
 GIB = 2**30
@@ -83,17 +84,6 @@ def provenance() -> dict[str, Any]:
             "command": " ".join(sys.argv)}
 
 
-def nvml_used_gib() -> float | None:
-    """GPU 0's used memory as nvidia-smi shows it, or None without a driver."""
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / GIB
-    except pynvml.NVMLError:
-        return None
-
-
 def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str) -> dict[str, Any]:
     """Warm-up, then timed forward+backward+optimizer steps on random ids; peaks since the reset."""
     import torch
@@ -122,7 +112,7 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
         if cuda:
-            nvml_after.append((nvml_used_gib(), torch.cuda.memory_reserved() / GIB))
+            nvml_after.append((nvml.used_gib(), torch.cuda.memory_reserved() / GIB))
     timed = sorted(times[WARMUP:])
     step_s = statistics.median(timed)
     row: dict[str, Any] = {"base_gib": base, "step_s": round(step_s, 4), "steps_timed": len(timed),

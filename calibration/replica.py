@@ -25,6 +25,18 @@ def reduced(spec: ModelSpec, num_layers: int | None) -> ModelSpec:
     return dataclasses.replace(spec, id=f"{spec.id}-L{num_layers}", num_hidden_layers=num_layers)
 
 
+# Toy widths for CPU tests and smoke runs: the profile's architecture (model type, bias, tying) kept, sizes
+# shrunk. The vocabulary covers every id of the code-made tokenizer, whichever tokenizer class
+# AutoTokenizer picks for the model type (Qwen2Tokenizer splits words into the tokenizer's 4,053 ids).
+TOY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=4096)
+
+
+def toy(spec: ModelSpec) -> ModelSpec:
+    """The same architecture at toy size, for CPU tests."""
+    return dataclasses.replace(spec, id=f"tiny-{spec.id}", **TOY_SIZES)
+
+
 def hf_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:
     """A transformers config holding the spec's facts (model_type picks the modeling code)."""
     from transformers import AutoConfig

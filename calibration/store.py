@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,10 @@ def read_calibration(path: Path) -> tuple[Coefficients, dict[str, Any]]:
         raise CalibrationError(f"{path}: unreadable calibration ({e}); run rigplan calibrate again") from e
 
 
+@lru_cache(maxsize=1)
 def reference() -> tuple[Coefficients, dict[str, Any]]:
-    """The shipped reference calibration, measured on our H100 (raw runs beside it)."""
+    """The shipped reference calibration, measured on our H100 (raw runs beside it); read once a process
+    (`rigplan check` without a GPU asks for it once per catalogue GPU)."""
     return read_calibration(REFERENCE_FILE)
 
 

@@ -43,3 +43,16 @@ def local_gpus() -> tuple[list[LocalGpu], str]:
         return [], f"NVML could not read the GPUs ({e})"
     finally:
         pynvml.nvmlShutdown()
+
+
+def used_gib(index: int = 0) -> float | None:
+    """One GPU's used memory as nvidia-smi shows it (CUDA contexts included), or None without a driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used / GIB
+    except pynvml.NVMLError:
+        return None

@@ -3,7 +3,6 @@ grid, and calibrate's refusal without a GPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -38,13 +37,10 @@ def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     from rigplan.calibration import probe
-    from rigplan.calibration.replica import build_replica
+    from rigplan.calibration.replica import build_replica, toy
 
-    spec = dataclasses.replace(resolve_model("qwen2.5-0.5b"), id="tiny-qwen", hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                               vocab_size=4096)
     model_dir = tmp_path / "tiny-qwen"
-    build_replica(spec, model_dir, dtype="float32")
+    build_replica(toy(resolve_model("qwen2.5-0.5b")), model_dir, dtype="float32")
     out = tmp_path / "probes.jsonl"
     probe.main(["--job", f"{model_dir}@1:lora:8:2x32,1x64", "--engine", "hf", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -4,7 +4,6 @@ bad data fails with line numbers before any model loads; output directories are 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -19,7 +18,7 @@ pytest.importorskip("trl")
 
 from click.testing import CliRunner  # noqa: E402
 
-from rigplan.calibration.replica import build_replica  # noqa: E402
+from rigplan.calibration.replica import build_replica, toy  # noqa: E402
 from rigplan.cli import main  # noqa: E402
 from rigplan.errors import ConfigError, DataError  # noqa: E402
 from rigplan.estimator.plan import Plan  # noqa: E402
@@ -29,20 +28,12 @@ from rigplan.trainer.run import RunOptions, train  # noqa: E402
 
 # At hidden 64 the default 0.02 init caps logits near 1 (lm_head rows of norm 0.16): nothing could learn.
 TOY_INIT_STD = 0.2
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=4096)  # AutoTokenizer may pick the model type's
-# tokenizer class (Qwen2Tokenizer for qwen2), which splits the code-made vocabulary into all of its 4,053 ids
-
-
-def tiny(profile: str):
-    """The profile's architecture (model type, bias, tying) at toy width and depth."""
-    return dataclasses.replace(resolve_model(profile), id=f"tiny-{profile}", **TINY)
 
 
 @pytest.fixture(scope="module", params=["llama-3.2-1b", "qwen2.5-0.5b"])
 def model_dir(request, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp(request.param)
-    build_replica(tiny(request.param), d, dtype="float32", init_std=TOY_INIT_STD)
+    build_replica(toy(resolve_model(request.param)), d, dtype="float32", init_std=TOY_INIT_STD)
     return d
 
 

@@ -312,11 +312,11 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
     out: dict[str, Any] = {"tokens_per_s": steady, "tokens_per_s_with_warmup":
                            round(trained_tokens / runtime_s, 1) if runtime_s else None}
     if cuda:
-        from rigplan.calibration.probe import nvml_used_gib
+        from rigplan.profiles import nvml
 
         gib = 2**30
         out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / gib, 3),
-                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 3), nvml_used_gib=nvml_used_gib())
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 3), nvml_used_gib=nvml.used_gib())
     return out
 
 
