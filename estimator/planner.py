@@ -58,7 +58,6 @@ class PlanResult:
     alternatives: list[Plan]
     reason: str
     gpu_memory_gib: float
-    requested_seq_len: int
 
 
 def usable_gib(gpu: GpuSpec, local_total_gib: float | None = None) -> float:
@@ -166,13 +165,13 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
         smallest = min(cands, key=lambda c: c.total_gib)
         return PlanResult(False, None, [], (
             f"does not fit: the smallest setup ({smallest.setup.method}, rank {smallest.setup.rank}, batch 1, "
-            f"seq {smallest.setup.seq_len}) needs {smallest.total_gib:.1f} GiB of {limit:.1f} GiB"), limit, seq_len)
+            f"seq {smallest.setup.seq_len}) needs {smallest.total_gib:.1f} GiB of {limit:.1f} GiB"), limit)
     fastest = max(c.tokens_per_s for c in fitting)
     fitting.sort(key=lambda c: _preference(c, fastest))
     best = fitting[0]
     plans = [to_plan(model, e, gpu, coeffs, model_path, num_gpus) for e in _runners_up(fitting, alternatives)]
     return PlanResult(seq == seq_len, plans[0], plans[1:], _reason(best, cands, seq, seq_len, limit, num_gpus),
-                      limit, seq_len)
+                      limit)
 
 
 def _runners_up(fitting: list[Estimate], n: int) -> list[Estimate]:

@@ -133,10 +133,6 @@ class GpuSpec:
     source_2: str | None = None
 
     @property
-    def memory_bytes(self) -> int:
-        return int(self.memory_gib * 2**30)
-
-    @property
     def tensor_tflops(self) -> float:
         """The dense 16-bit tensor rate training runs at: bf16 where supported, fp16 otherwise (T4)."""
         return self.bf16_dense_tflops if self.bf16 else (self.fp16_dense_tflops or self.bf16_dense_tflops)

@@ -224,7 +224,7 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False) -> Plan:
     new = dataclasses.replace(p, **changes)
     if new.gpu == "cpu":
         return new
-    model = catalog.resolve_model(new.model) if not Path(new.model_path).is_dir() else catalog.resolve_model(new.model_path)
+    model = catalog.resolve_model(new.model_path if Path(new.model_path).expanduser().is_dir() else new.model)
     spec = catalog.resolve_gpu(new.gpu)
     coeffs, doc, _ = store.for_gpu(spec.id)
     setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
@@ -258,7 +258,9 @@ def dry_run_report(p: Plan, opts: Any) -> dict[str, Any]:
     """What a run would train on (the data report, tokenized with the model's tokenizer), without training."""
     from transformers import AutoTokenizer
 
+    from rigplan.trainer.engine import model_source
     from rigplan.trainer.run import prepare_data
 
-    tokenizer = AutoTokenizer.from_pretrained(p.model_path, local_files_only=Path(p.model_path).is_dir())
+    path, local = model_source(p.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     return {"plan": json.loads(p.to_json()), "data_report": prepare_data(p, tokenizer, opts).report}

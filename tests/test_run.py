@@ -226,3 +226,12 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(model_dir, da
     assert tight["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-3)
     events = [json.loads(x) for x in (tmp_path / "tight" / "metrics.jsonl").read_text().splitlines()]
     assert sum(e.get("event") == "oom_backoff" for e in events) == 2
+
+
+def test_home_relative_model_paths_load_offline(model_dir, monkeypatch) -> None:
+    """`~/...` is a local directory for every loader, never a hub id."""
+    from rigplan.trainer.engine import model_source
+
+    monkeypatch.setenv("HOME", str(model_dir.parent))
+    assert model_source(f"~/{model_dir.name}") == (str(model_dir), True)
+    assert model_source("meta-llama/Llama-3.1-8B") == ("meta-llama/Llama-3.1-8B", False)

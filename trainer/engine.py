@@ -31,8 +31,11 @@ def import_engine(engine: Engine) -> None:
         import unsloth  # noqa: F401
 
 
-def _is_local(path: str) -> bool:
-    return Path(path).expanduser().is_dir()
+def model_source(path: str) -> tuple[str, bool]:
+    """Where weights and tokenizer load from: an existing local directory (user-expanded), loaded offline,
+    or else a hub id as given. Every loader (engines, tokenizer, merge) goes through this."""
+    local = Path(path).expanduser()
+    return (str(local), True) if local.is_dir() else (path, False)
 
 
 def load_unsloth(plan: Plan) -> tuple[Any, Any]:
@@ -41,12 +44,13 @@ def load_unsloth(plan: Plan) -> tuple[Any, Any]:
     import torch
     from unsloth import FastLanguageModel
 
+    path, local = model_source(plan.model_path)
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=plan.model_path,
+        model_name=path,
         max_seq_length=plan.seq_len,
         dtype=torch.bfloat16,
         load_in_4bit=plan.method == "qlora",
-        local_files_only=_is_local(plan.model_path),
+        local_files_only=local,
     )
     model = FastLanguageModel.get_peft_model(
         model,
@@ -69,7 +73,8 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": _is_local(plan.model_path)}
+    path, local = model_source(plan.model_path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local}
     if plan.method == "qlora":
         if not cuda:
             raise RigplanError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); pass --method lora on this machine")
@@ -81,8 +86,8 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
     if cuda:
         kwargs["device_map"] = {"": 0}
         kwargs["attn_implementation"] = "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(plan.model_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(plan.model_path, local_files_only=kwargs["local_files_only"])
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     if plan.checkpointing == "unsloth":
         # PEFT's own checkpointing: non-reentrant, inputs made to require grad so the frozen base backprops.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

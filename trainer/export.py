@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from rigplan.estimator.plan import Plan
+from rigplan.trainer.engine import model_source
 
 
 def modelfile(plan: Plan, adapter_dir: str = "./adapter") -> str:
     """An Ollama Modelfile: FROM the base model, ADAPTER the safetensors adapter directory
     (https://github.com/ollama/ollama/blob/main/docs/modelfile.md#adapter). Ollama needs the base as a
     local directory or an Ollama model name; a hub id is written as given, with a note."""
-    local = Path(plan.model_path).expanduser()
-    base = str(local.resolve()) if local.is_dir() else plan.model_path
-    note = "" if local.is_dir() else (
+    path, local = model_source(plan.model_path)
+    base = str(Path(path).resolve()) if local else path
+    note = "" if local else (
         f"# {base} is a Hugging Face id: download it (huggingface-cli download {base} --local-dir base)\n"
         "# and point FROM at that directory, or use the matching Ollama model name.\n")
     return f"{note}FROM {base}\nADAPTER {adapter_dir}\n"
@@ -59,8 +60,8 @@ def merge_and_save(plan: Plan, adapter_dir: Path, out_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    local = Path(plan.model_path).expanduser().is_dir()
-    base = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=torch.bfloat16, local_files_only=local)
+    path, local = model_source(plan.model_path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=local)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
     return out_dir

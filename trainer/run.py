@@ -323,7 +323,7 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
 def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     """Run the plan. Returns what happened (`status`: done, interrupted, nan, early_stopped) and where the
     adapter is; raises RigplanError for what the user must fix, before anything loads where possible."""
-    from rigplan.trainer.engine import choose_engine, import_engine, load
+    from rigplan.trainer.engine import choose_engine, import_engine, load, model_source
 
     check_out_dir(opts)
     engine = opts.engine or choose_engine()
@@ -333,7 +333,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
 
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(plan.model_path, local_files_only=Path(plan.model_path).is_dir())
+    path, local = model_source(plan.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     prepared = prepare_data(plan, tokenizer, opts)  # every data problem surfaces before the model loads
     (out / "plan.json").write_text(plan.to_json() + "\n")
     (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
