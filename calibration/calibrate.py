@@ -1,9 +1,10 @@
 """`rigplan calibrate`: probe this GPU on reduced-depth replicas, fit the estimator's coefficients, store them.
 
-Each probe job runs in its own process (calibration/probe.py): a process that ran another job keeps
-0.1-0.7 GiB of it (profiles/calibrations/h100-runs/README.md). Depth is what the probes reduce; the fitted
-terms carry it (per layer or not), and the H100 reference shows the extrapolation: the 2-layer 8B runs and the
-32-layer ones are predicted by the same coefficients within a few per cent (bench/accuracy.py).
+All probe jobs run in one process (calibration/probe.py): importing Unsloth costs ~25 s a process on the
+H100. What one job leaves on the GPU for the next (0.1-0.7 GiB: profiles/calibrations/h100-runs/README.md)
+is recorded at each job's start and subtracted by the fit (fit.net_of_leftover). Depth is what the probes
+reduce; the fitted terms carry it (per layer or not), and the fit is checked against full-depth runs the
+probes never saw (bench/accuracy.py --calibration FILE).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,22 +23,24 @@ from rigplan.profiles import catalog, nvml
 
 DEFAULT_MODELS = ("llama-3.1-8b",)
 DEFAULT_METHODS = ("lora", "qlora")
-DEPTHS = (1, 2, 4)
-QUICK_DEPTHS = (2,)
-# Shapes: large micro-batches (>= 8192 tokens) fix the GPU line, small ones (<= 4096) the host floor;
-# batch 1 and batch >= 2 both appear, since Unsloth compiles them apart (fit.py's GPU_BOUND_TOKENS).
-SHAPES = ((1, 2048), (2, 2048), (4, 2048), (8, 2048), (2, 8192))
-QUICK_SHAPES = ((1, 2048), (4, 2048), (2, 8192))
-RANKS = (16, 64)
-QUICK_RANKS = (16,)
-JOB_TIMEOUT_S = 600
+# Two depths four times apart: per-layer terms come from their difference. At 8 layers an 8B replica is
+# ~2.8B parameters, built and loaded in seconds.
+DEPTHS = (2, 8)
+QUICK_DEPTHS = (2, 8)
+# Shapes: 1 x 512 sits on the host's floor at any depth, micro-batches of >= 8192 tokens on the GPU line
+# (fit.py's GPU_BOUND_TOKENS); batch 1 and batch >= 2 both appear, since Unsloth compiles them apart.
+SHAPES = ((1, 512), (1, 2048), (2, 2048), (4, 2048), (2, 8192))
+QUICK_SHAPES = ((1, 512), (2, 2048), (4, 2048))
+# One rank: the adapters' memory and FLOPs are exact formulas (estimator/memory.py, speed.py), nothing to fit.
+RANK = 16
+TIMEOUT_S = 1800
 
 
 def jobs(models: tuple[str, ...], methods: tuple[str, ...], quick: bool) -> list[str]:
     """Probe jobs in calibration/probe.py's MODEL@LAYERS:METHOD:RANK:BxS,... form."""
     shapes = ",".join(f"{b}x{s}" for b, s in (QUICK_SHAPES if quick else SHAPES))
-    return [f"{catalog.resolve_model(m).id}@{d}:{method}:{r}:{shapes}" for m in models for method in methods
-            for d in (QUICK_DEPTHS if quick else DEPTHS) for r in (QUICK_RANKS if quick else RANKS)]
+    return [f"{catalog.resolve_model(m).id}@{d}:{method}:{RANK}:{shapes}" for m in models for method in methods
+            for d in (QUICK_DEPTHS if quick else DEPTHS)]
 
 
 def local_gpu() -> catalog.GpuSpec:
@@ -52,30 +56,47 @@ def local_gpu() -> catalog.GpuSpec:
 
 def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...] = DEFAULT_METHODS,
               quick: bool = False, out: Path | None = None,
-              on_job: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Probe, fit and store; returns the fit's summary (coefficients, residuals, where it was written)."""
+              on_probe: Callable[[int, int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Probe, fit toward the shipped reference (fit.fit's prior: what one architecture's probes cannot
+    separate keeps the reference's split) and store; returns the fit's summary."""
     gpu = local_gpu()
     todo = jobs(models, methods, quick)
+    n_shapes = len(todo) * len(QUICK_SHAPES if quick else SHAPES)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rigplan-calibrate-") as tmp:
         rows_file = Path(tmp) / "probes.jsonl"
-        failed = []
-        for i, job in enumerate(todo):
-            if on_job:
-                on_job(i, len(todo), job)
-            proc = subprocess.run([sys.executable, "-m", "rigplan.calibration.probe", "--job", job,
-                                   "--out", str(rows_file)], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-            if proc.returncode != 0:
-                failed.append({"job": job, "stderr": proc.stderr[-1500:]})
+        cmd = [sys.executable, "-m", "rigplan.calibration.probe", "--out", str(rows_file)]
+        for job in todo:
+            cmd += ["--job", job]
+        err_file = (Path(tmp) / "probe.err").open("w+")  # a file, not a pipe: a full stderr pipe would block the probe
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True)
+        done = 0
+        if on_probe:
+            on_probe(0, n_shapes, {})
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the probe prints one JSON line per measured shape
+            if line.startswith("{"):
+                done += 1
+                if on_probe:
+                    on_probe(done, n_shapes, json.loads(line))
+        rc = proc.wait(timeout=TIMEOUT_S)
+        err_file.seek(0)
+        stderr = err_file.read()
+        err_file.close()
         if not rows_file.exists():
-            raise CalibrationError(f"every probe failed; the first said: {failed[0]['stderr'][-300:] if failed else '-'}")
+            raise CalibrationError(f"the probe process measured nothing (exit {rc}): {stderr.strip()[-300:]}")
         probes = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
         runs = fit.load_runs([rows_file])
     if len(runs) < 6:
-        raise CalibrationError(f"only {len(runs)} probes measured (of {len(probes)}); too few to fit")
-    coeffs, residuals = fit.fit(runs, gpu.id, source=f"rigplan calibrate on {gpu.id}, {len(runs)} probes")
+        raise CalibrationError(f"only {len(runs)} probes measured (of {n_shapes}); too few to fit"
+                               + (f"; the probe said: {stderr.strip()[-300:]}" if rc else ""))
+    coeffs, residuals = fit.fit(runs, gpu.id, source=f"rigplan calibrate on {gpu.id}, {len(runs)} probes",
+                                prior=store.reference()[0])
     prov = probes[0].get("provenance", {})
     path = out or store.user_dir() / f"{gpu.id}.json"
     store.write_calibration(path, coeffs, residuals, provenance={**prov, "date": (prov.get("date") or "")[:10]},
                             probes=probes)
+    failed = [f"{p['model']} {p['method']} {p['batch']}x{p['seq']}: {p['err']}" for p in probes if p.get("err")]
     return {"gpu": gpu.id, "path": str(path), "probes": len(probes), "measured": len(runs), "failed": failed,
+            "probe_exit_code": rc, "wall_s": round(time.perf_counter() - t0, 1),
             "coefficients": coeffs.to_dict(), "residuals": residuals}

@@ -45,8 +45,26 @@ class Run:
         return f"{self.model.id} {s.method} r{s.rank} {s.micro_batch}x{s.seq_len}{ck}"
 
 
+def net_of_leftover(row: dict[str, Any]) -> dict[str, Any]:
+    """A probe row's memory net of what an earlier job in the same process left allocated (the probe
+    records it as start_alloc_gib / start_reserved_gib): allocations add, so the allocated figures are
+    exact; a reserved figure is off by at most the free space inside the leftover's segments. Rows
+    without those fields are returned as they are (older probes ran one job per process, or say
+    `clean_load: false`)."""
+    alloc0, reserved0 = row.get("start_alloc_gib"), row.get("start_reserved_gib")
+    if not alloc0 and not reserved0:
+        return row
+    net = dict(row)
+    for key, start in (("peak_alloc_gib", alloc0), ("after_load_gib", alloc0), ("base_gib", alloc0),
+                       ("peak_reserved_gib", reserved0)):
+        if net.get(key) is not None and start:
+            net[key] = net[key] - start
+    return net
+
+
 def parse_run(row: dict[str, Any]) -> Run:
     """A Run from a probe row (calibration/probe.py) or a shared/data row ("llama-3.1-8b-L32")."""
+    row = net_of_leftover(row)
     arch, layers = row.get("arch"), row.get("layers")
     if arch is None:  # shared/data rows name the depth in the model: "<id>-L<layers>"
         arch, _, depth = row["model"].rpartition("-L")
@@ -72,9 +90,17 @@ def load_runs(paths: list[Path], engine: str = "unsloth") -> list[Run]:
     return runs
 
 
-def _solve(rows: list[list[float]], y: list[float]) -> list[float]:
+# With a prior (`rigplan calibrate` fits toward the shipped reference), the ridge weight, as a share of the
+# mean diagonal of the scaled normal equations: the probes decide every direction they measure, and a
+# direction they cannot see (one architecture cannot tell the logits' bytes per token from a layer's
+# transient ones: both scale with tokens alone) keeps the reference's value.
+PRIOR_WEIGHT = 1e-3
+
+
+def _solve(rows: list[list[float]], y: list[float], prior: list[float] | None = None) -> list[float]:
     """Least squares by the normal equations, columns scaled; a coefficient that comes out negative is
-    held at 0 and the rest refitted (every term here is a size, so none can be negative)."""
+    held at 0 and the rest refitted (every term here is a size, so none can be negative). With `prior`,
+    ridge regression toward it (PRIOR_WEIGHT)."""
     n = len(rows[0])
     active = list(range(n))
     while True:
@@ -82,6 +108,11 @@ def _solve(rows: list[list[float]], y: list[float]) -> list[float]:
         a = [[sum(r[p] / sp * r[q] / sq for r in rows) for q, sq in zip(active, scale)]
              for p, sp in zip(active, scale)]
         b = [sum(r[p] / sp * yi for r, yi in zip(rows, y)) for p, sp in zip(active, scale)]
+        if prior is not None:
+            lam = PRIOR_WEIGHT * max(sum(a[i][i] for i in range(len(a))) / len(a), 1e-30)
+            for i, (j, sj) in enumerate(zip(active, scale)):
+                a[i][i] += lam
+                b[i] += lam * prior[j] * sj
         for i in range(len(a)):  # a tiny ridge keeps an unidentifiable column from blowing up
             a[i][i] += 1e-9 * (a[i][i] or 1.0)
         x = _gauss(a, b)
@@ -145,8 +176,13 @@ def _features(run: Run, names: tuple[str, ...]) -> list[float]:
     return cols
 
 
-def fit(runs: list[Run], gpu: str, source: str) -> tuple[Coefficients, dict[str, Any]]:
-    """Coefficients fitted to the runs, and the fit's residuals per run."""
+def fit(runs: list[Run], gpu: str, source: str,
+        prior: Coefficients | None = None) -> tuple[Coefficients, dict[str, Any]]:
+    """Coefficients fitted to the runs, and the fit's residuals per run. With `prior` (the shipped
+    reference, for `rigplan calibrate`'s few probes of one architecture), terms the runs cannot identify
+    keep the prior's values, and terms they do not exercise at all (no probe without checkpointing) are
+    taken from it."""
+    pri = dataclasses.asdict(prior) if prior is not None else None
     load_rows = [r for r in runs if r.row.get("after_load_gib") is not None and r.row.get("clean_load", True)]
     fixed = statistics.median(
         r.row["after_load_gib"] * GIB - memory.base_weights_bytes(r.model, r.setup.method)
@@ -160,7 +196,7 @@ def fit(runs: list[Run], gpu: str, source: str) -> tuple[Coefficients, dict[str,
             continue
         x = [_features(r, names) for r in sel]
         y = [r.row["peak_alloc_gib"] * GIB - known_bytes(r) - fixed for r in sel]
-        for name, c in zip(names, _solve(x, y)):
+        for name, c in zip(names, _solve(x, y, [pri[n] for n in names] if pri else None)):
             if ckpt == "off" and name in ("step_fixed_bytes", "logits_per_vocab") and name in values:
                 continue
             values[name] = c
@@ -169,12 +205,17 @@ def fit(runs: list[Run], gpu: str, source: str) -> tuple[Coefficients, dict[str,
     contexts = [r.row["context_gib"] * GIB for r in runs if r.row.get("context_gib") is not None]
     values["context_bytes"] = statistics.median(contexts)
 
-    values.update(_fit_speed([r for r in runs if r.row.get("step_s") and speed_valid(r)], gpu))
+    values.update(_fit_speed([r for r in runs if r.row.get("step_s") and speed_valid(r)], gpu, prior))
+    if pri:
+        if not any(r.setup.checkpointing == "off" for r in runs):  # never exercised: the prior's, as is
+            values.update({n: pri[n] for n in ("nockpt_per_hidden", "nockpt_per_intermediate",
+                                               "nockpt_layer_overhead_s")})
+        values.update({n: pri[n] for n in MEMORY_COEFFS_CKPT + MEMORY_COEFFS_NOCKPT if n not in values})
     coeffs = Coefficients(**values, gpu=gpu, source=source)  # type: ignore[arg-type]
     return coeffs, residuals(runs, coeffs, gpu)
 
 
-def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
+def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None) -> dict[str, float]:
     """micro-batch s = max(GPU line, host floor): the GPU line is FLOPs / (peak x mfu) + (elementwise +
     dequant bytes) / bandwidth, fitted on the large micro-batches that keep the GPU busy; the floor is
     fixed + checkpointed layers x per-layer cost, fitted on the small micro-batches measured clearly above
@@ -191,13 +232,18 @@ def _fit_speed(runs: list[Run], gpu: str) -> dict[str, float]:
         layers, ckpt = float(r.model.num_hidden_layers), r.setup.checkpointing == "unsloth"
         return [1.0, layers if ckpt else 0.0, 0.0 if ckpt else layers]
 
+    line_prior = floor_prior = None
+    if prior is not None:
+        # Both are in units that carry over between GPUs (a FLOP share, bytes, seconds), as the estimator uses them.
+        line_prior = [1 / prior.mfu, prior.elementwise_bytes, prior.dequant_bytes]
+        floor_prior = [prior.step_overhead_s, prior.layer_overhead_s, prior.nockpt_layer_overhead_s]
     big = [r for r in runs if r.setup.tokens >= GPU_BOUND_TOKENS] or runs
-    gpu_coef = _solve([gpu_cols(r) for r in big], [r.row["step_s"] for r in big])
+    gpu_coef = _solve([gpu_cols(r) for r in big], [r.row["step_s"] for r in big], line_prior)
     line = {id(r): sum(c * x for c, x in zip(gpu_cols(r), gpu_coef)) for r in runs}
     host_bound = [r for r in runs if r.setup.tokens <= HOST_BOUND_TOKENS
                   and r.row["step_s"] > HOST_BOUND_MARGIN * line[id(r)]] or runs
     overhead, per_layer, nockpt_per_layer = _solve([floor_cols(r) for r in host_bound],
-                                                   [r.row["step_s"] for r in host_bound])
+                                                   [r.row["step_s"] for r in host_bound], floor_prior)
     inv_mfu, elem, deq = gpu_coef
     return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
             "step_overhead_s": overhead, "layer_overhead_s": per_layer, "nockpt_layer_overhead_s": nockpt_per_layer}

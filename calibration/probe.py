@@ -84,7 +84,8 @@ def provenance() -> dict[str, Any]:
             "command": " ".join(sys.argv)}
 
 
-def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str) -> dict[str, Any]:
+def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str,
+                  min_timed_s: float = MIN_TIMED_S) -> dict[str, Any]:
     """Warm-up, then timed forward+backward+optimizer steps on random ids; peaks since the reset."""
     import torch
 
@@ -96,8 +97,8 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
     base = torch.cuda.memory_allocated() / GIB if cuda else None
     times: list[float] = []
     losses, nvml_after = [], []
-    for step in range(MAX_STEPS):
-        if step >= MIN_STEPS and sum(times[WARMUP:]) >= MIN_TIMED_S:
+    for step in range(max(MAX_STEPS, int(MAX_STEPS * min_timed_s / MIN_TIMED_S))):
+        if step >= MIN_STEPS and sum(times[WARMUP:]) >= min_timed_s:
             break
         ids = torch.randint(0, vocab, (batch, seq), device=device)
         if cuda:
@@ -128,12 +129,21 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
     return row
 
 
-def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any]) -> None:
+def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
+            min_timed_s: float = MIN_TIMED_S) -> None:
     import torch
 
     from rigplan.trainer.engine import load
 
     spec = reduced(resolve_model(job.model), job.layers)
+    cuda = device.startswith("cuda")
+    # What an earlier job in this process left on the GPU (0.1-0.7 GiB on the H100: compiled kernels' buffers
+    # and caches that outlive the model): recorded, so that the fit subtracts it (fit.parse_run).
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    start = {"start_alloc_gib": torch.cuda.memory_allocated() / GIB if cuda else None,
+             "start_reserved_gib": torch.cuda.memory_reserved() / GIB if cuda else None}
     with tempfile.TemporaryDirectory(prefix="rigplan-replica-") as tmp:
         t0 = time.perf_counter()
         build_replica(spec, Path(tmp), device=device)
@@ -149,9 +159,9 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any])
         # Training mode, as TRL's trainer sets it: without it transformers skips gradient checkpointing
         # (`if self.gradient_checkpointing and self.training`), and the peak is that of no checkpointing.
         model.train()
-        after_load = torch.cuda.memory_allocated() / GIB if device.startswith("cuda") else None
+        after_load = torch.cuda.memory_allocated() / GIB if cuda else None
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = job.optimizer if device.startswith("cuda") else "adamw_torch"  # bitsandbytes needs CUDA
+        optimizer = job.optimizer if cuda else "adamw_torch"  # bitsandbytes needs CUDA
         if optimizer == "adamw_8bit":
             import bitsandbytes as bnb
 
@@ -161,11 +171,11 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any])
         head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
                 "rank": job.rank, "engine": engine, "optimizer": optimizer, "checkpointing": job.checkpointing,
                 "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
-                "load_s": round(load_s, 1), "after_load_gib": after_load}
+                "load_s": round(load_s, 1), "after_load_gib": after_load, **start}
         for batch, seq in job.shapes:
             row = {**head, "batch": batch, "seq": seq, "err": None}
             try:
-                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device))
+                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device, min_timed_s))
             except torch.OutOfMemoryError as e:
                 row["err"] = f"oom: {str(e).splitlines()[0][:200]}"
                 opt.zero_grad(set_to_none=True)
@@ -175,7 +185,7 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any])
             print(json.dumps({k: v for k, v in row.items() if k not in ("provenance", "step_times_s")}), flush=True)
         del model, opt, params
         gc.collect()
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()
 
 
@@ -184,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--job", action="append", required=True, help="MODEL[@LAYERS]:METHOD:RANK:BxS,...")
     parser.add_argument("--engine", choices=["unsloth", "hf"], default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--min-timed-s", type=float, default=MIN_TIMED_S,
+                        help="time each shape at least this long after its warm-up step")
     args = parser.parse_args(argv)
     import torch
 
@@ -194,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     import_engine(engine)  # Unsloth before transformers, which the replica builder imports
     prov = provenance()
     for text in args.job:
-        run_job(Job.parse(text), engine, args.out, device, prov)
+        run_job(Job.parse(text), engine, args.out, device, prov, args.min_timed_s)
 
 
 if __name__ == "__main__":

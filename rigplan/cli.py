@@ -260,7 +260,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
 @main.command()
 @click.option("--model", "models", multiple=True, help="Architecture(s) to probe [default: llama-3.1-8b].")
 @click.option("--methods", default="lora,qlora", show_default=True)
-@click.option("--quick", is_flag=True, help="One depth, one rank, three shapes.")
+@click.option("--quick", is_flag=True, help="Three shapes per replica instead of five.")
 @click.option("--json", "as_json", is_flag=True)
 def calibrate(models: tuple[str, ...], methods: str, quick: bool, as_json: bool) -> None:
     """Measure this GPU with short training probes and fit rigplan's model to it."""
@@ -268,18 +268,19 @@ def calibrate(models: tuple[str, ...], methods: str, quick: bool, as_json: bool)
 
     state: dict[str, Any] = {}
 
-    def on_job(i: int, n: int, job: str) -> None:
+    def on_probe(done: int, total: int, row: dict[str, Any]) -> None:
         if as_json:
             return
         if "bar" not in state:
-            state["bar"] = click.progressbar(length=n, label="probing", item_show_func=lambda j: j)
+            state["bar"] = click.progressbar(length=total, label="probing", item_show_func=lambda s: s)
             state["bar"].__enter__()
-        state["bar"].update(1 if i else 0, job)
+        if row:
+            shape = f"{row['model']} {row['method']} {row['batch']}x{row['seq']}"
+            state["bar"].update(1, shape + (f" {row['tok_per_s']:,.0f} tok/s" if row.get("tok_per_s") else " (oom)"))
 
     result = _run(lambda: lib.calibrate(tuple(models) or lib.DEFAULT_MODELS,
-                                        tuple(m for m in methods.split(",") if m), quick, on_job=on_job))
+                                        tuple(m for m in methods.split(",") if m), quick, on_probe=on_probe))
     if "bar" in state:
-        state["bar"].update(1)
         state["bar"].__exit__(None, None, None)
 
     def render(d: dict[str, Any]) -> str:
@@ -289,7 +290,8 @@ def calibrate(models: tuple[str, ...], methods: str, quick: bool, as_json: bool)
                              ["probe", "memory err %", "tok/s err %"], rows, {"memory err %": 1, "tok/s err %": 1})
         return (f"{table}\nworst: memory {d['residuals']['max_abs_peak_reserved_err']:.1%}, speed "
                 f"{d['residuals']['max_abs_tok_per_s_err']:.1%}; written to {d['path']}"
-                + (f"\n{len(d['failed'])} probe job(s) failed: " + ", ".join(f['job'] for f in d["failed"]) if d["failed"] else ""))
+                + f" in {d['wall_s']:.0f} s"
+                + (f"\n{len(d['failed'])} shape(s) did not run: " + "; ".join(d["failed"]) if d["failed"] else ""))
 
     _emit(result, as_json, render)
 

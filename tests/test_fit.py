@@ -49,3 +49,37 @@ def test_recorded_runs_cover_the_required_shapes(runs) -> None:
     sizes = {r.model.id.split("-L")[0] for r in train}
     assert {"llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"} <= sizes
     assert {r.setup.method for r in train} == {"lora", "qlora"} and len(train) >= 12
+
+
+def test_leftover_of_an_earlier_job_is_subtracted() -> None:
+    row = {"model": "llama-3.1-8b-L2", "method": "lora", "rank": 16, "batch": 2, "seq": 2048,
+           "peak_alloc_gib": 5.0, "peak_reserved_gib": 5.5, "after_load_gib": 4.0, "base_gib": 4.2,
+           "start_alloc_gib": 0.25, "start_reserved_gib": 0.5, "context_gib": 1.3}
+    r = fit.parse_run(row).row
+    assert (r["peak_alloc_gib"], r["peak_reserved_gib"], r["after_load_gib"], r["base_gib"]) == (4.75, 5.0, 3.75, 3.95)
+    assert r["context_gib"] == 1.3 and row["peak_alloc_gib"] == 5.0  # context is NVML - reserved: no leftover in it
+    assert fit.parse_run({k: v for k, v in row.items() if not k.startswith("start_")}).row["peak_alloc_gib"] == 5.0
+
+
+def test_prior_keeps_what_one_architecture_cannot_separate(runs) -> None:
+    """`rigplan calibrate` probes one architecture: its per-token terms (a layer's transient bytes per
+    hidden and per MLP unit, the logits' per vocabulary entry) all scale with tokens alone. Fitted toward
+    the reference, the Llama-3.1-8B runs must still predict the other architectures' memory; fitted
+    without it, the split is arbitrary."""
+    shipped, _ = reference()
+    llama = [r for r in runs if r.model.id.startswith("llama-3.1-8b") and r.setup.checkpointing == "unsloth"]
+    others = [r for r in runs if r.model.id.split("-L")[0] in ("qwen2.5-7b", "mistral-7b", "llama-3.2-1b")
+              and r.setup.checkpointing == "unsloth" and r.row.get("clean_load", True)]
+    coeffs, _ = fit.fit(llama, "h100-sxm", source="test", prior=shipped)
+    res = fit.residuals(others, coeffs, "h100-sxm")
+    assert res["max_abs_peak_reserved_err"] < 0.07
+    # Terms no run exercised (checkpointing off) are the prior's, as they were.
+    assert coeffs.nockpt_per_hidden == shipped.nockpt_per_hidden
+    assert coeffs.nockpt_layer_overhead_s == shipped.nockpt_layer_overhead_s
+    # A prior does not override what the runs do measure: the H100 runs fitted toward a prior twice the
+    # reference land next to the reference, not the prior.
+    doubled = dataclasses.replace(shipped, **{n: 2 * getattr(shipped, n) for n in fit.MEMORY_COEFFS_CKPT})
+    refit, _ = fit.fit(runs, "h100-sxm", source="test", prior=doubled)
+    assert refit.step_fixed_bytes + 4096 * 2048 * (refit.transient_per_hidden + 3.5 * refit.transient_per_intermediate) \
+        == pytest.approx(shipped.step_fixed_bytes + 4096 * 2048 * (shipped.transient_per_hidden
+                                                                   + 3.5 * shipped.transient_per_intermediate), rel=0.05)

@@ -21,7 +21,7 @@ def test_job_parse() -> None:
 
 def test_calibrate_grid_reduces_depth_and_covers_both_regimes() -> None:
     jobs = calibrate.jobs(("llama-3.1-8b",), ("lora", "qlora"), quick=False)
-    assert len(jobs) == 2 * len(calibrate.DEPTHS) * len(calibrate.RANKS)
+    assert len(jobs) == 2 * len(calibrate.DEPTHS) and len(set(calibrate.DEPTHS)) >= 2
     shapes = [Job.parse(j).shapes for j in jobs][0]
     assert min(b * s for b, s in shapes) <= 4096 and max(b * s for b, s in shapes) >= 8192
     assert all(Job.parse(j).layers in calibrate.DEPTHS for j in jobs)
