@@ -29,8 +29,9 @@ DEPTHS = (2, 8)
 QUICK_DEPTHS = (2, 8)
 # Shapes: 1 x 512 sits on the host's floor at any depth, micro-batches of >= 8192 tokens on the GPU line
 # (fit.py's GPU_BOUND_TOKENS); batch 1 and batch >= 2 both appear, since Unsloth compiles them apart.
-SHAPES = ((1, 512), (1, 2048), (2, 2048), (4, 2048), (2, 8192))
-QUICK_SHAPES = ((1, 512), (2, 2048), (4, 2048))
+# The floor's per-token part (Unsloth's checkpoint offload) is 1 x 2048 less 1 x 512 at the same depth.
+SHAPES = ((1, 512), (1, 2048), (4, 2048), (2, 8192))
+QUICK_SHAPES = ((1, 512), (1, 2048), (4, 2048))
 # One rank: the adapters' memory and FLOPs are exact formulas (estimator/memory.py, speed.py), nothing to fit.
 RANK = 16
 TIMEOUT_S = 1800

@@ -28,6 +28,7 @@ GIB = 2**30
 GPU_BOUND_TOKENS = 8192
 HOST_BOUND_TOKENS = 4096
 HOST_BOUND_MARGIN = 1.1
+FLOOR_PROBE_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ def _unit(**overrides: float) -> Coefficients:
     base = dict(fixed_bytes=0.0, step_fixed_bytes=0.0, ckpt_per_hidden=0.0, transient_per_hidden=0.0,
                 transient_per_intermediate=0.0, logits_per_vocab=0.0, nockpt_per_hidden=0.0,
                 nockpt_per_intermediate=0.0, reserved_ratio=0.0, context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
-                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, nockpt_layer_overhead_s=0.0)
+                dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, nockpt_layer_overhead_s=0.0,
+                qlora_layer_overhead_s=0.0, offload_s_per_gb=0.0)
     base.update(overrides)
     return Coefficients(**base)  # type: ignore[arg-type]
 
@@ -230,23 +232,37 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None) -> 
 
     def floor_cols(r: Run) -> list[float]:
         layers, ckpt = float(r.model.num_hidden_layers), r.setup.checkpointing == "unsloth"
-        return [1.0, layers if ckpt else 0.0, 0.0 if ckpt else layers]
+        return [1.0, layers if ckpt else 0.0, 0.0 if ckpt else layers, layers if r.setup.method == "qlora" else 0.0,
+                speed.offload_gb(r.model, r.setup)]
 
     line_prior = floor_prior = None
     if prior is not None:
         # Both are in units that carry over between GPUs (a FLOP share, bytes, seconds), as the estimator uses them.
         line_prior = [1 / prior.mfu, prior.elementwise_bytes, prior.dequant_bytes]
-        floor_prior = [prior.step_overhead_s, prior.layer_overhead_s, prior.nockpt_layer_overhead_s]
+        floor_prior = [prior.step_overhead_s, prior.layer_overhead_s, prior.nockpt_layer_overhead_s,
+                       prior.qlora_layer_overhead_s, prior.offload_s_per_gb]
     big = [r for r in runs if r.setup.tokens >= GPU_BOUND_TOKENS] or runs
     gpu_coef = _solve([gpu_cols(r) for r in big], [r.row["step_s"] for r in big], line_prior)
     line = {id(r): sum(c * x for c, x in zip(gpu_cols(r), gpu_coef)) for r in runs}
     host_bound = [r for r in runs if r.setup.tokens <= HOST_BOUND_TOKENS
                   and r.row["step_s"] > HOST_BOUND_MARGIN * line[id(r)]] or runs
-    overhead, per_layer, nockpt_per_layer = _solve([floor_cols(r) for r in host_bound],
-                                                   [r.row["step_s"] for r in host_bound], floor_prior)
+    # The floor's QLoRA and per-token (offload) parts need `rigplan calibrate`'s 1 x 512 probes beside its
+    # 1 x 2048 ones on one host; without such probes they are held at the prior's values (0 without one),
+    # since noise and the differences between hosts would otherwise pass for them.
+    cols = [floor_cols(r) for r in host_bound]
+    if not any(r.setup.tokens <= FLOOR_PROBE_TOKENS for r in host_bound):
+        held = [0.0, 0.0] if floor_prior is None else floor_prior[3:]
+        y = [r.row["step_s"] - sum(h * c for h, c in zip(held, col[3:])) for r, col in zip(host_bound, cols)]
+        overhead, per_layer, nockpt_per_layer = _solve([c[:3] for c in cols], y,
+                                                       floor_prior[:3] if floor_prior else None)
+        qlora_per_layer, offload = held
+    else:
+        overhead, per_layer, nockpt_per_layer, qlora_per_layer, offload = _solve(
+            cols, [r.row["step_s"] for r in host_bound], floor_prior)
     inv_mfu, elem, deq = gpu_coef
     return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
-            "step_overhead_s": overhead, "layer_overhead_s": per_layer, "nockpt_layer_overhead_s": nockpt_per_layer}
+            "step_overhead_s": overhead, "layer_overhead_s": per_layer, "nockpt_layer_overhead_s": nockpt_per_layer,
+            "qlora_layer_overhead_s": qlora_per_layer, "offload_s_per_gb": offload}
 
 
 def predict(run: Run, coeffs: Coefficients, gpu: str) -> dict[str, float]:

@@ -70,10 +70,22 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
 
 def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
     """The host's floor on a micro-batch: a fixed cost (optimizer step, Python) plus a cost per layer, larger
-    with Unsloth's checkpointing (its offload round trip: ~9-10 ms a layer on the H100 runs at 1-4 x 2048
-    tokens, for 1B, 3B and 8B alike) than without (~6 ms: 8B at 1 x 2001, 1B at 4 x 2048)."""
+    with Unsloth's checkpointing (its offload round trip: ~8-11 ms a layer on the H100 hosts we measured,
+    for 1B, 3B and 8B alike) than without (~6 ms: 8B at 1 x 2001, 1B at 4 x 2048), and larger for QLoRA
+    (dequantize launches: +3-5 ms a layer in `rigplan calibrate`'s 1 x 512 probes). It is the host's CPU,
+    not the GPU: the same 8B 1 x 2048 step took 0.27 s on one H100 machine and 0.45 s on another."""
     per_layer = coeffs.layer_overhead_s if setup.checkpointing == "unsloth" else coeffs.nockpt_layer_overhead_s
-    return coeffs.step_overhead_s + per_layer * model.num_hidden_layers
+    if setup.method == "qlora":
+        per_layer += coeffs.qlora_layer_overhead_s
+    return coeffs.step_overhead_s + per_layer * model.num_hidden_layers + coeffs.offload_s_per_gb * offload_gb(model, setup)
+
+
+def offload_gb(model: ModelSpec, setup: Setup) -> float:
+    """Checkpoints Unsloth moves to CPU memory per micro-batch: each layer's bf16 input (2 bytes per hidden
+    unit per token), unsloth_zoo's offloaded gradient checkpointing; none without checkpointing."""
+    if setup.checkpointing != "unsloth":
+        return 0.0
+    return 2 * setup.tokens * model.hidden_size * model.num_hidden_layers / 1e9
 
 
 def step_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
