@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool, carry .gpu): bench/train_throughput.py for LoRA (rigplan, HF baseline, bare
-# Unsloth) and QLoRA (rigplan), on a full-depth Llama-3.1-8B replica and 500 generated examples.
-# Big files (replica, checkpoints, adapters) stay in /tmp; JSON and logs go to $OUT.
+# On the GPU machine (device tool, carry .gpu): bench/train_throughput.py on a full-depth Llama-3.1-8B replica,
+# one mode per device call, each sized for one call of <= 10 minutes on the H100 ($OUT brings back <= 6 files):
+#   lora        rigplan, bare Unsloth, HF baseline: LoRA, the rtx-4090 plan, one epoch of 224 examples of
+#               256-2000 words (~7.5 min)
+#   lora-plain  the same plan and data, HF baseline only, computing the loss as a plain transformers + PEFT
+#               loop does (full logits, as shared/data's HF rows) instead of TRL 1.15's chunked LM head
+#   lora-mb2    as lora at micro-batch 2 (x 8): padding-free batches in every part
+#   qlora       the three parts, QLoRA, the rtx-4090 plan, 160 examples
+#   equal       rigplan and bare on 2001-token examples with the H100's own plan (micro-batch 1, no
+#               checkpointing): bench/results/h100-tp2-lora-2001tok.json again, the padding-free fix on its own
+# e.g. bash bench/record_throughput.sh lora
+# Sizes: importing Unsloth and loading the 8B replica take 40-55 s per part, its first steps compile for 20-40 s,
+# and the estimator predicts ~3,500 tok/s for Unsloth at micro-batch 1 of ~1,100 tokens on the H100 (host-bound).
+# Big files (replica, adapters) stay in /tmp; JSON and logs go to $OUT. The JSON is rewritten after every part
+# (rigplan, bare, then the slowest, hf), so a timeout keeps the parts that ran.
 set -uo pipefail
 mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-# pip's log stays in /tmp: $OUT brings back 8 files at most, and the runs below fill them
+# pip's log stays in /tmp: $OUT brings back 8 files at most
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
 run() {  # name, seconds, args...
   local name=$1 secs=$2; shift 2
   timeout "$secs" python3 bench/train_throughput.py --out /tmp/$name "$@" >"$OUT/$name.log" 2>&1
   echo "== $name exit $? after ${SECONDS}s"
   cp /tmp/$name/train_throughput.json "$OUT/$name.json" 2>/dev/null
-  for p in rigplan hf bare; do [ -f /tmp/$name/log-$p.txt ] && tail -c 3000 /tmp/$name/log-$p.txt >"$OUT/$name-$p.tail.txt"; done
-  tail -n 6 "$OUT/$name.log"
+  for p in rigplan bare hf hf-plain; do  # Unsloth's choices (block compile, padding-free), then the log's end
+    [ -f /tmp/$name/log-$p.txt ] && { grep -iE "unsloth.*(compil|padd)|padding-free" /tmp/$name/log-$p.txt | head -20
+      echo ...; tail -c 4000 /tmp/$name/log-$p.txt; } >"$OUT/$name-$p.tail.txt"
+  done
+  tail -n 8 "$OUT/$name.log"
 }
-case "${1:-short}" in
-  short)  # 121-token examples (bench/results/h100-tp-*-121tok.json)
-    run tp-lora 330 --model llama-3.1-8b --method lora --examples 500 --steps 20 --words 120
-    run tp-qlora 200 --model llama-3.1-8b --method qlora --examples 500 --steps 20 --words 120 --parts rigplan ;;
-  long)   # 2001-token examples
-    run tp2-lora 480 --model llama-3.1-8b --method lora --examples 500 --steps 8 --words 2000 ;;
+LORA="--method lora --examples 224 --steps 0"  # the same replica, data and plan in every call (fixed seeds)
+case "${1:-lora}" in
+  lora)       run tp-lora 530 $LORA ;;
+  lora-plain) run tp-lora-plain 530 $LORA --parts hf-plain ;;
+  lora-mb2)   run tp-lora-mb2 530 $LORA --micro-batch 2 ;;
+  qlora)      run tp-qlora 530 --method qlora --examples 160 --steps 0 ;;
+  equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
+                --parts rigplan,bare ;;
+  *) echo "unknown mode $1 (lora, lora-plain, lora-mb2, qlora, equal)"; exit 2 ;;
 esac

@@ -1,36 +1,126 @@
 """rigplan's trainer vs plain transformers + PEFT (the HF baseline) vs a bare Unsloth loop, same data and plan.
 
-    python bench/train_throughput.py --model llama-3.1-8b --method lora --examples 500 --out DIR
+    python bench/train_throughput.py --model llama-3.1-8b --method lora --examples 320 --steps 0 --out DIR
 
-Builds a random-weight replica of the architecture (full depth) and a dataset of equal-length examples, plans
-it for the local GPU, then runs each part in its own process (a process that ran another model keeps some
-of its memory): `rigplan` (trainer/run.py, Unsloth engine), `hf` (same code, transformers + PEFT engine),
-`bare` (Unsloth forward/backward/AdamW8bit steps on the plan's shapes, calibration/probe.py). Prints a table,
-writes DIR/train_throughput.json. Goals (issue 4): rigplan >= 1.8x the HF baseline's tokens/s, <= 0.75x its
-peak memory, and within 5% of the bare loop. Runs on CPU too (engine hf for every part), for a smoke test.
+Builds a random-weight replica of the architecture (full depth) and a dataset of examples of varied length
+(--lengths, words = tokens; --words N for equal lengths), plans it for --plan-gpu (default rtx-4090: the plan a
+24 GB card gets, run on the local GPU), then runs each part in its own process (a process that ran another
+model keeps some of its memory): `rigplan` (trainer/run.py, Unsloth engine), `bare` (forward/backward/AdamW8bit
+steps on the same Unsloth model with nothing around them: the trainer's examples in the trainer's order and
+micro-batches, collated as it collates them, padded or padding-free alike), `hf` (rigplan's code and plan,
+checkpointing included, on the transformers + PEFT engine). Every part counts only real (non-padding) tokens,
+after the same warm-up steps. --steps 0: one epoch. Prints a table, writes DIR/train_throughput.json (after
+every part). Goals (issue 4): rigplan >= 1.8x the HF baseline's tokens/s, <= 0.75x its peak memory, and
+within 5% of the bare loop. Runs on CPU too (engine hf for every part), for a smoke test:
+
+    python bench/train_throughput.py --tiny --steps 3 --out /tmp/tp
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-# "w1000".."w3999": one token each with the code-made tokenizer, so every example has the same length and
-# no padding differs between the parts. 2000 words: 2048-token sequences, where activations matter
-# (at 120 words every part was host-overhead-bound and weights dominated memory: bench/results/).
-DEFAULT_WORDS = 2000
+# "w1000".."w3999": one token each with the code-made tokenizer (calibration/replica.py), so an example of n
+# words has n tokens plus EOS. Up to 2000 words: the longest fit a 2048-token sequence. Varied lengths are
+# where padding-free batching matters (at equal lengths it saves nothing).
+DEFAULT_LENGTHS, TINY_LENGTHS = "256-2000", "8-96"
+DEFAULT_PLAN_GPU = "rtx-4090"
 SPEED_RATIO_GOAL, MEMORY_RATIO_GOAL, OVERHEAD_GOAL = 1.8, 0.75, 0.05
 
 
-def make_data(path: Path, examples: int, words: int, seed: int = 0) -> None:
+def make_data(path: Path, examples: int, lengths: tuple[int, int], seed: int = 0) -> None:
+    """Text examples of uniformly drawn word counts in [lengths[0], lengths[1]]."""
     rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(examples):
-            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(1000, 4000)}" for _ in range(words))}) + "\n")
+            n = rng.randint(*lengths)
+            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(1000, 4000)}" for _ in range(n))}) + "\n")
+
+
+def bare(plan, args: argparse.Namespace) -> dict:
+    """Forward, backward and optimizer steps with nothing else: the trainer's micro-batches (same examples in
+    the same order, same collator, same padding-free choice), accumulation, loss normalisation, autocast and
+    warm-up rule; the clock read after a sync. No clipping, scheduler, logging or callbacks."""
+    import torch
+
+    from rigplan.trainer.engine import import_engine, load
+    from rigplan.trainer.run import WARMUP_STEPS, RunOptions, prepare_data
+
+    import_engine(args.engine)
+    from transformers import AutoTokenizer, set_seed
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    tok = AutoTokenizer.from_pretrained(plan.model_path)
+    prepared = prepare_data(plan, tok, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), eval_fraction=0.0))
+    padding_free = prepared.report["batching"] == "padding-free"
+    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                                              else tok.eos_token_id, padding_free=padding_free)
+    set_seed(plan.seed)
+    model, _ = load(plan, args.engine)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=plan.learning_rate)
+    else:
+        opt = torch.optim.AdamW(params, lr=plan.learning_rate)
+    device = "cuda" if cuda else "cpu"
+
+    def autocast():  # the trainer's forward runs under bf16 autocast (SFTConfig bf16=True on CUDA)
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    # The trainer's order: accelerate's SeedableRandomSampler, a torch.randperm seeded with data_seed (the
+    # plan's seed) plus the epoch (accelerate/data_loader.py:91-103).
+    rows, per_step = prepared.train, plan.micro_batch * plan.grad_accum
+    n_steps = args.steps if args.steps > 0 else -(-len(rows) // per_step)
+    steps: list[list[int]] = []  # example indices of each optimizer step
+    for epoch in range(-(-n_steps * per_step // len(rows))):
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(plan.seed + epoch)).tolist()
+        steps += [order[i:i + per_step] for i in range(0, len(rows), per_step)]
+    steps = steps[:n_steps]
+    warmup = min(WARMUP_STEPS, len(steps) // 4)  # trainer/run.py's rule
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tokens, times, step_tokens = 0, [], []
+    t_start = time.perf_counter()
+    for i, step in enumerate(steps):
+        batches = [collate([rows[j] for j in step[k:k + plan.micro_batch]])
+                   for k in range(0, len(step), plan.micro_batch)]
+        tokens += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                      for b in batches)
+        # Pinned, non-blocking copies, as the trainer's on Unsloth (unsloth/models/_utils.py:414-434): a
+        # blocking host-to-device copy waits for the GPU.
+        batches = [{k: (v.pin_memory() if cuda else v).to(device, non_blocking=True) for k, v in b.items()}
+                   for b in batches]
+        n_items = sum((b["labels"][..., 1:] != -100).sum() for b in batches)  # as transformers counts them
+        for b in batches:
+            with autocast():
+                loss = model(**b, use_cache=False, num_items_in_batch=n_items).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda and i in (warmup, len(steps) - 1):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        step_tokens.append(tokens)
+    out = {"part": "bare", "steps": len(steps), "batching": prepared.report["batching"], "tokens": tokens,
+           "tokens_per_s": round((step_tokens[-1] - step_tokens[warmup]) / (times[-1] - times[warmup]), 1)
+           if len(steps) - warmup >= 2 else None,
+           "tokens_per_s_with_warmup": round(tokens / (times[-1] - t_start), 1), "final_loss": float(loss)}
+    if cuda:
+        gib = 2**30
+        out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / gib, 3),
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 3))
+    return out
 
 
 def part(args: argparse.Namespace) -> dict:
@@ -39,47 +129,60 @@ def part(args: argparse.Namespace) -> dict:
 
     plan = Plan.from_json(Path(args.plan).read_text())
     if args.part == "bare":
-        import torch
+        return bare(plan, args)
+    if args.part == "hf-plain":
+        # transformers' own causal-LM loss (full logits), as a plain transformers + PEFT loop computes it
+        # (shared/data's HF rows), instead of TRL 1.15's chunked LM head (trl/trainer/utils.py:1545-1690),
+        # which keeps the logits out of memory: rigplan's trainer falls back to the model's loss without it.
+        import trl.trainer.utils
 
-        from rigplan.calibration.probe import measure_shape
-        from rigplan.trainer.data import validate
-        from rigplan.trainer.engine import import_engine, load
-
-        import_engine(args.engine)
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(plan.model_path)
-        _, good, _ = validate(Path(args.data))
-        seq = len(tok(good[0][1]["text"])["input_ids"]) + 1
-        model, _ = load(plan, args.engine)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if torch.cuda.is_available():
-            import bitsandbytes as bnb
-
-            opt = bnb.optim.AdamW8bit(params, lr=plan.learning_rate)
-        else:
-            opt = torch.optim.AdamW(params, lr=plan.learning_rate)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        row = measure_shape(model, opt, model.config.vocab_size, plan.micro_batch, seq, device)
-        return {"part": "bare", "tokens_per_s": row["tok_per_s"], "peak_reserved_gib": row.get("peak_reserved_gib"),
-                "peak_allocated_gib": row.get("peak_alloc_gib"), "seq": seq, "micro_batch": plan.micro_batch}
+        trl.trainer.utils._ChunkedLogProbFunction = None
     from rigplan.trainer.run import RunOptions, train
 
-    s = train(plan, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), max_steps=args.steps,
+    s = train(plan, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), max_steps=args.steps or -1,
                                save_steps=10_000, eval_fraction=0.0, engine=args.engine))
-    return {"part": args.part, "status": s["status"], "steps": s["global_step"], **s["measured"],
-            "first_loss": s["first_loss"], "final_loss": s["final_loss"], "predicted": s["predicted"]}
+    report = json.loads((Path(args.run_dir) / "data_report.json").read_text())
+    return {"part": args.part, "status": s["status"], "steps": s["global_step"], "batching": report["batching"],
+            **s["measured"], "first_loss": s["first_loss"], "final_loss": s["final_loss"], "predicted": s["predicted"]}
+
+
+def summarize(model: str, plan, args: argparse.Namespace, lengths: tuple[int, int], results: dict,
+              prov: dict) -> dict:
+    r, h, b, hp = (results.get(k, {}) for k in ("rigplan", "hf", "bare", "hf-plain"))
+
+    def ratio(x, y):
+        return round(x / y, 3) if x and y else None
+
+    return {"model": model, "method": plan.method, "plan_gpu": args.plan_gpu,
+            "data": {"examples": args.examples, "words": list(lengths),
+                     "batching": r.get("batching") or b.get("batching")},
+            "plan": json.loads(plan.to_json()),
+            "tokens_counted": "real (non-padding) tokens, after the same warm-up steps, in every part",
+            "speed_vs_hf": ratio(r.get("tokens_per_s"), h.get("tokens_per_s")),
+            "memory_vs_hf": ratio(r.get("peak_reserved_gib"), h.get("peak_reserved_gib")),
+            "speed_vs_bare": ratio(r.get("tokens_per_s"), b.get("tokens_per_s")),
+            "speed_vs_hf_plain": ratio(r.get("tokens_per_s"), hp.get("tokens_per_s")),
+            "memory_vs_hf_plain": ratio(r.get("peak_reserved_gib"), hp.get("peak_reserved_gib")), "results": results,
+            "goals": {"speed_vs_hf": SPEED_RATIO_GOAL, "memory_vs_hf": MEMORY_RATIO_GOAL,
+                      "speed_vs_bare": 1 - OVERHEAD_GOAL}, "provenance": prov}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    p.add_argument("--plan-gpu", default=DEFAULT_PLAN_GPU,
+                   help="catalogue GPU to plan for (auto: the local one); the plan runs on the local GPU")
     p.add_argument("--examples", type=int, default=500)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--words", type=int, default=DEFAULT_WORDS, help="words (= tokens) per example")
-    p.add_argument("--parts", default="rigplan,hf,bare")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per part; 0: one epoch")
+    p.add_argument("--lengths", help=f"MIN-MAX words (= tokens) per example (default {DEFAULT_LENGTHS}; "
+                                     f"--tiny {TINY_LENGTHS})")
+    p.add_argument("--words", type=int, help="every example this many words long (instead of --lengths)")
+    p.add_argument("--micro-batch", type=int, help="override the plan's micro-batch (same effective batch), "
+                                                    "as `rigplan run --batch` would")
+    p.add_argument("--parts", default="rigplan,bare,hf",
+                   help="in this order (the slowest, hf, last); hf-plain: the HF engine with transformers' own "
+                        "loss (full logits) instead of TRL's chunked LM head")
     p.add_argument("--out", type=Path, default=Path("bench/throughput"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a toy-sized replica")
     p.add_argument("--part", help=argparse.SUPPRESS)
@@ -107,11 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = out / "model"
     if not (model_dir / "config.json").exists():
         build_replica(spec, model_dir, device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
+    if args.words:
+        lengths = (args.words, args.words)
+    else:
+        lo, hi = (int(x) for x in (args.lengths or (TINY_LENGTHS if args.tiny else DEFAULT_LENGTHS)).split("-"))
+        lengths = (lo, hi)
     data = out / "data.jsonl"
-    make_data(data, args.examples, args.words)
-    plan = check.plan_for_run(str(model_dir), "auto", data, {"method": args.method if cuda else None})
+    make_data(data, args.examples, lengths)
+    # QLoRA needs CUDA (bitsandbytes): a CPU smoke test plans LoRA.
+    plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, {"method": args.method if cuda else "lora"})
+    if args.micro_batch:
+        accum = max(1, plan.micro_batch * plan.grad_accum // args.micro_batch)
+        plan = check.override(plan, {"micro_batch": args.micro_batch, "grad_accum": accum})
     (out / "plan.json").write_text(plan.to_json())
-    results = {}
+    from rigplan.calibration.probe import provenance
+
+    results: dict[str, dict] = {}
+    prov = provenance()
     for name in args.parts.split(","):
         engine = "unsloth" if cuda and name in ("rigplan", "bare") else "hf"
         cmd = [sys.executable, __file__, "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
@@ -123,27 +238,22 @@ def main(argv: list[str] | None = None) -> int:
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         results[name] = json.loads(line[7:]) if line else {"part": name, "error": proc.stderr[-2000:]}
         print(name, json.dumps(results[name]), flush=True)
-    r, h, b = (results.get(k, {}) for k in ("rigplan", "hf", "bare"))
-
-    def ratio(x, y):
-        return round(x / y, 3) if x and y else None
-
-    summary = {"model": spec.id, "method": plan.method, "plan": json.loads(plan.to_json()),
-               "speed_vs_hf": ratio(r.get("tokens_per_s"), h.get("tokens_per_s")),
-               "memory_vs_hf": ratio(r.get("peak_reserved_gib"), h.get("peak_reserved_gib")),
-               "speed_vs_bare": ratio(r.get("tokens_per_s"), b.get("tokens_per_s")), "results": results,
-               "goals": {"speed_vs_hf": SPEED_RATIO_GOAL, "memory_vs_hf": MEMORY_RATIO_GOAL,
-                         "speed_vs_bare": 1 - OVERHEAD_GOAL}}
-    from rigplan.calibration.probe import provenance
-
-    summary["provenance"] = provenance()
-    (out / "train_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'part':8} {'tok/s':>10} {'peak reserved GiB':>18}")
+        summary = summarize(spec.id, plan, args, lengths, results, prov)
+        (out / "train_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")  # after every part
+    r, b = results.get("rigplan", {}), results.get("bare", {})
+    print(f"plan ({args.plan_gpu}): {plan.method} r{plan.rank}, micro-batch {plan.micro_batch} x {plan.grad_accum}, "
+          f"seq {plan.seq_len}, checkpointing {plan.checkpointing}; {args.examples} examples of "
+          f"{lengths[0]}-{lengths[1]} words, {r.get('batching') or b.get('batching')} batches")
+    print(f"{'part':8} {'tok/s':>10} {'peak reserved GiB':>18} {'tokens':>10}")
     for k, v in results.items():
-        print(f"{k:8} {v.get('tokens_per_s') or 0:>10,.0f} {v.get('peak_reserved_gib') or 0:>18.2f}")
+        print(f"{k:8} {v.get('tokens_per_s') or 0:>10,.0f} {v.get('peak_reserved_gib') or 0:>18.2f} "
+              f"{v.get('tokens') or 0:>10,}")
     print(f"rigplan / hf tokens/s {summary['speed_vs_hf']} (goal >= {SPEED_RATIO_GOAL}); peak memory "
           f"{summary['memory_vs_hf']} (goal <= {MEMORY_RATIO_GOAL}); rigplan / bare {summary['speed_vs_bare']} "
           f"(goal >= {1 - OVERHEAD_GOAL})")
+    if "hf-plain" in results:
+        print(f"rigplan / hf-plain tokens/s {summary['speed_vs_hf_plain']}, "
+              f"peak memory {summary['memory_vs_hf_plain']}")
     return 0
 
 

@@ -37,7 +37,8 @@ def run_readme(plan: Plan, report: dict[str, Any], summary: dict[str, Any]) -> s
         f"lr {plan.learning_rate}, {plan.epochs:g} epoch(s), {plan.optimizer}, checkpointing {plan.checkpointing}.",
         f"Data: {report['file']} ({report['format']}), {report['train_examples']} train / {report['eval_examples']} eval "
         f"examples, {report['tokens']:,} tokens, p95 length {report['length_p95']}, {report['overlong']} over seq "
-        f"({report['overlong_action']}), {report['bad_records']} bad record(s).",
+        f"({report['overlong_action']}), {report['bad_records']} bad record(s); {report['batching']} micro-batches, "
+        f"{report['non_padding_share']:.0%} real tokens (padded: {report['padded_non_padding_share']:.0%}).",
         f"Loss: first {fmt(summary.get('first_loss'), '.4f')}, final {fmt(summary.get('final_loss'), '.4f')}, "
         f"best eval {fmt(summary.get('best_eval_loss'), '.4f')}.",
         "",

@@ -32,6 +32,18 @@ DEFAULT_SAVE_STEPS = 50
 CHECKPOINT_COMPLETE = "rigplan_complete.json"
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
+# Padding-free batching (examples back to back in one row, attention kept within each example) when padded
+# micro-batches would be less than this share real tokens. Not always: on Unsloth a padding-free micro-batch
+# skips the per-decoder-block torch.compile (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`):
+# the likely cause of rigplan's ~14% gap to a bare Unsloth loop on the H100 (bench/results/h100-tp2-lora-
+# 2001tok.json: micro-batches of one example, where Unsloth had turned padding-free on and it saved nothing).
+# Unsloth measured padded + block compile 5-17% faster on host-bound micro-batches and up to 57% slower on
+# GPU-bound ones, by their padding (unsloth/utils/padding_choice.py:6-12). rigplan goes padding-free once padding
+# would be over a tenth of the tokens: a judgement between the two, not yet measured here.
+PADDING_FREE_BELOW = 0.9
+# On CUDA, log about this often rather than every step: a log is a host-device sync (the loss read with .item(),
+# transformers/trainer.py:2175) and the logging callbacks, milliseconds, under 1% of 5 s.
+LOG_EVERY_S = 5.0
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
 
 
@@ -125,8 +137,12 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
         "length_p50": datalib.percentile(lengths, 50), "length_p95": datalib.percentile(lengths, 95),
         "length_max": max(lengths), "seq_len": plan.seq_len, "overlong": overlong,
         "overlong_share": round(overlong / len(lengths), 4), "overlong_action": opts.overlong,
-        "non_padding_share": non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed),
     }
+    padded_share = non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed)
+    padding_free = padded_share < PADDING_FREE_BELOW
+    report.update(batching="padding-free" if padding_free else "padded",
+                  non_padding_share=1.0 if padding_free else padded_share,  # of the tokens that train
+                  padded_non_padding_share=padded_share)  # had micro-batches been padded: why the choice
     return PreparedData(train_rows, eval_rows, report)
 
 
@@ -139,8 +155,15 @@ def non_padding_share(lengths: list[int], micro_batch: int, seed: int) -> float:
     return round(sum(lengths) / padded, 4) if padded else 1.0
 
 
+def logging_steps(step_s: float, save_steps: int) -> int:
+    """Optimizer steps between logs: about LOG_EVERY_S of predicted step time, and a divisor of save_steps,
+    so that a log (and its NaN check) comes right before every checkpoint is written."""
+    target = math.ceil(LOG_EVERY_S / step_s) if step_s > 0 else 1
+    return max(n for n in range(1, max(1, min(target, save_steps)) + 1) if save_steps % n == 0 or n == 1)
+
+
 def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: bool, cuda: bool,
-                         bf16: bool) -> Any:
+                         bf16: bool, padding_free: bool = False) -> Any:
     """The one place a TRL SFTConfig is built. Fields set here differ from TRL's defaults or matter to
     rigplan; the rest are TRL's (https://huggingface.co/docs/trl/sft_trainer#trl.SFTConfig)."""
     import importlib.util
@@ -148,6 +171,17 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
     from trl import SFTConfig
 
     return SFTConfig(
+        # Explicit either way: Unsloth turns an unset padding_free on by itself (unsloth/trainer.py:1969-1990;
+        # always on the H100: unsloth/utils/padding_choice.py:123-127), even for micro-batches of one example.
+        # Padding-free is correct on both engines: TRL's collator restarts position_ids at each example
+        # (trl/trainer/sft_trainer.py:180-206); Unsloth attends within examples (per-example SDPA or torch
+        # varlen without flash-attn: unsloth/utils/attention_dispatch.py:1518-1573), transformers through a
+        # block-diagonal mask from those position_ids (transformers/masking_utils.py:853-860, 972-973) when
+        # no cache is passed (use_cache=False: transformers/trainer.py:620, TRL's compute_loss and rigplan's).
+        padding_free=padding_free,
+        # TRL refuses padding-free without packing while max_length is set (trl/trainer/sft_trainer.py:992);
+        # prepare_data has already cut or dropped every example longer than the plan's seq_len.
+        max_length=None if padding_free else plan.seq_len,
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=plan.micro_batch,
         per_device_eval_batch_size=plan.micro_batch,
@@ -161,9 +195,11 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         optim="adamw_8bit" if cuda and plan.optimizer == "adamw_8bit" else "adamw_torch",
         bf16=cuda and bf16,
         fp16=cuda and not bf16,
-        max_length=plan.seq_len,
         gradient_checkpointing=False,  # the engine set it up (Unsloth's or PEFT's)
-        logging_steps=1,
+        logging_steps=logging_steps(plan.step_s, opts.save_steps) if cuda else 1,
+        # transformers' default (True) replaces a NaN or infinite loss by the running mean, which hid NaNs from
+        # the guard, and reads each micro-batch's loss on the host, a sync (transformers/trainer.py:1843-1849).
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=opts.save_steps,
         save_total_limit=2,
@@ -181,16 +217,28 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
 
 
 class _Guard:
-    """Signal flag, NaN watch and metrics log, as one TrainerCallback (built lazily: transformers is heavy)."""
+    """Signal flag, NaN watch, metrics log and token count, as one TrainerCallback (built lazily:
+    transformers is heavy)."""
 
-    def __init__(self, out_dir: Path, tokens_per_step: float) -> None:
+    def __init__(self, out_dir: Path, sync: Any = None) -> None:
         self.out_dir = out_dir
         self.signal: int | None = None
         self.nan_step: int | None = None
-        self.tokens_per_step = tokens_per_step
+        self.sync = sync  # torch.cuda.synchronize on CUDA: the clock is read when the GPU is done
         self.t0 = time.perf_counter()
+        self.warmup, self.last_index = WARMUP_STEPS, -1  # set when training begins
+        # Real (non-padding) tokens trained, on the device until read: an int, or a tensor once a padded
+        # micro-batch has added its attention mask's sum (read on the host only when logging or at the end).
+        self.tokens: Any = 0
         self.step_times: list[float] = []
+        self.step_tokens: list[Any] = []
         self.backoffs: list[dict[str, int]] = []
+
+    def count(self, inputs: dict[str, Any]) -> None:
+        """Add a micro-batch's real tokens: its attention mask's sum when padded; all of its one row when
+        padding-free (TRL's collator then sends no mask and no padding)."""
+        mask = inputs.get("attention_mask")
+        self.tokens = self.tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
 
     def note_backoff(self, step: int, micro_batch: int) -> None:
         """An out-of-memory error made the trainer split micro-batches: logged to metrics.jsonl and stderr."""
@@ -201,12 +249,12 @@ class _Guard:
               file=sys.stderr, flush=True)
 
     def steady_tokens_per_s(self) -> float | None:
-        """Tokens/s after the warm-up steps (Unsloth compiles each decoder block in the first ones)."""
-        n = len(self.step_times)
-        w = min(WARMUP_STEPS, n // 4)
+        """Real tokens/s after the warm-up steps (Unsloth compiles each decoder block in the first ones)."""
+        w, n = self.warmup, len(self.step_times)
         if n - w < 2:
             return None
-        return round(self.tokens_per_step * (n - 1 - w) / (self.step_times[-1] - self.step_times[w]), 1)
+        tokens = float(self.step_tokens[-1]) - float(self.step_tokens[w])
+        return round(tokens / (self.step_times[-1] - self.step_times[w]), 1)
 
     def handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum  # acted on at the end of the current step: save, then stop
@@ -217,8 +265,19 @@ class _Guard:
         guard = self
 
         class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                guard.t0 = time.perf_counter()
+                steps = state.max_steps - state.global_step  # in this process (a resumed run starts later)
+                guard.warmup, guard.last_index = min(WARMUP_STEPS, steps // 4), steps - 1
+                return control
+
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                # The two clock readings the steady tokens/s is taken between wait for the GPU; the others
+                # are for progress only and stay asynchronous.
+                if guard.sync is not None and len(guard.step_times) in (guard.warmup, guard.last_index):
+                    guard.sync()
                 guard.step_times.append(time.perf_counter())
+                guard.step_tokens.append(guard.tokens)
                 if guard.signal is not None:
                     control.should_save = True
                     control.should_training_stop = True
@@ -234,6 +293,8 @@ class _Guard:
 
             def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
                 logs = logs if logs is not None else {}
+                # The logged loss is the mean since the last log; NaN or inf in any of those steps makes it
+                # NaN (logging_nan_inf_filter=False), and a log comes before every checkpoint (logging_steps).
                 loss = logs.get("loss", logs.get("eval_loss"))
                 if loss is not None and not math.isfinite(loss):
                     guard.nan_step = state.global_step
@@ -241,7 +302,7 @@ class _Guard:
                     control.should_save = False
                 elapsed = time.perf_counter() - guard.t0
                 if "loss" in logs and elapsed:  # shown in the progress lines (this callback runs first)
-                    logs["tokens_per_s"] = round(guard.tokens_per_step * len(guard.step_times) / elapsed, 1)
+                    logs["tokens_per_s"] = round(float(guard.tokens) / elapsed, 1)
                 row = {"step": state.global_step, "epoch": state.epoch, **logs}
                 with (guard.out_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -250,10 +311,43 @@ class _Guard:
         return Callback()
 
 
+def _padding_free(inputs: dict[str, Any]) -> bool:
+    """A padding-free micro-batch: one row of examples back to back, position_ids restarting at 0 for each,
+    no attention mask (TRL's collator, trl/trainer/sft_trainer.py:180-206)."""
+    return "attention_mask" not in inputs and "position_ids" in inputs and inputs["input_ids"].shape[0] == 1
+
+
+def split_micro_batch(inputs: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """A collated micro-batch as up to `parts` smaller ones of whole examples, for the out-of-memory backoff:
+    padded ones cut along the batch, padding-free ones between examples (where position_ids restart)."""
+    import torch
+
+    ids = inputs["input_ids"]
+    if not _padding_free(inputs):
+        n = ids.shape[0]
+        size = -(-n // parts)
+        return [{k: v[i:i + size] if torch.is_tensor(v) and v.shape[:1] == (n,) else v for k, v in inputs.items()}
+                for i in range(0, n, size)]
+    length = ids.shape[1]
+    starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist()
+    cuts = starts[::-(-len(starts) // parts)] + [length]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        part = {k: v[:, a:b] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == length else v
+                for k, v in inputs.items()}
+        if "packed_seq_lengths" in inputs:  # Unsloth's example lengths (unsloth/utils/packing.py:286-327)
+            bounds = [x for x in starts if a <= x < b] + [b]
+            old = inputs["packed_seq_lengths"]
+            part["packed_seq_lengths"] = torch.tensor([y - x for x, y in zip(bounds, bounds[1:])],
+                                                      dtype=old.dtype, device=old.device)
+        out.append(part)
+    return out
+
+
 def _trainer_class(guard: "_Guard") -> Any:
-    """TRL's SFTTrainer with rigplan's out-of-memory backoff; where TRL's fused LM-head loss cannot run
-    (its kernels need Triton, which CPU builds of torch lack: trl/kernels/chunked_logprob.py), computing the
-    model's own causal-LM loss instead, the override TRL documents for a custom loss."""
+    """TRL's SFTTrainer with rigplan's out-of-memory backoff and real-token count; where TRL's fused LM-head
+    loss cannot run (its kernels need Triton, which CPU builds of torch lack: trl/kernels/chunked_logprob.py),
+    computing the model's own causal-LM loss instead, the override TRL documents for a custom loss."""
     import torch
     from trl import SFTTrainer
     from trl.trainer import utils as trl_utils
@@ -262,38 +356,75 @@ def _trainer_class(guard: "_Guard") -> Any:
 
     class RigplanSFTTrainer(SFTTrainer):
         split = 1  # micro-batches are cut into this many parts after out-of-memory errors
+        _trainable: list[Any] | None = None
+        _flops_per_token: int | None = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
             """On CUDA out-of-memory, halve the micro-batch (twice the accumulation) and redo this one:
             losses are normalised by the step's token count, so the parts add up to the same gradient."""
+            if self._trainable is None:  # listed once: 2 ms for an 8B model with LoRA
+                self._trainable = [p for p in model.parameters() if p.requires_grad]
+            params = self._trainable
+            # This micro-batch accumulates into fresh gradients, apart from the sum of the step's earlier
+            # ones, so that an out-of-memory error can drop what it added. Moving references costs nothing;
+            # the clone of every LoRA gradient this replaced cost a launch per tensor (448 for an 8B model)
+            # per micro-batch.
+            earlier = [p.grad for p in params]
+            for p in params:
+                p.grad = None
             while True:
-                batch = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor))
-                size = -(-batch // self.split)
-                saved = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters() if p.requires_grad]
+                parts = [inputs] if self.split == 1 else split_micro_batch(inputs, self.split)
                 try:
                     total = None
-                    for start in range(0, batch, size):
-                        part = {k: v[start:start + size] if isinstance(v, torch.Tensor) and v.shape[:1] == (batch,)
-                                else v for k, v in inputs.items()}
+                    for part in parts:
                         loss = super().training_step(model, part, num_items_in_batch)
                         total = loss if total is None else total + loss
-                    return total
+                    break
                 except torch.OutOfMemoryError:
-                    if size <= 1:
+                    for p in params:  # drop what the failed backward had accumulated
+                        p.grad = None
+                    examples = len(split_micro_batch(inputs, 2**31))
+                    if len(parts) >= examples:  # one example per part already
+                        for p, grad in zip(params, earlier):
+                            p.grad = grad
                         raise
-                    for p, grad in saved:  # undo what the failed backward had accumulated
-                        p.grad = grad
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     self.split *= 2
-                    guard.note_backoff(self.state.global_step, -(-batch // self.split))
+                    guard.note_backoff(self.state.global_step, -(-examples // self.split))
+            # Add the earlier micro-batches back, all tensors in a few fused launches (torch._foreach_add_).
+            new, old = [], []
+            for p, grad in zip(params, earlier):
+                if grad is not None and p.grad is None:
+                    p.grad = grad
+                elif grad is not None:
+                    new.append(p.grad)
+                    old.append(grad)
+            if new:
+                torch._foreach_add_(new, old)
+            guard.count(inputs)
+            return total
+
+        def floating_point_ops(self, inputs):  # noqa: ANN001
+            # transformers counts the model's parameters anew for every micro-batch, walking every module and
+            # parameter (transformers/trainer.py:4077-4081, modeling_utils.py:935-962): 4 ms of host time per
+            # micro-batch for Llama-3.1-8B with LoRA (2,665 modules; timed on a CPU, on the meta device). The
+            # count does not change: take it once.
+            if self._flops_per_token is None:
+                count = getattr(self.model, "num_parameters", None)
+                self._flops_per_token = 6 * count(exclude_embeddings=True) if count is not None else 0
+            ids = inputs.get("input_ids")
+            return self._flops_per_token * ids.numel() if ids is not None else 0
 
         if not fused:
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
                 # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
                 # tokens of the whole step (num_items_in_batch), as the model's own loss does when given it.
+                # No cache, as TRL's compute_loss (trl/trainer/sft_trainer.py:1562): with one, transformers
+                # skips the padding-free mask (transformers/masking_utils.py:855) and examples would attend to
+                # each other. (The Trainer sets config.use_cache = args.use_cache, False: trainer.py:620.)
                 extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
-                outputs = model(**inputs, **extra)
+                outputs = model(**{**inputs, "use_cache": False}, **extra)
                 return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     return RigplanSFTTrainer
@@ -309,7 +440,7 @@ def _last_checkpoint(out_dir: Path) -> str | None:
 def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float | None) -> dict[str, Any]:
     import torch
 
-    out: dict[str, Any] = {"tokens_per_s": steady, "tokens_per_s_with_warmup":
+    out: dict[str, Any] = {"tokens": round(trained_tokens), "tokens_per_s": steady, "tokens_per_s_with_warmup":
                            round(trained_tokens / runtime_s, 1) if runtime_s else None}
     if cuda:
         from rigplan.profiles import nvml
@@ -350,9 +481,9 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     has_eval = bool(prepared.eval)
-    args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported())
-    avg_len = prepared.report["tokens"] / max(1, prepared.report["examples"])
-    guard = _Guard(out, avg_len * plan.micro_batch * plan.grad_accum)
+    args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported(),
+                                padding_free=prepared.report["batching"] == "padding-free")
+    guard = _Guard(out, torch.cuda.synchronize if cuda else None)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
     trainer = _trainer_class(guard)(model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
                                eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None,
@@ -364,7 +495,6 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         checkpoint = _last_checkpoint(out) if opts.resume else None
-        start_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         runtime = time.perf_counter() - t0
@@ -380,8 +510,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
 
     status = ("interrupted" if guard.signal is not None else "nan" if guard.nan_step is not None
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
-    measured = _measured(cuda, guard.tokens_per_step * (trainer.state.global_step - start_step), runtime,
-                         guard.steady_tokens_per_s())
+    measured = _measured(cuda, float(guard.tokens), runtime, guard.steady_tokens_per_s())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {"status": status, "engine": engine, "global_step": trainer.state.global_step,
@@ -392,7 +521,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                              "total_gib": plan.total_gib, "tokens_per_s": plan.tokens_per_s},
                "oom_backoffs": guard.backoffs, "signal": guard.signal, "exit_code": EXIT_SIGNAL.get(guard.signal, 0) if guard.signal else 0}
     if status == "nan":
-        summary["message"] = (f"loss became NaN or infinite at step {guard.nan_step}; last good checkpoint: "
+        summary["message"] = (f"loss became NaN or infinite by step {guard.nan_step}; last good checkpoint: "
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
