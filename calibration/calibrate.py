@@ -80,6 +80,7 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
                 done += 1
                 if on_probe:
                     on_probe(done, n_shapes, json.loads(line))
+        proc.stdout.close()
         rc = proc.wait(timeout=TIMEOUT_S)
         err_file.seek(0)
         stderr = err_file.read()
