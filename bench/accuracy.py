@@ -27,13 +27,13 @@ from rigplan.profiles.catalog import PROFILES_DIR, resolve_gpu
 
 GOALS = {"check": (0.10, 0.15),  # issue 3: the shipped reference against every recorded run
          "calibrated": (0.05, 0.10)}  # issue 5: a GPU's own calibration against runs on that machine
-MEMORY_GOAL, SPEED_GOAL = GOALS["check"]
 RUNS_DIR = PROFILES_DIR / "calibrations" / "h100-runs"
 
 
-def compare(runs: list[fit.Run], coeffs, gpu_id: str) -> list[dict]:
+def compare(runs: list[fit.Run], coeffs, gpu_id: str, goals: tuple[float, float] = GOALS["check"]) -> list[dict]:
     """One row per run: measured and estimated figures, through the same estimate() `rigplan estimate` uses."""
     gpu = resolve_gpu(gpu_id)
+    memory_goal, speed_goal = goals
     rows = []
     for r in runs:
         est = planner.estimate(r.model, r.setup, gpu, coeffs)
@@ -45,8 +45,8 @@ def compare(runs: list[fit.Run], coeffs, gpu_id: str) -> list[dict]:
                      "estimated_reserved_gib": round(est.peak_reserved_gib, 3), "reserved_err": mem_err,
                      "measured_tok_per_s": r.row["tok_per_s"], "estimated_tok_per_s": round(est.tokens_per_s, 1),
                      "tok_per_s_err": tps_err,
-                     "pass": (mem_err is None or abs(mem_err) <= MEMORY_GOAL)
-                     and (tps_err is None or abs(tps_err) <= SPEED_GOAL)})
+                     "pass": (mem_err is None or abs(mem_err) <= memory_goal)
+                     and (tps_err is None or abs(tps_err) <= speed_goal)})
     return rows
 
 
@@ -59,21 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--goals", choices=sorted(GOALS), default="check")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("accuracy.json"))
     args = parser.parse_args(argv)
-    global MEMORY_GOAL, SPEED_GOAL
-    MEMORY_GOAL, SPEED_GOAL = GOALS[args.goals]
+    memory_goal, speed_goal = GOALS[args.goals]
     coeffs, doc = store.read_calibration(args.calibration)
     if args.refit:
-        probes = [fit.parse_run(p) for p in doc.get("probes", []) if not p.get("err")]
-        coeffs, _ = fit.fit(probes, coeffs.gpu, source=f"{args.calibration} refitted", prior=store.reference()[0])
+        coeffs, _ = fit.fit(fit.runs_from_rows(doc.get("probes", [])), coeffs.gpu, source=f"{args.calibration} refitted", prior=store.reference()[0])
     runs = fit.load_runs(args.runs or sorted(RUNS_DIR.glob("*.jsonl")))
-    rows = compare(runs, coeffs, coeffs.gpu)
+    rows = compare(runs, coeffs, coeffs.gpu, (memory_goal, speed_goal))
 
     def pct(x):
         return None if x is None else round(100 * x, 1)
 
     print(format_table(
         f"bench/accuracy.py: rigplan estimate vs {len(rows)} recorded runs on {coeffs.gpu} "
-        f"(goals: memory within {MEMORY_GOAL:.0%}, speed within {SPEED_GOAL:.0%})",
+        f"(goals: memory within {memory_goal:.0%}, speed within {speed_goal:.0%})",
         ["run", "reserved GiB", "estimate GiB", "err %", "tok/s", "estimate tok/s", "err % ", "pass"],
         [[r["run"], r["measured_reserved_gib"], r["estimated_reserved_gib"], pct(r["reserved_err"]),
           round(r["measured_tok_per_s"]), round(r["estimated_tok_per_s"]), pct(r["tok_per_s_err"]), r["pass"]]
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r["run"] for r in rows if not r["pass"]]
     summary = {"runs": len(rows), "memory_checked": len(mem), "speed_checked": len(tps),
                "max_abs_reserved_err": max(mem), "max_abs_tok_per_s_err": max(tps), "failed": failed,
-               "calibration": str(args.calibration), "goals": {"memory": MEMORY_GOAL, "speed": SPEED_GOAL}}
+               "calibration": str(args.calibration), "goals": {"memory": memory_goal, "speed": speed_goal}}
     print(f"memory checked on {len(mem)} runs, worst {max(mem):.1%}; speed on {len(tps)} runs, worst {max(tps):.1%}; "
           f"{'all within goals' if not failed else f'{len(failed)} outside goals'}")
     args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")

@@ -26,7 +26,6 @@ DEFAULT_METHODS = ("lora", "qlora")
 # Two depths four times apart: per-layer terms come from their difference. At 8 layers an 8B replica is
 # ~2.8B parameters, built and loaded in seconds.
 DEPTHS = (2, 8)
-QUICK_DEPTHS = (2, 8)
 # Shapes: 1 x 512 sits on the host's floor at any depth, micro-batches of >= 8192 tokens on the GPU line
 # (fit.py's GPU_BOUND_TOKENS); batch 1 and batch >= 2 both appear, since Unsloth compiles them apart.
 # The floor's per-token part (Unsloth's checkpoint offload) is 1 x 2048 less 1 x 512 at the same depth.
@@ -41,7 +40,7 @@ def jobs(models: tuple[str, ...], methods: tuple[str, ...], quick: bool) -> list
     """Probe jobs in calibration/probe.py's MODEL@LAYERS:METHOD:RANK:BxS,... form."""
     shapes = ",".join(f"{b}x{s}" for b, s in (QUICK_SHAPES if quick else SHAPES))
     return [f"{catalog.resolve_model(m).id}@{d}:{method}:{RANK}:{shapes}" for m in models for method in methods
-            for d in (QUICK_DEPTHS if quick else DEPTHS)]
+            for d in DEPTHS]
 
 
 def local_gpu() -> catalog.GpuSpec:
@@ -88,7 +87,7 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
         if not rows_file.exists():
             raise CalibrationError(f"the probe process measured nothing (exit {rc}): {stderr.strip()[-300:]}")
         probes = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-        runs = fit.load_runs([rows_file])
+    runs = fit.runs_from_rows(probes)
     if len(runs) < 6:
         raise CalibrationError(f"only {len(runs)} probes measured (of {n_shapes}); too few to fit"
                                + (f"; the probe said: {stderr.strip()[-300:]}" if rc else ""))

@@ -77,18 +77,16 @@ def parse_run(row: dict[str, Any]) -> Run:
     return Run(spec, setup, row)
 
 
-def load_runs(paths: list[Path], engine: str = "unsloth") -> list[Run]:
+def runs_from_rows(rows: list[dict[str, Any]], engine: str = "unsloth") -> list[Run]:
     """Measured rows without errors, from the given engine, that are usable as facts."""
-    runs = []
-    for path in paths:
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("err") or row.get("engine", "unsloth") != engine or row.get("exclude"):
-                continue
-            runs.append(parse_run(row))
-    return runs
+    return [parse_run(row) for row in rows
+            if not row.get("err") and row.get("engine", "unsloth") == engine and not row.get("exclude")]
+
+
+def load_runs(paths: list[Path], engine: str = "unsloth") -> list[Run]:
+    """runs_from_rows over JSONL files."""
+    return runs_from_rows([json.loads(line) for path in paths for line in path.read_text().splitlines()
+                           if line.strip()], engine)
 
 
 # With a prior (`rigplan calibrate` fits toward the shipped reference), the ridge weight, as a share of the

@@ -260,7 +260,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
 @main.command()
 @click.option("--model", "models", multiple=True, help="Architecture(s) to probe [default: llama-3.1-8b].")
 @click.option("--methods", default="lora,qlora", show_default=True)
-@click.option("--quick", is_flag=True, help="Three shapes per replica instead of five.")
+@click.option("--quick", is_flag=True, help="Three shapes per replica instead of four.")
 @click.option("--json", "as_json", is_flag=True)
 def calibrate(models: tuple[str, ...], methods: str, quick: bool, as_json: bool) -> None:
     """Measure this GPU with short training probes and fit rigplan's model to it."""

@@ -198,13 +198,10 @@ def test_merge_writes_weights_equal_to_base_plus_adapter(model_dir, data_file, t
     assert (base(input_ids=ids).logits - tuned).abs().max() > 1.0
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(model_dir, data_file, tmp_path, monkeypatch) -> None:
-    """Any micro-batch above 2 sequences raises CUDA's out-of-memory error: the trainer splits 8 into 4, then
-    2, at step 0, logs it, and ends where the run that never ran out of memory ends."""
+def _load_with_small_gpu(monkeypatch, too_big) -> None:
+    """Models that raise CUDA's out-of-memory error on a forward whose inputs are too_big(kwargs)."""
     from rigplan.trainer import engine
 
-    plan = plan_for(model_dir, epochs=1.0)
-    plain = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "plain"))
     real_load = engine.load
 
     def small_gpu_load(p, eng=None):
@@ -212,7 +209,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(model_dir, da
         inner = model.forward
 
         def forward(*args, **kwargs):
-            if kwargs["input_ids"].shape[0] > 2:
+            if too_big(kwargs):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return inner(*args, **kwargs)
 
@@ -220,6 +217,14 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(model_dir, da
         return model, tok
 
     monkeypatch.setattr(engine, "load", small_gpu_load)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(model_dir, data_file, tmp_path, monkeypatch) -> None:
+    """Any micro-batch above 2 sequences raises CUDA's out-of-memory error: the trainer splits 8 into 4, then
+    2, at step 0, logs it, and ends where the run that never ran out of memory ends."""
+    plan = plan_for(model_dir, epochs=1.0)
+    plain = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "plain"))
+    _load_with_small_gpu(monkeypatch, lambda kwargs: kwargs["input_ids"].shape[0] > 2)
     tight = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "tight"))
     assert tight["status"] == "done" and tight["global_step"] == plain["global_step"]
     assert tight["oom_backoffs"] == [{"step": 0, "micro_batch": 4}, {"step": 0, "micro_batch": 2}]
@@ -269,26 +274,11 @@ def test_varied_lengths_train_padding_free_as_padding_would(model_dir, varied_fi
 def test_out_of_memory_cuts_a_padding_free_row_at_examples(model_dir, varied_file, tmp_path, monkeypatch) -> None:
     """A padding-free micro-batch is one row: the backoff cuts it where an example starts, and the run ends
     where the one that never ran out of memory ends."""
-    from rigplan.trainer import engine
-
     plan = plan_for(model_dir, epochs=1.0, seq_len=256)
     plain = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "plain"))
     assert json.loads((tmp_path / "plain" / "data_report.json").read_text())["batching"] == "padding-free"
-    real_load = engine.load
-
-    def small_gpu_load(p, eng=None):
-        model, tok = real_load(p, eng)
-        inner = model.forward
-
-        def forward(*args, **kwargs):
-            if int((kwargs["position_ids"] == 0).sum()) > 2:  # more than two examples in the row
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return inner(*args, **kwargs)
-
-        model.forward = forward
-        return model, tok
-
-    monkeypatch.setattr(engine, "load", small_gpu_load)
+    # more than two examples in the row
+    _load_with_small_gpu(monkeypatch, lambda kwargs: int((kwargs["position_ids"] == 0).sum()) > 2)
     tight = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "tight"))
     assert tight["oom_backoffs"] == [{"step": 0, "micro_batch": 4}, {"step": 0, "micro_batch": 2}]
     assert tight["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-3)

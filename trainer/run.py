@@ -317,6 +317,13 @@ def _padding_free(inputs: dict[str, Any]) -> bool:
     return "attention_mask" not in inputs and "position_ids" in inputs and inputs["input_ids"].shape[0] == 1
 
 
+def examples_in(inputs: dict[str, Any]) -> int:
+    """Examples in a collated micro-batch: its rows, or where a padding-free row's position_ids restart."""
+    if _padding_free(inputs):
+        return int((inputs["position_ids"][0] == 0).sum())
+    return int(inputs["input_ids"].shape[0])
+
+
 def split_micro_batch(inputs: dict[str, Any], parts: int) -> list[dict[str, Any]]:
     """A collated micro-batch as up to `parts` smaller ones of whole examples, for the out-of-memory backoff:
     padded ones cut along the batch, padding-free ones between examples (where position_ids restart)."""
@@ -383,7 +390,7 @@ def _trainer_class(guard: "_Guard") -> Any:
                 except torch.OutOfMemoryError:
                     for p in params:  # drop what the failed backward had accumulated
                         p.grad = None
-                    examples = len(split_micro_batch(inputs, 2**31))
+                    examples = examples_in(inputs)
                     if len(parts) >= examples:  # one example per part already
                         for p, grad in zip(params, earlier):
                             p.grad = grad
