@@ -60,9 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("accuracy.json"))
     args = parser.parse_args(argv)
     memory_goal, speed_goal = GOALS[args.goals]
-    coeffs, doc = store.read_calibration(args.calibration)
-    if args.refit:
-        coeffs, _ = fit.fit(fit.runs_from_rows(doc.get("probes", [])), coeffs.gpu, source=f"{args.calibration} refitted", prior=store.reference()[0])
+    if args.refit:  # from the raw probes alone, so a file of an older schema serves too
+        doc = json.loads(args.calibration.read_text())
+        coeffs, _ = fit.fit(fit.runs_from_rows(doc.get("probes", [])), doc["coefficients"]["gpu"],
+                            source=f"{args.calibration} refitted", prior=store.reference()[0])
+    else:
+        coeffs, _ = store.read_calibration(args.calibration)
     runs = fit.load_runs(args.runs or sorted(RUNS_DIR.glob("*.jsonl")))
     rows = compare(runs, coeffs, coeffs.gpu, (memory_goal, speed_goal))
 

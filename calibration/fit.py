@@ -155,7 +155,8 @@ def _unit(**overrides: float) -> Coefficients:
     """Coefficients with one memory coefficient at 1 and the rest 0: evaluates that term's shape."""
     base = dict(fixed_bytes=0.0, step_fixed_bytes=0.0, ckpt_per_hidden=0.0, transient_per_hidden=0.0,
                 transient_per_intermediate=0.0, logits_per_vocab=0.0, nockpt_per_hidden=0.0,
-                nockpt_per_intermediate=0.0, reserved_ratio=0.0, context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
+                nockpt_per_intermediate=0.0, slack_ratio=0.0, qlora_slack_ratio=0.0, nockpt_slack_ratio=0.0,
+                context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
                 dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, nockpt_layer_overhead_s=0.0,
                 qlora_layer_overhead_s=0.0, offload_s_per_gb=0.0)
     base.update(overrides)
@@ -200,8 +201,6 @@ def fit(runs: list[Run], gpu: str, source: str,
             if ckpt == "off" and name in ("step_fixed_bytes", "logits_per_vocab") and name in values:
                 continue
             values[name] = c
-    ratios = [r.row["peak_reserved_gib"] / r.row["peak_alloc_gib"] - 1 for r in mem_runs]
-    values["reserved_ratio"] = statistics.median(ratios)
     contexts = [r.row["context_gib"] * GIB for r in runs if r.row.get("context_gib") is not None]
     values["context_bytes"] = statistics.median(contexts)
 
@@ -211,8 +210,35 @@ def fit(runs: list[Run], gpu: str, source: str,
             values.update({n: pri[n] for n in ("nockpt_per_hidden", "nockpt_per_intermediate",
                                                "nockpt_layer_overhead_s")})
         values.update({n: pri[n] for n in MEMORY_COEFFS_CKPT + MEMORY_COEFFS_NOCKPT if n not in values})
+    values.update(_fit_slack(mem_runs, values, pri))
     coeffs = Coefficients(**values, gpu=gpu, source=source)  # type: ignore[arg-type]
     return coeffs, residuals(runs, coeffs, gpu)
+
+
+SLACK_COEFFS = ("slack_ratio", "qlora_slack_ratio", "nockpt_slack_ratio")
+
+
+def _fit_slack(runs: list[Run], values: dict[str, float], prior: dict[str, Any] | None) -> dict[str, float]:
+    """Measured peak reserved - peak allocated against the step's bytes as the fitted terms give them:
+    one ratio with checkpointing (plus QLoRA's extra), one without. A ratio no run exercises stays the
+    prior's (0 without one)."""
+    fitted = _unit(**{k: v for k, v in values.items() if k in MEMORY_COEFFS_CKPT + MEMORY_COEFFS_NOCKPT})
+
+    def step(r: Run) -> float:
+        return float(memory.step_bytes(memory.components_bytes(r.model, r.setup, fitted)))
+
+    out = {n: (prior[n] if prior else 0.0) for n in SLACK_COEFFS}
+    for ckpt in ("unsloth", "off"):
+        sel = [r for r in runs if r.setup.checkpointing == ckpt]
+        names = ("slack_ratio", "qlora_slack_ratio") if ckpt == "unsloth" else ("nockpt_slack_ratio",)
+        if ckpt == "unsloth" and not any(r.setup.method == "qlora" for r in sel):
+            names = ("slack_ratio",)
+        if not sel:
+            continue
+        x = [[step(r), step(r) * (r.setup.method == "qlora")][:len(names)] for r in sel]
+        y = [(r.row["peak_reserved_gib"] - r.row["peak_alloc_gib"]) * GIB for r in sel]
+        out.update(zip(names, _solve(x, y, [prior[n] for n in names] if prior else None)))
+    return out
 
 
 def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None) -> dict[str, float]:

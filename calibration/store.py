@@ -17,7 +17,8 @@ from rigplan.errors import CalibrationError
 from rigplan.estimator.plan import Coefficients
 from rigplan.profiles.catalog import PROFILES_DIR
 
-CALIBRATION_SCHEMA_VERSION = 1
+# 2: the allocator's slack as a share of the step's bytes (slack_ratio ...), not of all allocated bytes.
+CALIBRATION_SCHEMA_VERSION = 2
 REFERENCE_FILE = PROFILES_DIR / "calibrations" / "h100-sxm.json"
 
 

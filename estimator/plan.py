@@ -142,8 +142,13 @@ class Coefficients:
     """Checkpointing off: bytes kept per token, per layer, per hidden unit."""
     nockpt_per_intermediate: float
     """Checkpointing off: bytes kept per token, per layer, per MLP unit."""
-    reserved_ratio: float
-    """Peak reserved over peak allocated, minus 1: the caching allocator's slack."""
+    slack_ratio: float
+    """The caching allocator's slack (peak reserved - peak allocated) per byte allocated during a step,
+    checkpointing on. The step's tensors, not the weights loaded once in one piece, fragment the cache."""
+    qlora_slack_ratio: float
+    """QLoRA's extra slack per step byte (its dequantized weights come and go in every layer)."""
+    nockpt_slack_ratio: float
+    """Slack per step byte with checkpointing off (activations kept in many small blocks)."""
     context_bytes: float
     """CUDA context and library workspaces outside torch's allocator (NVML used - reserved), bytes."""
     mfu: float
