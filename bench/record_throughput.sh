@@ -6,6 +6,7 @@
 #   lora-plain  the same plan and data, HF baseline only, computing the loss as a plain transformers + PEFT
 #               loop does (full logits, as shared/data's HF rows) instead of TRL 1.15's chunked LM head
 #   lora-mb2    as lora at micro-batch 2 (x 8): padding-free batches in every part
+#   lora-plain-mb2  lora-plain at micro-batch 2
 #   qlora       the three parts, QLoRA, the rtx-4090 plan, 160 examples
 #   equal       rigplan and bare on 2001-token examples with the H100's own plan (micro-batch 1, no
 #               checkpointing): bench/results/h100-tp2-lora-2001tok.json again, the padding-free fix on its own
@@ -35,8 +36,9 @@ case "${1:-lora}" in
   lora)       run tp-lora 530 $LORA ;;
   lora-plain) run tp-lora-plain 530 $LORA --parts hf-plain ;;
   lora-mb2)   run tp-lora-mb2 530 $LORA --micro-batch 2 ;;
+  lora-plain-mb2) run tp-lora-plain-mb2 530 $LORA --micro-batch 2 --parts hf-plain ;;
   qlora)      run tp-qlora 530 --method qlora --examples 160 --steps 0 ;;
   equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
                 --parts rigplan,bare ;;
-  *) echo "unknown mode $1 (lora, lora-plain, lora-mb2, qlora, equal)"; exit 2 ;;
+  *) echo "unknown mode $1 (lora, lora-plain, lora-mb2, lora-plain-mb2, qlora, equal)"; exit 2 ;;
 esac

@@ -88,6 +88,9 @@ class Plan:
     """Predicted training throughput, tokens per second."""
     step_s: float = 0.0
     """Predicted seconds per optimizer step (all micro-batches)."""
+    host_bound: bool = False
+    """Whether the host's CPU, not the GPU, sets the predicted speed (small micro-batches on fast GPUs):
+    such speeds stray by up to estimator.speed.HOST_BOUND_ERROR."""
     components_gib: dict[str, float] = field(default_factory=dict)
     """The memory terms that add up to total_gib, GiB each."""
     calibration: str = ""

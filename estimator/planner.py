@@ -42,6 +42,7 @@ class Estimate:
     step_s: float
     gpu_memory_gib: float
     fits: bool
+    host_bound: bool = False
 
     @property
     def headroom_gib(self) -> float:
@@ -97,6 +98,7 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
         total_gib=total,
         tokens_per_s=speed.tokens_per_s(model, setup, gpu, coeffs),
         step_s=speed.step_s(model, setup, gpu, coeffs),
+        host_bound=speed.host_bound(model, setup, gpu, coeffs),
         gpu_memory_gib=limit,
         fits=total <= limit * (1 - SAFETY_MARGIN),
     )
@@ -111,7 +113,7 @@ def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients,
                 target_modules=model.target_modules, optimizer=s.optimizer, checkpointing=s.checkpointing,
                 peak_allocated_gib=round(est.peak_allocated_gib, 3), peak_reserved_gib=round(est.peak_reserved_gib, 3),
                 total_gib=round(est.total_gib, 3), tokens_per_s=round(est.tokens_per_s * num_gpus, 1),
-                step_s=round(est.step_s, 4),
+                step_s=round(est.step_s, 4), host_bound=est.host_bound,
                 components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
                 calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=num_gpus)
 

@@ -80,6 +80,17 @@ def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
     return coeffs.step_overhead_s + per_layer * model.num_hidden_layers + coeffs.offload_s_per_gb * offload_gb(model, setup)
 
 
+# How far a host-bound micro-batch's time strays: full-depth 7-8B 1 x 2048 steps on five H100 machines took
+# 0.23-0.45 s (bench/results/calibrate-h100), and each machine's own calibration missed them by up to 38%,
+# while GPU-bound shapes stayed within 3.3%. The host's CPU varies between machines and over minutes.
+HOST_BOUND_ERROR = 0.40
+
+
+def host_bound(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> bool:
+    """Whether the host's floor, not the GPU, sets this micro-batch's time (its speed is then less certain)."""
+    return host_floor_s(model, setup, coeffs) > gpu_s(model, setup, gpu, coeffs)
+
+
 def offload_gb(model: ModelSpec, setup: Setup) -> float:
     """Checkpoints Unsloth moves to CPU memory per micro-batch: each layer's bf16 input (2 bytes per hidden
     unit per token), unsloth_zoo's offloaded gradient checkpointing; none without checkpointing."""

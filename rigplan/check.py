@@ -106,7 +106,7 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "effective_batch": p.effective_batch * p.num_gpus, "seq": p.seq_len, "checkpointing": p.checkpointing,
             "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
             "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,
-            "step_s": p.step_s, "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
+            "step_s": p.step_s, "host_bound": p.host_bound, "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
             "components_gib": p.components_gib}
 
 
@@ -180,7 +180,7 @@ def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, 
             "checkpointing": checkpointing, "optimizer": optimizer,
             "peak_allocated_gib": round(est.peak_allocated_gib, 3), "peak_reserved_gib": round(est.peak_reserved_gib, 3),
             "total_gib": round(est.total_gib, 3), "fits": est.fits, "tokens_per_s": round(est.tokens_per_s, 1),
-            "step_s": round(est.step_s, 4),
+            "step_s": round(est.step_s, 4), "host_bound": est.host_bound,
             "components": {k: round(v / gib, 3) for k, v in est.components_bytes.items()},
             "calibration": calibration_info(coeffs, doc, here, target.spec), "warnings": warnings_for(model)}
 

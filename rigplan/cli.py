@@ -88,8 +88,17 @@ def _render_check(d: dict[str, Any]) -> str:
     out.append(f"memory: peak = torch peak reserved, total = what nvidia-smi shows (CUDA context included); "
                f"time: {d['workload']['source']}, {d['workload']['tokens']:,.0f} tokens x {d['workload']['epochs']:g} epoch(s)")
     out.append(f"calibration: {d['calibration']['label']}; {d['calibration']['note']}")
+    if d["recommended"] and d["recommended"]["host_bound"]:
+        out.append(_host_bound_note(d["recommended"]["batch"]))
     out += [f"warning: {w}" for w in d["warnings"]]
     return "\n".join(out)
+
+
+def _host_bound_note(batch: int) -> str:
+    from rigplan.estimator.speed import HOST_BOUND_ERROR
+
+    return (f"speed: host-bound at micro-batch {batch} (the CPU launching kernels sets the pace, not the GPU); "
+            f"such steps varied by up to {HOST_BOUND_ERROR:.0%} between H100 machines, so tok/s and time are rough")
 
 
 def _render_catalogue(d: dict[str, Any]) -> str:
@@ -167,6 +176,8 @@ def estimate(model: str, method: str, batch: int, seq_len: int, rank: int, grad_
         out.append(f"peak allocated {d['peak_allocated_gib']:.2f} GiB, peak reserved {d['peak_reserved_gib']:.2f} GiB, "
                    f"total (nvidia-smi) {d['total_gib']:.2f} GiB: {'fits' if d['fits'] else 'DOES NOT FIT'}")
         out.append(f"speed {d['tokens_per_s']:,.0f} tok/s, {d['step_s']:.3f} s per step; calibration: {d['calibration']['label']}")
+        if d["host_bound"]:
+            out.append(_host_bound_note(d["batch"]))
         out += [f"warning: {w}" for w in d["warnings"]]
         return "\n".join(out)
 
