@@ -10,7 +10,8 @@
 #   qlora       the three parts, QLoRA, the rtx-4090 plan, 160 examples
 #   equal       rigplan and bare on 2001-token examples with the H100's own plan (micro-batch 1, no
 #               checkpointing): bench/results/h100-tp2-lora-2001tok.json again, the padding-free fix on its own
-# e.g. bash bench/record_throughput.sh lora
+#   qlora-mb2   as qlora at micro-batch 2 (x 8)
+# e.g. bash bench/record_throughput.sh lora   (or several modes: bash bench/record_throughput.sh lora-plain-mb2 qlora-mb2)
 # Sizes: importing Unsloth and loading the 8B replica take 40-55 s per part, its first steps compile for 20-40 s,
 # and the estimator predicts ~3,500 tok/s for Unsloth at micro-batch 1 of ~1,100 tokens on the H100 (host-bound).
 # Big files (replica, adapters) stay in /tmp; JSON and logs go to $OUT. The JSON is rewritten after every part
@@ -20,8 +21,9 @@ mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 # pip's log stays in /tmp: $OUT brings back 8 files at most
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
-run() {  # name, seconds, args...
+run() {  # name, seconds (cut to what is left of the call's 575 s), args...
   local name=$1 secs=$2; shift 2
+  [ $secs -gt $((575 - SECONDS)) ] && secs=$((575 - SECONDS))
   timeout "$secs" python3 bench/train_throughput.py --out /tmp/$name "$@" >"$OUT/$name.log" 2>&1
   echo "== $name exit $? after ${SECONDS}s"
   cp /tmp/$name/train_throughput.json "$OUT/$name.json" 2>/dev/null
@@ -32,13 +34,17 @@ run() {  # name, seconds, args...
   tail -n 8 "$OUT/$name.log"
 }
 LORA="--method lora --examples 224 --steps 0"  # the same replica, data and plan in every call (fixed seeds)
-case "${1:-lora}" in
-  lora)       run tp-lora 530 $LORA ;;
-  lora-plain) run tp-lora-plain 530 $LORA --parts hf-plain ;;
-  lora-mb2)   run tp-lora-mb2 530 $LORA --micro-batch 2 ;;
-  lora-plain-mb2) run tp-lora-plain-mb2 530 $LORA --micro-batch 2 --parts hf-plain ;;
-  qlora)      run tp-qlora 530 --method qlora --examples 160 --steps 0 ;;
-  equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
-                --parts rigplan,bare ;;
-  *) echo "unknown mode $1 (lora, lora-plain, lora-mb2, lora-plain-mb2, qlora, equal)"; exit 2 ;;
-esac
+QLORA="--method qlora --examples 160 --steps 0"
+for mode in "${@:-lora}"; do  # several modes run one after another, within the one call
+  case "$mode" in
+    lora)       run tp-lora 530 $LORA ;;
+    lora-plain) run tp-lora-plain 530 $LORA --parts hf-plain ;;
+    lora-mb2)   run tp-lora-mb2 530 $LORA --micro-batch 2 ;;
+    lora-plain-mb2) run tp-lora-plain-mb2 530 $LORA --micro-batch 2 --parts hf-plain ;;
+    qlora)      run tp-qlora 530 $QLORA ;;
+    qlora-mb2)  run tp-qlora-mb2 530 $QLORA --micro-batch 2 ;;
+    equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
+                  --parts rigplan,bare ;;
+    *) echo "unknown mode $mode (lora, lora-plain, lora-mb2, lora-plain-mb2, qlora, qlora-mb2, equal)"; exit 2 ;;
+  esac
+done
