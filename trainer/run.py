@@ -397,6 +397,9 @@ def _trainer_class(guard: "_Guard") -> Any:
                         raise
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
+                        # The failed attempt's high-water mark is the card's limit, not this run's peak: the
+                        # summary's measured peak (and what calibration learns from it) starts again here.
+                        torch.cuda.reset_peak_memory_stats()
                     self.split *= 2
                     guard.note_backoff(self.state.global_step, -(-examples // self.split))
             # Add the earlier micro-batches back, all tensors in a few fused launches (torch._foreach_add_).
