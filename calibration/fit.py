@@ -250,7 +250,7 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None) -> 
     peak, bandwidth = g.tensor_tflops * 1e12, g.bandwidth_gb_s * 1e9
 
     def gpu_cols(r: Run) -> list[float]:
-        return [speed.flops_per_token(r.model, r.setup) * r.setup.tokens / peak,
+        return [speed.timed_flops_per_token(r.model, r.setup) * r.setup.tokens / peak,
                 speed.elementwise_units(r.model, r.setup) / bandwidth,
                 speed.quantized_weights(r.model, r.setup) / bandwidth]
 

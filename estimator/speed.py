@@ -36,6 +36,21 @@ def flops_per_token(model: ModelSpec, setup: Setup) -> float:
     return matmul_flops_per_token(model, setup) + attention_flops_per_token(model, setup)
 
 
+# Below this head size attention's softmax, not its matmuls, sets its pace: an H100 SXM does 989 TFLOP/s of
+# 16-bit matmul but 3.9 TFLOP/s of exponentials (Shah et al. 2024, FlashAttention-3, sec. 3.1), and a score
+# costs 2 x head_dim matmul FLOPs but one exp whatever the head size. Fitted on our H100 runs: Llama-3.2-1B
+# (head_dim 64) ran its attention at half the FLOP rate of the head_dim-128 models (a factor of 2 took the
+# worst GPU-bound error on the recorded runs from 17.7% to 12.9%; 1.5 or 2.5 did worse).
+SOFTMAX_BOUND_HEAD_DIM = 128
+
+
+def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
+    """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
+    bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM)."""
+    softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim)
+    return matmul_flops_per_token(model, setup) + softmax * attention_flops_per_token(model, setup)
+
+
 def passes(setup: Setup) -> int:
     """Passes over the decoder per micro-batch: forward, backward, and the recompute when checkpointing."""
     return 3 if setup.checkpointing == "unsloth" else 2
@@ -62,7 +77,7 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 
 
 def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
-    compute = flops_per_token(model, setup) * setup.tokens / (gpu.tensor_tflops * 1e12 * coeffs.mfu)
+    compute = timed_flops_per_token(model, setup) * setup.tokens / (gpu.tensor_tflops * 1e12 * coeffs.mfu)
     moved = (coeffs.elementwise_bytes * elementwise_units(model, setup)
              + coeffs.dequant_bytes * quantized_weights(model, setup))
     return compute + moved / (gpu.bandwidth_gb_s * 1e9)

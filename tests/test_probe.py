@@ -47,5 +47,6 @@ def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
     assert [(r["batch"], r["seq"]) for r in rows] == [(2, 32), (1, 64)]
     for r in rows:
         assert r["err"] is None and r["layers"] == 1 and r["step_s"] > 0 and r["steps_timed"] >= 5
-        assert r["tok_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_s"], rel=0.01)
+        # step_s is stored to 0.1 ms: a few-ms CPU step carries that rounding into the ratio
+        assert r["tok_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_s"], rel=0.01 + 5e-5 / r["step_s"])
         assert r["provenance"]["packages"]["torch"] and r["trainable_params"] > 0
