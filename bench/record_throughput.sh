@@ -11,6 +11,7 @@
 #   equal       rigplan and bare on 2001-token examples with the H100's own plan (micro-batch 1, no
 #               checkpointing): bench/results/h100-tp2-lora-2001tok.json again, the padding-free fix on its own
 #   qlora-mb2   as qlora at micro-batch 2 (x 8)
+#   own-lora, own-qlora  the local GPU's own plan (as `rigplan run` trains it), against the HF baseline (hf-plain)
 # e.g. bash bench/record_throughput.sh lora   (or several modes: bash bench/record_throughput.sh lora-plain-mb2 qlora-mb2)
 # Sizes: importing Unsloth and loading the 8B replica take 40-55 s per part, its first steps compile for 20-40 s,
 # and the estimator predicts ~3,500 tok/s for Unsloth at micro-batch 1 of ~1,100 tokens on the H100 (host-bound).
@@ -33,18 +34,20 @@ run() {  # name, seconds (cut to what is left of the call's 575 s), args...
   done
   tail -n 8 "$OUT/$name.log"
 }
-LORA="--method lora --examples 224 --steps 0"  # the same replica, data and plan in every call (fixed seeds)
-QLORA="--method qlora --examples 160 --steps 0"
+LORA="--method lora --examples 224 --steps 0 --plan-gpu rtx-4090"  # the same replica, data and plan in every call (fixed seeds)
+QLORA="--method qlora --examples 160 --steps 0 --plan-gpu rtx-4090"
 for mode in "${@:-lora}"; do  # several modes run one after another, within the one call
   case "$mode" in
-    lora)       run tp-lora 530 $LORA ;;
+    lora)       run tp-lora 530 $LORA --parts rigplan,bare,hf ;;
     lora-plain) run tp-lora-plain 530 $LORA --parts hf-plain ;;
-    lora-mb2)   run tp-lora-mb2 530 $LORA --micro-batch 2 ;;
+    lora-mb2)   run tp-lora-mb2 530 $LORA --micro-batch 2 --parts rigplan,bare,hf ;;
     lora-plain-mb2) run tp-lora-plain-mb2 530 $LORA --micro-batch 2 --parts hf-plain ;;
-    qlora)      run tp-qlora 530 $QLORA ;;
-    qlora-mb2)  run tp-qlora-mb2 530 $QLORA --micro-batch 2 ;;
+    qlora)      run tp-qlora 530 $QLORA --parts rigplan,bare,hf ;;
+    qlora-mb2)  run tp-qlora-mb2 530 $QLORA --micro-batch 2 --parts rigplan,bare,hf ;;
+    own-lora)   run tp-own-lora 530 --method lora --examples 224 --steps 0 --plan-gpu auto --parts rigplan,bare,hf-plain ;;
+    own-qlora)  run tp-own-qlora 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan,bare,hf-plain ;;
     equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
                   --parts rigplan,bare ;;
-    *) echo "unknown mode $mode (lora, lora-plain, lora-mb2, lora-plain-mb2, qlora, qlora-mb2, equal)"; exit 2 ;;
+    *) echo "unknown mode $mode (lora, lora-plain, lora-mb2, lora-plain-mb2, qlora, qlora-mb2, own-lora, own-qlora, equal)"; exit 2 ;;
   esac
 done
