@@ -40,7 +40,7 @@ def flops_per_token(model: ModelSpec, setup: Setup) -> float:
 # 16-bit matmul but 3.9 TFLOP/s of exponentials (Shah et al. 2024, FlashAttention-3, sec. 3.1), and a score
 # costs 2 x head_dim matmul FLOPs but one exp whatever the head size. Fitted on our H100 runs: Llama-3.2-1B
 # (head_dim 64) ran its attention at half the FLOP rate of the head_dim-128 models (a factor of 2 took the
-# worst GPU-bound error on the recorded runs from 17.7% to 12.9%; 1.5 or 2.5 did worse).
+# worst error of the GPU line fitted on the runs of >= 8192 tokens from 17.7% to 12.9%; 1.5 or 2.5 did worse).
 SOFTMAX_BOUND_HEAD_DIM = 128
 
 
