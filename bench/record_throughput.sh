@@ -20,6 +20,10 @@
 set -uo pipefail
 mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# torch.compile's recompiles show in each part's log: Unsloth compiles every decoder block, and the trainer's
+# path marks batch dims static (unsloth_zoo/loss_utils.py:660-672) where the bare loop does not; a recompile
+# limit hit falls back to eager blocks (unsloth/models/_utils.py:5981), one suspect for micro-batch 1's gap.
+export TORCH_LOGS=recompiles
 # pip's log stays in /tmp: $OUT brings back 8 files at most
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
 run() {  # name, seconds (cut to what is left of the call's 575 s), args...
@@ -29,7 +33,7 @@ run() {  # name, seconds (cut to what is left of the call's 575 s), args...
   echo "== $name exit $? after ${SECONDS}s"
   cp /tmp/$name/train_throughput.json "$OUT/$name.json" 2>/dev/null
   for p in rigplan bare hf hf-plain; do  # Unsloth's choices (block compile, padding-free), then the log's end
-    [ -f /tmp/$name/log-$p.txt ] && { grep -iE "unsloth.*(compil|padd)|padding-free" /tmp/$name/log-$p.txt | head -20
+    [ -f /tmp/$name/log-$p.txt ] && { grep -iE "unsloth.*(compil|padd|eager)|padding-free|recompil" /tmp/$name/log-$p.txt | head -40
       echo ...; tail -c 4000 /tmp/$name/log-$p.txt; } >"$OUT/$name-$p.tail.txt"
   done
   tail -n 8 "$OUT/$name.log"
