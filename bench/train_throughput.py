@@ -176,7 +176,7 @@ def summarize(model: str, plan, args: argparse.Namespace, lengths: tuple[int, in
             "tokens_counted": "real (non-padding) tokens, after the same warm-up steps, in every part",
             "speed_vs_hf": ratio(r.get("tokens_per_s"), h.get("tokens_per_s")),
             "memory_vs_hf": ratio(r.get("peak_reserved_gib"), h.get("peak_reserved_gib")),
-            "speed_vs_bare": ratio(r.get("tokens_per_s"), b.get("tokens_per_s")),
+            "speed_vs_bare": speed_vs_bare,
             "speed_vs_hf_plain": ratio(r.get("tokens_per_s"), hp.get("tokens_per_s")),
             "memory_vs_hf_plain": ratio(r.get("peak_reserved_gib"), hp.get("peak_reserved_gib")), "results": results,
             "goals": {"speed_vs_baseline": SPEED_RATIO_GOAL, "memory_vs_baseline": MEMORY_RATIO_GOAL,

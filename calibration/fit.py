@@ -235,7 +235,8 @@ def _fit_slack(runs: list[Run], values: dict[str, float], prior: dict[str, Any] 
             names = ("slack_ratio",)
         if not sel:
             continue
-        x = [[step(r), step(r) * (r.setup.method == "qlora")][:len(names)] for r in sel]
+        steps = [step(r) for r in sel]
+        x = [[b, b * (r.setup.method == "qlora")][:len(names)] for r, b in zip(sel, steps)]
         y = [(r.row["peak_reserved_gib"] - r.row["peak_alloc_gib"]) * GIB for r in sel]
         out.update(zip(names, _solve(x, y, [prior[n] for n in names] if prior else None)))
     return out
