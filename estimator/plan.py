@@ -91,6 +91,9 @@ class Plan:
     host_bound: bool = False
     """Whether the host's CPU, not the GPU, sets the predicted speed (small micro-batches on fast GPUs):
     such speeds stray by up to estimator.speed.HOST_BOUND_ERROR."""
+    example_tokens: float = 0.0
+    """Mean tokens per example that tokens_per_s and step_s are for (micro-batches of micro_batch such
+    examples); 0: full micro_batch x seq_len micro-batches."""
     components_gib: dict[str, float] = field(default_factory=dict)
     """The memory terms that add up to total_gib, GiB each."""
     calibration: str = ""

@@ -4,6 +4,7 @@ sequence length x checkpointing for the fastest that fits with a safety margin. 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ class Estimate:
     gpu_memory_gib: float
     fits: bool
     host_bound: bool = False
+    example_tokens: float | None = None
+    """Mean tokens per example the speed is for (None: full micro_batch x seq_len micro-batches)."""
 
     @property
     def headroom_gib(self) -> float:
@@ -84,21 +87,35 @@ def validate(model: ModelSpec, setup: Setup) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def speed_setup(setup: Setup, example_tokens: float | None) -> Setup:
+    """The micro-batch real data trains: micro_batch examples of their mean length (one example, or several
+    back to back padding-free) rather than micro_batch x seq_len tokens. Short examples on a fast GPU leave it
+    on the host's floor: our 8B QLoRA plan for H100 at seq 3072 predicted 15,049 tok/s for full sequences
+    and ran 4,309 on examples of ~1,100 tokens (bench/results/h100-tp3-own-qlora.json)."""
+    if not example_tokens or example_tokens >= setup.seq_len:
+        return setup
+    return dataclasses.replace(setup, seq_len=max(1, round(example_tokens)))
+
+
 def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
-             gpu_memory_gib: float | None = None) -> Estimate:
-    """Memory and speed of one configuration (what `rigplan estimate` prints)."""
+             gpu_memory_gib: float | None = None, example_tokens: float | None = None) -> Estimate:
+    """Memory and speed of one configuration (what `rigplan estimate` prints). Memory is for full
+    micro-batches (micro_batch x seq_len tokens, the most a batch can hold); speed, given the data's mean
+    tokens per example, for the micro-batches that data makes (speed_setup)."""
     validate(model, setup)
     parts = memory.components_bytes(model, setup, coeffs)
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
+    timed = speed_setup(setup, example_tokens)
     return Estimate(
         setup=setup, components_bytes=parts,
         peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,
         peak_reserved_gib=memory.peak_reserved_bytes(parts) / GIB,
         total_gib=total,
-        tokens_per_s=speed.tokens_per_s(model, setup, gpu, coeffs),
-        step_s=speed.step_s(model, setup, gpu, coeffs),
-        host_bound=speed.host_bound(model, setup, gpu, coeffs),
+        tokens_per_s=speed.tokens_per_s(model, timed, gpu, coeffs),
+        step_s=speed.step_s(model, timed, gpu, coeffs),
+        host_bound=speed.host_bound(model, timed, gpu, coeffs),
+        example_tokens=timed.seq_len if timed is not setup else None,
         gpu_memory_gib=limit,
         fits=total <= limit * (1 - SAFETY_MARGIN),
     )
@@ -113,14 +130,14 @@ def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients,
                 target_modules=model.target_modules, optimizer=s.optimizer, checkpointing=s.checkpointing,
                 peak_allocated_gib=round(est.peak_allocated_gib, 3), peak_reserved_gib=round(est.peak_reserved_gib, 3),
                 total_gib=round(est.total_gib, 3), tokens_per_s=round(est.tokens_per_s * num_gpus, 1),
-                step_s=round(est.step_s, 4), host_bound=est.host_bound,
+                step_s=round(est.step_s, 4), host_bound=est.host_bound, example_tokens=est.example_tokens or 0.0,
                 components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
                 calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=num_gpus)
 
 
 def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
                 methods: tuple[Method, ...], ranks: tuple[int, ...], checkpointing: tuple[Checkpointing, ...],
-                limit: float) -> list[Estimate]:
+                limit: float, example_tokens: float | None = None) -> list[Estimate]:
     out = []
     for method in methods:
         for rank in ranks:
@@ -130,7 +147,7 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
                         break
                     setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
                                   grad_accum=max(1, effective_batch // micro), checkpointing=ckpt)
-                    out.append(estimate(model, setup, gpu, coeffs, limit))
+                    out.append(estimate(model, setup, gpu, coeffs, limit, example_tokens))
     return out
 
 
@@ -146,9 +163,11 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
          effective_batch: int = DEFAULT_EFFECTIVE_BATCH, methods: tuple[Method, ...] = ("lora", "qlora"),
          ranks: tuple[int, ...] = RANKS, checkpointing: tuple[Checkpointing, ...] = ("unsloth", "off"),
          gpu_memory_gib: float | None = None, model_path: str | None = None, num_gpus: int = 1,
-         alternatives: int = 4) -> PlanResult:
+         alternatives: int = 4, example_tokens: float | None = None) -> PlanResult:
     """The fastest configuration that fits with SAFETY_MARGIN, preferring 16-bit LoRA when it fits; if
-    nothing fits at seq_len, the longest shorter sequence that does, said in the reason."""
+    nothing fits at seq_len, the longest shorter sequence that does, said in the reason. Memory must fit
+    full sequences; speed is ranked on the data's examples when their mean length (example_tokens) is known,
+    so short examples get the larger micro-batches that keep the GPU busy."""
     if effective_batch <= 0:
         raise ConfigError(f"effective batch {effective_batch} must be >= 1")
     if num_gpus <= 0:
@@ -158,7 +177,8 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     per_gpu_batch = max(1, effective_batch // num_gpus)
     seq = seq_len
     while True:
-        cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit)
+        cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit,
+                            example_tokens)
         fitting = [c for c in cands if c.fits]
         if fitting or seq // 2 < MIN_SEQ_LEN:
             break
@@ -210,6 +230,7 @@ def _reason(best: Estimate, cands: list[Estimate], seq: int, requested: int, lim
 
 
 def train_time_s(tokens: float, epochs: float, plan_: Plan) -> float:
-    """Wall time of a run: all tokens, every epoch, at the plan's throughput (packed batches)."""
+    """Wall time of a run: all tokens, every epoch, at the plan's throughput (for the data's mean example
+    length when the plan was made from data, else for full sequences)."""
     return tokens * epochs / plan_.tokens_per_s if plan_.tokens_per_s else float("inf")
 

@@ -33,6 +33,13 @@ class Workload:
     examples: int | None
     avg_tokens: float | None
     source: str
+    avg_guessed: bool = False
+    """avg_tokens is the default guess (half of --seq), not the data's or the user's."""
+
+    @property
+    def example_tokens(self) -> float | None:
+        """The mean example length speed is predicted at: the data's or the user's, never the guess."""
+        return None if self.avg_guessed else self.avg_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "epochs": self.epochs, "examples": self.examples,
@@ -66,7 +73,7 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
             raise ConfigError("--examples and --avg-tokens must be > 0")
         avg = avg_tokens if avg_tokens is not None else (seq_len or planner.DEFAULT_SEQ_LEN) / 2
         src = "--examples" + (" --avg-tokens" if avg_tokens is not None else ", avg tokens = half of --seq")
-        return Workload(examples * avg, epochs, examples, avg, src), None
+        return Workload(examples * avg, epochs, examples, avg, src, avg_guessed=avg_tokens is None), None
     return Workload(DEFAULT_WORKLOAD_TOKENS, epochs, None, None, "per 1M tokens (pass --examples or --data)"), None
 
 
@@ -106,7 +113,7 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "effective_batch": p.effective_batch * p.num_gpus, "seq": p.seq_len, "checkpointing": p.checkpointing,
             "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
             "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,
-            "step_s": p.step_s, "host_bound": p.host_bound, "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
+            "step_s": p.step_s, "host_bound": p.host_bound, "example_tokens": p.example_tokens or None, "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
             "components_gib": p.components_gib}
 
 
@@ -124,7 +131,7 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
     target, why = resolve_target(gpu)
     if target is None:
         return {**catalogue(model, seq, load, effective_batch), "note": why}
-    result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus)
+    result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, example_tokens=load.example_tokens)
     return {
         "model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name, "gpu_memory_gib": round(target.memory_gib, 2),
         "gpu_source": "local (NVML)" if target.local else "catalogue", "num_gpus": num_gpus,
@@ -135,11 +142,15 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
     }
 
 
-def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int,
-              num_gpus: int = 1, model_path: str | None = None) -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
+def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, num_gpus: int = 1,
+              model_path: str | None = None, example_tokens: float | None = None,
+              methods: tuple[str, ...] = ("lora", "qlora")) -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
+    """The planner's answer on the target GPU with its calibration; speed for the data's mean example
+    length when known (example_tokens)."""
     coeffs, doc, here = store.for_gpu(target.spec.id)
     result = planner.plan(model, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
-                          gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path)
+                          gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path,
+                          example_tokens=example_tokens, methods=methods)  # type: ignore[arg-type]
     return result, result.best, calibration_info(coeffs, doc, here, target.spec)
 
 
@@ -147,7 +158,8 @@ def catalogue(model: ModelSpec, seq: int, load: Workload, effective_batch: int) 
     """Every catalogue GPU's best plan for the model; the smallest card that fits and the best per dollar."""
     rows = []
     for spec in catalog.gpus():
-        result, p, _ = best_plan(model, Target(spec, planner.usable_gib(spec), False), seq, effective_batch)
+        result, p, _ = best_plan(model, Target(spec, planner.usable_gib(spec), False), seq, effective_batch,
+                                 example_tokens=load.example_tokens)
         row = {"gpu": spec.id, "name": spec.name, "memory_gib": spec.memory_gib, "price_usd": spec.price_usd,
                "fits": result.fits, "recommended": plan_row(p, load) if p and result.fits else None}
         if row["recommended"] and spec.price_usd:
@@ -191,13 +203,14 @@ CPU_MICRO_BATCH = 4
 
 def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data_file: Path | None = None,
               effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH, num_gpus: int = 1, epochs: float = DEFAULT_EPOCHS,
-              model_path: str | None = None, allow_cpu: bool = False) -> Plan:
+              model_path: str | None = None, allow_cpu: bool = False,
+              methods: tuple[str, ...] = ("lora", "qlora")) -> Plan:
     """The recommended Plan, as `rigplan run` will read it; an error when nothing fits. A local model
     directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted."""
     model = catalog.resolve_model(model_name)
     if model_path is None and Path(model_name).expanduser().is_dir():
         model_path = str(Path(model_name).expanduser().resolve())
-    _, data_seq = workload(data_file, None, None, epochs, seq_len)
+    load, data_seq = workload(data_file, None, None, epochs, seq_len)
     target, why = resolve_target(gpu)
     if target is None and allow_cpu:
         seq = min(seq_len or data_seq or planner.DEFAULT_SEQ_LEN, model.max_position_embeddings)
@@ -209,7 +222,7 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     if target is None:
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
-                             num_gpus, model_path)
+                             num_gpus, model_path, load.example_tokens, methods)
     if p is None or not result.fits:
         raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU or a shorter --seq")
     return dataclasses.replace(p, epochs=float(epochs))
@@ -229,7 +242,7 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False) -> Plan:
     coeffs, doc, _ = store.for_gpu(spec.id)
     setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
                   grad_accum=new.grad_accum, optimizer=new.optimizer, checkpointing=new.checkpointing)
-    est = planner.estimate(model, setup, spec, coeffs)
+    est = planner.estimate(model, setup, spec, coeffs, example_tokens=new.example_tokens or None)
     if not est.fits and not force:
         raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in changes.items())} needs {est.total_gib:.1f} GiB on "
                           f"{spec.id} ({est.gpu_memory_gib:.1f} GiB, {planner.SAFETY_MARGIN:.0%} kept free); "
@@ -250,7 +263,13 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"{path}: not a rigplan plan ({e}); make one with rigplan plan --out") from e
     else:
-        base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True)
+        # A method asked for is planned for (its own best micro-batch and checkpointing), not patched into
+        # the other method's plan; a CPU plan is LoRA whatever is asked (no bitsandbytes 4-bit on CPU).
+        method = changes.get("method")
+        base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True,
+                         methods=(method,) if method else ("lora", "qlora"))
+        if base.gpu != "cpu":
+            changes = {k: v for k, v in changes.items() if k != "method"}
     return override(base, changes, force)
 
 

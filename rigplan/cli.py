@@ -88,6 +88,9 @@ def _render_check(d: dict[str, Any]) -> str:
     out.append(f"memory: peak = torch peak reserved, total = what nvidia-smi shows (CUDA context included); "
                f"time: {d['workload']['source']}, {d['workload']['tokens']:,.0f} tokens x {d['workload']['epochs']:g} epoch(s)")
     out.append(f"calibration: {d['calibration']['label']}; {d['calibration']['note']}")
+    if d["recommended"] and d["recommended"].get("example_tokens"):
+        out.append(f"speed: for micro-batches of examples of {d['recommended']['example_tokens']:,.0f} tokens "
+                   "(the data's mean), memory for full sequences")
     if d["recommended"] and d["recommended"]["host_bound"]:
         out.append(_host_bound_note(d["recommended"]["batch"]))
     out += [f"warning: {w}" for w in d["warnings"]]
@@ -249,6 +252,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     p = _run(lambda: lib.plan_for_run(model_or_plan, gpu, data_file, changes, force))
     click.echo(f"plan: {p.model} {p.method} r{p.rank}, micro-batch {p.micro_batch} x {p.grad_accum}, seq {p.seq_len}, "
                f"{p.epochs:g} epoch(s) on {p.gpu}" + (f": {p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s predicted"
+                                                       + (f" (examples of {p.example_tokens:,.0f} tokens)"
+                                                          if p.example_tokens else "")
                                                        if p.total_gib else ""))
     if dry_run:
         report = _run(lambda: lib.dry_run_report(p, opts))

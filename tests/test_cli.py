@@ -58,6 +58,32 @@ def test_check_data_file_sets_sequence_length(tmp_path) -> None:
     f.write_text("\n".join(json.dumps({"text": "word " * 1000}) for _ in range(50)))
     d = json.loads(invoke("check", "llama-3.2-1b", "--gpu", "rtx-4090", "--data", str(f), "--json").output)
     assert d["recommended"]["seq"] == 1280 and d["workload"]["examples"] == 50
+    assert d["recommended"]["example_tokens"] == round(d["workload"]["avg_tokens"])
+
+
+def test_examples_without_avg_tokens_do_not_guess_the_speed() -> None:
+    def rec(*extra: str) -> dict:
+        return json.loads(invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--json", *extra).output)["recommended"]
+    assert rec("--examples", "1000")["tokens_per_s"] == rec()["tokens_per_s"]  # avg guessed: full sequences
+    short = rec("--examples", "1000", "--avg-tokens", "200")
+    assert short["example_tokens"] == 200 and short["tokens_per_s"] < rec()["tokens_per_s"]
+
+
+def test_run_with_method_plans_that_method(tmp_path) -> None:
+    """`rigplan run --method qlora` gets the planner's best QLoRA plan, not LoRA's settings re-estimated."""
+    from rigplan import check
+    from rigplan.estimator import planner
+    from rigplan.calibration import store
+    from rigplan.profiles.catalog import resolve_gpu, resolve_model
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": "word " * 300}) for _ in range(50)))
+    p = check.plan_for_run("llama-3.1-8b", "h100-sxm", f, {"method": "qlora"})
+    load, seq = check.workload(f, None, None, 1.0, None)
+    want = planner.plan(resolve_model("llama-3.1-8b"), resolve_gpu("h100-sxm"), store.for_gpu("h100-sxm")[0],
+                        seq_len=seq, methods=("qlora",), example_tokens=load.example_tokens).best
+    assert (p.method, p.micro_batch, p.checkpointing, p.tokens_per_s) == \
+        ("qlora", want.micro_batch, want.checkpointing, want.tokens_per_s)
 
 
 def test_estimate_json_components_add_to_total() -> None:
