@@ -126,6 +126,42 @@ def _solve(rows: list[list[float]], y: list[float], prior: list[float] | None = 
             return [0.0] * n
 
 
+# The minimax floor: the smallest band t with measured / predicted time - 1 within +-t on every run, found by
+# bisection on t over linear feasibility problems (measured / (1 + t) <= predicted <= measured / (1 - t),
+# coefficients >= 0), solved by scipy's HiGHS; it stops when the band is known to this width.
+MINIMAX_TOLERANCE = 1e-6
+
+
+def _solve_minimax(rows: list[list[float]], y: list[float], caps: list[list[float]] = (),
+                   cap_y: list[float] = ()) -> list[float]:
+    """Non-negative coefficients whose worst speed error over the runs is smallest, never predicting more
+    than measured / (1 - t) on the `caps` runs either (GPU-bound ones the floor must stay under). For a band
+    that must hold on every run, measured on several hosts whose CPUs pace the same shape differently: least
+    squares centres on whichever host has the most rows, minimax between them. Needs scipy ([dev] extra)."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    a, meas = np.array(rows, dtype=float), np.array(y, dtype=float)
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0
+    a = a / scale
+    c, cy = np.array(caps, dtype=float).reshape(-1, a.shape[1]) / scale, np.array(cap_y, dtype=float)
+    lo, hi, best = 0.0, 0.99, None
+    while hi - lo > MINIMAX_TOLERANCE:
+        t = (lo + hi) / 2
+        res = linprog(np.zeros(a.shape[1]), A_ub=np.vstack([a, -a, c]),
+                      b_ub=np.concatenate([meas / (1 - t), -meas / (1 + t), cy / (1 - t)]),
+                      bounds=[(0, None)] * a.shape[1],
+                      method="highs")
+        if res.status == 0:
+            hi, best = t, res.x
+        else:
+            lo = t
+    if best is None:  # not even within 99%: nothing to centre, fall back to least squares
+        return _solve(rows, y)
+    return [float(v) for v in best / scale]
+
+
 def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
     n = len(b)
     m = [row[:] + [bi] for row, bi in zip(a, b)]
@@ -177,12 +213,12 @@ def _features(run: Run, names: tuple[str, ...]) -> list[float]:
     return cols
 
 
-def fit(runs: list[Run], gpu: str, source: str,
-        prior: Coefficients | None = None) -> tuple[Coefficients, dict[str, Any]]:
+def fit(runs: list[Run], gpu: str, source: str, prior: Coefficients | None = None,
+        floor_fit: str = "least_squares") -> tuple[Coefficients, dict[str, Any]]:
     """Coefficients fitted to the runs, and the fit's residuals per run. With `prior` (the shipped
     reference, for `rigplan calibrate`'s few probes of one architecture), terms the runs cannot identify
     keep the prior's values, and terms they do not exercise at all (no probe without checkpointing) are
-    taken from it."""
+    taken from it. floor_fit: see _fit_speed (the shipped reference pools hosts: "minimax")."""
     pri = dataclasses.asdict(prior) if prior is not None else None
     load_rows = [r for r in runs if r.row.get("after_load_gib") is not None and r.row.get("clean_load", True)]
     fixed = statistics.median(
@@ -204,7 +240,7 @@ def fit(runs: list[Run], gpu: str, source: str,
     contexts = [r.row["context_gib"] * GIB for r in runs if r.row.get("context_gib") is not None]
     values["context_bytes"] = statistics.median(contexts)
 
-    values.update(_fit_speed([r for r in runs if r.row.get("step_s") and speed_valid(r)], gpu, prior))
+    values.update(_fit_speed([r for r in runs if r.row.get("step_s") and speed_valid(r)], gpu, prior, floor_fit))
     if pri:
         if not any(r.setup.checkpointing == "off" for r in runs):  # never exercised: the prior's, as is
             values.update({n: pri[n] for n in ("nockpt_per_hidden", "nockpt_per_intermediate",
@@ -242,11 +278,13 @@ def _fit_slack(runs: list[Run], values: dict[str, float], prior: dict[str, Any] 
     return out
 
 
-def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None) -> dict[str, float]:
+def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None,
+               floor_fit: str = "least_squares") -> dict[str, float]:
     """micro-batch s = max(GPU line, host floor): the GPU line is FLOPs / (peak x mfu) + (elementwise +
     dequant bytes) / bandwidth, fitted on the large micro-batches that keep the GPU busy; the floor is
-    fixed + checkpointed layers x per-layer cost, fitted on the small micro-batches measured clearly above
-    that line."""
+    fixed + layers x per-layer cost (+ QLoRA's per layer, + offloaded GB), fitted on the small micro-batches
+    measured clearly above that line: by least squares (one host's probes), or minimax over runs pooled
+    from several hosts (floor_fit="minimax", every term free)."""
     g = resolve_gpu(gpu)
     peak, bandwidth = g.tensor_tflops * 1e12, g.bandwidth_gb_s * 1e9
 
@@ -275,7 +313,12 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None) -> 
     # 1 x 2048 ones on one host; without such probes they are held at the prior's values (0 without one),
     # since noise and the differences between hosts would otherwise pass for them.
     cols = [floor_cols(r) for r in host_bound]
-    if not any(r.setup.tokens <= FLOOR_PROBE_TOKENS for r in host_bound):
+    if floor_fit == "minimax":
+        others = [r for r in runs if r not in host_bound]
+        overhead, per_layer, nockpt_per_layer, qlora_per_layer, offload = _solve_minimax(
+            cols, [r.row["step_s"] for r in host_bound], [floor_cols(r) for r in others],
+            [r.row["step_s"] for r in others])
+    elif not any(r.setup.tokens <= FLOOR_PROBE_TOKENS for r in host_bound):
         held = [0.0, 0.0] if floor_prior is None else floor_prior[3:]
         y = [r.row["step_s"] - sum(h * c for h, c in zip(held, col[3:])) for r, col in zip(host_bound, cols)]
         overhead, per_layer, nockpt_per_layer = _solve([c[:3] for c in cols], y,
@@ -322,9 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--gpu", required=True)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--floor-fit", choices=["least_squares", "minimax"], default="least_squares",
+                        help="how the host floor is fitted: minimax for runs pooled from several hosts")
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
-    coeffs, res = fit(runs, args.gpu, source=", ".join(p.name for p in args.runs))
+    coeffs, res = fit(runs, args.gpu, source=", ".join(p.name for p in args.runs), floor_fit=args.floor_fit)
     print(json.dumps(dataclasses.asdict(coeffs), indent=2))
     for t in res["runs"]:
         tps = f"{t['tok_per_s_err']:+7.1%}" if t["tok_per_s_err"] is not None else "      -"
@@ -338,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         write_calibration(args.out, coeffs, res, runs_files=[str(p) for p in args.runs],
                           provenance={k: prov.get(k) for k in ("gpu", "driver", "cuda", "packages")}
                           | {"date": (prov.get("date") or "")[:10], "command": "python -m rigplan.calibration.fit "
-                             + " ".join(str(p) for p in args.runs) + f" --gpu {args.gpu}"})
+                             + " ".join(str(p) for p in args.runs) + f" --gpu {args.gpu} --floor-fit {args.floor_fit}"})
 
 
 if __name__ == "__main__":

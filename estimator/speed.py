@@ -95,10 +95,11 @@ def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
     return coeffs.step_overhead_s + per_layer * model.num_hidden_layers + coeffs.offload_s_per_gb * offload_gb(model, setup)
 
 
-# How far a host-bound micro-batch's time strays: full-depth 7-8B 1 x 2048 steps on five H100 machines took
-# 0.23-0.45 s (bench/results/calibrate-h100), and each machine's own calibration missed them by up to 38%,
-# while GPU-bound shapes stayed within 3.3%. The host's CPU varies between machines and over minutes.
-HOST_BOUND_ERROR = 0.40
+# How far a host-bound micro-batch's time strays: full-depth 7-8B 1 x 2048 steps on six H100 machines took
+# 0.23-0.45 s (bench/results/calibrate-h100); the shipped reference, which never saw those runs, missed them by
+# -14% to +46% (GPU-bound shapes of the same calls: within 4.3%), and each machine's own calibration by up to
+# 38%. The host's CPU varies between machines and over minutes.
+HOST_BOUND_ERROR = 0.50
 
 
 def host_bound(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> bool:
