@@ -12,6 +12,8 @@
 #               checkpointing): bench/results/h100-tp2-lora-2001tok.json again, the padding-free fix on its own
 #   qlora-mb2   as qlora at micro-batch 2 (x 8)
 #   own-lora, own-qlora  the local GPU's own plan (as `rigplan run` trains it), against the HF baseline (hf-plain)
+#   own-lora-padded, own-qlora-padded  rigplan and bare on that plan with padded micro-batches (--batching padded):
+#               Unsloth compiles each decoder block only for padded ones; own-qlora-pf: rigplan alone, padding-free
 # e.g. bash bench/record_throughput.sh lora   (or several modes: bash bench/record_throughput.sh lora-plain-mb2 qlora-mb2)
 # Sizes: importing Unsloth and loading the 8B replica take 40-55 s per part, its first steps compile for 20-40 s,
 # and the estimator predicts ~3,500 tok/s for Unsloth at micro-batch 1 of ~1,100 tokens on the H100 (host-bound).
@@ -50,8 +52,11 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
     qlora-mb2)  run tp-qlora-mb2 530 $QLORA --micro-batch 2 --parts rigplan,bare,hf ;;
     own-lora)   run tp-own-lora 530 --method lora --examples 224 --steps 0 --plan-gpu auto --parts rigplan,bare,hf-plain ;;
     own-qlora)  run tp-own-qlora 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan,bare,hf-plain ;;
+    own-lora-padded)  run tp-own-lora-padded 530 --method lora --examples 224 --steps 0 --plan-gpu auto --parts rigplan,bare --batching padded ;;
+    own-qlora-padded) run tp-own-qlora-padded 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan,bare --batching padded ;;
+    own-qlora-pf)     run tp-own-qlora-pf 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan ;;
     equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
                   --parts rigplan,bare ;;
-    *) echo "unknown mode $mode (lora, lora-plain, lora-mb2, lora-plain-mb2, qlora, qlora-mb2, own-lora, own-qlora, equal)"; exit 2 ;;
+    *) echo "unknown mode $mode (see the list at the top)"; exit 2 ;;
   esac
 done

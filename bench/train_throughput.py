@@ -62,7 +62,8 @@ def bare(plan, args: argparse.Namespace) -> dict:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     tok = AutoTokenizer.from_pretrained(plan.model_path)
-    prepared = prepare_data(plan, tok, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), eval_fraction=0.0))
+    prepared = prepare_data(plan, tok, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), eval_fraction=0.0,
+                                                  batching=args.batching))
     padding_free = prepared.report["batching"] == "padding-free"
     collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
                                               else tok.eos_token_id, padding_free=padding_free)
@@ -144,7 +145,7 @@ def part(args: argparse.Namespace) -> dict:
     from rigplan.trainer.run import RunOptions, train
 
     s = train(plan, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), max_steps=args.steps or -1,
-                               save_steps=10_000, eval_fraction=0.0, engine=args.engine))
+                               save_steps=10_000, eval_fraction=0.0, engine=args.engine, batching=args.batching))
     report = json.loads((Path(args.run_dir) / "data_report.json").read_text())
     return {"part": args.part, "status": s["status"], "steps": s["global_step"], "batching": report["batching"],
             **s["measured"], "first_loss": s["first_loss"], "final_loss": s["final_loss"], "predicted": s["predicted"]}
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="in this order (the HF engine's parts, the slowest, last); hf-plain: the HF baseline, "
                         "transformers + PEFT with transformers' own loss (full logits); hf: the same with TRL "
                         "1.15's chunked LM head")
+    p.add_argument("--batching", choices=["auto", "padded", "padding-free"], default="auto",
+                   help="as rigplan run --batching, in every part")
     p.add_argument("--out", type=Path, default=Path("bench/throughput"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a toy-sized replica")
     p.add_argument("--part", help=argparse.SUPPRESS)
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.parts.split(","):
         engine = "unsloth" if cuda and name in ("rigplan", "bare") else "hf"
         cmd = [sys.executable, __file__, "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
-               "--run-dir", str(out / f"run-{name}"), "--engine", engine, "--steps", str(args.steps)]
+               "--run-dir", str(out / f"run-{name}"), "--engine", engine, "--steps", str(args.steps),
+               "--batching", args.batching]
         if (out / f"run-{name}").exists():
             subprocess.run(["rm", "-rf", str(out / f"run-{name}")], check=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)

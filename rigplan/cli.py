@@ -235,18 +235,21 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--seq", "seq_len", type=int)
 @click.option("--lr", "learning_rate", type=float)
 @click.option("--engine", type=click.Choice(["unsloth", "hf"]), help="Force an engine.")
+@click.option("--batching", type=click.Choice(["auto", "padded", "padding-free"]), default="auto", show_default=True,
+              help="Pad micro-batches, or put examples back to back; auto: padding-free past 10% padding.")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
-        engine: str | None) -> None:
+        engine: str | None, batching: str) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     from rigplan import check as lib
     from rigplan.trainer.run import RunOptions
 
     opts = RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
                       overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
-                      save_steps=save_steps, max_steps=max_steps, merge=merge, engine=engine)  # type: ignore[arg-type]
+                      save_steps=save_steps, max_steps=max_steps, merge=merge, engine=engine,  # type: ignore[arg-type]
+                      batching=batching)  # type: ignore[arg-type]
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
                "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs}
     p = _run(lambda: lib.plan_for_run(model_or_plan, gpu, data_file, changes, force))

@@ -262,8 +262,7 @@ def test_varied_lengths_train_padding_free_as_padding_would(model_dir, varied_fi
     assert report["batching"] == "padding-free" and report["non_padding_share"] == 1.0 and report["overlong"] == 0
     assert report["padded_non_padding_share"] < runlib.PADDING_FREE_BELOW
 
-    monkeypatch.setattr(runlib, "PADDING_FREE_BELOW", 0.0)  # never padding-free
-    padded = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "padded"))
+    padded = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "padded", batching="padded"))
     assert json.loads((tmp_path / "padded" / "data_report.json").read_text())["batching"] == "padded"
     assert free["global_step"] == padded["global_step"] == 8
     assert free["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-5)

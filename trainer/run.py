@@ -75,6 +75,9 @@ class RunOptions:
     """Also write merged 16-bit weights."""
     engine: Engine | None = None
     """Force an engine ('unsloth' or 'hf'); None chooses by the machine."""
+    batching: Literal["auto", "padded", "padding-free"] = "auto"
+    """Micro-batches padded to their longest example, or examples back to back (padding-free); auto:
+    padding-free when padding would be over a tenth of the tokens (PADDING_FREE_BELOW)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
         "overlong_share": round(overlong / len(lengths), 4), "overlong_action": opts.overlong,
     }
     padded_share = non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed)
-    padding_free = padded_share < PADDING_FREE_BELOW
+    padding_free = (padded_share < PADDING_FREE_BELOW if opts.batching == "auto"
+                    else opts.batching == "padding-free")
     report.update(batching="padding-free" if padding_free else "padded",
                   non_padding_share=1.0 if padding_free else padded_share,  # of the tokens that train
                   padded_non_padding_share=padded_share)  # had micro-batches been padded: why the choice
