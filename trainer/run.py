@@ -34,13 +34,14 @@ CHECKPOINT_COMPLETE = "rigplan_complete.json"
 WARMUP_STEPS = 3
 # Padding-free batching (examples back to back in one row, attention kept within each example) when padded
 # micro-batches would be less than this share real tokens. Not always: on Unsloth a padding-free micro-batch
-# skips the per-decoder-block torch.compile (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`):
-# the likely cause of rigplan's ~14% gap to a bare Unsloth loop on the H100 (bench/results/h100-tp2-lora-
-# 2001tok.json: micro-batches of one example, where Unsloth had turned padding-free on and it saved nothing).
-# Unsloth measured padded + block compile 5-17% faster on host-bound micro-batches and up to 57% slower on
-# GPU-bound ones, by their padding (unsloth/utils/padding_choice.py:6-12). rigplan goes padding-free once padding
-# would be over a tenth of the tokens: a judgement between the two, not yet measured here.
-PADDING_FREE_BELOW = 0.9
+# skips the per-decoder-block torch.compile (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`).
+# Measured on the H100 (bench/results/h100-tp3-own-lora*.json: Llama-3.1-8B LoRA, micro-batch 2, no
+# checkpointing, examples of 256-2000 tokens, padded micro-batches 79.2% real): padded 8,429 real tok/s,
+# padding-free 7,488; the bare Unsloth loop 9,651 and 7,340. Padded at 79.2% real runs 10,643 tok/s of
+# padded tokens, so padding-free wins only once padded micro-batches would be under 7,488 / 10,643 = 70% real.
+# Not measured: checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
+# (unsloth/utils/padding_choice.py:6-12).
+PADDING_FREE_BELOW = 0.70
 # On CUDA, log about this often rather than every step: a log is a host-device sync (the loss read with .item(),
 # transformers/trainer.py:2175) and the logging callbacks, milliseconds, under 1% of 5 s.
 LOG_EVERY_S = 5.0
@@ -77,7 +78,7 @@ class RunOptions:
     """Force an engine ('unsloth' or 'hf'); None chooses by the machine."""
     batching: Literal["auto", "padded", "padding-free"] = "auto"
     """Micro-batches padded to their longest example, or examples back to back (padding-free); auto:
-    padding-free when padding would be over a tenth of the tokens (PADDING_FREE_BELOW)."""
+    padding-free when padding would be over 30% of the tokens (PADDING_FREE_BELOW)."""
 
 
 @dataclass(frozen=True)
