@@ -306,3 +306,16 @@ def test_logging_interval_is_a_divisor_of_the_checkpoint_interval() -> None:
     assert runlib.logging_steps(0.0, 50) == 1
     assert runlib.logging_steps(0.01, 50) == 50
     assert runlib.logging_steps(0.3, 7) == 7
+
+
+def test_unsloth_trains_on_the_models_own_loss_hf_on_cuda_on_trls_head(tmp_path, monkeypatch) -> None:
+    """The loss is the model's own on Unsloth (its fused cross-entropy, no per-micro-batch metric reads) and
+    where TRL's chunked LM head cannot run; TRL's head where it can and the model is plain transformers."""
+    from trl.trainer import utils as trl_utils
+
+    guard = runlib._Guard(tmp_path)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", object(), raising=False)  # as on a CUDA machine
+    assert "compute_loss" in runlib._trainer_class(guard, "unsloth").__dict__
+    assert "compute_loss" not in runlib._trainer_class(guard, "hf").__dict__
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", None)  # no Triton (CPU builds of torch)
+    assert "compute_loss" in runlib._trainer_class(guard, "hf").__dict__

@@ -356,15 +356,20 @@ def split_micro_batch(inputs: dict[str, Any], parts: int) -> list[dict[str, Any]
     return out
 
 
-def _trainer_class(guard: "_Guard") -> Any:
-    """TRL's SFTTrainer with rigplan's out-of-memory backoff and real-token count; where TRL's fused LM-head
-    loss cannot run (its kernels need Triton, which CPU builds of torch lack: trl/kernels/chunked_logprob.py),
-    computing the model's own causal-LM loss instead, the override TRL documents for a custom loss."""
+def _trainer_class(guard: "_Guard", engine: str = "hf") -> Any:
+    """TRL's SFTTrainer with rigplan's out-of-memory backoff and real-token count. The loss is the model's
+    own causal-LM loss (the override TRL documents for a custom loss) on Unsloth, whose fused cross-entropy
+    keeps the logits out of memory, and wherever TRL's chunked LM head cannot run (its kernels need Triton,
+    which CPU builds of torch lack: trl/kernels/chunked_logprob.py). TRL's head is kept for transformers +
+    PEFT on CUDA, where the model's own loss would build the full logits. TRL's head also logs entropy and
+    token accuracy, reading three numbers back from the GPU every micro-batch (trl/trainer/sft_trainer.py:
+    1638-1651): on the H100 rigplan ran 0.87x a bare Unsloth loop making the model's own loss call (padded
+    LoRA, micro-batch 2: bench/results/h100-tp3-own-lora-padded.json)."""
     import torch
     from trl import SFTTrainer
     from trl.trainer import utils as trl_utils
 
-    fused = getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
+    fused = engine != "unsloth" and getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
 
     class RigplanSFTTrainer(SFTTrainer):
         split = 1  # micro-batches are cut into this many parts after out-of-memory errors
@@ -500,7 +505,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                                 padding_free=prepared.report["batching"] == "padding-free")
     guard = _Guard(out, torch.cuda.synchronize if cuda else None)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
-    trainer = _trainer_class(guard)(model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
+    trainer = _trainer_class(guard, engine)(model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
                                eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None,
                                processing_class=tokenizer, callbacks=callbacks)
     handler = trainer.callback_handler  # our callback first, so the progress printer shows its tokens/s
