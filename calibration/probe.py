@@ -10,12 +10,9 @@ Every row is appended (and flushed) as soon as it is measured, so a killed probe
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from rigplan.calibration.replica import build_replica, reduced
 from rigplan.estimator.plan import Plan
 from rigplan.profiles import nvml
 from rigplan.profiles.catalog import resolve_model
+from rigplan.trainer.engine import provenance  # noqa: F401  (re-exported: bench scripts import it from here)
 
 GIB = 2**30
 WARMUP = 1  # the first step compiles (Unsloth compiles each decoder block: 15-40 s on an H100)
@@ -53,40 +51,6 @@ class Job:
         shapes = tuple(tuple(int(x) for x in s.split("x")) for s in parts[3].split(","))
         extra = dict(p.split("=", 1) for p in parts[4:])
         return cls(model, int(layers) if layers else None, parts[1], int(parts[2]), shapes, **extra)  # type: ignore[arg-type]
-
-
-def provenance() -> dict[str, Any]:
-    """GPU, driver, CUDA and package versions, date and command: what a measurement needs to be reused."""
-    import importlib.metadata as md
-
-    import torch
-
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "unsloth", "unsloth_zoo", "bitsandbytes", "accelerate"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    import pynvml  # nvidia-ml-py, a base dependency
-
-    driver = None
-    total = None
-    try:
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / GIB
-    except pynvml.NVMLError as e:  # no driver (a CPU probe): record why rather than fail
-        driver = f"unavailable: {e}"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else platform.processor()
-    # The host matters: small micro-batches wait on the CPU (estimator/speed.py's host floor). boot_id tells
-    # two machines with the same name apart.
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    return {"gpu": gpu, "gpu_total_gib": total, "driver": driver, "cuda": torch.version.cuda,
-            "host": platform.node(), "boot_id": boot.read_text().strip() if boot.exists() else None, "cpu": cpu, "python": platform.python_version(), "packages": versions,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
 
 
 def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str,

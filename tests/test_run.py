@@ -319,3 +319,20 @@ def test_unsloth_trains_on_the_models_own_loss_hf_on_cuda_on_trls_head(tmp_path,
     assert "compute_loss" not in runlib._trainer_class(guard, "hf").__dict__
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", None)  # no Triton (CPU builds of torch)
     assert "compute_loss" in runlib._trainer_class(guard, "hf").__dict__
+
+
+def test_a_finished_run_is_logged_for_calibration(model_dir, data_file, tmp_path) -> None:
+    """record_run appends one whole JSON line per run (plan, measured, predicted, the data's shape,
+    provenance) to the user's runs.jsonl, which GPU runs write for calibration to learn from."""
+    from rigplan.trainer.engine import provenance
+
+    plan = plan_for(model_dir, epochs=1.0)
+    summary = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "run", max_steps=2))
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    log = tmp_path / "home" / runlib.RUNS_LOG
+    for _ in range(2):
+        runlib.record_run(log, plan, summary, report, provenance())
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 2 and Plan.from_json(json.dumps(rows[0]["plan"])) == plan
+    assert rows[0]["measured"]["tokens"] == summary["measured"]["tokens"] > 0
+    assert rows[0]["data"]["examples"] == report["examples"] and rows[0]["provenance"]["packages"]["torch"]

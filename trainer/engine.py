@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
+import platform
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +17,7 @@ from rigplan.errors import RigplanError
 from rigplan.estimator.plan import Plan
 
 Engine = Literal["unsloth", "hf"]
+GIB = 2**30
 
 
 def choose_engine() -> Engine:
@@ -101,3 +105,37 @@ def load(plan: Plan, engine: Engine | None = None) -> tuple[Any, Any]:
     """The one place the engine is chosen."""
     engine = engine or choose_engine()
     return load_unsloth(plan) if engine == "unsloth" else load_hf_peft(plan)
+
+
+def provenance() -> dict[str, Any]:
+    """GPU, driver, CUDA and package versions, date and command: what a measurement needs to be reused."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "unsloth", "unsloth_zoo", "bitsandbytes", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import pynvml  # nvidia-ml-py, a base dependency
+
+    driver = None
+    total = None
+    try:
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / GIB
+    except pynvml.NVMLError as e:  # no driver (a CPU probe): record why rather than fail
+        driver = f"unavailable: {e}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else platform.processor()
+    # The host matters: small micro-batches wait on the CPU (estimator/speed.py's host floor). boot_id tells
+    # two machines with the same name apart.
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return {"gpu": gpu, "gpu_total_gib": total, "driver": driver, "cuda": torch.version.cuda,
+            "host": platform.node(), "boot_id": boot.read_text().strip() if boot.exists() else None, "cpu": cpu, "python": platform.python_version(), "packages": versions,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)}

@@ -547,4 +547,28 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         return summary
     summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge))
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cuda and plan.gpu != "cpu":
+        from rigplan.calibration.store import user_dir
+        from rigplan.trainer.engine import provenance
+
+        record_run(user_dir() / RUNS_LOG, plan, summary, prepared.report, provenance())
     return summary
+
+
+# Every finished GPU run, appended to this file in the user's data directory (next to the calibrations): the
+# plan, what was measured and the data's shape, with provenance, for calibration to learn from real runs.
+RUNS_LOG = "runs.jsonl"
+
+
+def record_run(path: Path, plan: Plan, summary: dict[str, Any], report: dict[str, Any],
+               prov: dict[str, Any]) -> dict[str, Any]:
+    """Append one line: a whole line in one write, so a crash leaves earlier lines readable."""
+    data = {k: report.get(k) for k in ("examples", "tokens", "length_p50", "length_p95", "length_max",
+                                       "batching", "non_padding_share")}
+    row = {"plan": json.loads(plan.to_json()), "status": summary["status"], "engine": summary["engine"],
+           "steps": summary["global_step"], "measured": summary["measured"], "predicted": summary["predicted"],
+           "oom_backoffs": summary["oom_backoffs"], "data": data, "provenance": prov}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
