@@ -113,6 +113,9 @@ def test_modelfile_points_at_base_and_adapter(model_dir, data_file, tmp_path) ->
     assert text == [f"FROM {model_dir.resolve()}", "ADAPTER ./adapter"]
     config = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 16 and set(config["target_modules"]) == set(resolve_model(str(model_dir)).target_modules)
+    report = json.loads((tmp_path / "o" / "data_report.json").read_text())
+    readme = (tmp_path / "o" / "README.md").read_text()
+    assert f"Tokens per example: {report['tokens'] / report['examples']:,.0f} tokenized" in readme
 
 
 def test_bad_data_fails_with_line_numbers_before_loading(model_dir, tmp_path, monkeypatch) -> None:

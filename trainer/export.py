@@ -49,6 +49,12 @@ def run_readme(plan: Plan, report: dict[str, Any], summary: dict[str, Any]) -> s
         f"| nvidia-smi GiB | {fmt(m.get('nvml_used_gib'))} | {fmt(p.get('total_gib'))} |",
         f"| tokens/s | {fmt(m.get('tokens_per_s'), ',.0f')} | {fmt(p.get('tokens_per_s'), ',.0f')} |",
         "",
+        # The plan's speed is for examples of the length it was told or estimated from characters (or for full
+        # sequences); the tokenizer's count can differ, and a different length is a different speed.
+        f"Tokens per example: {report['tokens'] / max(1, report['examples']):,.0f} tokenized; the plan's speed is "
+        + (f"for {plan.example_tokens:,.0f}, as planned." if plan.example_tokens
+           else f"for full sequences of {plan.seq_len:,}."),
+        "",
         "Files: `adapter/` (PEFT safetensors + tokenizer), `Modelfile` (Ollama), `plan.json`, `data_report.json`,",
         "`metrics.jsonl`, `checkpoints/`, `run_summary.json`.",
         "",
