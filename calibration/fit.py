@@ -314,7 +314,8 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None,
     # since noise and the differences between hosts would otherwise pass for them.
     cols = [floor_cols(r) for r in host_bound]
     if floor_fit == "minimax":
-        others = [r for r in runs if r not in host_bound]
+        bound = {id(r) for r in host_bound}
+        others = [r for r in runs if id(r) not in bound]
         overhead, per_layer, nockpt_per_layer, qlora_per_layer, offload = _solve_minimax(
             cols, [r.row["step_s"] for r in host_bound], [floor_cols(r) for r in others],
             [r.row["step_s"] for r in others])

@@ -89,9 +89,10 @@ def validate(model: ModelSpec, setup: Setup) -> None:
 
 def speed_setup(setup: Setup, example_tokens: float | None) -> Setup:
     """The micro-batch real data trains: micro_batch examples of their mean length (one example, or several
-    back to back padding-free) rather than micro_batch x seq_len tokens. Short examples on a fast GPU leave it
-    on the host's floor: our 8B QLoRA plan for H100 at seq 3072 predicted 15,049 tok/s for full sequences
-    and ran 4,309 on examples of ~1,100 tokens (bench/results/h100-tp3-own-qlora.json)."""
+    back to back padding-free) rather than micro_batch x seq_len tokens; the padding of padded micro-batches
+    (up to 30% of their tokens, trainer/run.py's PADDING_FREE_BELOW) is not counted. Short examples on a fast
+    GPU leave it on the host's floor: our 8B QLoRA plan for H100 at seq 3072 predicted 15,049 tok/s for full
+    sequences and ran 4,309 on examples of ~1,100 tokens (bench/results/h100-tp3-own-qlora.json)."""
     if not example_tokens or example_tokens >= setup.seq_len:
         return setup
     return dataclasses.replace(setup, seq_len=max(1, round(example_tokens)))

@@ -264,7 +264,8 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
             raise ConfigError(f"{path}: not a rigplan plan ({e}); make one with rigplan plan --out") from e
     else:
         # A method asked for is planned for (its own best micro-batch and checkpointing), not patched into
-        # the other method's plan; a CPU plan is LoRA whatever is asked (no bitsandbytes 4-bit on CPU).
+        # the other method's plan. A CPU plan keeps it as a change: QLoRA is then refused when training
+        # starts (bitsandbytes 4-bit needs CUDA), with a one-line error.
         method = changes.get("method")
         base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True,
                          methods=(method,) if method else ("lora", "qlora"))
