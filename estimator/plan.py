@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 Method = Literal["lora", "qlora"]
 Optimizer = Literal["adamw_8bit", "adamw_torch"]
@@ -42,6 +42,40 @@ class Setup:
     def tokens(self) -> int:
         """Tokens in one micro-batch."""
         return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class ExampleLengths:
+    """Tokens per example of the data a plan trains on, sorted (evenly spaced quantiles of a large set).
+    Speed depends on them through padding: a padded micro-batch is as long as its longest example."""
+
+    tokens: tuple[int, ...]
+
+    @classmethod
+    def of(cls, lengths: Iterable[int], points: int = 256) -> "ExampleLengths":
+        """The lengths, or `points` evenly spaced quantiles of them: enough for the expectations below."""
+        s = sorted(max(1, int(n)) for n in lengths)
+        if not s:
+            raise ValueError("no example lengths")
+        if len(s) > points:
+            s = [s[round(i * (len(s) - 1) / (points - 1))] for i in range(points)]
+        return cls(tuple(s))
+
+    @classmethod
+    def equal(cls, tokens: float) -> "ExampleLengths":
+        """Examples all of one length (only a mean is known: --avg-tokens), so nothing is padded."""
+        return cls((max(1, round(tokens)),))
+
+    def mean(self, seq_len: int) -> float:
+        """Mean tokens per example once each is cut to seq_len."""
+        return sum(min(n, seq_len) for n in self.tokens) / len(self.tokens)
+
+    def longest_of(self, k: int, seq_len: int) -> float:
+        """Expected longest of k examples drawn at random, each cut to seq_len: the order statistic
+        E[max] = sum_i x_(i) ((i/n)^k - ((i-1)/n)^k) over the sorted lengths x_(1..n) (draws with
+        replacement; the trainer's shuffled micro-batches draw without, a difference of 1/n)."""
+        n = len(self.tokens)
+        return sum(min(x, seq_len) * ((i / n) ** k - ((i - 1) / n) ** k) for i, x in enumerate(self.tokens, 1))
 
 
 @dataclass(frozen=True)
@@ -94,6 +128,11 @@ class Plan:
     example_tokens: float = 0.0
     """Mean tokens per example that tokens_per_s and step_s are for (micro-batches of micro_batch such
     examples); 0: full micro_batch x seq_len micro-batches."""
+    batching: str = ""
+    """How the predicted micro-batches are laid out: 'padded' (to their longest example) or 'padding-free'
+    (examples back to back), as the trainer's auto choice makes them; '': full sequences, no data known."""
+    non_padding_share: float = 0.0
+    """Expected share of real tokens in the predicted micro-batches (1.0 padding-free; 0: no data known)."""
     components_gib: dict[str, float] = field(default_factory=dict)
     """The memory terms that add up to total_gib, GiB each."""
     calibration: str = ""

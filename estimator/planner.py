@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rigplan.errors import ConfigError
 from rigplan.estimator import memory, speed
-from rigplan.estimator.plan import Checkpointing, Coefficients, Method, Plan, Setup
+from rigplan.estimator.plan import Checkpointing, Coefficients, ExampleLengths, Method, Plan, Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
 GIB = 2**30
@@ -46,6 +46,10 @@ class Estimate:
     host_bound: bool = False
     example_tokens: float | None = None
     """Mean tokens per example the speed is for (None: full micro_batch x seq_len micro-batches)."""
+    batching: str | None = None
+    """'padded' or 'padding-free': how the trainer will lay out the data's micro-batches (None: no data)."""
+    non_padding_share: float | None = None
+    """Share of real tokens had the micro-batches been padded (the trainer's choice rests on it)."""
 
     @property
     def headroom_gib(self) -> float:
@@ -87,36 +91,32 @@ def validate(model: ModelSpec, setup: Setup) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def speed_setup(setup: Setup, example_tokens: float | None) -> Setup:
-    """The micro-batch real data trains: micro_batch examples of their mean length (one example, or several
-    back to back padding-free) rather than micro_batch x seq_len tokens; the padding of padded micro-batches
-    (up to 30% of their tokens, trainer/run.py's PADDING_FREE_BELOW) is not counted. Short examples on a fast
-    GPU leave it on the host's floor: our 8B QLoRA plan for H100 at seq 3072 predicted 15,049 tok/s for full
-    sequences and ran 4,309 on examples of ~1,100 tokens (bench/results/h100-tp3-own-qlora.json)."""
-    if not example_tokens or example_tokens >= setup.seq_len:
-        return setup
-    return dataclasses.replace(setup, seq_len=max(1, round(example_tokens)))
-
-
 def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
-             gpu_memory_gib: float | None = None, example_tokens: float | None = None) -> Estimate:
+             gpu_memory_gib: float | None = None, lengths: ExampleLengths | None = None) -> Estimate:
     """Memory and speed of one configuration (what `rigplan estimate` prints). Memory is for full
-    micro-batches (micro_batch x seq_len tokens, the most a batch can hold); speed, given the data's mean
-    tokens per example, for the micro-batches that data makes (speed_setup)."""
+    micro-batches (micro_batch x seq_len tokens, the most a batch can hold); speed, given the data's example
+    lengths, for the micro-batches that data makes (speed.data_micro_batch: padding and the trainer's
+    padded / padding-free choice counted), else for full ones. Short examples on a fast GPU leave it on the
+    host's floor: our 8B QLoRA plan for H100 at seq 3072 predicted 15,049 tok/s for full sequences and ran
+    4,309 on examples of ~1,100 tokens (bench/results/h100-tp3-own-qlora.json)."""
     validate(model, setup)
     parts = memory.components_bytes(model, setup, coeffs)
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
-    timed = speed_setup(setup, example_tokens)
+    timed, real_tokens, batching, share = setup, float(setup.tokens), None, None
+    if lengths is not None:
+        timed, real_tokens, batching, share = speed.data_micro_batch(setup, lengths)
+    micro_s = speed.data_micro_batch_s(model, timed, batching or "padded", gpu, coeffs)
     return Estimate(
         setup=setup, components_bytes=parts,
         peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,
         peak_reserved_gib=memory.peak_reserved_bytes(parts) / GIB,
         total_gib=total,
-        tokens_per_s=speed.tokens_per_s(model, timed, gpu, coeffs),
-        step_s=speed.step_s(model, timed, gpu, coeffs),
+        tokens_per_s=real_tokens / micro_s,
+        step_s=setup.grad_accum * micro_s,
         host_bound=speed.host_bound(model, timed, gpu, coeffs),
-        example_tokens=timed.seq_len if timed is not setup else None,
+        example_tokens=real_tokens / setup.micro_batch if lengths is not None else None,
+        batching=batching, non_padding_share=share,
         gpu_memory_gib=limit,
         fits=total <= limit * (1 - SAFETY_MARGIN),
     )
@@ -131,14 +131,16 @@ def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients,
                 target_modules=model.target_modules, optimizer=s.optimizer, checkpointing=s.checkpointing,
                 peak_allocated_gib=round(est.peak_allocated_gib, 3), peak_reserved_gib=round(est.peak_reserved_gib, 3),
                 total_gib=round(est.total_gib, 3), tokens_per_s=round(est.tokens_per_s * num_gpus, 1),
-                step_s=round(est.step_s, 4), host_bound=est.host_bound, example_tokens=est.example_tokens or 0.0,
+                step_s=round(est.step_s, 4), host_bound=est.host_bound,
+                example_tokens=round(est.example_tokens or 0.0, 1), batching=est.batching or "",
+                non_padding_share=round(1.0 if est.batching == "padding-free" else est.non_padding_share or 0.0, 4),
                 components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
                 calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=num_gpus)
 
 
 def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
                 methods: tuple[Method, ...], ranks: tuple[int, ...], checkpointing: tuple[Checkpointing, ...],
-                limit: float, example_tokens: float | None = None) -> list[Estimate]:
+                limit: float, lengths: ExampleLengths | None = None) -> list[Estimate]:
     out = []
     for method in methods:
         for rank in ranks:
@@ -148,7 +150,7 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
                         break
                     setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
                                   grad_accum=max(1, effective_batch // micro), checkpointing=ckpt)
-                    out.append(estimate(model, setup, gpu, coeffs, limit, example_tokens))
+                    out.append(estimate(model, setup, gpu, coeffs, limit, lengths))
     return out
 
 
@@ -164,10 +166,10 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
          effective_batch: int = DEFAULT_EFFECTIVE_BATCH, methods: tuple[Method, ...] = ("lora", "qlora"),
          ranks: tuple[int, ...] = RANKS, checkpointing: tuple[Checkpointing, ...] = ("unsloth", "off"),
          gpu_memory_gib: float | None = None, model_path: str | None = None, num_gpus: int = 1,
-         alternatives: int = 4, example_tokens: float | None = None) -> PlanResult:
+         alternatives: int = 4, lengths: ExampleLengths | None = None) -> PlanResult:
     """The fastest configuration that fits with SAFETY_MARGIN, preferring 16-bit LoRA when it fits; if
     nothing fits at seq_len, the longest shorter sequence that does, said in the reason. Memory must fit
-    full sequences; speed is ranked on the data's examples when their mean length (example_tokens) is known,
+    full sequences; speed is ranked on the data's examples when their lengths are known (padding counted),
     so short examples get the larger micro-batches that keep the GPU busy."""
     if effective_batch <= 0:
         raise ConfigError(f"effective batch {effective_batch} must be >= 1")
@@ -179,7 +181,7 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     seq = seq_len
     while True:
         cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit,
-                            example_tokens)
+                            lengths)
         fitting = [c for c in cands if c.fits]
         if fitting or seq // 2 < MIN_SEQ_LEN:
             break

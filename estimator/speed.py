@@ -4,8 +4,10 @@ model-FLOPs utilisation, plus fitted per-step overheads. Pure: no I/O, no torch.
 
 from __future__ import annotations
 
+import dataclasses
+
 from rigplan.estimator.memory import lora_params
-from rigplan.estimator.plan import Coefficients, Setup
+from rigplan.estimator.plan import Coefficients, ExampleLengths, Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
 # A matmul of a token through a weight matrix costs 2 FLOPs per weight (multiply + add).
@@ -122,3 +124,33 @@ def step_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -
 
 def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
     return setup.tokens / micro_batch_s(model, setup, gpu, coeffs)
+
+
+# Real data: examples of varied length. The trainer pads each micro-batch to its longest example, or puts the
+# examples back to back (padding-free). Padding costs GPU time on tokens that do not train; padding-free ones
+# run uncompiled on Unsloth, which compiles each decoder block only for padded micro-batches
+# (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`). Measured on the H100
+# (bench/results/h100-tp3-own-lora.json: Llama-3.1-8B LoRA, micro-batch 2, no checkpointing, examples of
+# 257-2001 tokens, mean 1,078): padding-free ran 7,340 tok/s (bare Unsloth loop) and 7,488 (rigplan) where
+# this estimator, fitted on compiled fixed-shape micro-batches, predicts 12,6xx for micro-batches of the mean
+# length: 0.59 of it. So padding-free pays off only when padding would waste more than that: the trainer's
+# automatic choice (trainer/run.py) goes padding-free below this share of real tokens.
+PADDING_FREE_SPEED = 0.60
+
+
+def data_micro_batch(setup: Setup, lengths: ExampleLengths) -> tuple[Setup, float, str, float]:
+    """The micro-batch the data makes: the shape the GPU computes (padded: micro_batch x the expected longest
+    example; padding-free: micro_batch x the mean), the real tokens in it, the batching the trainer picks
+    for it, and its share of real tokens (what padded micro-batches would hold; the choice rests on it)."""
+    mean, longest = lengths.mean(setup.seq_len), lengths.longest_of(setup.micro_batch, setup.seq_len)
+    share = mean / longest
+    batching = "padded" if share >= PADDING_FREE_SPEED else "padding-free"
+    timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "padded" else mean)))
+    return timed, setup.micro_batch * mean, batching, share
+
+
+def data_micro_batch_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
+    """Seconds for one micro-batch of real data (timed from data_micro_batch): padding-free ones run at
+    PADDING_FREE_SPEED of the fitted, compiled rate."""
+    t = micro_batch_s(model, timed, gpu, coeffs)
+    return t / PADDING_FREE_SPEED if batching == "padding-free" else t

@@ -14,7 +14,7 @@ from typing import Any
 from rigplan.calibration import store
 from rigplan.errors import ConfigError, UnknownGpuError
 from rigplan.estimator import planner
-from rigplan.estimator.plan import Coefficients, Plan, Setup
+from rigplan.estimator.plan import Coefficients, ExampleLengths, Plan, Setup
 from rigplan.profiles import catalog, nvml
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 from rigplan.trainer import data
@@ -33,13 +33,9 @@ class Workload:
     examples: int | None
     avg_tokens: float | None
     source: str
-    avg_guessed: bool = False
-    """avg_tokens is the default guess (half of --seq), not the data's or the user's."""
-
-    @property
-    def example_tokens(self) -> float | None:
-        """The mean example length speed is predicted at: the data's or the user's, never the guess."""
-        return None if self.avg_guessed else self.avg_tokens
+    lengths: ExampleLengths | None = None
+    """Tokens per example that speed is predicted for: the data's (padding counted) or --avg-tokens (all
+    equal); None when only guessed (half of --seq), then speed is for full sequences."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "epochs": self.epochs, "examples": self.examples,
@@ -56,24 +52,29 @@ class Target:
 
 
 def workload(data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
-             seq_len: int | None) -> tuple[Workload, int | None]:
-    """The workload, and the sequence length the data asks for (its 95th percentile, or None)."""
+             seq_len: int | None, counted: list[int] | None = None) -> tuple[Workload, int | None]:
+    """The workload, and the sequence length the data asks for (its 95th percentile, or None). The data's
+    lengths are estimated from characters unless counted with the model's tokenizer (counted)."""
     if epochs <= 0:
         raise ConfigError(f"--epochs {epochs} must be > 0")
     if data_file is not None:
-        lengths = data.estimated_lengths(Path(data_file))
+        lengths = counted or data.estimated_lengths(Path(data_file))
+        how = "tokenized with the model's tokenizer" if counted else "lengths estimated from characters"
         p95 = data.percentile(lengths, 95)
         # Round the 95th percentile up to a multiple of 256: longer examples are truncated (5% at most).
         seq = seq_len or max(256, -(-p95 // 256) * 256)
         tokens = sum(min(n, seq) for n in lengths)
-        return Workload(tokens, epochs, len(lengths), tokens / len(lengths),
-                        f"{data_file} (lengths estimated from characters)"), seq
+        examples_ = len(data.estimated_lengths(Path(data_file))) if counted else len(lengths)
+        tokens = tokens / len(lengths) * examples_  # counted lengths may be a sample of the file
+        return Workload(tokens, epochs, examples_, tokens / examples_, f"{data_file} ({how})",
+                        ExampleLengths.of(lengths)), seq
     if examples is not None:
         if examples <= 0 or (avg_tokens is not None and avg_tokens <= 0):
             raise ConfigError("--examples and --avg-tokens must be > 0")
         avg = avg_tokens if avg_tokens is not None else (seq_len or planner.DEFAULT_SEQ_LEN) / 2
         src = "--examples" + (" --avg-tokens" if avg_tokens is not None else ", avg tokens = half of --seq")
-        return Workload(examples * avg, epochs, examples, avg, src, avg_guessed=avg_tokens is None), None
+        return Workload(examples * avg, epochs, examples, avg, src,
+                        ExampleLengths.equal(avg) if avg_tokens is not None else None), None
     return Workload(DEFAULT_WORKLOAD_TOKENS, epochs, None, None, "per 1M tokens (pass --examples or --data)"), None
 
 
@@ -113,7 +114,9 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "effective_batch": p.effective_batch * p.num_gpus, "seq": p.seq_len, "checkpointing": p.checkpointing,
             "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
             "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,
-            "step_s": p.step_s, "host_bound": p.host_bound, "example_tokens": p.example_tokens or None, "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
+            "step_s": p.step_s, "host_bound": p.host_bound, "example_tokens": p.example_tokens or None,
+            "batching": p.batching or None, "non_padding_share": p.non_padding_share or None,
+            "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
             "components_gib": p.components_gib}
 
 
@@ -131,7 +134,7 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
     target, why = resolve_target(gpu)
     if target is None:
         return {**catalogue(model, seq, load, effective_batch), "note": why}
-    result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, example_tokens=load.example_tokens)
+    result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, lengths=load.lengths)
     return {
         "model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name, "gpu_memory_gib": round(target.memory_gib, 2),
         "gpu_source": "local (NVML)" if target.local else "catalogue", "num_gpus": num_gpus,
@@ -143,14 +146,14 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
 
 
 def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, num_gpus: int = 1,
-              model_path: str | None = None, example_tokens: float | None = None,
+              model_path: str | None = None, lengths: ExampleLengths | None = None,
               methods: tuple[str, ...] = ("lora", "qlora")) -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
-    """The planner's answer on the target GPU with its calibration; speed for the data's mean example
-    length when known (example_tokens)."""
+    """The planner's answer on the target GPU with its calibration; speed for the data's example lengths
+    when known."""
     coeffs, doc, here = store.for_gpu(target.spec.id)
     result = planner.plan(model, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
                           gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path,
-                          example_tokens=example_tokens, methods=methods)  # type: ignore[arg-type]
+                          lengths=lengths, methods=methods)  # type: ignore[arg-type]
     return result, result.best, calibration_info(coeffs, doc, here, target.spec)
 
 
@@ -159,7 +162,7 @@ def catalogue(model: ModelSpec, seq: int, load: Workload, effective_batch: int) 
     rows = []
     for spec in catalog.gpus():
         result, p, _ = best_plan(model, Target(spec, planner.usable_gib(spec), False), seq, effective_batch,
-                                 example_tokens=load.example_tokens)
+                                 lengths=load.lengths)
         row = {"gpu": spec.id, "name": spec.name, "memory_gib": spec.memory_gib, "price_usd": spec.price_usd,
                "fits": result.fits, "recommended": plan_row(p, load) if p and result.fits else None}
         if row["recommended"] and spec.price_usd:
@@ -204,13 +207,14 @@ CPU_MICRO_BATCH = 4
 def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data_file: Path | None = None,
               effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH, num_gpus: int = 1, epochs: float = DEFAULT_EPOCHS,
               model_path: str | None = None, allow_cpu: bool = False,
-              methods: tuple[str, ...] = ("lora", "qlora")) -> Plan:
+              methods: tuple[str, ...] = ("lora", "qlora"), counted: list[int] | None = None) -> Plan:
     """The recommended Plan, as `rigplan run` will read it; an error when nothing fits. A local model
-    directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted."""
+    directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted.
+    counted: the data's tokens per example as the model's tokenizer counts them (else estimated)."""
     model = catalog.resolve_model(model_name)
     if model_path is None and Path(model_name).expanduser().is_dir():
         model_path = str(Path(model_name).expanduser().resolve())
-    load, data_seq = workload(data_file, None, None, epochs, seq_len)
+    load, data_seq = workload(data_file, None, None, epochs, seq_len, counted)
     target, why = resolve_target(gpu)
     if target is None and allow_cpu:
         seq = min(seq_len or data_seq or planner.DEFAULT_SEQ_LEN, model.max_position_embeddings)
@@ -222,15 +226,16 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     if target is None:
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
-                             num_gpus, model_path, load.example_tokens, methods)
+                             num_gpus, model_path, load.lengths, methods)
     if p is None or not result.fits:
         raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU or a shorter --seq")
     return dataclasses.replace(p, epochs=float(epochs))
 
 
-def override(p: Plan, changes: dict[str, Any], force: bool = False) -> Plan:
-    """A user's changes to a plan, re-estimated on the plan's GPU; one that cannot fit is refused with the
-    estimate that says why (force: kept anyway). The trainer gets the result and never re-plans."""
+def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: ExampleLengths | None = None) -> Plan:
+    """A user's changes to a plan, re-estimated on the plan's GPU (speed for the data's lengths, when given);
+    one that cannot fit is refused with the estimate that says why (force: kept anyway). The trainer gets the
+    result and never re-plans."""
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         return p
@@ -242,7 +247,7 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False) -> Plan:
     coeffs, doc, _ = store.for_gpu(spec.id)
     setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
                   grad_accum=new.grad_accum, optimizer=new.optimizer, checkpointing=new.checkpointing)
-    est = planner.estimate(model, setup, spec, coeffs, example_tokens=new.example_tokens or None)
+    est = planner.estimate(model, setup, spec, coeffs, lengths=lengths)
     if not est.fits and not force:
         raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in changes.items())} needs {est.total_gib:.1f} GiB on "
                           f"{spec.id} ({est.gpu_memory_gib:.1f} GiB, {planner.SAFETY_MARGIN:.0%} kept free); "
@@ -255,23 +260,48 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False) -> Plan:
 def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: dict[str, Any],
                  force: bool = False) -> Plan:
     """The plan `rigplan run` trains: a saved plan.json, or a fresh plan (CPU plan without a GPU), with the
-    user's overrides re-estimated."""
+    user's overrides re-estimated. Speed is predicted for the data's lengths as the model's tokenizer counts
+    them when it is on this machine (counted_lengths)."""
     path = Path(model_or_plan)
     if path.is_file() and path.suffix == ".json" and '"schema_version"' in path.read_text():
         try:
             base = Plan.from_json(path.read_text())
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"{path}: not a rigplan plan ({e}); make one with rigplan plan --out") from e
+        counted = counted_lengths(base.model_path, data_file) if changes else None
     else:
+        model = catalog.resolve_model(model_or_plan)
+        local_dir = Path(model_or_plan).expanduser()
+        counted = counted_lengths(str(local_dir) if local_dir.is_dir() else model.hub_id, data_file)
         # A method asked for is planned for (its own best micro-batch and checkpointing), not patched into
         # the other method's plan. A CPU plan keeps it as a change: QLoRA is then refused when training
         # starts (bitsandbytes 4-bit needs CUDA), with a one-line error.
         method = changes.get("method")
         base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True,
-                         methods=(method,) if method else ("lora", "qlora"))
+                         methods=(method,) if method else ("lora", "qlora"), counted=counted)
         if base.gpu != "cpu":
             changes = {k: v for k, v in changes.items() if k != "method"}
-    return override(base, changes, force)
+    if not changes:
+        return base
+    lengths = ExampleLengths.of(counted or data.estimated_lengths(Path(data_file)))
+    return override(base, changes, force, lengths)
+
+
+def counted_lengths(model_path: str, data_file: Path) -> list[int] | None:
+    """The data's tokens per example (a sample of up to 2,000) counted with the model's tokenizer when it is
+    on this machine (a local model directory or the hub cache; nothing is downloaded), else None: the
+    plan then estimates lengths from characters."""
+    data.estimated_lengths(Path(data_file))  # bad records stop here, line-numbered, before any import
+    try:
+        from transformers import AutoTokenizer
+
+        from rigplan.trainer.engine import model_source
+
+        source, _ = model_source(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (ImportError, OSError, ValueError):  # no [train] install, or not on disk: estimate instead
+        return None
+    return data.token_lengths(Path(data_file), tokenizer)
 
 
 def dry_run_report(p: Plan, opts: Any) -> dict[str, Any]:

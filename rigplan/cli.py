@@ -89,12 +89,20 @@ def _render_check(d: dict[str, Any]) -> str:
                f"time: {d['workload']['source']}, {d['workload']['tokens']:,.0f} tokens x {d['workload']['epochs']:g} epoch(s)")
     out.append(f"calibration: {d['calibration']['label']}; {d['calibration']['note']}")
     if d["recommended"] and d["recommended"].get("example_tokens"):
-        out.append(f"speed: for micro-batches of examples of {d['recommended']['example_tokens']:,.0f} tokens "
-                   "(the data's mean), memory for full sequences")
+        out.append(_data_speed_note(d["recommended"]))
     if d["recommended"] and d["recommended"]["host_bound"]:
         out.append(_host_bound_note(d["recommended"]["batch"]))
     out += [f"warning: {w}" for w in d["warnings"]]
     return "\n".join(out)
+
+
+def _data_speed_note(r: dict[str, Any]) -> str:
+    share = r.get("non_padding_share") or 1.0
+    how = ("padded to their longest example, {:.0%} real tokens".format(share) if r.get("batching") == "padded"
+           and share < 1 else "examples back to back, padding-free" if r.get("batching") == "padding-free" else
+           "no padding")
+    return (f"speed: for the data's examples (mean {r['example_tokens']:,.0f} tokens) in micro-batches of {r['batch']}, "
+            f"{how}; memory for full sequences")
 
 
 def _host_bound_note(batch: int) -> str:
@@ -255,8 +263,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     p = _run(lambda: lib.plan_for_run(model_or_plan, gpu, data_file, changes, force))
     click.echo(f"plan: {p.model} {p.method} r{p.rank}, micro-batch {p.micro_batch} x {p.grad_accum}, seq {p.seq_len}, "
                f"{p.epochs:g} epoch(s) on {p.gpu}" + (f": {p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s predicted"
-                                                       + (f" (examples of {p.example_tokens:,.0f} tokens)"
-                                                          if p.example_tokens else "")
+                                                       + (f" (examples of {p.example_tokens:,.0f} tokens, "
+                                                          f"{p.batching})" if p.example_tokens else "")
                                                        if p.total_gib else ""))
     if dry_run:
         report = _run(lambda: lib.dry_run_report(p, opts))

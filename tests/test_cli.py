@@ -81,7 +81,7 @@ def test_run_with_method_plans_that_method(tmp_path) -> None:
     p = check.plan_for_run("llama-3.1-8b", "h100-sxm", f, {"method": "qlora"})
     load, seq = check.workload(f, None, None, 1.0, None)
     want = planner.plan(resolve_model("llama-3.1-8b"), resolve_gpu("h100-sxm"), store.for_gpu("h100-sxm")[0],
-                        seq_len=seq, methods=("qlora",), example_tokens=load.example_tokens).best
+                        seq_len=seq, methods=("qlora",), lengths=load.lengths).best
     assert (p.method, p.micro_batch, p.checkpointing, p.tokens_per_s) == \
         ("qlora", want.micro_batch, want.checkpointing, want.tokens_per_s)
 

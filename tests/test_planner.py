@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rigplan.errors import ConfigError
 from rigplan.estimator import planner
-from rigplan.estimator.plan import Plan, Setup
+from rigplan.estimator.plan import ExampleLengths, Plan, Setup
 from rigplan.profiles.catalog import resolve_gpu, resolve_model
 
 LLAMA8B = resolve_model("llama-3.1-8b")
@@ -92,11 +94,46 @@ def test_speed_follows_the_datas_examples_memory_the_full_sequence(coeffs) -> No
     gpu = resolve_gpu("h100-sxm")
     full = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 3072, checkpointing="off"), gpu, coeffs)
     short = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 3072, checkpointing="off"), gpu, coeffs,
-                             example_tokens=1101)
+                             lengths=ExampleLengths.equal(1101))
     assert short.total_gib == full.total_gib and short.example_tokens == 1101 and full.example_tokens is None
     assert short.tokens_per_s < 0.5 * full.tokens_per_s and short.host_bound and not full.host_bound
-    longer = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 3072), gpu, coeffs, example_tokens=5000)
-    assert longer.example_tokens is None  # examples longer than seq_len are cut to it
+    longer = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 3072), gpu, coeffs, lengths=ExampleLengths.equal(5000))
+    assert longer.example_tokens == 3072  # examples longer than seq_len are cut to it
+
+
+def test_longest_of_k_is_the_order_statistic() -> None:
+    """E[max of k draws] against brute force over every k-tuple of a small length set, with the cut."""
+    import itertools
+
+    raw = [5, 9, 9, 40, 120]
+    lengths = ExampleLengths.of(raw)
+    for k in (1, 2, 3):
+        for cap in (1000, 30):
+            tuples = list(itertools.product(raw, repeat=k))
+            want = sum(max(min(x, cap) for x in t) for t in tuples) / len(tuples)
+            assert lengths.longest_of(k, cap) == pytest.approx(want)
+    assert ExampleLengths.of(range(1, 10_001)).tokens[-1] == 10_000 and len(ExampleLengths.of(range(10_000)).tokens) == 256
+
+
+def test_padding_costs_speed_and_heavy_padding_goes_padding_free(coeffs) -> None:
+    """Varied lengths: a padded micro-batch computes its longest example's length for every row, so real
+    tokens/s fall below equal-length examples of the same mean; when padded micro-batches would be mostly
+    padding, the trainer goes padding-free (trainer/run.py's rule) and the estimate says so."""
+    from rigplan.estimator.speed import PADDING_FREE_SPEED
+
+    gpu, setup = resolve_gpu("h100-sxm"), Setup("lora", 16, 2, 2048, checkpointing="off")
+    varied = ExampleLengths.of(range(257, 2002))  # the benches' 256-2000 word examples (+ EOS)
+    equal = ExampleLengths.equal(varied.mean(2048))
+    v, e = (planner.estimate(LLAMA8B, setup, gpu, coeffs, lengths=x) for x in (varied, equal))
+    assert v.batching == "padded" and 0.75 < v.non_padding_share < 0.82 and e.non_padding_share == 1.0
+    # Padding costs at most its share (less where the equal-length micro-batch sits on the host's floor).
+    assert v.non_padding_share * e.tokens_per_s * 0.99 < v.tokens_per_s < 0.97 * e.tokens_per_s
+    assert v.total_gib == e.total_gib
+    skewed = ExampleLengths.of([100] * 9 + [2000])  # in micro-batches of 8, mostly padding
+    s = planner.estimate(LLAMA8B, dataclasses.replace(setup, micro_batch=8), gpu, coeffs, lengths=skewed)
+    assert s.batching == "padding-free" and s.non_padding_share < PADDING_FREE_SPEED
+    plan_ = planner.plan(LLAMA8B, gpu, coeffs, seq_len=2048, lengths=skewed).best
+    assert plan_.batching in ("padded", "padding-free") and 0 < plan_.non_padding_share <= 1
 
 
 def test_full_sequence_speed_overstated_a_recorded_run_of_short_examples(coeffs) -> None:
@@ -112,7 +149,7 @@ def test_full_sequence_speed_overstated_a_recorded_run_of_short_examples(coeffs)
     p, measured = rec["plan"], rec["results"]["rigplan"]
     mean = measured["tokens"] / rec["data"]["examples"]
     setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], checkpointing=p["checkpointing"])
-    est = planner.estimate(LLAMA8B, setup, resolve_gpu("h100-sxm"), coeffs, example_tokens=mean)
+    est = planner.estimate(LLAMA8B, setup, resolve_gpu("h100-sxm"), coeffs, lengths=ExampleLengths.equal(mean))
     assert abs(est.tokens_per_s / measured["tokens_per_s"] - 1) <= HOST_BOUND_ERROR
     assert p["tokens_per_s"] / measured["tokens_per_s"] > 3
 
@@ -120,6 +157,6 @@ def test_full_sequence_speed_overstated_a_recorded_run_of_short_examples(coeffs)
 def test_short_examples_get_larger_micro_batches(coeffs) -> None:
     gpu = resolve_gpu("h100-sxm")
     full = planner.plan(LLAMA8B, gpu, coeffs, seq_len=4096, methods=("qlora",))
-    short = planner.plan(LLAMA8B, gpu, coeffs, seq_len=4096, methods=("qlora",), example_tokens=300)
+    short = planner.plan(LLAMA8B, gpu, coeffs, seq_len=4096, methods=("qlora",), lengths=ExampleLengths.equal(300))
     assert short.best.micro_batch > full.best.micro_batch and short.best.example_tokens == 300
     assert short.best.total_gib <= short.gpu_memory_gib * (1 - planner.SAFETY_MARGIN)

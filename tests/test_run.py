@@ -247,11 +247,11 @@ def test_home_relative_model_paths_load_offline(model_dir, monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def varied_file(tmp_path_factory) -> Path:
-    """Text records of 3 to 40 words: padded micro-batches of 8 would be about half padding."""
+    """Text records of 3 to 10 words, one in five of 60 to 80: padded micro-batches of 8 would be mostly padding."""
     rng = random.Random(2)
     f = tmp_path_factory.mktemp("varied") / "varied.jsonl"
-    f.write_text("\n".join(json.dumps({"text": " ".join(f"w{rng.randrange(60)}" for _ in range(rng.randint(3, 40)))})
-                           for _ in range(64)) + "\n")
+    words = [rng.randint(60, 80) if rng.random() < 0.2 else rng.randint(3, 10) for _ in range(64)]
+    f.write_text("\n".join(json.dumps({"text": " ".join(f"w{rng.randrange(60)}" for _ in range(n))}) for n in words) + "\n")
     return f
 
 
@@ -339,3 +339,22 @@ def test_a_finished_run_is_logged_for_calibration(model_dir, data_file, tmp_path
     assert len(rows) == 2 and Plan.from_json(json.dumps(rows[0]["plan"])) == plan
     assert rows[0]["measured"]["tokens"] == summary["measured"]["tokens"] > 0
     assert rows[0]["data"]["examples"] == report["examples"] and rows[0]["provenance"]["packages"]["torch"]
+
+
+def test_a_run_plan_counts_tokens_with_the_models_tokenizer(model_dir, varied_file) -> None:
+    """`rigplan run` on a local model plans speed for the data as its tokenizer counts it (template and EOS
+    included) with padding counted, where `check` can only estimate from characters; bad data still stops
+    the plan with its line number."""
+    from rigplan import check
+    from rigplan.trainer.run import prepare_data
+    from transformers import AutoTokenizer
+
+    p = check.plan_for_run(str(model_dir), "h100-sxm", varied_file, {})
+    counted = prepare_data(p, AutoTokenizer.from_pretrained(str(model_dir)),
+                           RunOptions(data=varied_file, out_dir=model_dir / "unused", eval_fraction=0.0)).report
+    assert p.example_tokens == pytest.approx(counted["tokens"] / counted["examples"], abs=0.1)
+    assert p.batching in ("padded", "padding-free") and 0 < p.non_padding_share <= 1
+    with pytest.raises(DataError, match="line 2"):
+        bad = model_dir / "bad.jsonl"
+        bad.write_text('{"text": "w1 w2"}\n{"txt": 1}\n')
+        check.plan_for_run(str(model_dir), "h100-sxm", bad, {})

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
+from rigplan.estimator.speed import PADDING_FREE_SPEED
 from rigplan.trainer import data as datalib
 from rigplan.trainer.engine import Engine
 
@@ -33,15 +34,11 @@ CHECKPOINT_COMPLETE = "rigplan_complete.json"
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
 # Padding-free batching (examples back to back in one row, attention kept within each example) when padded
-# micro-batches would be less than this share real tokens. Not always: on Unsloth a padding-free micro-batch
-# skips the per-decoder-block torch.compile (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`).
-# Measured on the H100 (bench/results/h100-tp3-own-lora*.json: Llama-3.1-8B LoRA, micro-batch 2, no
-# checkpointing, examples of 256-2000 tokens, padded micro-batches 79.2% real): padded 8,429 real tok/s,
-# padding-free 7,488; the bare Unsloth loop 9,651 and 7,340. Padded at 79.2% real runs 10,643 tok/s of
-# padded tokens, so padding-free wins only once padded micro-batches would be under 7,488 / 10,643 = 70% real.
-# Not measured: checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
+# micro-batches would be less than this share real tokens: below it padding wastes more than running
+# padding-free costs (uncompiled on Unsloth); measured on the H100, see estimator/speed.py. Not measured:
+# checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
 # (unsloth/utils/padding_choice.py:6-12).
-PADDING_FREE_BELOW = 0.70
+PADDING_FREE_BELOW = PADDING_FREE_SPEED
 # On CUDA, log about this often rather than every step: a log is a host-device sync (the loss read with .item(),
 # transformers/trainer.py:2175) and the logging callbacks, milliseconds, under 1% of 5 s.
 LOG_EVERY_S = 5.0
@@ -78,7 +75,7 @@ class RunOptions:
     """Force an engine ('unsloth' or 'hf'); None chooses by the machine."""
     batching: Literal["auto", "padded", "padding-free"] = "auto"
     """Micro-batches padded to their longest example, or examples back to back (padding-free); auto:
-    padding-free when padding would be over 30% of the tokens (PADDING_FREE_BELOW)."""
+    padding-free when padded micro-batches would be under PADDING_FREE_BELOW real tokens."""
 
 
 @dataclass(frozen=True)
@@ -106,11 +103,7 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
     fmt, good, issues = datalib.validate(opts.data)
     if issues and not opts.skip_bad:
         raise DataError(datalib.issues_message(opts.data, issues))
-    if getattr(tokenizer, "chat_template", None) is None and fmt in ("chat", "alpaca", "sharegpt"):
-        tokenizer.chat_template = datalib.DEFAULT_CHAT_TEMPLATE
-        template = "ChatML (rigplan's default: the tokenizer has no chat template)"
-    else:
-        template = "the tokenizer's own" if fmt != "text" else "none (text trains on everything)"
+    template = datalib.use_template(tokenizer, fmt)
     rows, lengths, overlong = [], [], 0
     for _, record in good:
         ids, labels = datalib.tokenize(record, fmt, tokenizer)
