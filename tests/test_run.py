@@ -358,3 +358,36 @@ def test_a_run_plan_counts_tokens_with_the_models_tokenizer(model_dir, varied_fi
         bad = model_dir / "bad.jsonl"
         bad.write_text('{"text": "w1 w2"}\n{"txt": 1}\n')
         check.plan_for_run(str(model_dir), "h100-sxm", bad, {})
+
+
+def test_early_stopping_keeps_the_best_adapter(model_dir, tmp_path) -> None:
+    """Eval loss falls, then rises as the toy model memorises its 192 training examples: the run stops after
+    --patience evaluations without improvement, and the adapter it leaves scores the best eval loss, not
+    the last one (re-scored here from the saved files, on the same held-out rows)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "qwen" in model_dir.name:
+        pytest.skip("one architecture is enough: early stopping is the trainer's, not the model's")
+    rng = random.Random(1)
+    f = tmp_path / "memorise.jsonl"
+    f.write_text("\n".join(json.dumps({"text": " ".join(f"w{rng.randrange(60)}" for _ in range(12))})
+                           for _ in range(200)) + "\n")
+    plan, opts = plan_for(model_dir, epochs=10.0), RunOptions(data=f, out_dir=tmp_path / "o", eval_fraction=0.04,
+                                                             save_steps=3, patience=2)
+    s = train(plan, opts)
+    evals = [(r["step"], r["eval_loss"]) for r in map(json.loads, (tmp_path / "o" / "metrics.jsonl").open())
+             if "eval_loss" in r]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert s["status"] == "early_stopped" and s["global_step"] < 240 and s["best_eval_loss"] == best
+    assert [step for step, _ in evals if step > best_step] == [best_step + 3, best_step + 6]  # patience 2
+    assert evals[-1][1] > best and evals[0][1] - best > 1.0  # it learned, then got worse
+
+    rows = runlib.prepare_data(plan, AutoTokenizer.from_pretrained(tmp_path / "o" / "adapter"), opts).eval
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      tmp_path / "o" / "adapter").eval()
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([r["input_ids"] for r in rows]),
+                     labels=torch.tensor([r["labels"] for r in rows])).loss.item()
+    assert loss == pytest.approx(best, rel=1e-5)
