@@ -39,13 +39,25 @@ DEFAULT_PLAN_GPU = "auto"
 SPEED_RATIO_GOAL, MEMORY_RATIO_GOAL, OVERHEAD_GOAL = 1.8, 0.75, 0.05
 
 
+def _examples(examples: int, lengths: tuple[int, int], seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(examples):
+        n = rng.randint(*lengths)
+        yield [f"w{rng.randrange(1000, 4000)}" for _ in range(n)]
+
+
 def make_data(path: Path, examples: int, lengths: tuple[int, int], seed: int = 0) -> None:
     """Text examples of uniformly drawn word counts in [lengths[0], lengths[1]]."""
-    rng = random.Random(seed)
     with path.open("w") as f:
-        for _ in range(examples):
-            n = rng.randint(*lengths)
-            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(1000, 4000)}" for _ in range(n))}) + "\n")
+        for words in _examples(examples, lengths, seed):
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+
+
+def make_lengths(examples: int, lengths: tuple[int, int] | str, seed: int = 0) -> list[int]:
+    """Tokens per example of make_data's file, without writing it: its words, one token each, plus EOS."""
+    if isinstance(lengths, str):
+        lengths = tuple(int(x) for x in lengths.split("-"))  # type: ignore[assignment]
+    return [len(words) + 1 for words in _examples(examples, lengths, seed)]  # type: ignore[arg-type]
 
 
 def bare(plan, args: argparse.Namespace) -> dict:

@@ -104,9 +104,10 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
     timed, real_tokens, batching, share = setup, float(setup.tokens), None, None
+    micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
     if lengths is not None:
         timed, real_tokens, batching, share = speed.data_micro_batch(setup, lengths)
-    micro_s = speed.data_micro_batch_s(model, timed, batching or "padded", gpu, coeffs)
+        micro_s = speed.data_micro_batch_s(model, timed, batching, gpu, coeffs)
     return Estimate(
         setup=setup, components_bytes=parts,
         peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,

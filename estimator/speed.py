@@ -126,31 +126,39 @@ def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficie
     return setup.tokens / micro_batch_s(model, setup, gpu, coeffs)
 
 
-# Real data: examples of varied length. The trainer pads each micro-batch to its longest example, or puts the
-# examples back to back (padding-free). Padding costs GPU time on tokens that do not train; padding-free ones
-# run uncompiled on Unsloth, which compiles each decoder block only for padded micro-batches
-# (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`). Measured on the H100
-# (bench/results/h100-tp3-own-lora.json: Llama-3.1-8B LoRA, micro-batch 2, no checkpointing, examples of
-# 257-2001 tokens, mean 1,078): padding-free ran 7,340 tok/s (bare Unsloth loop) and 7,488 (rigplan) where
-# this estimator, fitted on compiled fixed-shape micro-batches, predicts 12,6xx for micro-batches of the mean
-# length: 0.59 of it. So padding-free pays off only when padding would waste more than that: the trainer's
-# automatic choice (trainer/run.py) goes padding-free below this share of real tokens.
-PADDING_FREE_SPEED = 0.60
+# Real data: examples of varied length, which the fixed-shape probes the coefficients are fitted on do not
+# have. The trainer pads each micro-batch to its longest example, or puts the examples back to back
+# (padding-free). Padding costs GPU time on tokens that do not train, and padded micro-batches of changing
+# shape ran slower than fixed shapes even so: rigplan's trainer on Llama-3.1-8B, micro-batch 2, no
+# checkpointing, examples of 257-2001 tokens (79% real tokens once padded) ran 9,986 tok/s (LoRA) and 9,262
+# (QLoRA) where the fixed-shape estimate for those padded micro-batches is 12,303 and 11,177: 0.81 and 0.83
+# (bench/results/h100-tp4-own-{lora,qlora}.json; bench/data_speed.py shows every recorded run).
+PADDED_SPEED = 0.82
+# Padding-free micro-batches run uncompiled on Unsloth, which compiles each decoder block only for padded
+# ones (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`). On one H100 machine the bare Unsloth
+# loop ran the LoRA plan above padding-free at 0.581 of the estimate for micro-batches of the mean length
+# and padded at 0.781 of the padded estimate (bench/results/h100-tp3-own-lora{,-padded}.json): 0.744 as
+# fast, relative to padded. Checkpointed plans at micro-batch 2, host-bound, lost less (h100-tp3-*-mb2.json).
+PADDING_FREE_SPEED = PADDED_SPEED * 0.744
+# So padding-free pays off only where padded micro-batches would hold less than this share of real tokens:
+# the trainer's automatic choice (trainer/run.py) and the estimate's both rest on it.
+PADDING_FREE_BELOW = PADDING_FREE_SPEED / PADDED_SPEED
 
 
 def data_micro_batch(setup: Setup, lengths: ExampleLengths) -> tuple[Setup, float, str, float]:
     """The micro-batch the data makes: the shape the GPU computes (padded: micro_batch x the expected longest
     example; padding-free: micro_batch x the mean), the real tokens in it, the batching the trainer picks
-    for it, and its share of real tokens (what padded micro-batches would hold; the choice rests on it)."""
+    for it, and its share of real tokens had it been padded (what the choice rests on)."""
     mean, longest = lengths.mean(setup.seq_len), lengths.longest_of(setup.micro_batch, setup.seq_len)
     share = mean / longest
-    batching = "padded" if share >= PADDING_FREE_SPEED else "padding-free"
+    batching = "padded" if share >= PADDING_FREE_BELOW else "padding-free"
     timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "padded" else mean)))
     return timed, setup.micro_batch * mean, batching, share
 
 
 def data_micro_batch_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
-    """Seconds for one micro-batch of real data (timed from data_micro_batch): padding-free ones run at
-    PADDING_FREE_SPEED of the fitted, compiled rate."""
-    t = micro_batch_s(model, timed, gpu, coeffs)
-    return t / PADDING_FREE_SPEED if batching == "padding-free" else t
+    """Seconds for one micro-batch of real data (timed from data_micro_batch), at the measured share of the
+    fixed-shape rate that its batching reaches (host-bound or not: the trainer's own per-micro-batch work
+    weighs on host-bound steps much as changing shapes weigh on GPU-bound ones, 0.78-0.86 of the estimate
+    at micro-batch 1 in h100-tp3-{lora,qlora}-mb1.json)."""
+    return micro_batch_s(model, timed, gpu, coeffs) / (PADDED_SPEED if batching == "padded" else PADDING_FREE_SPEED)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
-from rigplan.estimator.speed import PADDING_FREE_SPEED
+from rigplan.estimator.speed import PADDING_FREE_BELOW
 from rigplan.trainer import data as datalib
 from rigplan.trainer.engine import Engine
 
@@ -34,11 +34,10 @@ CHECKPOINT_COMPLETE = "rigplan_complete.json"
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
 # Padding-free batching (examples back to back in one row, attention kept within each example) when padded
-# micro-batches would be less than this share real tokens: below it padding wastes more than running
-# padding-free costs (uncompiled on Unsloth); measured on the H100, see estimator/speed.py. Not measured:
+# micro-batches would be less than PADDING_FREE_BELOW real tokens: below it padding wastes more than running
+# padding-free costs (uncompiled on Unsloth), as measured on the H100 (estimator/speed.py). Not measured:
 # checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
 # (unsloth/utils/padding_choice.py:6-12).
-PADDING_FREE_BELOW = PADDING_FREE_SPEED
 # On CUDA, log about this often rather than every step: a log is a host-device sync (the loss read with .item(),
 # transformers/trainer.py:2175) and the logging callbacks, milliseconds, under 1% of 5 s.
 LOG_EVERY_S = 5.0
