@@ -89,16 +89,18 @@ def _render_check(d: dict[str, Any]) -> str:
                f"time: {d['workload']['source']}, {d['workload']['tokens']:,.0f} tokens x {d['workload']['epochs']:g} epoch(s)")
     out.append(f"calibration: {d['calibration']['label']}; {d['calibration']['note']}")
     if d["recommended"] and d["recommended"].get("example_tokens"):
-        out.append(_data_speed_note(d["recommended"]))
+        out.append(_data_speed_note(d["recommended"], d["workload"]["examples"] is not None
+                                    and not d["workload"]["source"].startswith("--examples")))
     if d["recommended"] and d["recommended"]["host_bound"]:
         out.append(_host_bound_note(d["recommended"]["batch"]))
     out += [f"warning: {w}" for w in d["warnings"]]
     return "\n".join(out)
 
 
-def _data_speed_note(r: dict[str, Any]) -> str:
+def _data_speed_note(r: dict[str, Any], lengths_known: bool) -> str:
     share = r.get("non_padding_share") or 1.0
-    how = ("padded to their longest example, {:.0%} real tokens".format(share) if r.get("batching") == "padded"
+    how = ("only their mean length is known, so padding is not counted" if not lengths_known and r["batch"] > 1
+           else "padded to their longest example, {:.0%} real tokens".format(share) if r.get("batching") == "padded"
            and share < 1 else "examples back to back, padding-free" if r.get("batching") == "padding-free" else
            "no padding")
     return (f"speed: for the data's examples (mean {r['example_tokens']:,.0f} tokens) in micro-batches of {r['batch']}, "
