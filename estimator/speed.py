@@ -132,7 +132,8 @@ def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficie
 # shape ran slower than fixed shapes even so: rigplan's trainer on Llama-3.1-8B, micro-batch 2, no
 # checkpointing, examples of 257-2001 tokens (79% real tokens once padded) ran 9,986 tok/s (LoRA) and 9,262
 # (QLoRA) where the fixed-shape estimate for those padded micro-batches is 12,303 and 11,177: 0.81 and 0.83
-# (bench/results/h100-tp4-own-{lora,qlora}.json; bench/data_speed.py shows every recorded run).
+# (bench/results/h100-tp4-own-{lora,qlora}.json). Out of sample, on another machine: +11.7% (LoRA, padded)
+# and -4.8% (QLoRA, padding-free, below) in h100-tp5-own-*.json; bench/data_speed.py shows every recorded run.
 PADDED_SPEED = 0.82
 # Padding-free micro-batches run uncompiled on Unsloth, which compiles each decoder block only for padded
 # ones (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`). On one H100 machine the bare Unsloth
