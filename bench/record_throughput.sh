@@ -12,6 +12,7 @@
 #               checkpointing): bench/results/h100-tp2-lora-2001tok.json again, the padding-free fix on its own
 #   qlora-mb2   as qlora at micro-batch 2 (x 8)
 #   own-lora, own-qlora  the local GPU's own plan (as `rigplan run` trains it), against the HF baseline (hf-plain)
+#   qlora-choice  own-qlora's data, rigplan alone at micro-batch 2 padded, 4 padded and 4 padding-free
 #   own-lora-padded, own-qlora-padded  rigplan and bare on that plan with padded micro-batches (--batching padded):
 #               Unsloth compiles each decoder block only for padded ones; own-qlora-pf: rigplan alone, padding-free
 # e.g. bash bench/record_throughput.sh lora   (or several modes: bash bench/record_throughput.sh lora-plain-mb2 qlora-mb2)
@@ -57,6 +58,12 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
     own-lora-padded)  run tp-own-lora-padded 530 --method lora --examples 224 --steps 0 --plan-gpu auto --parts rigplan,bare --batching padded ;;
     own-qlora-padded) run tp-own-qlora-padded 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan,bare --batching padded ;;
     own-qlora-pf)     run tp-own-qlora-pf 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan ;;
+    # The planner's QLoRA choice on the H100 (micro-batch 4, padding-free: padded would be 67% real tokens)
+    # against its alternatives on one machine, rigplan alone: micro-batch 2 padded, 4 padded, 4 padding-free.
+    qlora-choice)
+      for v in "2 padded" "4 padded" "4 padding-free"; do set -- $v
+        run tp-qlora-mb$1-$2 190 --method qlora --examples 400 --steps 0 --plan-gpu auto --parts rigplan \
+          --micro-batch $1 --batching $2; done ;;
     equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
                   --parts rigplan,bare ;;
     *) echo "unknown mode $mode (see the list at the top)"; exit 2 ;;
