@@ -250,10 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data.jsonl"
     make_data(data, args.examples, lengths)
     # QLoRA needs CUDA (bitsandbytes): a CPU smoke test plans LoRA.
-    plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, {"method": args.method if cuda else "lora"})
-    if args.micro_batch:
-        accum = max(1, plan.micro_batch * plan.grad_accum // args.micro_batch)
-        plan = check.override(plan, {"micro_batch": args.micro_batch, "grad_accum": accum})
+    changes = {"method": args.method if cuda else "lora"}
+    plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, changes)
+    if args.micro_batch:  # re-planned with the change, so the prediction is for the data's lengths too
+        changes.update(micro_batch=args.micro_batch,
+                       grad_accum=max(1, plan.micro_batch * plan.grad_accum // args.micro_batch))
+        plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, changes)
     (out / "plan.json").write_text(plan.to_json())
     from rigplan.calibration.probe import provenance
 

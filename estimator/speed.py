@@ -129,21 +129,24 @@ def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficie
 # Real data: examples of varied length, which the fixed-shape probes the coefficients are fitted on do not
 # have. The trainer pads each micro-batch to its longest example, or puts the examples back to back
 # (padding-free). Padding costs GPU time on tokens that do not train, and padded micro-batches of changing
-# shape ran slower than fixed shapes even so: rigplan's trainer on Llama-3.1-8B, micro-batch 2, no
-# checkpointing, examples of 257-2001 tokens (79% real tokens once padded) ran 9,986 tok/s (LoRA) and 9,262
-# (QLoRA) where the fixed-shape estimate for those padded micro-batches is 12,303 and 11,177: 0.81 and 0.83
-# (bench/results/h100-tp4-own-{lora,qlora}.json). Out of sample, on another machine: +11.7% (LoRA, padded)
-# and -4.8% (QLoRA, padding-free, below) in h100-tp5-own-*.json; bench/data_speed.py shows every recorded run.
-PADDED_SPEED = 0.82
+# shape ran slower than fixed shapes even so. rigplan's trainer on Llama-3.1-8B, no checkpointing, examples of
+# 257-2001 tokens, ran 0.73-0.97 of the fixed-shape estimate for its padded micro-batches: LoRA at
+# micro-batch 2 0.81 and 0.73 (two machines), QLoRA 0.83, QLoRA at micro-batch 4 0.97
+# (bench/results/h100-tp{4,5}-own-*.json, h100-tp6-qlora-mb4-padded.json). The middle of that range, in ratio,
+# leaves each within 14%; bench/data_speed.py shows every recorded run.
+PADDED_SPEED = 0.83
 # Padding-free micro-batches run uncompiled on Unsloth, which compiles each decoder block only for padded
-# ones (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`). On one H100 machine the bare Unsloth
-# loop ran the LoRA plan above padding-free at 0.581 of the estimate for micro-batches of the mean length
-# and padded at 0.781 of the padded estimate (bench/results/h100-tp3-own-lora{,-padded}.json): 0.744 as
-# fast, relative to padded. Checkpointed plans at micro-batch 2, host-bound, lost less (h100-tp3-*-mb2.json).
-PADDING_FREE_SPEED = PADDED_SPEED * 0.744
-# So padding-free pays off only where padded micro-batches would hold less than this share of real tokens:
-# the trainer's automatic choice (trainer/run.py) and the estimate's both rest on it.
-PADDING_FREE_BELOW = PADDING_FREE_SPEED / PADDED_SPEED
+# ones (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`): 0.59-0.64 of the fixed-shape
+# estimate for micro-batches of the mean length (LoRA at micro-batch 2, QLoRA at 4 on two machines:
+# h100-tp3-own-lora.json, h100-tp5-own-qlora.json, h100-tp6-qlora-mb4-padding-free.json). Checkpointed plans
+# at micro-batch 2, host-bound, lost less (h100-tp3-*-mb2.json).
+PADDING_FREE_SPEED = 0.61
+# When padding-free pays off, from padded and padding-free runs of one plan on one machine: padded won where
+# its micro-batches were 79% real tokens (LoRA, micro-batch 2: padding-free 0.76x as fast; h100-tp3-own-lora
+# {,-padded}.json, bare loop) and where they were 67% (QLoRA, micro-batch 4: 0.92x; h100-tp6-qlora-mb4-*.json),
+# so only below 0.67 x 0.92 = 62% real tokens would padding-free win. The trainer's automatic choice
+# (trainer/run.py) and the estimate's both rest on it.
+PADDING_FREE_BELOW = 0.62
 
 
 def data_micro_batch(setup: Setup, lengths: ExampleLengths) -> tuple[Setup, float, str, float]:

@@ -157,9 +157,9 @@ def test_full_sequence_speed_overstated_a_recorded_run_of_short_examples(coeffs)
 def test_real_data_speed_matches_the_recorded_trainer_runs() -> None:
     """bench/data_speed.py on every recorded H100 run of varied-length data (bench/results/h100-tp*.json): the
     trainer as it is now and the bare Unsloth loop, within 15% (check's speed goal) where the GPU sets the
-    pace and within the host-bound band elsewhere. PADDED_SPEED came from the two h100-tp4 runs; the tp5
-    runs, on another machine a session later, are out of sample: +11.7% (LoRA, padded) and -4.8% (QLoRA,
-    padding-free) for the trainer."""
+    pace and within the host-bound band elsewhere. The real-data rates (estimator/speed.py) are fitted to
+    the current trainer's runs on three machines, so this checks the formula and the bare loop's runs, which
+    were not fitted to."""
     import sys
     from pathlib import Path
 
