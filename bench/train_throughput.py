@@ -261,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict] = {}
     prov = provenance()
+    # Every part gets the same batches: auto is settled once, as the plan made it for rigplan's engine (the
+    # trainer's auto rule differs between engines: trainer/run.py).
+    batching = plan.batching if args.batching == "auto" and plan.batching else args.batching
     for name in args.parts.split(","):
         engine = "unsloth" if cuda and name in ("rigplan", "bare") else "hf"
         cmd = [sys.executable, __file__, "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
                "--run-dir", str(out / f"run-{name}"), "--engine", engine, "--steps", str(args.steps),
-               "--batching", args.batching]
+               "--batching", batching]
         if (out / f"run-{name}").exists():
             subprocess.run(["rm", "-rf", str(out / f"run-{name}")], check=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)

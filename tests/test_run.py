@@ -391,3 +391,19 @@ def test_early_stopping_keeps_the_best_adapter(model_dir, tmp_path) -> None:
         loss = model(input_ids=torch.tensor([r["input_ids"] for r in rows]),
                      labels=torch.tensor([r["labels"] for r in rows])).loss.item()
     assert loss == pytest.approx(best, rel=1e-5)
+
+
+def test_auto_batching_follows_the_engine(model_dir, tmp_path) -> None:
+    """Padded micro-batches about 80% real tokens: transformers + PEFT goes padding-free (it ran faster so on
+    the H100), Unsloth stays padded (it compiles its decoder blocks only for padded micro-batches)."""
+    from transformers import AutoTokenizer
+
+    rng = random.Random(3)
+    f = tmp_path / "mid.jsonl"
+    f.write_text("\n".join(json.dumps({"text": " ".join(f"w{rng.randrange(60)}" for _ in range(rng.randint(5, 40)))})
+                           for _ in range(64)) + "\n")
+    tok, plan = AutoTokenizer.from_pretrained(str(model_dir)), plan_for(model_dir, micro_batch=2)
+    opts = RunOptions(data=f, out_dir=tmp_path / "o", eval_fraction=0.0)
+    hf, unsloth = (runlib.prepare_data(plan, tok, opts, engine).report for engine in ("hf", "unsloth"))
+    assert runlib.PADDING_FREE_BELOW < hf["padded_non_padding_share"] < runlib.HF_PADDING_FREE_BELOW
+    assert hf["batching"] == "padding-free" and unsloth["batching"] == "padded"

@@ -34,10 +34,13 @@ CHECKPOINT_COMPLETE = "rigplan_complete.json"
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
 # Padding-free batching (examples back to back in one row, attention kept within each example) when padded
-# micro-batches would be less than PADDING_FREE_BELOW real tokens: below it padding wastes more than running
-# padding-free costs (uncompiled on Unsloth), as measured on the H100 (estimator/speed.py). Not measured:
-# checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
-# (unsloth/utils/padding_choice.py:6-12).
+# micro-batches would be less than PADDING_FREE_BELOW real tokens on Unsloth: below it padding wastes more than
+# running padding-free costs (uncompiled on Unsloth), as measured on the H100 (estimator/speed.py). Not
+# measured: checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
+# (unsloth/utils/padding_choice.py:6-12). transformers + PEFT compiles nothing, and padding-free ran faster
+# there: 5,212 tok/s against 4,709 padded at 79.3% real tokens, so 0.88 as fast per token computed
+# (bench/results/h100-tp3-own-lora.json, h100-tp3-own-lora-plain-padded.json): it goes padding-free below 88%.
+HF_PADDING_FREE_BELOW = 0.88
 # On CUDA, log about this often rather than every step: a log is a host-device sync (the loss read with .item(),
 # transformers/trainer.py:2175) and the logging callbacks, milliseconds, under 1% of 5 s.
 LOG_EVERY_S = 5.0
@@ -74,7 +77,8 @@ class RunOptions:
     """Force an engine ('unsloth' or 'hf'); None chooses by the machine."""
     batching: Literal["auto", "padded", "padding-free"] = "auto"
     """Micro-batches padded to their longest example, or examples back to back (padding-free); auto:
-    padding-free when padded micro-batches would be under PADDING_FREE_BELOW real tokens."""
+    padding-free when padded micro-batches would be under PADDING_FREE_BELOW real tokens on Unsloth,
+    HF_PADDING_FREE_BELOW on transformers + PEFT."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,10 @@ def check_out_dir(opts: RunOptions) -> None:
                           "or --out with a new directory")
 
 
-def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
+def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions, engine: Engine | None = None) -> PreparedData:
     """Validate every record (stop with line numbers unless skip_bad), tokenize, handle overlong examples,
-    split off the eval set, and report lengths."""
+    split off the eval set, report lengths, and choose padded or padding-free micro-batches for the engine
+    (opts.engine, else engine, else the machine's)."""
     fmt, good, issues = datalib.validate(opts.data)
     if issues and not opts.skip_bad:
         raise DataError(datalib.issues_message(opts.data, issues))
@@ -135,8 +140,13 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
         "overlong_share": round(overlong / len(lengths), 4), "overlong_action": opts.overlong,
     }
     padded_share = non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed)
-    padding_free = (padded_share < PADDING_FREE_BELOW if opts.batching == "auto"
-                    else opts.batching == "padding-free")
+    if opts.batching == "auto":
+        from rigplan.trainer.engine import choose_engine
+
+        below = PADDING_FREE_BELOW if (opts.engine or engine or choose_engine()) == "unsloth" else HF_PADDING_FREE_BELOW
+        padding_free = padded_share < below
+    else:
+        padding_free = opts.batching == "padding-free"
     report.update(batching="padding-free" if padding_free else "padded",
                   non_padding_share=1.0 if padding_free else padded_share,  # of the tokens that train
                   padded_non_padding_share=padded_share)  # had micro-batches been padded: why the choice
@@ -478,7 +488,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path, local = model_source(plan.model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-    prepared = prepare_data(plan, tokenizer, opts)  # every data problem surfaces before the model loads
+    prepared = prepare_data(plan, tokenizer, opts, engine)  # every data problem surfaces before the model loads
     (out / "plan.json").write_text(plan.to_json() + "\n")
     (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
 
