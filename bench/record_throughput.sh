@@ -52,7 +52,7 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
     lora-plain-mb2) run tp-lora-plain-mb2 530 $LORA --micro-batch 2 --parts hf-plain ;;
     qlora)      run tp-qlora 530 $QLORA --parts rigplan,bare,hf ;;
     qlora-mb2)  run tp-qlora-mb2 530 $QLORA --micro-batch 2 --parts rigplan,bare,hf ;;
-    qlora-4090) run tp-qlora-4090 530 $QLORA --parts rigplan,bare,hf-plain ;;
+    qlora-4090) run tp-qlora-4090 530 --method qlora --examples 240 --steps 0 --plan-gpu rtx-4090 --parts rigplan,bare,hf-plain ;;
     # ~500 examples, as issue 4 asks: 224 took 309 s for the three LoRA parts (66 s each to load and compile,
     # then 7,500, 7,300 and 5,200 tok/s of ~1,080-token examples); 500 should take ~450 s, QLoRA's 400 ~470 s.
     own-lora)   run tp-own-lora 530 --method lora --examples 500 --steps 0 --plan-gpu auto --parts rigplan,bare,hf-plain ;;
