@@ -12,6 +12,7 @@
 #               checkpointing): bench/results/h100-tp2-lora-2001tok.json again, the padding-free fix on its own
 #   qlora-mb2   as qlora at micro-batch 2 (x 8)
 #   qlora-4090  the rtx-4090's QLoRA plan as today's planner makes it, against the plain HF baseline (hf-plain)
+#   profile-4090  rigplan and bare on that plan under cProfile (bench/train_throughput.py --profile)
 #   own-lora, own-qlora  the local GPU's own plan (as `rigplan run` trains it), against the HF baseline (hf-plain)
 #   qlora-choice  own-qlora's data, rigplan alone at micro-batch 2 padded, 4 padded and 4 padding-free
 #   own-lora-padded, own-qlora-padded  rigplan and bare on that plan with padded micro-batches (--batching padded):
@@ -52,6 +53,10 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
     lora-plain-mb2) run tp-lora-plain-mb2 530 $LORA --micro-batch 2 --parts hf-plain ;;
     qlora)      run tp-qlora 530 $QLORA --parts rigplan,bare,hf ;;
     qlora-mb2)  run tp-qlora-mb2 530 $QLORA --micro-batch 2 --parts rigplan,bare,hf ;;
+    # rigplan and bare under cProfile on the rtx-4090's QLoRA plan, where the trainer ran 0.86x the bare loop
+    # (h100-tp7-qlora-4090.json): profile-*.txt say where its host time goes.
+    profile-4090) run tp-profile-4090 530 --method qlora --examples 96 --steps 0 --plan-gpu rtx-4090 --parts rigplan,bare --profile
+      cp /tmp/tp-profile-4090/profile-*.txt "$OUT/" 2>/dev/null ;;
     qlora-4090) run tp-qlora-4090 530 --method qlora --examples 240 --steps 0 --plan-gpu rtx-4090 --parts rigplan,bare,hf-plain ;;
     # ~500 examples, as issue 4 asks: 224 took 309 s for the three LoRA parts (66 s each to load and compile,
     # then 7,500, 7,300 and 5,200 tok/s of ~1,080-token examples); 500 should take ~450 s, QLoRA's 400 ~470 s.

@@ -217,12 +217,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="as rigplan run --batching, in every part")
     p.add_argument("--out", type=Path, default=Path("bench/throughput"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a toy-sized replica")
+    p.add_argument("--profile", action="store_true",
+                   help="run each part under cProfile; its 40 costliest functions (own time) go to "
+                        "DIR/profile-PART.txt: where the trainer's host time goes that the bare loop's does not "
+                        "(cProfile slows Python, so the part's tokens/s is not comparable then)")
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.part and args.profile:  # the part, model loading included (in both the trainer and the bare loop)
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(part, args)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+        (Path(args.run_dir).parent / f"profile-{args.part}.txt").write_text(text.getvalue())
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
     if args.part:
         print("RESULT " + json.dumps(part(args)), flush=True)
         return 0
@@ -266,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     batching = plan.batching if args.batching == "auto" and plan.batching else args.batching
     for name in args.parts.split(","):
         engine = "unsloth" if cuda and name in ("rigplan", "bare") else "hf"
-        cmd = [sys.executable, __file__, "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
+        cmd = [sys.executable, __file__, *(["--profile"] if args.profile else []), "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
                "--run-dir", str(out / f"run-{name}"), "--engine", engine, "--steps", str(args.steps),
                "--batching", batching]
         if (out / f"run-{name}").exists():
