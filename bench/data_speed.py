@@ -29,7 +29,7 @@ from rigplan.profiles.catalog import resolve_gpu, resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # Records of the trainer as it is now (the model's own loss on Unsloth): the others predate it.
-CURRENT_TRAINER = ("h100-tp4-", "h100-tp5-", "h100-tp6-")
+CURRENT_TRAINER = ("h100-tp4-", "h100-tp5-", "h100-tp6-", "h100-tp7-")
 
 
 def rows() -> list[dict]:
