@@ -13,6 +13,7 @@
 #   qlora-mb2   as qlora at micro-batch 2 (x 8)
 #   qlora-4090  the rtx-4090's QLoRA plan as today's planner makes it, against the plain HF baseline (hf-plain)
 #   profile-4090  rigplan and bare on that plan under cProfile (bench/train_throughput.py --profile)
+#   variants-4090  the bare loop and the trainer with each of its costs taken away, on that plan
 #   own-lora, own-qlora  the local GPU's own plan (as `rigplan run` trains it), against the HF baseline (hf-plain)
 #   qlora-choice  own-qlora's data, rigplan alone at micro-batch 2 padded, 4 padded and 4 padding-free
 #   own-lora-padded, own-qlora-padded  rigplan and bare on that plan with padded micro-batches (--batching padded):
@@ -57,6 +58,9 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
     # (h100-tp7-qlora-4090.json): profile-*.txt say where its host time goes.
     profile-4090) run tp-profile-4090 530 --method qlora --examples 96 --steps 0 --plan-gpu rtx-4090 --parts rigplan,bare --profile
       cp /tmp/tp-profile-4090/profile-*.txt "$OUT/" 2>/dev/null ;;
+    # The trainer with each of its costs taken away (bench/train_throughput.py VARIANTS), same plan and data.
+    variants-4090) run tp-variants-4090 560 --method qlora --examples 96 --steps 0 --plan-gpu rtx-4090 \
+      --parts bare,rigplan,rigplan-noclip,rigplan-fresh,rigplan-noclip-fresh-nolog ;;
     qlora-4090) run tp-qlora-4090 530 --method qlora --examples 240 --steps 0 --plan-gpu rtx-4090 --parts rigplan,bare,hf-plain ;;
     # ~500 examples, as issue 4 asks: 224 took 309 s for the three LoRA parts (66 s each to load and compile,
     # then 7,500, 7,300 and 5,200 tok/s of ~1,080-token examples); 500 should take ~450 s, QLoRA's 400 ~470 s.

@@ -156,11 +156,59 @@ def part(args: argparse.Namespace) -> dict:
         trl.trainer.utils._ChunkedLogProbFunction = None
     from rigplan.trainer.run import RunOptions, train
 
+    if args.part.startswith("rigplan-"):
+        trainer_variant(args.part.split("-")[1:])
     s = train(plan, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), max_steps=args.steps or -1,
                                save_steps=10_000, eval_fraction=0.0, engine=args.engine, batching=args.batching))
     report = json.loads((Path(args.run_dir) / "data_report.json").read_text())
     return {"part": args.part, "status": s["status"], "steps": s["global_step"], "batching": report["batching"],
             **s["measured"], "first_loss": s["first_loss"], "final_loss": s["final_loss"], "predicted": s["predicted"]}
+
+
+# rigplan's trainer with one of its costs taken away, to find where its host time goes on host-bound plans
+# (h100-tp7-qlora-4090.json: 0.86x the bare loop): parts named rigplan-noclip, rigplan-fresh, rigplan-nolog or
+# several joined (rigplan-noclip-fresh-nolog).
+VARIANTS = {
+    "noclip": "no gradient clipping (max_grad_norm 0: the bare loop clips nothing)",
+    "fresh": "gradients accumulate in place, as in the bare loop, instead of the out-of-memory backoff's fresh "
+             "gradients per micro-batch added back with torch._foreach_add_",
+    "nolog": "no logging during the run (each log reads the loss back from the GPU)",
+}
+
+
+def trainer_variant(names: list[str]) -> None:
+    """Patch trainer/run.py for this process only (a bench part), as VARIANTS describes."""
+    from rigplan.trainer import run as runlib
+
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown trainer variant(s) {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    config = runlib.sft_config_from_plan
+    trainer_class = runlib._trainer_class
+
+    def patched_config(*a, **kw):
+        cfg = config(*a, **kw)
+        if "noclip" in names:
+            cfg.max_grad_norm = 0.0
+        if "nolog" in names:
+            cfg.logging_steps = 10**9
+        return cfg
+
+    def patched_class(guard, engine="hf"):
+        cls = trainer_class(guard, engine)
+        if "fresh" in names:
+            parent = cls.__mro__[1]
+
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                loss = parent.training_step(self, model, inputs, num_items_in_batch)
+                guard.count(inputs)
+                return loss
+
+            cls.training_step = training_step
+        return cls
+
+    runlib.sft_config_from_plan = patched_config
+    runlib._trainer_class = patched_class
 
 
 def summarize(model: str, plan, args: argparse.Namespace, lengths: tuple[int, int], results: dict,
@@ -288,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     # trainer's auto rule differs between engines: trainer/run.py).
     batching = plan.batching if args.batching == "auto" and plan.batching else args.batching
     for name in args.parts.split(","):
-        engine = "unsloth" if cuda and name in ("rigplan", "bare") else "hf"
+        engine = "unsloth" if cuda and (name in ("rigplan", "bare") or name.startswith("rigplan-")) else "hf"
         cmd = [sys.executable, __file__, *(["--profile"] if args.profile else []), "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
                "--run-dir", str(out / f"run-{name}"), "--engine", engine, "--steps", str(args.steps),
                "--batching", batching]
