@@ -14,7 +14,6 @@ trainer ran 0.87x the bare loop.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -51,11 +50,9 @@ def rows() -> list[dict]:
             r = parts.get(part)
             if not r or not r.get("tokens_per_s"):
                 continue
-            timed, real, _, share = speed.data_micro_batch(setup, lengths)
-            batching = r.get("batching") or data.get("batching") or "padded"
-            mean = lengths.mean(setup.seq_len)
-            timed = dataclasses.replace(setup, seq_len=round(lengths.longest_of(setup.micro_batch, setup.seq_len)
-                                                             if batching == "padded" else mean))
+            batching = r.get("batching") or data.get("batching") or "padded"  # as the run laid them out
+            timed, real, _, share = speed.data_micro_batch(setup, lengths, batching)
+            mean = real / setup.micro_batch
             predicted = real / speed.data_micro_batch_s(model, timed, batching, gpu, coeffs)
             out.append({"file": f.name, "part": part, "method": p["method"], "micro_batch": p["micro_batch"],
                         "checkpointing": p["checkpointing"], "batching": batching, "mean_tokens": round(mean),

@@ -103,9 +103,10 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     parts = memory.components_bytes(model, setup, coeffs)
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
-    timed, real_tokens, batching, share = setup, float(setup.tokens), None, None
-    micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
-    if lengths is not None:
+    if lengths is None:
+        timed, real_tokens, batching, share = setup, float(setup.tokens), None, None
+        micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
+    else:
         timed, real_tokens, batching, share = speed.data_micro_batch(setup, lengths)
         micro_s = speed.data_micro_batch_s(model, timed, batching, gpu, coeffs)
     return Estimate(

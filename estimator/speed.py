@@ -149,13 +149,14 @@ PADDING_FREE_SPEED = 0.61
 PADDING_FREE_BELOW = 0.62
 
 
-def data_micro_batch(setup: Setup, lengths: ExampleLengths) -> tuple[Setup, float, str, float]:
+def data_micro_batch(setup: Setup, lengths: ExampleLengths,
+                     batching: str | None = None) -> tuple[Setup, float, str, float]:
     """The micro-batch the data makes: the shape the GPU computes (padded: micro_batch x the expected longest
-    example; padding-free: micro_batch x the mean), the real tokens in it, the batching the trainer picks
-    for it, and its share of real tokens had it been padded (what the choice rests on)."""
+    example; padding-free: micro_batch x the mean), the real tokens in it, the batching (the trainer's
+    automatic choice unless given), and its share of real tokens had it been padded (what the choice rests on)."""
     mean, longest = lengths.mean(setup.seq_len), lengths.longest_of(setup.micro_batch, setup.seq_len)
     share = mean / longest
-    batching = "padded" if share >= PADDING_FREE_BELOW else "padding-free"
+    batching = batching or ("padded" if share >= PADDING_FREE_BELOW else "padding-free")
     timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "padded" else mean)))
     return timed, setup.micro_batch * mean, batching, share
 

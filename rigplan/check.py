@@ -52,19 +52,20 @@ class Target:
 
 
 def workload(data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
-             seq_len: int | None, counted: list[int] | None = None) -> tuple[Workload, int | None]:
+             seq_len: int | None, counted: tuple[list[int], int] | None = None) -> tuple[Workload, int | None]:
     """The workload, and the sequence length the data asks for (its 95th percentile, or None). The data's
-    lengths are estimated from characters unless counted with the model's tokenizer (counted)."""
+    lengths are estimated from characters unless counted with the model's tokenizer (counted: a sample of
+    them and the number of examples, from counted_lengths)."""
     if epochs <= 0:
         raise ConfigError(f"--epochs {epochs} must be > 0")
     if data_file is not None:
-        lengths = counted or data.estimated_lengths(Path(data_file))
+        lengths = counted[0] if counted else data.estimated_lengths(Path(data_file))
+        examples_ = counted[1] if counted else len(lengths)
         how = "tokenized with the model's tokenizer" if counted else "lengths estimated from characters"
         p95 = data.percentile(lengths, 95)
         # Round the 95th percentile up to a multiple of 256: longer examples are truncated (5% at most).
         seq = seq_len or max(256, -(-p95 // 256) * 256)
         tokens = sum(min(n, seq) for n in lengths)
-        examples_ = len(data.estimated_lengths(Path(data_file))) if counted else len(lengths)
         tokens = tokens / len(lengths) * examples_  # counted lengths may be a sample of the file
         return Workload(tokens, epochs, examples_, tokens / examples_, f"{data_file} ({how})",
                         ExampleLengths.of(lengths)), seq
@@ -207,10 +208,11 @@ CPU_MICRO_BATCH = 4
 def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data_file: Path | None = None,
               effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH, num_gpus: int = 1, epochs: float = DEFAULT_EPOCHS,
               model_path: str | None = None, allow_cpu: bool = False,
-              methods: tuple[str, ...] = ("lora", "qlora"), counted: list[int] | None = None) -> Plan:
+              methods: tuple[str, ...] = ("lora", "qlora"), counted: tuple[list[int], int] | None = None) -> Plan:
     """The recommended Plan, as `rigplan run` will read it; an error when nothing fits. A local model
     directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted.
-    counted: the data's tokens per example as the model's tokenizer counts them (else estimated)."""
+    counted: the data's tokens per example as the model's tokenizer counts them (counted_lengths; else
+    estimated from characters)."""
     model = catalog.resolve_model(model_name)
     if model_path is None and Path(model_name).expanduser().is_dir():
         model_path = str(Path(model_name).expanduser().resolve())
@@ -283,15 +285,15 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
             changes = {k: v for k, v in changes.items() if k != "method"}
     if not changes:
         return base
-    lengths = ExampleLengths.of(counted or data.estimated_lengths(Path(data_file)))
+    lengths = ExampleLengths.of(counted[0] if counted else data.estimated_lengths(Path(data_file)))
     return override(base, changes, force, lengths)
 
 
-def counted_lengths(model_path: str, data_file: Path) -> list[int] | None:
+def counted_lengths(model_path: str, data_file: Path) -> tuple[list[int], int] | None:
     """The data's tokens per example (a sample of up to 2,000) counted with the model's tokenizer when it is
-    on this machine (a local model directory or the hub cache; nothing is downloaded), else None: the
-    plan then estimates lengths from characters."""
-    data.estimated_lengths(Path(data_file))  # bad records stop here, line-numbered, before any import
+    on this machine (a local model directory or the hub cache; nothing is downloaded), and the number of
+    examples; else None: the plan then estimates lengths from characters. Bad records stop either way,
+    line-numbered."""
     try:
         from transformers import AutoTokenizer
 

@@ -155,15 +155,18 @@ def use_template(tokenizer: Any, fmt: Format) -> str:
     return "the tokenizer's own" if fmt != "text" else "none (text trains on everything)"
 
 
-def token_lengths(path: Path, tokenizer: Any, sample: int = 2000) -> list[int]:
+def token_lengths(path: Path, tokenizer: Any, sample: int = 2000, skip_bad: bool = False) -> tuple[list[int], int]:
     """Tokens per example counted with the model's tokenizer, as training will count them (template and EOS
-    included), for at most `sample` records evenly spread over the file: enough for the length distribution
-    a plan's speed depends on, in seconds. Bad records are skipped (planning reports them first)."""
-    fmt, good, _ = validate(path)
+    included), for at most `sample` records evenly spread over the file (enough for the length distribution
+    a plan's speed depends on, in seconds), and how many examples the file holds. Bad records stop it, as
+    estimated_lengths does."""
+    fmt, good, issues = validate(path)
+    if issues and not skip_bad:
+        raise DataError(issues_message(path, issues))
     step = max(1, len(good) / sample)
     picked = [good[int(i * step)][1] for i in range(min(sample, len(good)))]
     use_template(tokenizer, fmt)
-    return [len(tokenize(r, fmt, tokenizer)[0]) for r in picked]
+    return [len(tokenize(r, fmt, tokenizer)[0]) for r in picked], len(good)
 
 
 def percentile(values: list[int], q: float) -> int:
