@@ -52,14 +52,15 @@ class Target:
 
 
 def workload(data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
-             seq_len: int | None, counted: tuple[list[int], int] | None = None) -> tuple[Workload, int | None]:
+             seq_len: int | None, counted: tuple[list[int], int] | None = None,
+             skip_bad: bool = False) -> tuple[Workload, int | None]:
     """The workload, and the sequence length the data asks for (its 95th percentile, or None). The data's
     lengths are estimated from characters unless counted with the model's tokenizer (counted: a sample of
-    them and the number of examples, from counted_lengths)."""
+    them and the number of examples, from counted_lengths). skip_bad: bad records are left out, not fatal."""
     if epochs <= 0:
         raise ConfigError(f"--epochs {epochs} must be > 0")
     if data_file is not None:
-        lengths = counted[0] if counted else data.estimated_lengths(Path(data_file))
+        lengths = counted[0] if counted else data.estimated_lengths(Path(data_file), skip_bad)
         examples_ = counted[1] if counted else len(lengths)
         how = "tokenized with the model's tokenizer" if counted else "lengths estimated from characters"
         p95 = data.percentile(lengths, 95)
@@ -208,7 +209,8 @@ CPU_MICRO_BATCH = 4
 def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data_file: Path | None = None,
               effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH, num_gpus: int = 1, epochs: float = DEFAULT_EPOCHS,
               model_path: str | None = None, allow_cpu: bool = False,
-              methods: tuple[str, ...] = ("lora", "qlora"), counted: tuple[list[int], int] | None = None) -> Plan:
+              methods: tuple[str, ...] = ("lora", "qlora"), counted: tuple[list[int], int] | None = None,
+              skip_bad: bool = False) -> Plan:
     """The recommended Plan, as `rigplan run` will read it; an error when nothing fits. A local model
     directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted.
     counted: the data's tokens per example as the model's tokenizer counts them (counted_lengths; else
@@ -216,7 +218,7 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     model = catalog.resolve_model(model_name)
     if model_path is None and Path(model_name).expanduser().is_dir():
         model_path = str(Path(model_name).expanduser().resolve())
-    load, data_seq = workload(data_file, None, None, epochs, seq_len, counted)
+    load, data_seq = workload(data_file, None, None, epochs, seq_len, counted, skip_bad)
     target, why = resolve_target(gpu)
     if target is None and allow_cpu:
         seq = min(seq_len or data_seq or planner.DEFAULT_SEQ_LEN, model.max_position_embeddings)
@@ -260,40 +262,41 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
 
 
 def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: dict[str, Any],
-                 force: bool = False) -> Plan:
+                 force: bool = False, skip_bad: bool = False) -> Plan:
     """The plan `rigplan run` trains: a saved plan.json, or a fresh plan (CPU plan without a GPU), with the
     user's overrides re-estimated. Speed is predicted for the data's lengths as the model's tokenizer counts
-    them when it is on this machine (counted_lengths)."""
+    them when it is on this machine (counted_lengths). skip_bad (`rigplan run --skip-bad`): bad records are
+    left out of the plan too, not fatal."""
     path = Path(model_or_plan)
     if path.is_file() and path.suffix == ".json" and '"schema_version"' in path.read_text():
         try:
             base = Plan.from_json(path.read_text())
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"{path}: not a rigplan plan ({e}); make one with rigplan plan --out") from e
-        counted = counted_lengths(base.model_path, data_file) if changes else None
+        counted = counted_lengths(base.model_path, data_file, skip_bad) if changes else None
     else:
         model = catalog.resolve_model(model_or_plan)
         local_dir = Path(model_or_plan).expanduser()
-        counted = counted_lengths(str(local_dir) if local_dir.is_dir() else model.hub_id, data_file)
+        counted = counted_lengths(str(local_dir) if local_dir.is_dir() else model.hub_id, data_file, skip_bad)
         # A method asked for is planned for (its own best micro-batch and checkpointing), not patched into
         # the other method's plan. A CPU plan keeps it as a change: QLoRA is then refused when training
         # starts (bitsandbytes 4-bit needs CUDA), with a one-line error.
         method = changes.get("method")
         base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True,
-                         methods=(method,) if method else ("lora", "qlora"), counted=counted)
+                         methods=(method,) if method else ("lora", "qlora"), counted=counted, skip_bad=skip_bad)
         if base.gpu != "cpu":
             changes = {k: v for k, v in changes.items() if k != "method"}
     if not changes:
         return base
-    lengths = ExampleLengths.of(counted[0] if counted else data.estimated_lengths(Path(data_file)))
+    lengths = ExampleLengths.of(counted[0] if counted else data.estimated_lengths(Path(data_file), skip_bad))
     return override(base, changes, force, lengths)
 
 
-def counted_lengths(model_path: str, data_file: Path) -> tuple[list[int], int] | None:
+def counted_lengths(model_path: str, data_file: Path, skip_bad: bool = False) -> tuple[list[int], int] | None:
     """The data's tokens per example (a sample of up to 2,000) counted with the model's tokenizer when it is
     on this machine (a local model directory or the hub cache; nothing is downloaded), and the number of
     examples; else None: the plan then estimates lengths from characters. Bad records stop either way,
-    line-numbered."""
+    line-numbered, unless skip_bad."""
     try:
         from transformers import AutoTokenizer
 
@@ -303,7 +306,7 @@ def counted_lengths(model_path: str, data_file: Path) -> tuple[list[int], int] |
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (ImportError, OSError, ValueError):  # no [train] install, or not on disk: estimate instead
         return None
-    return data.token_lengths(Path(data_file), tokenizer)
+    return data.token_lengths(Path(data_file), tokenizer, skip_bad=skip_bad)
 
 
 def dry_run_report(p: Plan, opts: Any) -> dict[str, Any]:

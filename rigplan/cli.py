@@ -263,7 +263,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
                       batching=batching)  # type: ignore[arg-type]
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
                "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs}
-    p = _run(lambda: lib.plan_for_run(model_or_plan, gpu, data_file, changes, force))
+    p = _run(lambda: lib.plan_for_run(model_or_plan, gpu, data_file, changes, force, skip_bad))
     click.echo(f"plan: {p.model} {p.method} r{p.rank}, micro-batch {p.micro_batch} x {p.grad_accum}, seq {p.seq_len}, "
                f"{p.epochs:g} epoch(s) on {p.gpu}" + (f": {p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s predicted"
                                                        + (f" (examples of {p.example_tokens:,.0f} tokens, "

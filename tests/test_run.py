@@ -407,3 +407,21 @@ def test_auto_batching_follows_the_engine(model_dir, tmp_path) -> None:
     hf, unsloth = (runlib.prepare_data(plan, tok, opts, engine).report for engine in ("hf", "unsloth"))
     assert runlib.PADDING_FREE_BELOW < hf["padded_non_padding_share"] < runlib.HF_PADDING_FREE_BELOW
     assert hf["batching"] == "padding-free" and unsloth["batching"] == "padded"
+
+
+def test_skip_bad_reaches_the_plan(model_dir, tmp_path) -> None:
+    """`rigplan run --skip-bad` plans on the good records (it was refused at planning, told to pass the flag it
+    had passed); without it the plan stops on the bad line, the tokenizer on disk or not."""
+    from rigplan import check
+
+    f = tmp_path / "some-bad.jsonl"
+    f.write_text('{"text": "w1 w2 w3"}\n{"txt": 1}\n{"text": "w4 w5"}\n')
+    with pytest.raises(DataError, match="line 2"):
+        check.plan_for_run(str(model_dir), "h100-sxm", f, {})
+    with pytest.raises(DataError, match="line 2"):
+        check.plan_for_run("llama-3.2-1b", "h100-sxm", f, {})  # no tokenizer here: lengths from characters
+    for model in (str(model_dir), "llama-3.2-1b"):
+        assert check.plan_for_run(model, "h100-sxm", f, {}, skip_bad=True).example_tokens > 0
+    r = CliRunner().invoke(main, ["run", str(model_dir), "--data", str(f), "--skip-bad", "--dry-run",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and '"skipped_bad": 1' in r.output, r.output
