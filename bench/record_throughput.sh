@@ -60,7 +60,7 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
       cp /tmp/tp-profile-4090/profile-*.txt "$OUT/" 2>/dev/null ;;
     # The trainer with each of its costs taken away (bench/train_throughput.py VARIANTS), same plan and data.
     variants-4090) run tp-variants-4090 560 --method qlora --examples 96 --steps 0 --plan-gpu rtx-4090 \
-      --parts bare,rigplan,rigplan-noclip,rigplan-fresh,rigplan-noclip-fresh-nolog ;;
+      --parts bare,rigplan,rigplan-noclip,rigplan-inplace,rigplan-noclip-inplace-nolog ;;
     qlora-4090) run tp-qlora-4090 530 --method qlora --examples 240 --steps 0 --plan-gpu rtx-4090 --parts rigplan,bare,hf-plain ;;
     # ~500 examples, as issue 4 asks: 224 took 309 s for the three LoRA parts (66 s each to load and compile,
     # then 7,500, 7,300 and 5,200 tok/s of ~1,080-token examples); 500 should take ~450 s, QLoRA's 400 ~470 s.

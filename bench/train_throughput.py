@@ -166,11 +166,11 @@ def part(args: argparse.Namespace) -> dict:
 
 
 # rigplan's trainer with one of its costs taken away, to find where its host time goes on host-bound plans
-# (h100-tp7-qlora-4090.json: 0.86x the bare loop): parts named rigplan-noclip, rigplan-fresh, rigplan-nolog or
-# several joined (rigplan-noclip-fresh-nolog).
+# (h100-tp7-qlora-4090.json: 0.86x the bare loop): parts named rigplan-noclip, rigplan-inplace, rigplan-nolog or
+# several joined (rigplan-noclip-inplace-nolog).
 VARIANTS = {
     "noclip": "no gradient clipping (max_grad_norm 0: the bare loop clips nothing)",
-    "fresh": "gradients accumulate in place, as in the bare loop, instead of the out-of-memory backoff's fresh "
+    "inplace": "gradients accumulate in place, as in the bare loop, instead of the out-of-memory backoff's fresh "
              "gradients per micro-batch added back with torch._foreach_add_",
     "nolog": "no logging during the run (each log reads the loss back from the GPU)",
 }
@@ -196,7 +196,7 @@ def trainer_variant(names: list[str]) -> None:
 
     def patched_class(guard, engine="hf"):
         cls = trainer_class(guard, engine)
-        if "fresh" in names:
+        if "inplace" in names:
             parent = cls.__mro__[1]
 
             def training_step(self, model, inputs, num_items_in_batch=None):
@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/throughput"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a toy-sized replica")
     p.add_argument("--profile", action="store_true",
-                   help="run each part under cProfile; its 40 costliest functions (own time) go to "
-                        "DIR/profile-PART.txt: where the trainer's host time goes that the bare loop's does not "
+                   help="run each part under cProfile; its costliest functions (own and cumulative time) and the "
+                        "callers of module walks, copies, collections and syncs go to DIR/profile-PART.txt: where "
+                        "the trainer's host time goes that the bare loop's does not "
                         "(cProfile slows Python, so the part's tokens/s is not comparable then)")
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
