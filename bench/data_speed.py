@@ -28,7 +28,7 @@ from rigplan.profiles.catalog import resolve_gpu, resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # Records of the trainer as it is now (the model's own loss on Unsloth): the others predate it.
-CURRENT_TRAINER = ("h100-tp4-", "h100-tp5-", "h100-tp6-", "h100-tp7-")
+CURRENT_TRAINER = tuple(f"h100-tp{n}-" for n in range(4, 20))
 
 
 def rows() -> list[dict]:
@@ -51,9 +51,9 @@ def rows() -> list[dict]:
             if not r or not r.get("tokens_per_s"):
                 continue
             batching = r.get("batching") or data.get("batching") or "padded"  # as the run laid them out
-            timed, real, _, share = speed.data_micro_batch(setup, lengths, batching)
+            timed, real, share = speed.data_micro_batch(setup, lengths, batching)
             mean = real / setup.micro_batch
-            predicted = real / speed.data_micro_batch_s(model, timed, batching, gpu, coeffs)
+            predicted = real / speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
             out.append({"file": f.name, "part": part, "method": p["method"], "micro_batch": p["micro_batch"],
                         "checkpointing": p["checkpointing"], "batching": batching, "mean_tokens": round(mean),
                         "padded_share": round(share, 3), "host_bound": speed.host_bound(model, timed, gpu, coeffs),

@@ -15,6 +15,8 @@
 #   profile-4090  rigplan and bare on that plan under cProfile (bench/train_throughput.py --profile)
 #   variants-4090  the bare loop and the trainer with each of its costs taken away, on that plan
 #   own-lora, own-qlora  the local GPU's own plan (as `rigplan run` trains it), against the HF baseline (hf-plain)
+#   own-qlora-mb4-padded  own-qlora's data at micro-batch 4 x 4, padded batches in every part
+#   pf-sweep    rigplan alone: QLoRA micro-batch 8 padding-free, LoRA 4 padding-free and padded, LoRA 2 padding-free
 #   qlora-choice  own-qlora's data, rigplan alone at micro-batch 2 padded, 4 padded and 4 padding-free
 #   own-lora-padded, own-qlora-padded  rigplan and bare on that plan with padded micro-batches (--batching padded):
 #               Unsloth compiles each decoder block only for padded ones; own-qlora-pf: rigplan alone, padding-free
@@ -69,12 +71,24 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
     own-lora-padded)  run tp-own-lora-padded 530 --method lora --examples 224 --steps 0 --plan-gpu auto --parts rigplan,bare --batching padded ;;
     own-qlora-padded) run tp-own-qlora-padded 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan,bare --batching padded ;;
     own-qlora-pf)     run tp-own-qlora-pf 530 --method qlora --examples 160 --steps 0 --plan-gpu auto --parts rigplan ;;
+    # own-qlora's data at micro-batch 4 padded, the three parts: rigplan ran it fastest of the H100's QLoRA
+    # choices (h100-tp6-qlora-mb4-padded.json, rigplan alone), where the estimate ranked it last.
+    own-qlora-mb4-padded) run tp-own-qlora-mb4-padded 560 --method qlora --examples 400 --steps 0 --plan-gpu auto \
+      --micro-batch 4 --batching padded --parts rigplan,bare,hf-plain ;;
     # The planner's QLoRA choice on the H100 (micro-batch 4, padding-free: padded would be 67% real tokens)
     # against its alternatives on one machine, rigplan alone: micro-batch 2 padded, 4 padded, 4 padding-free.
     qlora-choice)
       for v in "2 padded" "4 padded" "4 padding-free"; do set -- $v
         run tp-qlora-mb$1-$2 190 --method qlora --examples 400 --steps 0 --plan-gpu auto --parts rigplan \
           --micro-batch $1 --batching $2; done ;;
+    # Padding-free against padded at larger micro-batches, rigplan alone, one machine: QLoRA at micro-batch 8
+    # padding-free (own-qlora's plan: 12,769 tok/s where 9,559 was predicted, h100-tp9-own-qlora.json) and LoRA
+    # at 4, padding-free and padded. Logs and JSON go into one archive ($OUT brings back 8 files at most).
+    pf-sweep)
+      for v in "qlora 8 padding-free" "lora 4 padding-free" "lora 4 padded" "lora 2 padding-free"; do set -- $v
+        run tp-$1-mb$2-$3 150 --method $1 --examples 320 --steps 0 --plan-gpu auto --parts rigplan \
+          --micro-batch $2 --batching $3; done
+      (cd "$OUT" && tar czf pf-sweep.tgz tp-*-mb* && rm -f tp-*-mb*) ;;
     equal)      run tp-equal 530 --method lora --plan-gpu auto --words 2000 --examples 128 --steps 0 \
                   --parts rigplan,bare ;;
     *) echo "unknown mode $mode (see the list at the top)"; exit 2 ;;

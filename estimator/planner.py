@@ -107,8 +107,9 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
         timed, real_tokens, batching, share = setup, float(setup.tokens), None, None
         micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
     else:
-        timed, real_tokens, batching, share = speed.data_micro_batch(setup, lengths)
-        micro_s = speed.data_micro_batch_s(model, timed, batching, gpu, coeffs)
+        batching = speed.data_batching(model, setup, lengths, gpu, coeffs)
+        timed, real_tokens, share = speed.data_micro_batch(setup, lengths, batching)
+        micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
     return Estimate(
         setup=setup, components_bytes=parts,
         peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,

@@ -128,42 +128,53 @@ def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficie
 
 # Real data: examples of varied length, which the fixed-shape probes the coefficients are fitted on do not
 # have. The trainer pads each micro-batch to its longest example, or puts the examples back to back
-# (padding-free). Padding costs GPU time on tokens that do not train, and padded micro-batches of changing
-# shape ran slower than fixed shapes even so. rigplan's trainer on Llama-3.1-8B, no checkpointing, examples of
-# 257-2001 tokens, ran 0.73-0.97 of the fixed-shape estimate for its padded micro-batches: LoRA at
-# micro-batch 2 0.81 and 0.73 (two machines), QLoRA 0.83, QLoRA at micro-batch 4 0.97
-# (bench/results/h100-tp{4,5}-own-*.json, h100-tp6-qlora-mb4-padded.json). The middle of that range, in ratio,
-# leaves each within 14%; bench/data_speed.py shows every recorded run.
-PADDED_SPEED = 0.83
-# Padding-free micro-batches run uncompiled on Unsloth, which compiles each decoder block only for padded
-# ones (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`): 0.59-0.64 of the fixed-shape
-# estimate for micro-batches of the mean length (LoRA at micro-batch 2, QLoRA at 4 on two machines:
-# h100-tp3-own-lora.json, h100-tp5-own-qlora.json, h100-tp6-qlora-mb4-padding-free.json). Checkpointed plans
-# at micro-batch 2, host-bound, lost less (h100-tp3-*-mb2.json).
-PADDING_FREE_SPEED = 0.61
-# When padding-free pays off, from padded and padding-free runs of one plan on one machine: padded won where
-# its micro-batches were 79% real tokens (LoRA, micro-batch 2: padding-free 0.76x as fast; h100-tp3-own-lora
-# {,-padded}.json, bare loop) and where they were 67% (QLoRA, micro-batch 4: 0.92x; h100-tp6-qlora-mb4-*.json),
-# so only below 0.67 x 0.92 = 62% real tokens would padding-free win. The trainer's automatic choice
-# (trainer/run.py) and the estimate's both rest on it.
+# (padding-free). A padded micro-batch computes micro_batch x its longest example; a padding-free one the
+# examples' own tokens. Both are timed as the larger of GPU time and host floor (micro_batch_s), with three
+# factors fitted (minimax) on rigplan's trainer and the bare Unsloth loop on Llama-3.1-8B, examples of
+# 257-2001 tokens, micro-batches of 1-8, on seven H100 machines (bench/results/h100-tp*.json; 30 runs):
+# where the GPU sets the pace all within 8%, where the host does within 28% (bench/data_speed.py shows each).
+#
+# The host's floor on real data: micro-batches of changing shape took 1.1-1.5x the fixed-shape floor when
+# host-bound (1 x ~1,100 tokens: h100-tp{3,7,8}-*.json), 1.2-1.4x when GPU and host were level (2 x ~1,400).
+REAL_DATA_HOST = 1.3
+# Padding-free micro-batches run uncompiled on Unsloth, which compiles each decoder block only for padded ones
+# (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`): their GPU work at 0.76 of the fixed-shape
+# rate (QLoRA at micro-batch 8 on two machines: h100-tp9-own-qlora.json, h100-tp10-qlora-mb8-padding-free.json)
+# and, without checkpointing, a host floor 2.25x the compiled one (LoRA at micro-batch 2 and 4, QLoRA at 4:
+# h100-tp10-lora-mb{2,4}-padding-free.json, h100-tp{5,6}-*qlora*.json). With Unsloth's checkpointing the
+# padded path is no faster on the host (h100-tp3-{lora,qlora}-mb{1,2}.json), so its floor is the padded one.
+PADDING_FREE_GPU = 0.76
+PADDING_FREE_HOST = 2.25
+# The trainer's rule where a plan carries no batching (made without the data's lengths: trainer/run.py):
+# padding-free when padded micro-batches would be under 62% real tokens. Padded won at 67% for QLoRA at
+# micro-batch 4 (10,064 tok/s against 9,215, h100-tp6-qlora-mb4-*.json); padding-free at 67% for LoRA at 4
+# (11,715 against 10,805, h100-tp10-lora-mb4-*.json), so near 0.62-0.67 the two are level.
 PADDING_FREE_BELOW = 0.62
+BATCHINGS = ("padded", "padding-free")
 
 
-def data_micro_batch(setup: Setup, lengths: ExampleLengths,
-                     batching: str | None = None) -> tuple[Setup, float, str, float]:
+def data_micro_batch(setup: Setup, lengths: ExampleLengths, batching: str) -> tuple[Setup, float, float]:
     """The micro-batch the data makes: the shape the GPU computes (padded: micro_batch x the expected longest
-    example; padding-free: micro_batch x the mean), the real tokens in it, the batching (the trainer's
-    automatic choice unless given), and its share of real tokens had it been padded (what the choice rests on)."""
+    example; padding-free: micro_batch x the mean), the real tokens in it, and its share of real tokens had
+    it been padded."""
     mean, longest = lengths.mean(setup.seq_len), lengths.longest_of(setup.micro_batch, setup.seq_len)
-    share = mean / longest
-    batching = batching or ("padded" if share >= PADDING_FREE_BELOW else "padding-free")
     timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "padded" else mean)))
-    return timed, setup.micro_batch * mean, batching, share
+    return timed, setup.micro_batch * mean, mean / longest
 
 
-def data_micro_batch_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
-    """Seconds for one micro-batch of real data (timed from data_micro_batch), at the measured share of the
-    fixed-shape rate that its batching reaches (host-bound or not: the trainer's own per-micro-batch work
-    weighs on host-bound steps much as changing shapes weigh on GPU-bound ones, 0.78-0.86 of the estimate
-    at micro-batch 1 in h100-tp3-{lora,qlora}-mb1.json)."""
-    return micro_batch_s(model, timed, gpu, coeffs) / (PADDED_SPEED if batching == "padded" else PADDING_FREE_SPEED)
+def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, batching: str, gpu: GpuSpec,
+                       coeffs: Coefficients) -> float:
+    """Seconds for one micro-batch of real data, laid out as `batching` says (the factors above)."""
+    timed, _, _ = data_micro_batch(setup, lengths, batching)
+    gpu_time, floor = gpu_s(model, timed, gpu, coeffs), host_floor_s(model, timed, coeffs) * REAL_DATA_HOST
+    if batching == "padding-free":
+        gpu_time /= PADDING_FREE_GPU
+        if setup.checkpointing != "unsloth":
+            floor *= PADDING_FREE_HOST / REAL_DATA_HOST
+    return max(gpu_time, floor)
+
+
+def data_batching(model: ModelSpec, setup: Setup, lengths: ExampleLengths, gpu: GpuSpec,
+                  coeffs: Coefficients) -> str:
+    """The faster layout for this data: what the plan tells the trainer to use."""
+    return min(BATCHINGS, key=lambda b: data_micro_batch_s(model, setup, lengths, b, gpu, coeffs))

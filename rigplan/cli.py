@@ -246,8 +246,8 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--lr", "learning_rate", type=float)
 @click.option("--engine", type=click.Choice(["unsloth", "hf"]), help="Force an engine.")
 @click.option("--batching", type=click.Choice(["auto", "padded", "padding-free"]), default="auto", show_default=True,
-              help="Pad micro-batches, or put examples back to back; auto: padding-free past 38% padding "
-                   "on Unsloth, 12% on transformers + PEFT (the break-evens measured on the H100).")
+              help="Pad micro-batches, or put examples back to back; auto: the plan's choice on Unsloth (the "
+                   "faster for the data's lengths), padding-free past 12% padding on transformers + PEFT.")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
-from rigplan.estimator.speed import PADDING_FREE_BELOW
+from rigplan.estimator.speed import BATCHINGS, PADDING_FREE_BELOW
 from rigplan.trainer import data as datalib
 from rigplan.trainer.engine import Engine
 
@@ -33,10 +33,10 @@ DEFAULT_SAVE_STEPS = 50
 CHECKPOINT_COMPLETE = "rigplan_complete.json"
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
-# Padding-free batching (examples back to back in one row, attention kept within each example) when padded
-# micro-batches would be less than PADDING_FREE_BELOW real tokens on Unsloth: below it padding wastes more than
-# running padding-free costs (uncompiled on Unsloth), as measured on the H100 (estimator/speed.py). Not
-# measured: checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
+# Padding-free batching (examples back to back in one row, attention kept within each example) on Unsloth when
+# the plan says so: the estimator times both layouts for the data's lengths (estimator/speed.py). A plan made
+# without them falls back to a rule: padding-free below PADDING_FREE_BELOW real tokens in padded micro-batches.
+# Not measured: checkpointed, GPU-bound plans (24 GB cards), where Unsloth found padding costlier
 # (unsloth/utils/padding_choice.py:6-12). transformers + PEFT compiles nothing, and padding-free ran faster
 # there: 5,212 tok/s against 4,709 padded at 79.3% real tokens, so 0.88 as fast per token computed
 # (bench/results/h100-tp3-own-lora.json, h100-tp3-own-lora-plain-padded.json): it goes padding-free below 88%.
@@ -76,9 +76,10 @@ class RunOptions:
     engine: Engine | None = None
     """Force an engine ('unsloth' or 'hf'); None chooses by the machine."""
     batching: Literal["auto", "padded", "padding-free"] = "auto"
-    """Micro-batches padded to their longest example, or examples back to back (padding-free); auto:
-    padding-free when padded micro-batches would be under PADDING_FREE_BELOW real tokens on Unsloth,
-    HF_PADDING_FREE_BELOW on transformers + PEFT."""
+    """Micro-batches padded to their longest example, or examples back to back (padding-free); auto: on
+    Unsloth the plan's choice (the faster for the data's lengths, estimator/speed.py), or for a plan made
+    without them padding-free when padded micro-batches would be under PADDING_FREE_BELOW real tokens; on
+    transformers + PEFT under HF_PADDING_FREE_BELOW."""
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,11 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions, engine: Engine | 
     if opts.batching == "auto":
         from rigplan.trainer.engine import choose_engine
 
-        below = PADDING_FREE_BELOW if (opts.engine or engine or choose_engine()) == "unsloth" else HF_PADDING_FREE_BELOW
-        padding_free = padded_share < below
+        unsloth = (opts.engine or engine or choose_engine()) == "unsloth"
+        if unsloth and plan.batching in BATCHINGS:  # the estimator's choice, for Unsloth
+            padding_free = plan.batching == "padding-free"
+        else:
+            padding_free = padded_share < (PADDING_FREE_BELOW if unsloth else HF_PADDING_FREE_BELOW)
     else:
         padding_free = opts.batching == "padding-free"
     report.update(batching="padding-free" if padding_free else "padded",
