@@ -14,6 +14,7 @@
 #   qlora-4090  the rtx-4090's QLoRA plan as today's planner makes it, against the plain HF baseline (hf-plain)
 #   profile-4090  rigplan and bare on that plan under cProfile (bench/train_throughput.py --profile)
 #   variants-4090  the bare loop and the trainer with each of its costs taken away, on that plan
+#   variants-own-lora  the H100's LoRA plan: bare, rigplan, rigplan with in-place gradients, rigplan again
 #   own-lora, own-qlora  the local GPU's own plan (as `rigplan run` trains it), against the HF baseline (hf-plain)
 #   own-qlora-mb4-padded  own-qlora's data at micro-batch 4 x 4, padded batches in every part
 #   pf-sweep    rigplan alone: QLoRA micro-batch 8 padding-free, LoRA 4 padding-free and padded, LoRA 2 padding-free
@@ -63,6 +64,10 @@ for mode in "${@:-lora}"; do  # several modes run one after another, within the 
     # The trainer with each of its costs taken away (bench/train_throughput.py VARIANTS), same plan and data.
     variants-4090) run tp-variants-4090 560 --method qlora --examples 96 --steps 0 --plan-gpu rtx-4090 \
       --parts bare,rigplan,rigplan-noclip,rigplan-inplace,rigplan-noclip-inplace-nolog ;;
+    # The H100's LoRA plan (micro-batch 4 x 4, padding-free: 0.9497x the bare loop in h100-tp11-own-lora.json)
+    # with the trainer run twice and once with gradients accumulated in place, to tell its cost from noise.
+    variants-own-lora) run tp-variants-own-lora 560 --method lora --examples 500 --steps 0 --plan-gpu auto \
+      --parts bare,rigplan,rigplan-inplace,rigplan@2 ;;
     qlora-4090) run tp-qlora-4090 530 --method qlora --examples 240 --steps 0 --plan-gpu rtx-4090 --parts rigplan,bare,hf-plain ;;
     # ~500 examples, as issue 4 asks: 224 took 309 s for the three LoRA parts (66 s each to load and compile,
     # then 7,500, 7,300 and 5,200 tok/s of ~1,080-token examples); 500 should take ~450 s, QLoRA's 400 ~470 s.

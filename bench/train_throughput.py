@@ -145,9 +145,10 @@ def part(args: argparse.Namespace) -> dict:
     from rigplan.estimator.plan import Plan
 
     plan = Plan.from_json(Path(args.plan).read_text())
-    if args.part == "bare":
+    kind = args.part.split("@")[0]  # rigplan@2: a second run of the same part, to see run-to-run spread
+    if kind == "bare":
         return bare(plan, args)
-    if args.part == "hf-plain":
+    if kind == "hf-plain":
         # transformers' own causal-LM loss (full logits), as a plain transformers + PEFT loop computes it
         # (shared/data's HF rows), instead of TRL 1.15's chunked LM head (trl/trainer/utils.py:1545-1690),
         # which keeps the logits out of memory: rigplan's trainer falls back to the model's loss without it.
@@ -156,8 +157,8 @@ def part(args: argparse.Namespace) -> dict:
         trl.trainer.utils._ChunkedLogProbFunction = None
     from rigplan.trainer.run import RunOptions, train
 
-    if args.part.startswith("rigplan-"):
-        trainer_variant(args.part.split("-")[1:])
+    if kind.startswith("rigplan-"):
+        trainer_variant(kind.split("-")[1:])
     s = train(plan, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), max_steps=args.steps or -1,
                                save_steps=10_000, eval_fraction=0.0, engine=args.engine, batching=args.batching))
     report = json.loads((Path(args.run_dir) / "data_report.json").read_text())
@@ -215,8 +216,8 @@ def summarize(model: str, plan, args: argparse.Namespace, lengths: tuple[int, in
               prov: dict) -> dict:
     r, h, b, hp = (results.get(k, {}) for k in ("rigplan", "hf", "bare", "hf-plain"))
 
-    def ratio(x, y):
-        return round(x / y, 3) if x and y else None
+    def ratio(x, y):  # 4 places: at 3, 0.94972 printed and passed as 0.95
+        return round(x / y, 4) if x and y else None
 
     # The HF baseline of the goals is plain transformers + PEFT, computing the loss as transformers does
     # (hf-plain); `hf` (the same trainer with TRL 1.15's chunked LM head on that engine) is a second reference.
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     # trainer's auto rule differs between engines: trainer/run.py).
     batching = plan.batching if args.batching == "auto" and plan.batching else args.batching
     for name in args.parts.split(","):
-        engine = "unsloth" if cuda and (name in ("rigplan", "bare") or name.startswith("rigplan-")) else "hf"
+        kind = name.split("@")[0]
+        engine = "unsloth" if cuda and (kind in ("rigplan", "bare") or kind.startswith("rigplan-")) else "hf"
         cmd = [sys.executable, __file__, *(["--profile"] if args.profile else []), "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
                "--run-dir", str(out / f"run-{name}"), "--engine", engine, "--steps", str(args.steps),
                "--batching", batching]
