@@ -46,9 +46,8 @@ def rows() -> list[dict]:
         lengths = ExampleLengths.of(make_lengths(data["examples"], tuple(data["words"]) if data.get("words") else DEFAULT_LENGTHS))
         setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], grad_accum=p["grad_accum"],
                       checkpointing=p["checkpointing"])
-        for part in ("rigplan", "bare"):
-            r = parts.get(part)
-            if not r or not r.get("tokens_per_s"):
+        for part, r in parts.items():  # rigplan, bare, and repeats of either (rigplan@2)
+            if part.split("@")[0] not in ("rigplan", "bare") or not r.get("tokens_per_s"):
                 continue
             batching = r.get("batching") or data.get("batching") or "padded"  # as the run laid them out
             timed, real, share = speed.data_micro_batch(setup, lengths, batching)
@@ -73,7 +72,7 @@ def main() -> None:
     print(f"{'file':32} {'part':8} {'method':6} {'mb':>3} {'ckpt':8} {'batching':13} {'share':>6} "
           f"{'measured':>9} {'predicted':>9} {'error':>7}")
     for r in table:
-        mark = "" if r["current_trainer"] or r["part"] == "bare" else "  (old trainer)"
+        mark = "" if r["current_trainer"] or r["part"].startswith("bare") else "  (old trainer)"
         print(f"{r['file']:32} {r['part']:8} {r['method']:6} {r['micro_batch']:>3} {r['checkpointing']:8} "
               f"{r['batching']:13} {r['padded_share']:>6.3f} {r['measured']:>9,.0f} {r['predicted']:>9,.0f} "
               f"{r['error']:>+7.1%}{' host-bound' if r['host_bound'] else ''}{mark}")
