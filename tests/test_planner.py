@@ -169,9 +169,8 @@ def test_full_sequence_speed_overstated_a_recorded_run_of_short_examples(coeffs)
 def test_real_data_speed_matches_the_recorded_trainer_runs() -> None:
     """bench/data_speed.py on every recorded H100 run of varied-length data (bench/results/h100-tp*.json): the
     trainer as it is now and the bare Unsloth loop, within 15% (check's speed goal) where the GPU sets the
-    pace and within the host-bound band elsewhere. The real-data rates (estimator/speed.py) are fitted to
-    the current trainer's runs on three machines, so this checks the formula and the bare loop's runs, which
-    were not fitted to."""
+    pace and within the host-bound band elsewhere. The real-data factors (estimator/speed.py) were fitted on
+    the runs up to tp10; the runs recorded after them (tp11 on) check them on machines they never saw."""
     import sys
     from pathlib import Path
 
@@ -180,10 +179,12 @@ def test_real_data_speed_matches_the_recorded_trainer_runs() -> None:
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     import data_speed
 
-    rows = [r for r in data_speed.rows() if r["current_trainer"] or r["part"] == "bare"]
+    rows = [r for r in data_speed.rows() if r["current_trainer"] or r["part"].startswith("bare")]
     assert len(rows) >= 10 and any(not r["host_bound"] for r in rows)
     for r in rows:
         assert abs(r["error"]) <= (HOST_BOUND_ERROR if r["host_bound"] else 0.15), r
+    unseen = [r for r in rows if int(r["file"].split("-")[1][2:]) >= 11]
+    assert len(unseen) >= 6 and all(abs(r["error"]) <= 0.15 for r in unseen)
 
 
 def test_short_examples_get_larger_micro_batches(coeffs) -> None:
