@@ -130,7 +130,8 @@ class Plan:
     examples); 0: full micro_batch x seq_len micro-batches."""
     batching: str = ""
     """How the predicted micro-batches are laid out: 'padded' (to their longest example) or 'padding-free'
-    (examples back to back), as the trainer's auto choice makes them; '': full sequences, no data known."""
+    (examples back to back), the faster for the data, which the trainer follows on Unsloth; '': full
+    sequences, no data known."""
     non_padding_share: float = 0.0
     """Expected share of real tokens in the predicted micro-batches (1.0 padding-free; 0: no data known)."""
     components_gib: dict[str, float] = field(default_factory=dict)

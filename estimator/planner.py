@@ -47,9 +47,10 @@ class Estimate:
     example_tokens: float | None = None
     """Mean tokens per example the speed is for (None: full micro_batch x seq_len micro-batches)."""
     batching: str | None = None
-    """'padded' or 'padding-free': how the trainer will lay out the data's micro-batches (None: no data)."""
+    """'padded' or 'padding-free', the faster for the data, as the trainer will lay out its micro-batches on
+    Unsloth (None: no data)."""
     non_padding_share: float | None = None
-    """Share of real tokens had the micro-batches been padded (the trainer's choice rests on it)."""
+    """Share of real tokens had the micro-batches been padded."""
 
     @property
     def headroom_gib(self) -> float:
@@ -95,8 +96,8 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
              gpu_memory_gib: float | None = None, lengths: ExampleLengths | None = None) -> Estimate:
     """Memory and speed of one configuration (what `rigplan estimate` prints). Memory is for full
     micro-batches (micro_batch x seq_len tokens, the most a batch can hold); speed, given the data's example
-    lengths, for the micro-batches that data makes (speed.data_micro_batch: padding and the trainer's
-    padded / padding-free choice counted), else for full ones. Short examples on a fast GPU leave it on the
+    lengths, for the micro-batches that data makes, padded or padding-free, whichever is faster
+    (speed.data_batching: padding counted), else for full ones. Short examples on a fast GPU leave it on the
     host's floor: our 8B QLoRA plan for H100 at seq 3072 predicted 15,049 tok/s for full sequences and ran
     4,309 on examples of ~1,100 tokens (bench/results/h100-tp3-own-qlora.json)."""
     validate(model, setup)
@@ -107,9 +108,8 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
         timed, real_tokens, batching, share = setup, float(setup.tokens), None, None
         micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
     else:
-        batching = speed.data_batching(model, setup, lengths, gpu, coeffs)
+        batching, micro_s = speed.data_batching(model, setup, lengths, gpu, coeffs)
         timed, real_tokens, share = speed.data_micro_batch(setup, lengths, batching)
-        micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
     return Estimate(
         setup=setup, components_bytes=parts,
         peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,

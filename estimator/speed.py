@@ -176,6 +176,9 @@ def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, 
 
 
 def data_batching(model: ModelSpec, setup: Setup, lengths: ExampleLengths, gpu: GpuSpec,
-                  coeffs: Coefficients) -> str:
-    """The faster layout for this data: what the plan tells the trainer to use."""
-    return min(BATCHINGS, key=lambda b: data_micro_batch_s(model, setup, lengths, b, gpu, coeffs))
+                  coeffs: Coefficients) -> tuple[str, float]:
+    """The faster layout for this data, what the plan tells the trainer to use, and its seconds per
+    micro-batch."""
+    seconds = {b: data_micro_batch_s(model, setup, lengths, b, gpu, coeffs) for b in BATCHINGS}
+    batching = min(seconds, key=seconds.__getitem__)
+    return batching, seconds[batching]
