@@ -35,6 +35,14 @@ JOBS[hostbound]="llama-3.2-1b:lora:16:1x2048,2x2048
 llama-3.2-3b:lora:8:1x4096,2x2048
 llama-3.1-8b:lora:16:1x2048
 llama-3.1-8b:qlora:16:1x2048"
+# QLoRA's extra floor against the width of a layer, LoRA beside it on one host: a 1B layer holds 0.06 billion
+# 4-bit weights, an 8B one 0.22, a 70B one 0.86 (MIN_TIMED_S=15: the differences are a few ms a step).
+JOBS[width]="llama-3.2-1b:lora:16:1x512,1x1024
+llama-3.2-1b:qlora:16:1x512,1x1024
+llama-3.1-70b@8:lora:16:1x512,1x1024
+llama-3.1-70b@8:qlora:16:1x512,1x1024
+llama-3.1-8b@8:lora:16:1x512,1x1024
+llama-3.1-8b@8:qlora:16:1x512,1x1024"
 for g in "$@"; do
   while read -r j; do
     [ -n "$j" ] || continue
