@@ -36,10 +36,12 @@ class Workload:
     lengths: ExampleLengths | None = None
     """Tokens per example that speed is predicted for: the data's (padding counted) or --avg-tokens (all
     equal); None when only guessed (half of --seq), then speed is for full sequences."""
+    lengths_from_data: bool = False
+    """Whether those are each example's own length (a data file), so that padding is counted."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "epochs": self.epochs, "examples": self.examples,
-                "avg_tokens": self.avg_tokens, "source": self.source}
+                "avg_tokens": self.avg_tokens, "source": self.source, "lengths_from_data": self.lengths_from_data}
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
         tokens = sum(min(n, seq) for n in lengths)
         tokens = tokens / len(lengths) * examples_  # counted lengths may be a sample of the file
         return Workload(tokens, epochs, examples_, tokens / examples_, f"{data_file} ({how})",
-                        ExampleLengths.of(lengths)), seq
+                        ExampleLengths.of(lengths), lengths_from_data=True), seq
     if examples is not None:
         if examples <= 0 or (avg_tokens is not None and avg_tokens <= 0):
             raise ConfigError("--examples and --avg-tokens must be > 0")

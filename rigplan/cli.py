@@ -89,8 +89,7 @@ def _render_check(d: dict[str, Any]) -> str:
                f"time: {d['workload']['source']}, {d['workload']['tokens']:,.0f} tokens x {d['workload']['epochs']:g} epoch(s)")
     out.append(f"calibration: {d['calibration']['label']}; {d['calibration']['note']}")
     if d["recommended"] and d["recommended"].get("example_tokens"):
-        out.append(_data_speed_note(d["recommended"], d["workload"]["examples"] is not None
-                                    and not d["workload"]["source"].startswith("--examples")))
+        out.append(_data_speed_note(d["recommended"], d["workload"]["lengths_from_data"]))
     if d["recommended"] and d["recommended"]["host_bound"]:
         out.append(_host_bound_note(d["recommended"]["batch"]))
     out += [f"warning: {w}" for w in d["warnings"]]

@@ -61,6 +61,20 @@ def test_check_data_file_sets_sequence_length(tmp_path) -> None:
     assert d["recommended"]["example_tokens"] == round(d["workload"]["avg_tokens"])
 
 
+def test_check_says_how_data_is_laid_out_only_when_lengths_are_known(tmp_path) -> None:
+    """A data file gives each example's length, so the note names the layout the plan timed; --examples with
+    --avg-tokens gives only a mean, so padding cannot be counted and the note says so."""
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": "word " * (100 + 37 * i)}) for i in range(60)))
+    from_data = invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--data", str(f))
+    assert from_data.exit_code == 0, from_data.output
+    assert json.loads(invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--data", str(f), "--json").output)[
+        "workload"]["lengths_from_data"]
+    assert "not counted" not in from_data.output and ("padding-free" in from_data.output or "padded" in from_data.output)
+    mean_only = invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--examples", "1000", "--avg-tokens", "700")
+    assert "only their mean length is known, so padding is not counted" in mean_only.output
+
+
 def test_examples_without_avg_tokens_do_not_guess_the_speed() -> None:
     def rec(*extra: str) -> dict:
         return json.loads(invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--json", *extra).output)["recommended"]
