@@ -83,6 +83,23 @@ def test_examples_without_avg_tokens_do_not_guess_the_speed() -> None:
     assert short["example_tokens"] == 200 and short["tokens_per_s"] < rec()["tokens_per_s"]
 
 
+def test_run_with_overrides_reads_the_data_once(tmp_path, monkeypatch) -> None:
+    """Without a tokenizer on disk, `rigplan run --rank 32` estimates lengths for the plan and again for the
+    override: one read of the file serves both, and an edited file is read afresh."""
+    from rigplan import check
+    from rigplan.trainer import data
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": "word " * (50 + i)}) for i in range(40)))
+    reads = []
+    real = data.validate
+    monkeypatch.setattr(data, "validate", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    p = check.plan_for_run("llama-3.2-1b", "h100-sxm", f, {"rank": 32})
+    assert p.rank == 32 and len(reads) == 1
+    f.write_text("\n".join(json.dumps({"text": "word " * (80 + i)}) for i in range(41)))
+    assert check.plan_for_run("llama-3.2-1b", "h100-sxm", f, {"rank": 32}).rank == 32 and len(reads) == 2
+
+
 def test_run_with_method_plans_that_method(tmp_path) -> None:
     """`rigplan run --method qlora` gets the planner's best QLoRA plan, not LoRA's settings re-estimated."""
     from rigplan import check

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,11 +140,18 @@ def record_text(record: dict[str, Any], fmt: Format) -> str:
 
 
 def estimated_lengths(path: Path, skip_bad: bool = False) -> list[int]:
-    """Estimated tokens per example (characters / CHARS_PER_TOKEN), for planning without a tokenizer."""
+    """Estimated tokens per example (characters / CHARS_PER_TOKEN), for planning without a tokenizer. A file
+    is read once per process while it is unchanged (`rigplan run` with overrides plans, then re-estimates)."""
+    st = Path(path).stat()
+    return list(_estimated_lengths(Path(path), str(Path(path).resolve()), st.st_mtime_ns, st.st_size, skip_bad))
+
+
+@lru_cache(maxsize=4)
+def _estimated_lengths(path: Path, _where: str, _mtime_ns: int, _size: int, skip_bad: bool) -> tuple[int, ...]:
     fmt, good, issues = validate(path)
     if issues and not skip_bad:
         raise DataError(issues_message(path, issues))
-    return [max(1, round(len(record_text(r, fmt)) / CHARS_PER_TOKEN)) for _, r in good]
+    return tuple(max(1, round(len(record_text(r, fmt)) / CHARS_PER_TOKEN)) for _, r in good)
 
 
 def use_template(tokenizer: Any, fmt: Format) -> str:
