@@ -194,7 +194,7 @@ def _unit(**overrides: float) -> Coefficients:
                 nockpt_per_intermediate=0.0, slack_ratio=0.0, qlora_slack_ratio=0.0, nockpt_slack_ratio=0.0,
                 context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
                 dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, nockpt_layer_overhead_s=0.0,
-                qlora_s_per_billion_weights=0.0, offload_s_per_gb=0.0)
+                qlora_layer_overhead_s=0.0, offload_s_per_gb=0.0)
     base.update(overrides)
     return Coefficients(**base)  # type: ignore[arg-type]
 
@@ -282,9 +282,9 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None,
                floor_fit: str = "least_squares") -> dict[str, float]:
     """micro-batch s = max(GPU line, host floor): the GPU line is FLOPs / (peak x mfu) + (elementwise +
     dequant bytes) / bandwidth, fitted on the large micro-batches that keep the GPU busy; the floor is
-    fixed + layers x per-layer cost (+ QLoRA's per 4-bit weight, + offloaded GB), fitted on the small
-    micro-batches measured clearly above that line: by least squares (one host's probes), or minimax over
-    runs pooled from several hosts (floor_fit="minimax", every term free)."""
+    fixed + layers x per-layer cost (+ QLoRA's per layer, + offloaded GB), fitted on the small micro-batches
+    measured clearly above that line: by least squares (one host's probes), or minimax over runs pooled
+    from several hosts (floor_fit="minimax", every term free)."""
     g = resolve_gpu(gpu)
     peak, bandwidth = g.tensor_tflops * 1e12, g.bandwidth_gb_s * 1e9
 
@@ -295,7 +295,7 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None,
 
     def floor_cols(r: Run) -> list[float]:
         layers, ckpt = float(r.model.num_hidden_layers), r.setup.checkpointing == "unsloth"
-        return [1.0, layers if ckpt else 0.0, 0.0 if ckpt else layers, speed.quantized_weights(r.model, r.setup) / 1e9,
+        return [1.0, layers if ckpt else 0.0, 0.0 if ckpt else layers, layers if r.setup.method == "qlora" else 0.0,
                 speed.offload_gb(r.model, r.setup)]
 
     line_prior = floor_prior = None
@@ -303,7 +303,7 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None,
         # Both are in units that carry over between GPUs (a FLOP share, bytes, seconds), as the estimator uses them.
         line_prior = [1 / prior.mfu, prior.elementwise_bytes, prior.dequant_bytes]
         floor_prior = [prior.step_overhead_s, prior.layer_overhead_s, prior.nockpt_layer_overhead_s,
-                       prior.qlora_s_per_billion_weights, prior.offload_s_per_gb]
+                       prior.qlora_layer_overhead_s, prior.offload_s_per_gb]
     big = [r for r in runs if r.setup.tokens >= GPU_BOUND_TOKENS] or runs
     gpu_coef = _solve([gpu_cols(r) for r in big], [r.row["step_s"] for r in big], line_prior)
     line = {id(r): sum(c * x for c, x in zip(gpu_cols(r), gpu_coef)) for r in runs}
@@ -316,7 +316,7 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None,
     if floor_fit == "minimax":
         bound = {id(r) for r in host_bound}
         others = [r for r in runs if id(r) not in bound]
-        overhead, per_layer, nockpt_per_layer, qlora_per_gweight, offload = _solve_minimax(
+        overhead, per_layer, nockpt_per_layer, qlora_per_layer, offload = _solve_minimax(
             cols, [r.row["step_s"] for r in host_bound], [floor_cols(r) for r in others],
             [r.row["step_s"] for r in others])
     elif not any(r.setup.tokens <= FLOOR_PROBE_TOKENS for r in host_bound):
@@ -324,14 +324,14 @@ def _fit_speed(runs: list[Run], gpu: str, prior: Coefficients | None = None,
         y = [r.row["step_s"] - sum(h * c for h, c in zip(held, col[3:])) for r, col in zip(host_bound, cols)]
         overhead, per_layer, nockpt_per_layer = _solve([c[:3] for c in cols], y,
                                                        floor_prior[:3] if floor_prior else None)
-        qlora_per_gweight, offload = held
+        qlora_per_layer, offload = held
     else:
-        overhead, per_layer, nockpt_per_layer, qlora_per_gweight, offload = _solve(
+        overhead, per_layer, nockpt_per_layer, qlora_per_layer, offload = _solve(
             cols, [r.row["step_s"] for r in host_bound], floor_prior)
     inv_mfu, elem, deq = gpu_coef
     return {"mfu": 1 / inv_mfu if inv_mfu else 0.0, "elementwise_bytes": elem, "dequant_bytes": deq,
             "step_overhead_s": overhead, "layer_overhead_s": per_layer, "nockpt_layer_overhead_s": nockpt_per_layer,
-            "qlora_s_per_billion_weights": qlora_per_gweight, "offload_s_per_gb": offload}
+            "qlora_layer_overhead_s": qlora_per_layer, "offload_s_per_gb": offload}
 
 
 def predict(run: Run, coeffs: Coefficients, gpu: str) -> dict[str, float]:

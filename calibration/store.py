@@ -15,11 +15,10 @@ from typing import Any
 
 from rigplan.errors import CalibrationError
 from rigplan.estimator.plan import Coefficients
-from rigplan.profiles.catalog import PROFILES_DIR, resolve_model
+from rigplan.profiles.catalog import PROFILES_DIR
 
 # 2: the allocator's slack as a share of the step's bytes (slack_ratio ...), not of all allocated bytes.
-# 3: QLoRA's floor per 4-bit weight (qlora_s_per_billion_weights), not per layer (qlora_layer_overhead_s).
-CALIBRATION_SCHEMA_VERSION = 3
+CALIBRATION_SCHEMA_VERSION = 2
 REFERENCE_FILE = PROFILES_DIR / "calibrations" / "h100-sxm.json"
 
 
@@ -58,25 +57,12 @@ def read_calibration(path: Path) -> tuple[Coefficients, dict[str, Any]]:
     """Coefficients and the whole document; CalibrationError if the file is corrupt or of another version."""
     try:
         doc = json.loads(Path(path).read_text())
-        if doc.get("schema_version") == 2 and doc.get("probes"):
-            doc = _from_schema_2(doc)
         if doc.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
             raise CalibrationError(f"{path}: calibration schema {doc.get('schema_version')!r}, this rigplan reads "
                                    f"{CALIBRATION_SCHEMA_VERSION}; run rigplan calibrate again")
         return Coefficients.from_dict(doc["coefficients"]), doc
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CalibrationError(f"{path}: unreadable calibration ({e}); run rigplan calibrate again") from e
-
-
-def _from_schema_2(doc: dict[str, Any]) -> dict[str, Any]:
-    """A `rigplan calibrate` file of schema 2 read as schema 3, so that a user's calibration survives the
-    upgrade: its probes ran one architecture, on which a cost per layer and a cost per 4-bit weight are the
-    same prediction; the per-layer QLoRA floor becomes per weight at that architecture's weights per layer."""
-    coeffs = dict(doc["coefficients"])
-    per_layer = coeffs.pop("qlora_layer_overhead_s", 0.0)
-    layer_weights = sum(n_in * n_out for _, n_in, n_out in resolve_model(doc["probes"][0]["arch"]).linear_shapes())
-    coeffs["qlora_s_per_billion_weights"] = per_layer / (layer_weights / 1e9)
-    return doc | {"schema_version": 3, "coefficients": coeffs}
 
 
 @lru_cache(maxsize=1)

@@ -212,9 +212,8 @@ class Coefficients:
     """Host floor on a micro-batch per decoder layer with Unsloth's checkpointing, seconds."""
     nockpt_layer_overhead_s: float
     """Host floor on a micro-batch per decoder layer without checkpointing, seconds."""
-    qlora_s_per_billion_weights: float = 0.0
-    """QLoRA's extra floor per billion 4-bit weights, seconds: every micro-batch dequantizes each weight
-    again (forward, recompute, backward), a cost that grows with the weights, not the tokens."""
+    qlora_layer_overhead_s: float = 0.0
+    """QLoRA's extra host floor per decoder layer (its dequantize kernels' launches), seconds."""
     offload_s_per_gb: float = 0.0
     """Host floor per GB of checkpoints Unsloth offloads to CPU memory and brings back (one bf16 hidden
     state per token per layer), seconds: the floor grows with tokens, not only with layers."""

@@ -86,19 +86,15 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
 
 
 def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
-    """The floor on a micro-batch, however few its tokens: a fixed cost (optimizer step, Python) plus a cost
-    per layer, larger with Unsloth's checkpointing (its offload round trip: ~8-11 ms a layer on the H100 hosts
-    we measured, for 1B, 3B and 8B alike) than without (~6 ms: 8B at 1 x 2001, 1B at 4 x 2048). It is mostly
-    the host's CPU, not the GPU: the same 8B 1 x 2048 step took 0.27 s on one H100 machine and 0.45 s on
-    another. QLoRA adds a cost per 4-bit weight, not per layer: each micro-batch dequantizes every weight in
-    the forward pass, the recompute and the backward pass, whatever its token count. Fitted minimax over the
-    recorded H100 runs, it is 3.6 ms per billion weights, 12 bytes per weight at the H100's 3.35 TB/s (each
-    pass reads 0.5 byte of NF4, writes 2 of bf16, and the matmul reads those back: 13.5). Per layer instead,
-    the same runs could not be fitted within 15% (a 1B layer holds 0.06 billion weights, an 8B one 0.22)."""
+    """The host's floor on a micro-batch: a fixed cost (optimizer step, Python) plus a cost per layer, larger
+    with Unsloth's checkpointing (its offload round trip: ~8-11 ms a layer on the H100 hosts we measured,
+    for 1B, 3B and 8B alike) than without (~6 ms: 8B at 1 x 2001, 1B at 4 x 2048), and larger for QLoRA
+    (dequantize launches: +3-5 ms a layer in `rigplan calibrate`'s 1 x 512 probes). It is the host's CPU,
+    not the GPU: the same 8B 1 x 2048 step took 0.27 s on one H100 machine and 0.45 s on another."""
     per_layer = coeffs.layer_overhead_s if setup.checkpointing == "unsloth" else coeffs.nockpt_layer_overhead_s
-    return (coeffs.step_overhead_s + per_layer * model.num_hidden_layers
-            + coeffs.qlora_s_per_billion_weights * quantized_weights(model, setup) / 1e9
-            + coeffs.offload_s_per_gb * offload_gb(model, setup))
+    if setup.method == "qlora":
+        per_layer += coeffs.qlora_layer_overhead_s
+    return coeffs.step_overhead_s + per_layer * model.num_hidden_layers + coeffs.offload_s_per_gb * offload_gb(model, setup)
 
 
 # How far a host-bound micro-batch's time strays: full-depth 7-8B 1 x 2048 steps on six H100 machines took

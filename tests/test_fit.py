@@ -13,7 +13,7 @@ from rigplan.calibration.store import reference
 GIB = 2**30
 
 
-FLOOR_TERMS = ("step_overhead_s", "layer_overhead_s", "nockpt_layer_overhead_s", "qlora_s_per_billion_weights",
+FLOOR_TERMS = ("step_overhead_s", "layer_overhead_s", "nockpt_layer_overhead_s", "qlora_layer_overhead_s",
                "offload_s_per_gb")
 
 

@@ -48,19 +48,3 @@ def test_slower_gpu_is_slower(coeffs) -> None:
 def test_step_is_accumulation_times_micro_batch(coeffs) -> None:
     one = speed.step_s(LLAMA8B, Setup("lora", 16, 2, 2048, grad_accum=1), H100, coeffs)
     assert speed.step_s(LLAMA8B, Setup("lora", 16, 2, 2048, grad_accum=8), H100, coeffs) == pytest.approx(8 * one)
-
-
-def test_qlora_floor_grows_with_the_weights_it_dequantizes(coeffs) -> None:
-    """QLoRA's extra floor is per 4-bit weight: a 70B layer holds ~4x the weights of an 8B one, so its
-    extra floor per layer is ~4x too (it was one cost per layer, which the recorded runs could not fit)."""
-    big = resolve_model("llama-3.1-70b")
-    setup = Setup("qlora", 16, 1, 512)
-
-    def extra_per_layer(model):
-        lora = speed.host_floor_s(model, Setup("lora", 16, 1, 512), coeffs)
-        return (speed.host_floor_s(model, setup, coeffs) - lora) / model.num_hidden_layers
-
-    ratio = extra_per_layer(big) / extra_per_layer(LLAMA8B)
-    weights = (speed.quantized_weights(big, setup) / big.num_hidden_layers) / (
-        speed.quantized_weights(LLAMA8B, setup) / LLAMA8B.num_hidden_layers)
-    assert ratio == pytest.approx(weights) and 3.5 < ratio < 4.5

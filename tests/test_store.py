@@ -52,28 +52,3 @@ def test_reference_is_measured_on_h100_with_provenance() -> None:
     coeffs, doc = store.reference()
     assert coeffs.gpu == "h100-sxm" and doc["provenance"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert doc["provenance"]["date"] and doc["runs_files"]
-
-
-def test_schema_2_calibration_keeps_its_qlora_floor_on_the_model_it_probed(tmp_path) -> None:
-    """A user's `rigplan calibrate` file from before schema 3 (a real one: machine g) still loads, and on
-    the architecture its probes ran it predicts the QLoRA floor it predicted then: per layer x layers."""
-    from rigplan.estimator import speed
-    from rigplan.estimator.plan import Setup
-    from rigplan.profiles.catalog import PROFILES_DIR, resolve_model
-
-    old = json.loads((PROFILES_DIR.parent / "bench/results/calibrate-h100/calibration-g.json").read_text())
-    assert old["schema_version"] == 2
-    path = tmp_path / "h100-sxm.json"
-    path.write_text(json.dumps(old))
-    coeffs, doc = store.read_calibration(path)
-    model = resolve_model(old["probes"][0]["arch"])
-    qlora_floor = coeffs.qlora_s_per_billion_weights * speed.quantized_weights(model, Setup("qlora", 16, 1, 2048)) / 1e9
-    assert qlora_floor == pytest.approx(old["coefficients"]["qlora_layer_overhead_s"] * model.num_hidden_layers)
-    assert doc["schema_version"] == store.CALIBRATION_SCHEMA_VERSION and qlora_floor > 0
-
-
-def test_schema_2_file_without_probes_asks_for_a_new_calibration(tmp_path, coeffs) -> None:
-    path = tmp_path / "x.json"
-    path.write_text(json.dumps({"schema_version": 2, "coefficients": coeffs.to_dict(), "probes": []}))
-    with pytest.raises(CalibrationError, match="run rigplan calibrate again"):
-        store.read_calibration(path)
