@@ -43,6 +43,12 @@ llama-3.1-70b@8:lora:16:1x512,1x1024
 llama-3.1-70b@8:qlora:16:1x512,1x1024
 llama-3.1-8b@8:lora:16:1x512,1x1024
 llama-3.1-8b@8:qlora:16:1x512,1x1024"
+# Where a small shape's memory peak comes from (first step or later ones; forward, backward or optimizer):
+# the 'width' runs found ~0.2 GiB above the estimate at 1B 1x512, flat from 512 to 1024 tokens.
+JOBS[memfloor]="llama-3.2-1b:lora:16:1x256,1x512,1x1024,1x2048
+llama-3.2-1b:qlora:16:1x256,1x512,1x1024,1x2048
+llama-3.1-8b@8:qlora:16:1x512,1x1024
+llama-3.1-8b@8:lora:16:1x1024"
 for g in "$@"; do
   while read -r j; do
     [ -n "$j" ] || continue

@@ -83,6 +83,9 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
         losses.append(float(loss.detach()))
         if cuda:
             nvml_after.append((nvml.used_gib(), torch.cuda.memory_reserved() / GIB))
+            if step == 0:  # the first step's peak (it compiles) apart from the steps after it
+                first = (torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB)
+                torch.cuda.reset_peak_memory_stats()
     timed = sorted(times[WARMUP:])
     step_s = statistics.median(timed)
     row: dict[str, Any] = {"base_gib": base, "step_s": round(step_s, 4), "steps_timed": len(timed),
@@ -91,11 +94,36 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
                            "step_times_s": [round(t, 4) for t in times]}
     if cuda:
         used, reserved = nvml_after[-1]
-        row.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 4),
-                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 4),
+        steady = (torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB)
+        row.update(peak_alloc_gib=round(max(first[0], steady[0]), 4),
+                   peak_reserved_gib=round(max(first[1], steady[1]), 4),
                    nvml_used_gib=round(used, 4) if used is not None else None,
-                   context_gib=round(used - reserved, 4) if used is not None else None)
+                   context_gib=round(used - reserved, 4) if used is not None else None,
+                   first_step_peak_alloc_gib=round(first[0], 4), later_steps_peak_alloc_gib=round(steady[0], 4),
+                   phase_peak_alloc_gib=phase_peaks(model, optimizer, vocab, batch, seq, device))
     return row
+
+
+def phase_peaks(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str) -> dict[str, float]:
+    """One more step, with the peak allocated memory of its forward pass (loss included), its backward pass
+    and its optimizer step read apart: which phase sets a shape's peak, for the memory terms."""
+    import torch
+
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    peaks = {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    loss = model(input_ids=ids, labels=ids).loss
+    peaks["forward"] = torch.cuda.max_memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    peaks["backward"] = torch.cuda.max_memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    peaks["optimizer"] = torch.cuda.max_memory_allocated() / GIB
+    torch.cuda.synchronize()
+    return {k: round(v, 4) for k, v in peaks.items()}
 
 
 def scratch_dir(spec: Any) -> str | None:
