@@ -46,13 +46,22 @@ class Run:
         return f"{self.model.id} {s.method} r{s.rank} {s.micro_batch}x{s.seq_len}{ck}"
 
 
+# What a fresh process has allocated (and reserved) before its first job: the engine's import, on every
+# one-job process recorded on the H100 (26 rows with start_* fields). It belongs to every run, as it did to
+# the rows recorded before the probe wrote start_* (the fitted fixed_bytes, 32 MiB, is this); only what an
+# earlier job in the same process left above it is a leftover.
+FRESH_PROCESS_ALLOC_GIB = 0.03125
+FRESH_PROCESS_RESERVED_GIB = 0.0390625
+
+
 def net_of_leftover(row: dict[str, Any]) -> dict[str, Any]:
     """A probe row's memory net of what an earlier job in the same process left allocated (the probe
-    records it as start_alloc_gib / start_reserved_gib): allocations add, so the allocated figures are
-    exact; a reserved figure is off by at most the free space inside the leftover's segments. Rows
-    without those fields are returned as they are (older probes ran one job per process, or say
-    `clean_load: false`)."""
-    alloc0, reserved0 = row.get("start_alloc_gib"), row.get("start_reserved_gib")
+    records the allocation at the job's start as start_alloc_gib / start_reserved_gib; a fresh process
+    starts at FRESH_PROCESS_*): allocations add, so the allocated figures are exact; a reserved figure is
+    off by at most the free space inside the leftover's segments. Rows without those fields are returned as
+    they are (older probes ran one job per process, or say `clean_load: false`)."""
+    alloc0 = max(0.0, (row.get("start_alloc_gib") or 0.0) - FRESH_PROCESS_ALLOC_GIB)
+    reserved0 = max(0.0, (row.get("start_reserved_gib") or 0.0) - FRESH_PROCESS_RESERVED_GIB)
     if not alloc0 and not reserved0:
         return row
     net = dict(row)
@@ -180,11 +189,15 @@ def speed_valid(run: Run) -> bool:
     return not run.row.get("speed_invalid")
 
 
-def known_bytes(run: Run) -> int:
-    """The memory terms that need no fitting: weights, adapters, their gradients, optimizer state."""
+def loaded_bytes(run: Run) -> int:
+    """What loading puts on the GPU, known from the shapes: weights and adapters (fixed_bytes aside)."""
     m, s = run.model, run.setup
-    return (memory.base_weights_bytes(m, s.method) + memory.lora_weights_bytes(m, s.rank)
-            + memory.lora_grads_bytes(m, s.rank) + memory.optimizer_state_bytes(m, s.rank, s.optimizer))
+    return memory.base_weights_bytes(m, s.method) + memory.lora_weights_bytes(m, s.rank)
+
+
+def _phase_bytes(run: Run, coeffs: Coefficients, loss_phase: bool) -> int:
+    parts = memory.components_bytes(run.model, run.setup, coeffs)
+    return memory.loss_phase_bytes(run.model, run.setup, parts) if loss_phase else memory.backward_phase_bytes(parts)
 
 
 def _unit(**overrides: float) -> Coefficients:
@@ -204,13 +217,13 @@ MEMORY_COEFFS_CKPT = ("step_fixed_bytes", "ckpt_per_hidden", "transient_per_hidd
 MEMORY_COEFFS_NOCKPT = ("step_fixed_bytes", "nockpt_per_hidden", "nockpt_per_intermediate", "logits_per_vocab")
 
 
-def _features(run: Run, names: tuple[str, ...]) -> list[float]:
-    """Each coefficient's column: the allocated total the estimator gives with only that one set to 1."""
-    cols = []
-    for name in names:
-        parts = memory.components_bytes(run.model, run.setup, _unit(**{name: 1.0}))
-        cols.append(float(memory.peak_allocated_bytes(parts) - known_bytes(run)))
-    return cols
+def _features(run: Run, names: tuple[str, ...], loss_phase: bool,
+              held: dict[str, float]) -> tuple[list[float], float]:
+    """Each coefficient's column in the phase that sets this run's peak (the step's bytes there with only that
+    coefficient at 1, less the bytes known from the shapes and the `held` coefficients), and those known
+    bytes: both phases are linear in the coefficients."""
+    known = _phase_bytes(run, _unit(**held), loss_phase)
+    return [float(_phase_bytes(run, _unit(**held, **{n: 1.0}), loss_phase) - known) for n in names], float(known)
 
 
 def fit(runs: list[Run], gpu: str, source: str, prior: Coefficients | None = None,
@@ -226,17 +239,28 @@ def fit(runs: list[Run], gpu: str, source: str, prior: Coefficients | None = Non
         - memory.lora_weights_bytes(r.model, r.setup.rank) for r in load_rows)
     mem_runs = [r for r in runs if r.row.get("peak_alloc_gib") is not None and r.row.get("clean_load", True)]
     values: dict[str, float] = {"fixed_bytes": fixed}
-    # The fixed part of a step is shared by both fits; take it from the checkpointed runs (most of them).
+    # The fixed part of a step and the logits' bytes are shared by both fits: the checkpointed runs (most of
+    # them) fit them, and the runs without checkpointing fit their own terms with those held.
     for ckpt, names in (("unsloth", MEMORY_COEFFS_CKPT), ("off", MEMORY_COEFFS_NOCKPT)):
         sel = [r for r in mem_runs if r.setup.checkpointing == ckpt]
+        held = {n: values[n] for n in names if n in values}
+        names = tuple(n for n in names if n not in held)
         if not sel:
             continue
-        x = [_features(r, names) for r in sel]
-        y = [r.row["peak_alloc_gib"] * GIB - known_bytes(r) - fixed for r in sel]
-        for name, c in zip(names, _solve(x, y, [pri[n] for n in names] if pri else None)):
-            if ckpt == "off" and name in ("step_fixed_bytes", "logits_per_vocab") and name in values:
-                continue
-            values[name] = c
+        # Each run's peak is in the phase the coefficients put it in (memory.loss_sets_peak): fit with every
+        # peak in the backward pass, find each run's phase under that fit, refit, until no run changes phase.
+        phases = [False] * len(sel)
+        for _ in range(10):
+            cols = [_features(r, names, ph, held) for r, ph in zip(sel, phases)]
+            y = [r.row["peak_alloc_gib"] * GIB - loaded_bytes(r) - fixed - known for r, (_, known) in zip(sel, cols)]
+            fitted = dict(zip(names, _solve([c for c, _ in cols], y, [pri[n] for n in names] if pri else None)))
+            trial = _unit(**{**values, **fitted})
+            new = [memory.loss_sets_peak(r.model, r.setup, memory.components_bytes(r.model, r.setup, trial))
+                   for r in sel]
+            if new == phases:
+                break
+            phases = new
+        values.update(fitted)
     contexts = [r.row["context_gib"] * GIB for r in runs if r.row.get("context_gib") is not None]
     values["context_bytes"] = statistics.median(contexts)
 

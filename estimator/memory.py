@@ -76,6 +76,51 @@ def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
     return int(setup.tokens * model.vocab_size * coeffs.logits_per_vocab)
 
 
+def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
+    """QLoRA: the bf16 copy of a 4-bit weight that lives while its matmul runs. Unsloth's fast_dequantize
+    writes each weight into a new tensor of its shape (kernels/utils.py, use_global_buffer=False in training)
+    and the backward frees one before the next (kernels/fast_lora.py), so the largest projection's copy sets
+    the peak: 0.44 GiB for a 70B layer's MLP, 0.11 for an 8B one. Llama-3.1-70B at 8 layers, 1 x 512 and
+    1 x 1024, was 4.1% and 2.7% under the estimate without it, 1.2% and 2.4% over with it."""
+    if setup.method != "qlora":
+        return 0
+    return BF16_BYTES * max(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+
+
+# Unsloth's loss (unsloth_zoo 2026.10 fused_losses/fused_linear.py, the default fused linear cross-entropy)
+# computes the loss and its gradient during the forward pass, a tile of fp32 logits at a time, the tile at
+# most _BWD_TILE_BYTES = 256 MiB on CUDA: ~0.25 GiB for any micro-batch over ~520 tokens at a 128k vocabulary.
+LOSS_TILE_BYTES = 256 * 2**20
+
+
+def loss_tile_bytes(model: ModelSpec, setup: Setup) -> int:
+    """The fused loss's fp32 logits tile (4 bytes per logit, capped), alive at the end of the forward pass."""
+    return min(setup.tokens * model.vocab_size * FP32_BYTES, LOSS_TILE_BYTES)
+
+
+def loss_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int]) -> int:
+    """The step's bytes while the loss runs (end of the forward pass): the optimizer state, the adapters'
+    gradients only when accumulating (set to None after each optimizer step), the kept activations, the
+    logits tile and the gradient of the last hidden states (bf16, written in the forward); none of the
+    recompute's activations."""
+    return (parts["optimizer_state"] + parts["step_overhead"] + parts["activations_kept"]
+            + (parts["lora_grads"] if setup.grad_accum > 1 else 0)
+            + loss_tile_bytes(model, setup) + setup.tokens * model.hidden_size * BF16_BYTES)
+
+
+def backward_phase_bytes(parts: dict[str, int]) -> int:
+    """The step's bytes during the backward pass, as the other step terms give them."""
+    return sum(parts[k] for k in STEP_TERMS if k != "loss_over_backward")
+
+
+def loss_sets_peak(model: ModelSpec, setup: Setup, parts: dict[str, int]) -> bool:
+    """Whether the loss, not the backward pass, sets the step's peak. On the H100 at 1 x 256-1024 tokens the
+    forward pass did (bench/results/h100-width-memfloor, `phase_peak_alloc_gib`); at 1 x 2048 the two were
+    level, and above it the backward pass set it. Without checkpointing the loss runs with every layer's
+    activations kept, so it sets the peak."""
+    return loss_phase_bytes(model, setup, parts) > backward_phase_bytes(parts)
+
+
 def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> dict[str, int]:
     """Every memory term of one configuration; the one place they are added up."""
     parts = {
@@ -88,7 +133,10 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> di
         "activations_kept": checkpoint_bytes(model, setup, coeffs),
         "recompute_transient": recompute_transient_bytes(model, setup, coeffs),
         "logits_loss": logits_bytes(model, setup, coeffs),
+        "dequant_buffer": dequant_buffer_bytes(model, setup),
     }
+    # The peak is the larger of the two phases; this term is how far the loss's exceeds the backward's.
+    parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts) - backward_phase_bytes(parts))
     parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs))
     parts["cuda_context"] = int(coeffs.context_bytes)
     return parts
@@ -96,7 +144,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> di
 
 # Allocated during a step and freed after it; the rest is loaded once (weights and adapters).
 STEP_TERMS = ("lora_grads", "optimizer_state", "step_overhead", "activations_kept", "recompute_transient",
-              "logits_loss")
+              "logits_loss", "dequant_buffer", "loss_over_backward")
 
 
 def step_bytes(parts: dict[str, int]) -> int:
@@ -112,7 +160,8 @@ def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
 
 
 ALLOCATED_TERMS = ("base_weights", "lora_weights", "lora_grads", "optimizer_state", "loaded_overhead",
-                   "step_overhead", "activations_kept", "recompute_transient", "logits_loss")
+                   "step_overhead", "activations_kept", "recompute_transient", "logits_loss", "dequant_buffer",
+                   "loss_over_backward")
 
 
 def peak_allocated_bytes(parts: dict[str, int]) -> int:

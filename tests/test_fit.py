@@ -61,7 +61,11 @@ def test_leftover_of_an_earlier_job_is_subtracted() -> None:
            "peak_alloc_gib": 5.0, "peak_reserved_gib": 5.5, "after_load_gib": 4.0, "base_gib": 4.2,
            "start_alloc_gib": 0.25, "start_reserved_gib": 0.5, "context_gib": 1.3}
     r = fit.parse_run(row).row
-    assert (r["peak_alloc_gib"], r["peak_reserved_gib"], r["after_load_gib"], r["base_gib"]) == (4.75, 5.0, 3.75, 3.95)
+    left = 0.25 - fit.FRESH_PROCESS_ALLOC_GIB  # a fresh process's own 32 MiB is not a leftover
+    assert (r["peak_alloc_gib"], r["after_load_gib"], r["base_gib"]) == pytest.approx((5 - left, 4 - left, 4.2 - left))
+    assert r["peak_reserved_gib"] == pytest.approx(5.5 - (0.5 - fit.FRESH_PROCESS_RESERVED_GIB))
+    fresh = dict(row, start_alloc_gib=fit.FRESH_PROCESS_ALLOC_GIB, start_reserved_gib=fit.FRESH_PROCESS_RESERVED_GIB)
+    assert fit.parse_run(fresh).row["peak_alloc_gib"] == 5.0
     assert r["context_gib"] == 1.3 and row["peak_alloc_gib"] == 5.0  # context is NVML - reserved: no leftover in it
     assert fit.parse_run({k: v for k, v in row.items() if not k.startswith("start_")}).row["peak_alloc_gib"] == 5.0
 

@@ -80,7 +80,8 @@ def test_allocator_slack_follows_the_step_not_the_weights(coeffs) -> None:
     parts = memory.components_bytes(big, Setup("qlora", 16, 1, 512), coeffs)
     assert parts["allocator_slack"] < 0.01 * parts["base_weights"]
     more = memory.components_bytes(big, Setup("qlora", 16, 8, 4096), coeffs)
-    assert more["allocator_slack"] > 10 * parts["allocator_slack"]
+    grown = more["allocator_slack"] / parts["allocator_slack"]
+    assert grown == pytest.approx(memory.step_bytes(more) / memory.step_bytes(parts), rel=1e-6) and grown > 5
 
 
 def test_slack_fit_matches_every_clean_checkpointed_run(run_files, coeffs) -> None:
@@ -93,3 +94,51 @@ def test_slack_fit_matches_every_clean_checkpointed_run(run_files, coeffs) -> No
     for r in runs:
         slack = memory.components_bytes(r.model, r.setup, coeffs)["allocator_slack"] / GIB
         assert abs(slack - (r.row["peak_reserved_gib"] - r.row["peak_alloc_gib"])) < 0.3, r.label
+
+
+def test_qlora_peak_holds_one_dequantized_copy_of_the_largest_projection(coeffs) -> None:
+    from rigplan.estimator import memory
+    from rigplan.estimator.plan import Setup
+    from rigplan.profiles.catalog import resolve_model
+
+    big = resolve_model("llama-3.1-70b")
+    qlora = memory.components_bytes(big, Setup("qlora", 16, 1, 2048), coeffs)
+    lora = memory.components_bytes(big, Setup("lora", 16, 1, 2048), coeffs)
+    assert qlora["dequant_buffer"] == 2 * 8192 * 28672 and lora["dequant_buffer"] == 0
+    assert memory.peak_allocated_bytes(qlora) - memory.peak_allocated_bytes(
+        dict(qlora, dequant_buffer=0)) == qlora["dequant_buffer"]
+
+
+def test_the_phase_that_sets_the_peak_is_the_one_measured(run_files, coeffs) -> None:
+    """Recorded H100 rows with peaks by phase (probe's `phase_peak_alloc_gib`): where the forward pass (the
+    loss) and the backward pass differ clearly, both measured and estimated, the estimate puts the peak in
+    the same one. (8B at 8 layers, QLoRA 1 x 512, is left out that way: measured, the loss's moment is 0.055
+    GiB above the backward's; estimated, 0.03 GiB below, the whole step's peak 8% under the measured one.)"""
+    from rigplan.calibration.fit import load_runs
+
+    checked = 0
+    for r in load_runs(run_files):
+        phases = r.row.get("phase_peak_alloc_gib")
+        if not phases:
+            continue
+        above = {k: phases[k] - r.row["after_load_gib"] for k in ("forward", "backward")}
+        if abs(above["forward"] - above["backward"]) < 0.1 * max(above.values()):
+            continue  # level: either may set it
+        parts = memory.components_bytes(r.model, r.setup, coeffs)
+        loss, backward = memory.loss_phase_bytes(r.model, r.setup, parts), memory.backward_phase_bytes(parts)
+        if abs(loss - backward) < 0.1 * max(loss, backward):
+            continue
+        assert memory.loss_sets_peak(r.model, r.setup, parts) == (above["forward"] > above["backward"]), r.label
+        checked += 1
+    assert checked >= 5
+
+
+def test_loss_moment_sets_small_peaks_and_the_terms_still_add_up(coeffs) -> None:
+    small = memory.components_bytes(resolve_model("llama-3.2-1b"), Setup("qlora", 16, 1, 512), coeffs)
+    big = memory.components_bytes(resolve_model("llama-3.2-1b"), Setup("qlora", 16, 8, 2048), coeffs)
+    tile = memory.loss_tile_bytes(resolve_model("llama-3.2-1b"), Setup("qlora", 16, 1, 512))
+    assert tile == 512 * 128256 * 4 and small["loss_over_backward"] > 0 and big["loss_over_backward"] == 0
+    assert memory.loss_tile_bytes(resolve_model("llama-3.2-1b"), Setup("qlora", 16, 8, 2048)) == memory.LOSS_TILE_BYTES
+    for parts in (small, big):
+        assert memory.peak_allocated_bytes(parts) == sum(v for k, v in parts.items()
+                                                         if k not in ("allocator_slack", "cuda_context"))

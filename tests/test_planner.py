@@ -92,13 +92,13 @@ def test_multi_gpu_splits_the_effective_batch(coeffs) -> None:
 
 def test_speed_follows_the_datas_examples_memory_the_full_sequence(coeffs) -> None:
     gpu = resolve_gpu("h100-sxm")
-    full = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 3072, checkpointing="off"), gpu, coeffs)
-    short = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 3072, checkpointing="off"), gpu, coeffs,
+    full = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 4096, checkpointing="off"), gpu, coeffs)
+    short = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 4096, checkpointing="off"), gpu, coeffs,
                              lengths=ExampleLengths.equal(1101))
     assert short.total_gib == full.total_gib and short.example_tokens == 1101 and full.example_tokens is None
     assert short.tokens_per_s < 0.5 * full.tokens_per_s and short.host_bound and not full.host_bound
-    longer = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 3072), gpu, coeffs, lengths=ExampleLengths.equal(5000))
-    assert longer.example_tokens == 3072  # examples longer than seq_len are cut to it
+    longer = planner.estimate(LLAMA8B, Setup("qlora", 16, 1, 4096), gpu, coeffs, lengths=ExampleLengths.equal(5000))
+    assert longer.example_tokens == 4096  # examples longer than seq_len are cut to it
 
 
 def test_longest_of_k_is_the_order_statistic() -> None:
