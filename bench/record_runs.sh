@@ -49,6 +49,13 @@ JOBS[memfloor]="llama-3.2-1b:lora:16:1x256,1x512,1x1024,1x2048
 llama-3.2-1b:qlora:16:1x256,1x512,1x1024,1x2048
 llama-3.1-8b@8:qlora:16:1x512,1x1024
 llama-3.1-8b@8:lora:16:1x1024"
+# Held-out check of the memory terms refitted on 2026-11-23 (loss tile, dequantized copy) on families and
+# vocabularies the small shapes were not fitted on: Qwen2.5 (152k), Phi-3.5 (32k, Unsloth's generic path).
+# The predictions were written before the run: bench/results/h100-heldout/predictions.json.
+JOBS[heldout]="qwen2.5-7b@8:qlora:16:1x256,1x512,1x2048
+qwen2.5-7b@8:lora:16:1x512,1x2048
+phi-3.5-mini@8:lora:16:1x512,1x2048
+qwen3-8b@8:qlora:16:1x512,1x2048"
 for g in "$@"; do
   while read -r j; do
     [ -n "$j" ] || continue
