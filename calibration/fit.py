@@ -20,6 +20,7 @@ from typing import Any
 from rigplan.calibration.replica import reduced
 from rigplan.estimator import memory, speed
 from rigplan.estimator.plan import Coefficients, Setup
+from rigplan.profiles import catalog
 from rigplan.profiles.catalog import ModelSpec, resolve_gpu, resolve_model
 
 GIB = 2**30
@@ -197,13 +198,15 @@ def loaded_bytes(run: Run) -> int:
 
 def _phase_bytes(run: Run, coeffs: Coefficients, loss_phase: bool) -> int:
     parts = memory.components_bytes(run.model, run.setup, coeffs)
-    return memory.loss_phase_bytes(run.model, run.setup, parts) if loss_phase else memory.backward_phase_bytes(parts)
+    if loss_phase:
+        return memory.loss_phase_bytes(run.model, run.setup, parts, coeffs)
+    return memory.backward_phase_bytes(parts)
 
 
 def _unit(**overrides: float) -> Coefficients:
     """Coefficients with one memory coefficient at 1 and the rest 0: evaluates that term's shape."""
     base = dict(fixed_bytes=0.0, step_fixed_bytes=0.0, ckpt_per_hidden=0.0, transient_per_hidden=0.0,
-                transient_per_intermediate=0.0, logits_per_vocab=0.0, nockpt_per_hidden=0.0,
+                transient_per_intermediate=0.0, logits_per_vocab=0.0, loss_per_hidden=0.0, nockpt_per_hidden=0.0,
                 nockpt_per_intermediate=0.0, slack_ratio=0.0, qlora_slack_ratio=0.0, nockpt_slack_ratio=0.0,
                 context_bytes=0.0, mfu=1.0, elementwise_bytes=0.0,
                 dequant_bytes=0.0, step_overhead_s=0.0, layer_overhead_s=0.0, nockpt_layer_overhead_s=0.0,
@@ -213,8 +216,9 @@ def _unit(**overrides: float) -> Coefficients:
 
 
 MEMORY_COEFFS_CKPT = ("step_fixed_bytes", "ckpt_per_hidden", "transient_per_hidden",
-                      "transient_per_intermediate", "logits_per_vocab")
-MEMORY_COEFFS_NOCKPT = ("step_fixed_bytes", "nockpt_per_hidden", "nockpt_per_intermediate", "logits_per_vocab")
+                      "transient_per_intermediate", "logits_per_vocab", "loss_per_hidden")
+MEMORY_COEFFS_NOCKPT = ("step_fixed_bytes", "nockpt_per_hidden", "nockpt_per_intermediate", "logits_per_vocab",
+                        "loss_per_hidden")
 
 
 def _features(run: Run, names: tuple[str, ...], loss_phase: bool,
@@ -233,6 +237,9 @@ def fit(runs: list[Run], gpu: str, source: str, prior: Coefficients | None = Non
     keep the prior's values, and terms they do not exercise at all (no probe without checkpointing) are
     taken from it. floor_fit: see _fit_speed (the shipped reference pools hosts: "minimax")."""
     pri = dataclasses.asdict(prior) if prior is not None else None
+    # The terms describe Unsloth's fast paths; runs of a family it trains through its generic path are
+    # compared (residuals) but not fitted.
+    every, runs = runs, [r for r in runs if not catalog.unsloth_generic_path(r.model)] or runs
     load_rows = [r for r in runs if r.row.get("after_load_gib") is not None and r.row.get("clean_load", True)]
     fixed = statistics.median(
         r.row["after_load_gib"] * GIB - memory.base_weights_bytes(r.model, r.setup.method)
@@ -255,7 +262,7 @@ def fit(runs: list[Run], gpu: str, source: str, prior: Coefficients | None = Non
             y = [r.row["peak_alloc_gib"] * GIB - loaded_bytes(r) - fixed - known for r, (_, known) in zip(sel, cols)]
             fitted = dict(zip(names, _solve([c for c, _ in cols], y, [pri[n] for n in names] if pri else None)))
             trial = _unit(**{**values, **fitted})
-            new = [memory.loss_sets_peak(r.model, r.setup, memory.components_bytes(r.model, r.setup, trial))
+            new = [memory.loss_sets_peak(r.model, r.setup, memory.components_bytes(r.model, r.setup, trial), trial)
                    for r in sel]
             if new == phases:
                 break
@@ -272,7 +279,7 @@ def fit(runs: list[Run], gpu: str, source: str, prior: Coefficients | None = Non
         values.update({n: pri[n] for n in MEMORY_COEFFS_CKPT + MEMORY_COEFFS_NOCKPT if n not in values})
     values.update(_fit_slack(mem_runs, values, pri))
     coeffs = Coefficients(**values, gpu=gpu, source=source)  # type: ignore[arg-type]
-    return coeffs, residuals(runs, coeffs, gpu)
+    return coeffs, residuals(every, coeffs, gpu)
 
 
 SLACK_COEFFS = ("slack_ratio", "qlora_slack_ratio", "nockpt_slack_ratio")

@@ -98,14 +98,16 @@ def loss_tile_bytes(model: ModelSpec, setup: Setup) -> int:
     return min(setup.tokens * model.vocab_size * FP32_BYTES, LOSS_TILE_BYTES)
 
 
-def loss_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int]) -> int:
+def loss_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], coeffs: Coefficients) -> int:
     """The step's bytes while the loss runs (end of the forward pass): the optimizer state, the adapters'
     gradients only when accumulating (set to None after each optimizer step), the kept activations, the
-    logits tile and the gradient of the last hidden states (bf16, written in the forward); none of the
-    recompute's activations."""
-    return (parts["optimizer_state"] + parts["step_overhead"] + parts["activations_kept"]
-            + (parts["lora_grads"] if setup.grad_accum > 1 else 0)
-            + loss_tile_bytes(model, setup) + setup.tokens * model.hidden_size * BF16_BYTES)
+    logits tile, the gradient of the last hidden states (bf16, written in the forward) and the forward's
+    other tensors at its end (a fitted multiple of tokens x hidden: 20-55 bytes on the H100 runs); none of
+    the recompute's activations."""
+    return int(parts["optimizer_state"] + parts["step_overhead"] + parts["activations_kept"]
+               + (parts["lora_grads"] if setup.grad_accum > 1 else 0)
+               + loss_tile_bytes(model, setup)
+               + setup.tokens * model.hidden_size * (BF16_BYTES + coeffs.loss_per_hidden))
 
 
 def backward_phase_bytes(parts: dict[str, int]) -> int:
@@ -113,12 +115,12 @@ def backward_phase_bytes(parts: dict[str, int]) -> int:
     return sum(parts[k] for k in STEP_TERMS if k != "loss_over_backward")
 
 
-def loss_sets_peak(model: ModelSpec, setup: Setup, parts: dict[str, int]) -> bool:
+def loss_sets_peak(model: ModelSpec, setup: Setup, parts: dict[str, int], coeffs: Coefficients) -> bool:
     """Whether the loss, not the backward pass, sets the step's peak. On the H100 at 1 x 256-1024 tokens the
     forward pass did (bench/results/h100-width-memfloor, `phase_peak_alloc_gib`); at 1 x 2048 the two were
     level, and above it the backward pass set it. Without checkpointing the loss runs with every layer's
     activations kept, so it sets the peak."""
-    return loss_phase_bytes(model, setup, parts) > backward_phase_bytes(parts)
+    return loss_phase_bytes(model, setup, parts, coeffs) > backward_phase_bytes(parts)
 
 
 def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> dict[str, int]:
@@ -136,7 +138,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> di
         "dequant_buffer": dequant_buffer_bytes(model, setup),
     }
     # The peak is the larger of the two phases; this term is how far the loss's exceeds the backward's.
-    parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts) - backward_phase_bytes(parts))
+    parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts, coeffs) - backward_phase_bytes(parts))
     parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs))
     parts["cuda_context"] = int(coeffs.context_bytes)
     return parts

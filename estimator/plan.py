@@ -214,6 +214,9 @@ class Coefficients:
     """Host floor on a micro-batch per decoder layer without checkpointing, seconds."""
     qlora_layer_overhead_s: float = 0.0
     """QLoRA's extra host floor per decoder layer (its dequantize kernels' launches), seconds."""
+    loss_per_hidden: float = 0.0
+    """Bytes per token per hidden unit alive while the loss runs besides its logits tile (the forward's own
+    tensors at its end), fitted on the runs whose peak the loss sets."""
     offload_s_per_gb: float = 0.0
     """Host floor per GB of checkpoints Unsloth offloads to CPU memory and brings back (one bf16 hidden
     state per token per layer), seconds: the floor grows with tokens, not only with layers."""

@@ -133,8 +133,10 @@ def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficie
 # factors fitted (minimax) on rigplan's trainer and the bare Unsloth loop on Llama-3.1-8B, examples of
 # 257-2001 tokens, micro-batches of 1-8, on eight H100 machines (bench/results/h100-tp3..tp10; 30 runs).
 # With the 9 runs recorded since on four more machines (tp11-tp14, not fitted on, all within 6%): where the GPU
-# sets the pace all within 10.2%, where the host does within 28.5% (bench/data_speed.py shows each; the
-# reference refitted on 2026-11-23 with the 'width' and 'memfloor' runs moved these from 8.5% and 26.7%).
+# sets the pace all within 14.4%, where the host does within 30.5% (bench/data_speed.py shows each). The
+# reference refitted on 2026-11-23 with 29 more probe runs (the 'width', 'memfloor' and 'heldout' groups)
+# moved these from 8.5% and 26.7%, the post-fit runs staying within 6%; the factors refitted to the new
+# reference did worse (GPU-bound 22%, post-fit 11%), so they stay.
 #
 # The host's floor on real data: micro-batches of changing shape took 1.1-1.5x the fixed-shape floor when
 # host-bound (1 x ~1,100 tokens: h100-tp{3,7,8}-*.json), 1.2-1.4x when GPU and host were level (2 x ~1,400).

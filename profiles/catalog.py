@@ -265,6 +265,12 @@ def issues_for(model: ModelSpec) -> list[dict[str, str]]:
     return [i for i in known_issues() if i["model_type"] == model.model_type]
 
 
+def unsloth_generic_path(model: ModelSpec) -> bool:
+    """Whether Unsloth trains this family through its generic path rather than one of its own fast paths,
+    which the reference's terms describe (profiles/known_issues.json, `unsloth_path`)."""
+    return any(i.get("unsloth_path") == "generic" for i in issues_for(model))
+
+
 def gpu_by_nvml_name(nvml_name: str) -> GpuSpec | None:
     """The catalogue row NVML's name belongs to, or None for a card we have no row for."""
     try:

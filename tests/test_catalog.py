@@ -117,3 +117,13 @@ def test_phi3_targets_fused_projections() -> None:
 
 def test_gemma2_has_a_known_issue() -> None:
     assert any(i["severity"] == "fails" for i in catalog.issues_for(catalog.resolve_model("gemma-2-9b")))
+
+
+def test_unsloth_generic_path_families_are_the_ones_its_loader_does_not_dispatch() -> None:
+    """unsloth 2026.10.9 models/loader.py: fast paths for llama, mistral, gemma, gemma2, qwen2, qwen3."""
+    from rigplan.profiles.catalog import resolve_model, unsloth_generic_path
+
+    for mid in ("phi-3.5-mini", "phi-4", "gemma-3-12b", "mixtral-8x7b"):
+        assert unsloth_generic_path(resolve_model(mid)), mid
+    for mid in ("llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "qwen3-8b", "gemma-2-9b"):
+        assert not unsloth_generic_path(resolve_model(mid)), mid

@@ -106,3 +106,15 @@ def test_minimax_centres_a_band_that_least_squares_does_not() -> None:
     assert worst == pytest.approx(0.1, rel=1e-3) and mm == pytest.approx(truth, rel=1e-3)
     ls = fit._solve(rows, y)
     assert max(abs(yi / (ls[0] + ls[1] * r[1]) - 1) for r, yi in zip(rows, y)) > worst
+
+
+def test_generic_path_runs_are_compared_not_fitted(runs) -> None:
+    """Phi-3.5 trains through Unsloth's generic path: its runs are in the residuals, not in the fit."""
+    from rigplan.profiles.catalog import unsloth_generic_path
+
+    generic = [r for r in runs if unsloth_generic_path(r.model)]
+    assert generic
+    with_them, res = fit.fit(runs, "h100-sxm", source="x", floor_fit="minimax")
+    without, _ = fit.fit([r for r in runs if r not in generic], "h100-sxm", source="x", floor_fit="minimax")
+    assert with_them == without
+    assert {t["run"] for t in res["runs"]} >= {r.label for r in generic}
