@@ -154,7 +154,7 @@ def step_bytes(parts: dict[str, int]) -> int:
 
 
 def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
-    """Slack per step byte. Fitted on the recorded H100 runs: 0.066 with checkpointing, 0.098 for QLoRA, 0.008
+    """Slack per step byte. Fitted on the recorded H100 runs: 0.068 with checkpointing, 0.097 for QLoRA, 0.008
     without checkpointing; a share of all allocated bytes instead missed 3B-8B QLoRA at 16-32k tokens by 6-7%."""
     if setup.checkpointing == "off":
         return coeffs.nockpt_slack_ratio
