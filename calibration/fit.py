@@ -262,8 +262,7 @@ def fit(runs: list[Run], gpu: str, source: str, prior: Coefficients | None = Non
             y = [r.row["peak_alloc_gib"] * GIB - loaded_bytes(r) - fixed - known for r, (_, known) in zip(sel, cols)]
             fitted = dict(zip(names, _solve([c for c, _ in cols], y, [pri[n] for n in names] if pri else None)))
             trial = _unit(**{**values, **fitted})
-            new = [memory.loss_sets_peak(r.model, r.setup, memory.components_bytes(r.model, r.setup, trial), trial)
-                   for r in sel]
+            new = [memory.loss_sets_peak(memory.components_bytes(r.model, r.setup, trial)) for r in sel]
             if new == phases:
                 break
             phases = new

@@ -115,12 +115,12 @@ def backward_phase_bytes(parts: dict[str, int]) -> int:
     return sum(parts[k] for k in STEP_TERMS if k != "loss_over_backward")
 
 
-def loss_sets_peak(model: ModelSpec, setup: Setup, parts: dict[str, int], coeffs: Coefficients) -> bool:
+def loss_sets_peak(parts: dict[str, int]) -> bool:
     """Whether the loss, not the backward pass, sets the step's peak. On the H100 at 1 x 256-1024 tokens the
     forward pass did (bench/results/h100-width-memfloor, `phase_peak_alloc_gib`); at 1 x 2048 the two were
     level, and above it the backward pass set it. Without checkpointing the loss runs with every layer's
     activations kept, so it sets the peak."""
-    return loss_phase_bytes(model, setup, parts, coeffs) > backward_phase_bytes(parts)
+    return parts["loss_over_backward"] > 0  # components_bytes: how far the loss's moment exceeds the backward's
 
 
 def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> dict[str, int]:
