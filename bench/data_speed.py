@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import DEFAULT_LENGTHS, make_lengths  # noqa: E402
 
-from rigplan.calibration import store  # noqa: E402
+from rigplan import store  # noqa: E402
 from rigplan.estimator import speed  # noqa: E402
 from rigplan.estimator.plan import ExampleLengths, Setup  # noqa: E402
 from rigplan.profiles.catalog import resolve_gpu, resolve_model  # noqa: E402

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rigplan import check
+    from rigplan import planning as check
     from rigplan.calibration.replica import build_replica, toy
     from rigplan.profiles.catalog import resolve_model
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rigplan.calibration import fit, store
+from rigplan import store
+from rigplan.calibration import fit
 from rigplan.errors import CalibrationError
 from rigplan.profiles import catalog, nvml
 

@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{t['run']:45} mem {mem}  tok/s {tps}")
     print(f"max |mem err| {res['max_abs_peak_reserved_err']:.1%}   max |tok/s err| {res['max_abs_tok_per_s_err']:.1%}")
     if args.out:
-        from rigplan.calibration.store import write_calibration
+        from rigplan.store import write_calibration
 
         prov = next((r.row["provenance"] for r in runs if r.row.get("provenance")), {})
         write_calibration(args.out, coeffs, res, runs_files=[str(p) for p in args.runs],

@@ -161,9 +161,9 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
         plan = Plan(model=spec.id, model_path=tmp, gpu="", method=job.method, rank=job.rank, micro_batch=1,
                     grad_accum=1, seq_len=max_seq, optimizer=job.optimizer,  # type: ignore[arg-type]
                     checkpointing=job.checkpointing,  # type: ignore[arg-type]
-                    target_modules=spec.target_modules)
+                    target_modules=spec.target_modules, engine=engine)  # type: ignore[arg-type]
         t0 = time.perf_counter()
-        model, _tok = load(plan, engine)  # type: ignore[arg-type]
+        model, _tok = load(plan)
         load_s = time.perf_counter() - t0
         # Training mode, as TRL's trainer sets it: without it transformers skips gradient checkpointing
         # (`if self.gradient_checkpointing and self.training`), and the peak is that of no checkpointing.
@@ -201,17 +201,20 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", action="append", required=True, help="MODEL[@LAYERS]:METHOD:RANK:BxS,...")
-    parser.add_argument("--engine", choices=["unsloth", "hf"], default=None)
+    parser.add_argument("--engine", choices=["unsloth", "transformers"], default=None,
+                        help="default: unsloth where it is installed and CUDA is present, else transformers")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--min-timed-s", type=float, default=MIN_TIMED_S,
                         help="time each shape at least this long after its warm-up step")
     args = parser.parse_args(argv)
     import torch
 
-    from rigplan.trainer.engine import choose_engine, import_engine
+    import importlib.util
+
+    from rigplan.trainer.engine import import_engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = args.engine or choose_engine()
+    engine = args.engine or ("unsloth" if device == "cuda" and importlib.util.find_spec("unsloth") else "transformers")
     import_engine(engine)  # Unsloth before transformers, which the replica builder imports
     prov = provenance()
     for text in args.job:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rigplan.profiles.catalog import ModelSpec
-from rigplan.trainer.data import DEFAULT_CHAT_TEMPLATE
+from rigplan.data import DEFAULT_CHAT_TEMPLATE
 
 # The words of the code-made tokenizer; ids past them exist in the model's vocabulary all the same.
 TOKENIZER_WORDS = 4_000

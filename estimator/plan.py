@@ -13,8 +13,18 @@ from typing import Any, Iterable, Literal
 Method = Literal["lora", "qlora"]
 Optimizer = Literal["adamw_8bit", "adamw_torch"]
 Checkpointing = Literal["unsloth", "off"]
+# The library that loads the model and attaches the adapters: Unsloth's FastLanguageModel, or plain
+# transformers + PEFT (+ bitsandbytes for QLoRA), for families Unsloth fails on and for machines without CUDA.
+Engine = Literal["unsloth", "transformers"]
+# How the trainer lays out a micro-batch: 'packed' puts whole examples back to back in one row of at most
+# token_budget tokens (each example attends only to itself); 'padded' stacks micro_batch examples padded to the
+# longest of them.
+Batching = Literal["packed", "padded"]
+ENGINES: tuple[Engine, ...] = ("unsloth", "transformers")
+BATCHINGS: tuple[Batching, ...] = ("packed", "padded")
 
-PLAN_SCHEMA_VERSION = 1
+# 2: engine and token_budget; batching 'packed' or 'padded'.
+PLAN_SCHEMA_VERSION = 2
 # Unsloth's defaults that users run (https://docs.unsloth.ai, get_peft_model): all seven projections.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -126,14 +136,22 @@ class Plan:
     """Whether the host's CPU, not the GPU, sets the predicted speed (small micro-batches on fast GPUs):
     such speeds stray by up to estimator.speed.HOST_BOUND_ERROR."""
     example_tokens: float = 0.0
-    """Mean tokens per example that tokens_per_s and step_s are for (micro-batches of micro_batch such
-    examples); 0: full micro_batch x seq_len micro-batches."""
-    batching: str = ""
-    """How the predicted micro-batches are laid out: 'padded' (to their longest example) or 'padding-free'
-    (examples back to back), the faster for the data, which the trainer follows on Unsloth; '': full
-    sequences, no data known."""
-    non_padding_share: float = 0.0
-    """Expected share of real tokens in the predicted micro-batches (1.0 padding-free; 0: no data known)."""
+    """Mean tokens per example of the data the speed is for; 0: full micro_batch x seq_len micro-batches."""
+    batching: Batching = "packed"
+    """'packed': whole examples back to back in rows of at most token_budget tokens, each attending only to
+    itself; 'padded': micro_batch examples padded to the longest of them."""
+    token_budget: int = 0
+    """Most tokens in one micro-batch, padding included: the shape memory is predicted for, and the bound the
+    trainer's micro-batches keep (micro_batch x seq_len)."""
+    fill: float = 0.0
+    """Expected share of the token budget that real tokens fill (packing leaves gaps; padding pads); 0: no data
+    known, speed for full micro-batches."""
+    engine: Engine = "unsloth"
+    """'unsloth' or 'transformers' (transformers + PEFT): the library the trainer loads the model with."""
+    tokens_per_s_low: float = 0.0
+    """Lower end of the speed band the estimate stands behind (wide when host-bound), tokens per second."""
+    tokens_per_s_high: float = 0.0
+    """Upper end of that band, tokens per second."""
     components_gib: dict[str, float] = field(default_factory=dict)
     """The memory terms that add up to total_gib, GiB each."""
     calibration: str = ""
@@ -145,7 +163,13 @@ class Plan:
 
     @property
     def effective_batch(self) -> int:
+        """Sequences of seq_len per optimizer step on one GPU (packed: token budgets of that many)."""
         return self.micro_batch * self.grad_accum
+
+    @property
+    def budget(self) -> int:
+        """Tokens per micro-batch the trainer keeps within (token_budget, or micro_batch x seq_len)."""
+        return self.token_budget or self.micro_batch * self.seq_len
 
     @property
     def alpha(self) -> int:
@@ -161,6 +185,10 @@ class Plan:
         if version != PLAN_SCHEMA_VERSION:
             raise ValueError(f"plan schema_version {version!r}, this rigplan reads {PLAN_SCHEMA_VERSION}")
         data["target_modules"] = tuple(data["target_modules"])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown plan field(s) {unknown}")
         return cls(**data)
 
 

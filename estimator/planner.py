@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rigplan.errors import ConfigError
 from rigplan.estimator import memory, speed
-from rigplan.estimator.plan import Checkpointing, Coefficients, ExampleLengths, Method, Plan, Setup
+from rigplan.estimator.plan import Batching, Checkpointing, Coefficients, Engine, ExampleLengths, Method, Plan, Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
 GIB = 2**30
@@ -46,11 +46,14 @@ class Estimate:
     host_bound: bool = False
     example_tokens: float | None = None
     """Mean tokens per example the speed is for (None: full micro_batch x seq_len micro-batches)."""
-    batching: str | None = None
-    """'padded' or 'padding-free', the faster for the data, as the trainer will lay out its micro-batches on
-    Unsloth (None: no data)."""
-    non_padding_share: float | None = None
-    """Share of real tokens had the micro-batches been padded."""
+    batching: Batching = "packed"
+    """How the trainer lays out micro-batches: 'packed' (examples back to back within the token budget) or
+    'padded'."""
+    fill: float | None = None
+    """Expected share of the token budget real tokens fill (None: no data, full micro-batches)."""
+    engine: Engine = "unsloth"
+    tokens_per_s_band: tuple[float, float] = (0.0, 0.0)
+    """The speed band the estimate stands behind: host-bound speeds vary between machines."""
 
     @property
     def headroom_gib(self) -> float:
@@ -93,33 +96,38 @@ def validate(model: ModelSpec, setup: Setup) -> None:
 
 
 def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
-             gpu_memory_gib: float | None = None, lengths: ExampleLengths | None = None) -> Estimate:
-    """Memory and speed of one configuration (what `rigplan estimate` prints). Memory is for full
-    micro-batches (micro_batch x seq_len tokens, the most a batch can hold); speed, given the data's example
-    lengths, for the micro-batches that data makes, padded or padding-free, whichever is faster
-    (speed.data_batching: padding counted), else for full ones. Short examples on a fast GPU leave it on the
-    host's floor: our 8B QLoRA plan for H100 at seq 3072 predicted 15,049 tok/s for full sequences and ran
-    4,309 on examples of ~1,100 tokens (bench/results/h100-tp3-own-qlora.json)."""
+             gpu_memory_gib: float | None = None, lengths: ExampleLengths | None = None,
+             batching: Batching = "packed", engine: Engine = "unsloth") -> Estimate:
+    """Memory and speed of one configuration (what `rigplan estimate` prints). Memory is for full micro-batches
+    (the token budget, micro_batch x seq_len: packed micro-batches reach it); speed, given the data's example
+    lengths, for the micro-batches that data makes laid out as `batching` says (speed.data_micro_batch), else
+    for full ones. On the transformers engine both are scaled by the factors measured against Unsloth
+    (memory.transformers_engine_bytes, speed.TRANSFORMERS_SPEED)."""
     validate(model, setup)
-    parts = memory.components_bytes(model, setup, coeffs)
+    parts = memory.components_bytes(model, setup, coeffs, engine)
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
     if lengths is None:
-        timed, real_tokens, batching, share = setup, float(setup.tokens), None, None
+        timed, real_tokens, fill = setup, float(setup.tokens), None
         micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
     else:
-        batching, micro_s = speed.data_batching(model, setup, lengths, gpu, coeffs)
-        timed, real_tokens, share = speed.data_micro_batch(setup, lengths, batching)
+        timed, real_tokens, fill = speed.data_micro_batch(setup, lengths, batching)
+        micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
+    if engine == "transformers":
+        micro_s /= speed.TRANSFORMERS_SPEED
+    tps = real_tokens / micro_s
+    bound = speed.host_bound(model, timed, gpu, coeffs)
+    low, high = speed.speed_band(bound, engine)
     return Estimate(
         setup=setup, components_bytes=parts,
         peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,
         peak_reserved_gib=memory.peak_reserved_bytes(parts) / GIB,
         total_gib=total,
-        tokens_per_s=real_tokens / micro_s,
+        tokens_per_s=tps,
         step_s=setup.grad_accum * micro_s,
-        host_bound=speed.host_bound(model, timed, gpu, coeffs),
-        example_tokens=real_tokens / setup.micro_batch if lengths is not None else None,
-        batching=batching, non_padding_share=share,
+        host_bound=bound,
+        example_tokens=lengths.mean(setup.seq_len) if lengths is not None else None,
+        batching=batching, fill=fill, engine=engine, tokens_per_s_band=(tps * low, tps * high),
         gpu_memory_gib=limit,
         fits=total <= limit * (1 - SAFETY_MARGIN),
     )
@@ -135,45 +143,64 @@ def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients,
                 peak_allocated_gib=round(est.peak_allocated_gib, 3), peak_reserved_gib=round(est.peak_reserved_gib, 3),
                 total_gib=round(est.total_gib, 3), tokens_per_s=round(est.tokens_per_s * num_gpus, 1),
                 step_s=round(est.step_s, 4), host_bound=est.host_bound,
-                example_tokens=round(est.example_tokens or 0.0, 1), batching=est.batching or "",
-                non_padding_share=round(1.0 if est.batching == "padding-free" else est.non_padding_share or 0.0, 4),
+                example_tokens=round(est.example_tokens or 0.0, 1), batching=est.batching,
+                token_budget=s.tokens, fill=round(est.fill or 0.0, 4), engine=est.engine,
+                tokens_per_s_low=round(est.tokens_per_s_band[0] * num_gpus, 1),
+                tokens_per_s_high=round(est.tokens_per_s_band[1] * num_gpus, 1),
                 components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
                 calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=num_gpus)
 
 
+def grad_accum_for(effective_batch: int, micro_batch: int, seq_len: int, lengths: ExampleLengths | None,
+                   batching: Batching) -> int:
+    """Micro-batches per optimizer step so that a step holds about effective_batch examples: a packed
+    micro-batch holds budget x fill / mean-length examples, a padded one micro_batch."""
+    if lengths is None or batching == "padded":
+        return max(1, effective_batch // micro_batch)
+    per_micro = micro_batch * seq_len * speed.packing_fill(lengths, micro_batch * seq_len, seq_len) \
+        / lengths.mean(seq_len)
+    return max(1, round(effective_batch / per_micro))
+
+
 def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
                 methods: tuple[Method, ...], ranks: tuple[int, ...], checkpointing: tuple[Checkpointing, ...],
-                limit: float, lengths: ExampleLengths | None = None) -> list[Estimate]:
+                limit: float, lengths: ExampleLengths | None = None, batching: Batching = "packed",
+                engine: Engine = "unsloth") -> list[Estimate]:
+    """Every method x rank x checkpointing x token budget (micro_batch sequences of seq_len) up to the one
+    that holds the effective batch's examples in one micro-batch."""
     out = []
     for method in methods:
         for rank in ranks:
             for ckpt in checkpointing:
                 for micro in MICRO_BATCHES:
-                    if micro > effective_batch:
-                        break
+                    accum = grad_accum_for(effective_batch, micro, seq_len, lengths, batching)
                     setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
-                                  grad_accum=max(1, effective_batch // micro), checkpointing=ckpt)
-                    out.append(estimate(model, setup, gpu, coeffs, limit, lengths))
+                                  grad_accum=accum, checkpointing=ckpt)
+                    out.append(estimate(model, setup, gpu, coeffs, limit, lengths, batching, engine))
+                    if accum == 1:  # a larger budget would hold more than a whole step's examples
+                        break
     return out
 
 
-def _preference(est: Estimate, fastest: float) -> tuple[int, int, float, float]:
-    """Order among fitting estimates: 16-bit LoRA first (no quantization error, faster), then speed
-    (ties within SPEED_TIE), then the rank nearest the default, then the smaller memory."""
+def _preference(est: Estimate, fastest: float) -> tuple[int, int, bool, float, float]:
+    """Order among fitting estimates: 16-bit LoRA first (no quantization error), then speed (ties within
+    SPEED_TIE), then GPU-bound over host-bound (whose speed varies with the host's CPU), then the rank nearest
+    the default, then the smaller memory."""
     s = est.setup
     speed_bucket = math.floor((1 - est.tokens_per_s / fastest) / SPEED_TIE) if fastest else 0
-    return (s.method != "lora", speed_bucket, abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
+    return (s.method != "lora", speed_bucket, est.host_bound, abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
 
 
 def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DEFAULT_SEQ_LEN,
          effective_batch: int = DEFAULT_EFFECTIVE_BATCH, methods: tuple[Method, ...] = ("lora", "qlora"),
          ranks: tuple[int, ...] = RANKS, checkpointing: tuple[Checkpointing, ...] = ("unsloth", "off"),
          gpu_memory_gib: float | None = None, model_path: str | None = None, num_gpus: int = 1,
-         alternatives: int = 4, lengths: ExampleLengths | None = None) -> PlanResult:
+         alternatives: int = 4, lengths: ExampleLengths | None = None, batching: Batching = "packed",
+         engine: Engine = "unsloth") -> PlanResult:
     """The fastest configuration that fits with SAFETY_MARGIN, preferring 16-bit LoRA when it fits; if
-    nothing fits at seq_len, the longest shorter sequence that does, said in the reason. Memory must fit
-    full sequences; speed is ranked on the data's examples when their lengths are known (padding counted),
-    so short examples get the larger micro-batches that keep the GPU busy."""
+    nothing fits at seq_len, the longest shorter sequence that does, said in the reason. Memory must fit the
+    token budget (micro_batch x seq_len), which packed micro-batches reach; speed is ranked on the data's
+    examples when their lengths are known, so short examples get the larger budgets that keep the GPU busy."""
     if effective_batch <= 0:
         raise ConfigError(f"effective batch {effective_batch} must be >= 1")
     if num_gpus <= 0:
@@ -184,7 +211,7 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     seq = seq_len
     while True:
         cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit,
-                            lengths)
+                            lengths, batching, engine)
         fitting = [c for c in cands if c.fits]
         if fitting or seq // 2 < MIN_SEQ_LEN:
             break
@@ -216,20 +243,30 @@ def _runners_up(fitting: list[Estimate], n: int) -> list[Estimate]:
 
 
 def _reason(best: Estimate, cands: list[Estimate], seq: int, requested: int, limit: float, num_gpus: int) -> str:
+    """One line: which method and why, with the memory rule said (SAFETY_MARGIN of the card kept free)."""
     s = best.setup
-    lora_fits = any(c.fits and c.setup.method == "lora" for c in cands)
+    room = limit * (1 - SAFETY_MARGIN)
+    lora = [c for c in cands if c.setup.method == "lora"]
+    qlora_fits = [c for c in cands if c.fits and c.setup.method == "qlora"]
     if s.method == "lora":
-        why = f"16-bit LoRA fits with {best.headroom_gib:.1f} GiB to spare"
-    elif not lora_fits:
-        lora_min = min((c.total_gib for c in cands if c.setup.method == "lora"), default=float("nan"))
-        why = f"QLoRA: 16-bit LoRA needs at least {lora_min:.1f} GiB of {limit:.1f} GiB"
+        why = f"16-bit LoRA fits: {best.total_gib:.1f} GiB of the {room:.1f} GiB usable ({SAFETY_MARGIN:.0%} kept free)"
+        if qlora_fits and max(c.tokens_per_s for c in qlora_fits) > best.tokens_per_s * (1 + SPEED_TIE):
+            why += ("; QLoRA would be faster here, but 16-bit LoRA is preferred (no quantization error; "
+                    "pass --method qlora for it)")
+    elif not any(c.fits for c in lora):
+        lora_min = min((c.total_gib for c in lora), default=float("nan"))
+        why = (f"QLoRA ({best.total_gib:.1f} GiB): 16-bit LoRA needs at least {lora_min:.1f} GiB, over the "
+               f"{room:.1f} GiB usable ({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free)")
     else:
-        why = "QLoRA"
-    why += f"; micro-batch {s.micro_batch} x {s.grad_accum} accumulation is the fastest that fits"
+        why = f"QLoRA ({best.total_gib:.1f} GiB of {room:.1f} GiB usable)"
+    budget = f"token budget {s.tokens:,} ({s.micro_batch} x {s.seq_len})"
+    why += f"; {budget} x {s.grad_accum} accumulation is the fastest that fits"
+    if best.engine == "transformers":
+        why += ", on transformers + PEFT (Unsloth fails on this model family)"
     if s.checkpointing == "off":
         why += ", without checkpointing (room for all activations)"
     if seq != requested:
-        why = f"does not fit at seq {requested}; at seq {seq}: " + why
+        why = f"at seq {requested} nothing fits; at seq {seq}: " + why
     if num_gpus > 1:
         why += f"; {num_gpus} GPUs assumed to scale linearly (data parallel, not measured)"
     return why

@@ -127,43 +127,88 @@ def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficie
 
 
 # Real data: examples of varied length, which the fixed-shape probes the coefficients are fitted on do not
-# have. The trainer pads each micro-batch to its longest example, or puts the examples back to back
-# (padding-free). A padded micro-batch computes micro_batch x its longest example; a padding-free one the
-# examples' own tokens. Both are timed as the larger of GPU time and host floor (micro_batch_s), with three
-# factors fitted (minimax) on rigplan's trainer and the bare Unsloth loop on Llama-3.1-8B, examples of
-# 257-2001 tokens, micro-batches of 1-8, on eight H100 machines (bench/results/h100-tp3..tp10; 30 runs).
-# With the 9 runs recorded since on four more machines (tp11-tp14, not fitted on, all within 6%): where the GPU
-# sets the pace all within 14.4%, where the host does within 30.5% (bench/data_speed.py shows each). The
-# reference refitted on 2026-11-23 with 29 more probe runs (the 'width', 'memfloor' and 'heldout' groups)
-# moved these from 8.5% and 26.7%, the post-fit runs staying within 6%; the factors refitted to the new
-# reference did worse (GPU-bound 22%, post-fit 11%), so they stay.
+# have. The trainer lays a micro-batch out in one of three ways: 'packed' (trainer/batching.py: whole examples
+# back to back in one row of at most token_budget tokens, each attending only to itself), 'padded' (micro_batch
+# examples padded to the longest) or, in runs recorded before packing, 'padding-free' (micro_batch examples back
+# to back, however many tokens they make). Each is timed as the larger of GPU time and host floor
+# (micro_batch_s) with factors fitted (minimax) on rigplan's trainer and the bare Unsloth loop on Llama-3.1-8B,
+# examples of 257-2001 tokens, micro-batches of 1-8, on H100 machines (bench/results/h100-tp*.json;
+# bench/data_speed.py shows each run against its estimate).
 #
 # The host's floor on real data: micro-batches of changing shape took 1.1-1.5x the fixed-shape floor when
 # host-bound (1 x ~1,100 tokens: h100-tp{3,7,8}-*.json), 1.2-1.4x when GPU and host were level (2 x ~1,400).
 REAL_DATA_HOST = 1.3
-# Padding-free micro-batches run uncompiled on Unsloth, which compiles each decoder block only for padded ones
-# (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`): their GPU work at 0.76 of the fixed-shape
-# rate (QLoRA at micro-batch 8 on two machines: h100-tp9-own-qlora.json, h100-tp10-qlora-mb8-padding-free.json)
-# and, without checkpointing, a host floor 2.25x the compiled one (LoRA at micro-batch 2 and 4, QLoRA at 4:
-# h100-tp10-lora-mb{2,4}-padding-free.json, h100-tp{5,6}-*qlora*.json). With Unsloth's checkpointing the
-# padded path is no faster on the host (h100-tp3-{lora,qlora}-mb{1,2}.json), so its floor is the padded one.
-PADDING_FREE_GPU = 0.76
-PADDING_FREE_HOST = 2.25
-# The trainer's rule where a plan carries no batching (made without the data's lengths: trainer/run.py):
-# padding-free when padded micro-batches would be under 62% real tokens. Padded won at 67% for QLoRA at
-# micro-batch 4 (10,064 tok/s against 9,215, h100-tp6-qlora-mb4-*.json); padding-free at 67% for LoRA at 4
-# (11,715 against 10,805, h100-tp10-lora-mb4-*.json), so near 0.62-0.67 the two are level.
-PADDING_FREE_BELOW = 0.62
-BATCHINGS = ("padded", "padding-free")
+# Examples back to back run uncompiled on Unsloth, which compiles each decoder block only for padded micro-
+# batches (unsloth/models/_block_compile.py:923-934, `packed_seq_lengths`): their GPU work at 0.76 of the
+# fixed-shape rate (QLoRA at micro-batch 8 on two machines: h100-tp9-own-qlora.json,
+# h100-tp10-qlora-mb8-padding-free.json) and, without checkpointing, a host floor 2.25x the compiled one (LoRA at
+# micro-batch 2 and 4, QLoRA at 4: h100-tp10-lora-mb{2,4}-padding-free.json, h100-tp{5,6}-*qlora*.json). With
+# Unsloth's checkpointing the padded path is no faster on the host (h100-tp3-{lora,qlora}-mb{1,2}.json).
+BACK_TO_BACK_GPU = 0.76
+BACK_TO_BACK_HOST = 2.25
+DATA_BATCHINGS = ("packed", "padded", "padding-free")
+# The transformers + PEFT engine's speed as a share of Unsloth's on the same plan and data (the runs named at
+# memory.TRANSFORMERS_STEP_MEMORY; bench/engine_factors.py): their median.
+TRANSFORMERS_SPEED = 1.0
+# The band of measured / estimated speed the estimate stands behind: GPU-bound and host-bound micro-batches of
+# recorded runs (bench/data_speed.py computes both from bench/results/; host-bound ones vary with the host's CPU
+# between machines), and the transformers engine's spread around its median (bench/engine_factors.py).
+GPU_BOUND_BAND = (0.85, 1.15)
+HOST_BOUND_BAND = (0.70, 1.50)
+TRANSFORMERS_BAND = (0.85, 1.45)
+
+
+def speed_band(host_bound: bool, engine: str) -> tuple[float, float]:
+    """The factors that bound measured speed around the estimate."""
+    low, high = HOST_BOUND_BAND if host_bound else GPU_BOUND_BAND
+    if engine == "transformers":
+        low, high = low * TRANSFORMERS_BAND[0], high * TRANSFORMERS_BAND[1]
+    return low, high
+
+
+def packing_fill(lengths: ExampleLengths, budget: int, seq_len: int) -> float:
+    """Expected share of a token budget that packed examples fill: best-fit decreasing (the trainer's rule,
+    trainer/batching.py) over enough copies of the length sample to make 16 micro-batches; examples longer
+    than seq_len are cut to it."""
+    sample = [min(n, seq_len) for n in lengths.tokens]
+    copies = max(1, -(-16 * budget // max(1, sum(sample))))
+    free: list[int] = []  # room left in each open micro-batch
+    for n in sorted(sample * copies, reverse=True):
+        best = min((i for i, room in enumerate(free) if room >= n), key=free.__getitem__, default=None)
+        if best is None:
+            free.append(budget - n)
+        else:
+            free[best] -= n
+    return sum(sample) * copies / (len(free) * budget)
+
+
+def attention_length(lengths: ExampleLengths, seq_len: int) -> float:
+    """The sequence length attention's cost per token is that of: a token of an n-token example attends over n
+    (causal-halved in attention_flops_per_token), so per token the mean is sum(n^2) / sum(n)."""
+    cut = [min(n, seq_len) for n in lengths.tokens]
+    return sum(n * n for n in cut) / sum(cut)
 
 
 def data_micro_batch(setup: Setup, lengths: ExampleLengths, batching: str) -> tuple[Setup, float, float]:
-    """The micro-batch the data makes: the shape the GPU computes (padded: micro_batch x the expected longest
-    example; padding-free: micro_batch x the mean), the real tokens in it, and its share of real tokens had
-    it been padded."""
-    mean, longest = lengths.mean(setup.seq_len), lengths.longest_of(setup.micro_batch, setup.seq_len)
+    """The micro-batch the data makes: the shape whose time it takes (tokens computed, and the sequence length
+    attention sees), the real tokens in it, and the share of its tokens that are real. packed: the budget
+    (micro_batch x seq_len) filled to packing_fill; padded: micro_batch x the expected longest example;
+    padding-free: micro_batch examples back to back."""
+    mean, budget = lengths.mean(setup.seq_len), setup.tokens
+    if batching == "packed":
+        real = budget * packing_fill(lengths, budget, setup.seq_len)
+        attn = attention_length(lengths, setup.seq_len)
+        # Timed as real / attn sequences of attn tokens: the real tokens, attention over each example's own.
+        timed = dataclasses.replace(setup, micro_batch=1, seq_len=max(1, round(attn)))
+        return _with_tokens(timed, real), real, real / budget
+    longest = lengths.longest_of(setup.micro_batch, setup.seq_len)
     timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "padded" else mean)))
     return timed, setup.micro_batch * mean, mean / longest
+
+
+def _with_tokens(setup: Setup, tokens: float) -> Setup:
+    """setup with micro_batch scaled so that it holds `tokens` (fractional: an expectation)."""
+    return dataclasses.replace(setup, micro_batch=tokens / setup.seq_len)  # type: ignore[arg-type]
 
 
 def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, batching: str, gpu: GpuSpec,
@@ -171,17 +216,8 @@ def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, 
     """Seconds for one micro-batch of real data, laid out as `batching` says (the factors above)."""
     timed, _, _ = data_micro_batch(setup, lengths, batching)
     gpu_time, floor = gpu_s(model, timed, gpu, coeffs), host_floor_s(model, timed, coeffs) * REAL_DATA_HOST
-    if batching == "padding-free":
-        gpu_time /= PADDING_FREE_GPU
+    if batching in ("packed", "padding-free"):
+        gpu_time /= BACK_TO_BACK_GPU
         if setup.checkpointing != "unsloth":
-            floor *= PADDING_FREE_HOST / REAL_DATA_HOST
+            floor *= BACK_TO_BACK_HOST / REAL_DATA_HOST
     return max(gpu_time, floor)
-
-
-def data_batching(model: ModelSpec, setup: Setup, lengths: ExampleLengths, gpu: GpuSpec,
-                  coeffs: Coefficients) -> tuple[str, float]:
-    """The faster layout for this data, what the plan tells the trainer to use, and its seconds per
-    micro-batch."""
-    seconds = {b: data_micro_batch_s(model, setup, lengths, b, gpu, coeffs) for b in BATCHINGS}
-    batching = min(seconds, key=seconds.__getitem__)
-    return batching, seconds[batching]

@@ -64,18 +64,20 @@ def _emit(data: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]]
     click.echo(json.dumps(data, indent=2) if as_json else render(data))
 
 
-PLAN_HEADERS = ["", "method", "rank", "batch", "accum", "seq", "ckpt", "peak GiB", "total GiB", "tok/s", "time h"]
+PLAN_HEADERS = ["", "engine", "method", "rank", "tokens/micro", "accum", "seq", "ckpt", "peak GiB", "total GiB",
+                "tok/s", "time h"]
 
 
 def _plan_cells(label: str, r: dict[str, Any]) -> list[Any]:
-    return [label, r["method"], r["rank"], r["batch"], r["grad_accum"], r["seq"], r["checkpointing"],
-            r["peak_reserved_gib"], r["total_gib"], round(r["tokens_per_s"]), r["train_hours"]]
+    return [label, r["engine"], r["method"], r["rank"], r["token_budget"], r["grad_accum"], r["seq"],
+            r["checkpointing"], r["peak_reserved_gib"], r["total_gib"], round(r["tokens_per_s"]), r["train_hours"]]
 
 
 def _render_check(d: dict[str, Any]) -> str:
     if d.get("gpu") is None:
         return _render_catalogue(d)
-    verdict = "FITS" if d["fits"] else "DOES NOT FIT"
+    verdict = ("FITS" if d["fits"] else "FITS ONLY AT A SHORTER SEQUENCE" if d["recommended"]
+               else "DOES NOT FIT")
     rows = []
     if d["recommended"]:
         rows.append(_plan_cells("recommended", d["recommended"]))
@@ -91,26 +93,24 @@ def _render_check(d: dict[str, Any]) -> str:
     if d["recommended"] and d["recommended"].get("example_tokens"):
         out.append(_data_speed_note(d["recommended"], d["workload"]["lengths_from_data"]))
     if d["recommended"] and d["recommended"]["host_bound"]:
-        out.append(_host_bound_note(d["recommended"]["batch"]))
+        out.append(_host_bound_note(d["recommended"]))
     out += [f"warning: {w}" for w in d["warnings"]]
     return "\n".join(out)
 
 
 def _data_speed_note(r: dict[str, Any], lengths_known: bool) -> str:
-    share = r.get("non_padding_share") or 1.0
-    how = ("only their mean length is known, so padding is not counted" if not lengths_known and r["batch"] > 1
-           else "padded to their longest example, {:.0%} real tokens".format(share) if r.get("batching") == "padded"
-           and share < 1 else "examples back to back, padding-free" if r.get("batching") == "padding-free" else
-           "no padding")
-    return (f"speed: for the data's examples (mean {r['example_tokens']:,.0f} tokens) in micro-batches of {r['batch']}, "
-            f"{how}; memory for full sequences")
+    fill = r.get("fill") or 1.0
+    how = ("only their mean length is known" if not lengths_known else
+           f"examples packed into micro-batches of at most {r['token_budget']:,} tokens, {fill:.0%} filled"
+           if r.get("batching") == "packed" else f"padded micro-batches, {fill:.0%} real tokens")
+    return (f"speed: for the data's examples (mean {r['example_tokens']:,.0f} tokens), {how}; memory for a full "
+            f"micro-batch of {r['token_budget']:,} tokens")
 
 
-def _host_bound_note(batch: int) -> str:
-    from rigplan.estimator.speed import HOST_BOUND_ERROR
-
-    return (f"speed: host-bound at micro-batch {batch} (the CPU launching kernels sets the pace, not the GPU); "
-            f"such steps varied by up to {HOST_BOUND_ERROR:.0%} between H100 machines, so tok/s and time are rough")
+def _host_bound_note(r: dict[str, Any]) -> str:
+    low, high = r["tokens_per_s_band"]
+    return (f"speed: host-bound (the CPU launching kernels sets the pace, not the GPU): {low:,.0f}-{high:,.0f} "
+            "tok/s on the machines measured; rigplan calibrate measures this host, rigplan run its own rate")
 
 
 def _render_catalogue(d: dict[str, Any]) -> str:
@@ -119,9 +119,9 @@ def _render_catalogue(d: dict[str, Any]) -> str:
         r = g["recommended"]
         mark = " (smallest)" if g["gpu"] == d["smallest_fitting"] else " (best per $)" if g["gpu"] == d["best_per_dollar"] else ""
         rows.append([g["gpu"] + mark, float(g["memory_gib"]), g["fits"], r and r["method"], r and r["rank"],
-                     r and r["batch"], r and r["total_gib"], r and round(r["tokens_per_s"]), r and r["train_hours"],
+                     r and r["token_budget"], r and r["total_gib"], r and round(r["tokens_per_s"]), r and r["train_hours"],
                      g["price_usd"] and round(g["price_usd"]), g.get("tokens_per_s_per_kusd")])
-    headers = ["gpu", "memory GiB", "fits", "method", "rank", "batch", "total GiB", "tok/s", "time h", "price $",
+    headers = ["gpu", "memory GiB", "fits", "method", "rank", "tokens/micro", "total GiB", "tok/s", "time h", "price $",
                "tok/s per k$"]
     table = format_table(f"rigplan check: {d['model']} on catalogue GPUs (seq {d['seq']})", headers, rows,
                          {"memory GiB": 0, "total GiB": 1, "time h": 2, "tok/s per k$": 1})
@@ -149,23 +149,28 @@ def _data_opts(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--gpu", default="auto", show_default=True, help="GPU id/name, or auto for the local one.")
 @click.option("--gpus", "num_gpus", type=int, default=1, show_default=True, help="GPUs, data parallel.")
 @click.option("--seq", "seq_len", type=int, help=f"Sequence length [default: {DEFAULT_SEQ_LEN}, or from --data].")
-@click.option("--batch", "effective_batch", type=int, default=DEFAULT_EFFECTIVE_BATCH, show_default=True,
-              help="Target effective batch (micro-batch x accumulation x GPUs).")
+@click.option("--effective-batch", type=int, default=DEFAULT_EFFECTIVE_BATCH, show_default=True,
+              help="Examples per optimizer step, all GPUs together.")
+@click.option("--method", type=click.Choice(["lora", "qlora"]), help="Plan only this method [default: either].")
+@click.option("--rank", type=int, help="Plan only this LoRA rank [default: the fastest of 8-64].")
 @_data_opts
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def check(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_batch: int, data_file: Path | None,
-          examples: int | None, avg_tokens: float | None, epochs: float, as_json: bool) -> None:
+def check(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_batch: int, method: str | None,
+          rank: int | None, data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
+          as_json: bool) -> None:
     """Does MODEL fit this GPU, with which settings, and how long will training take?"""
-    from rigplan import check as lib
+    from rigplan import planning as lib
 
-    data = _run(lambda: lib.check(model, gpu, num_gpus, seq_len, data_file, examples, avg_tokens, epochs, effective_batch))
+    data = _run(lambda: lib.check(model, gpu, num_gpus, seq_len, data_file, examples, avg_tokens, epochs,
+                                  effective_batch, method=method, rank=rank))
     _emit(data, as_json, _render_check)
 
 
 @main.command()
 @click.argument("model")
 @click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch (sequences per step).")
+@click.option("--micro-batch", "batch", type=int, default=1, show_default=True,
+              help="Sequences of --seq per micro-batch (the token budget is their product).")
 @click.option("--seq", "seq_len", type=int, default=DEFAULT_SEQ_LEN, show_default=True)
 @click.option("--rank", type=int, default=DEFAULT_RANK, show_default=True)
 @click.option("--grad-accum", type=int, default=1, show_default=True)
@@ -176,20 +181,20 @@ def check(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_ba
 def estimate(model: str, method: str, batch: int, seq_len: int, rank: int, grad_accum: int, checkpointing: str,
              optimizer: str, gpu: str, as_json: bool) -> None:
     """Memory, term by term, and speed of one configuration."""
-    from rigplan import check as lib
+    from rigplan import planning as lib
 
     data = _run(lambda: lib.estimate(model, method, batch, seq_len, rank, gpu, grad_accum, checkpointing, optimizer))
 
     def render(d: dict[str, Any]) -> str:
         rows = [[k, v] for k, v in d["components"].items()]
-        title = (f"rigplan estimate: {d['model']} {d['method']} r{d['rank']} batch {d['batch']} x seq {d['seq']} "
-                 f"on {d['gpu']} ({d['gpu_memory_gib']:.1f} GiB)")
+        title = (f"rigplan estimate: {d['model']} {d['method']} r{d['rank']} micro-batch {d['micro_batch']} x seq "
+                 f"{d['seq']} on {d['gpu']} ({d['gpu_memory_gib']:.1f} GiB, {d['engine']})")
         out = [format_table(title, ["memory term", "GiB"], rows, {"GiB": 3})]
         out.append(f"peak allocated {d['peak_allocated_gib']:.2f} GiB, peak reserved {d['peak_reserved_gib']:.2f} GiB, "
                    f"total (nvidia-smi) {d['total_gib']:.2f} GiB: {'fits' if d['fits'] else 'DOES NOT FIT'}")
         out.append(f"speed {d['tokens_per_s']:,.0f} tok/s, {d['step_s']:.3f} s per step; calibration: {d['calibration']['label']}")
         if d["host_bound"]:
-            out.append(_host_bound_note(d["batch"]))
+            out.append(_host_bound_note(d))
         out += [f"warning: {w}" for w in d["warnings"]]
         return "\n".join(out)
 
@@ -201,20 +206,26 @@ def estimate(model: str, method: str, batch: int, seq_len: int, rank: int, grad_
 @click.option("--gpu", default="auto", show_default=True)
 @click.option("--gpus", "num_gpus", type=int, default=1, show_default=True)
 @click.option("--seq", "seq_len", type=int)
-@click.option("--batch", "effective_batch", type=int, default=DEFAULT_EFFECTIVE_BATCH, show_default=True)
+@click.option("--effective-batch", type=int, default=DEFAULT_EFFECTIVE_BATCH, show_default=True,
+              help="Examples per optimizer step, all GPUs together.")
+@click.option("--method", type=click.Choice(["lora", "qlora"]), help="Plan only this method [default: either].")
+@click.option("--rank", type=int, help="Plan only this LoRA rank [default: the fastest of 8-64].")
 @click.option("--data", "data_file", type=click.Path(path_type=Path))
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--model-path", help="Hub id or local directory to load weights from [default: the profile's hub id].")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the plan here (what rigplan run reads).")
-def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_batch: int, data_file: Path | None,
-             epochs: float, model_path: str | None, out: Path | None) -> None:
+def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_batch: int, method: str | None,
+             rank: int | None, data_file: Path | None, epochs: float, model_path: str | None, out: Path | None) -> None:
     """The recommended plan as JSON (to stdout, or --out FILE for rigplan run)."""
-    from rigplan import check as lib
+    from rigplan import planning as lib
 
-    p = _run(lambda: lib.make_plan(model, gpu, seq_len, data_file, effective_batch, num_gpus, epochs, model_path))
+    p = _run(lambda: lib.make_plan(model, gpu, seq_len, data_file, effective_batch, num_gpus, epochs, model_path,
+                                   methods=(method,) if method else ("lora", "qlora"),
+                                   ranks=(rank,) if rank else None))
     if out:
         out.write_text(p.to_json() + "\n")
-        click.echo(f"wrote {out}: {p.method} r{p.rank}, batch {p.micro_batch} x {p.grad_accum}, seq {p.seq_len}, "
+        click.echo(f"wrote {out}: {p.engine} {p.method} r{p.rank}, {p.budget:,} tokens per micro-batch x "
+                   f"{p.grad_accum}, seq {p.seq_len}, "
                    f"{p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s")
     else:
         click.echo(p.to_json())
@@ -238,43 +249,57 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--merge", is_flag=True, help="Also write merged 16-bit weights.")
 @click.option("--force", is_flag=True, help="Train an override even if the estimate says it will not fit.")
 @click.option("--method", type=click.Choice(["lora", "qlora"]))
-@click.option("--batch", "micro_batch", type=int, help="Micro-batch.")
+@click.option("--micro-batch", type=int, help="Sequences of --seq per micro-batch (its token budget is the product).")
 @click.option("--grad-accum", type=int)
 @click.option("--rank", type=int)
 @click.option("--seq", "seq_len", type=int)
 @click.option("--lr", "learning_rate", type=float)
-@click.option("--engine", type=click.Choice(["unsloth", "hf"]), help="Force an engine.")
-@click.option("--batching", type=click.Choice(["auto", "padded", "padding-free"]), default="auto", show_default=True,
-              help="Pad micro-batches, or put examples back to back; auto: the plan's choice on Unsloth (the "
-                   "faster for the data's lengths), padding-free past 12% padding on transformers + PEFT.")
+@click.option("--engine", type=click.Choice(["unsloth", "transformers"]),
+              help="Override the plan's engine (re-estimated) [default: unsloth, transformers + PEFT for families "
+                   "Unsloth fails on].")
+@click.option("--batching", type=click.Choice(["packed", "padded"]),
+              help="Override the plan's layout: examples packed within the token budget (default), or padded "
+                   "micro-batches of --micro-batch examples.")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
-        engine: str | None, batching: str) -> None:
+        engine: str | None, batching: str | None) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
-    from rigplan import check as lib
+    from rigplan import planning as lib
+    from rigplan import store
     from rigplan.trainer.run import RunOptions
 
     opts = RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
                       overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
-                      save_steps=save_steps, max_steps=max_steps, merge=merge, engine=engine,  # type: ignore[arg-type]
-                      batching=batching)  # type: ignore[arg-type]
+                      save_steps=save_steps, max_steps=max_steps, merge=merge)
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
-               "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs}
-    p = _run(lambda: lib.plan_for_run(model_or_plan, gpu, data_file, changes, force, skip_bad))
-    click.echo(f"plan: {p.model} {p.method} r{p.rank}, micro-batch {p.micro_batch} x {p.grad_accum}, seq {p.seq_len}, "
-               f"{p.epochs:g} epoch(s) on {p.gpu}" + (f": {p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s predicted"
-                                                       + (f" (examples of {p.example_tokens:,.0f} tokens, "
-                                                          f"{p.batching})" if p.example_tokens else "")
-                                                       if p.total_gib else ""))
+               "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine,
+               "batching": batching}
+
+    def plan_it() -> Any:
+        from rigplan.trainer.engine import count_tokens
+
+        local = lib.local_model_dir(model_or_plan)
+        counted = count_tokens(local or lib.hub_id(model_or_plan), data_file, skip_bad)
+        return lib.plan_for_run(model_or_plan, gpu, data_file, changes, force, skip_bad, counted=counted)
+
+    p = _run(plan_it)
+    click.echo(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
+               f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}"
+               + (f": {p.peak_reserved_gib:.1f} GiB peak reserved, {p.tokens_per_s:,.0f} tok/s predicted"
+                  + (f" (examples of {p.example_tokens:,.0f} tokens)" if p.example_tokens else "")
+                  if p.total_gib else ""))
     if dry_run:
-        report = _run(lambda: lib.dry_run_report(p, opts))
-        click.echo(json.dumps(report, indent=2))
+        from rigplan.trainer.run import dry_run_report
+
+        click.echo(json.dumps(_run(lambda: dry_run_report(p, opts)), indent=2))
         return
     from rigplan.trainer.run import train
 
     summary = _run(lambda: train(p, opts))
+    if summary.get("measured", {}).get("peak_reserved_gib") is not None and p.gpu != "cpu":
+        store.record_run(store.user_dir() / store.RUNS_LOG, summary, p.to_json())
     click.echo(f"{summary['status']} after {summary['global_step']} steps; loss {summary['first_loss']} -> "
                f"{summary['final_loss']}; measured {summary['measured']}; adapter: {summary.get('adapter')}")
     if summary["status"] == "nan":

@@ -19,6 +19,6 @@ def run_files() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def coeffs():
-    from rigplan.calibration.store import reference
+    from rigplan.store import reference
 
     return reference()[0]

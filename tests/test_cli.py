@@ -86,8 +86,8 @@ def test_examples_without_avg_tokens_do_not_guess_the_speed() -> None:
 def test_run_with_overrides_reads_the_data_once(tmp_path, monkeypatch) -> None:
     """Without a tokenizer on disk, `rigplan run --rank 32` estimates lengths for the plan and again for the
     override: one read of the file serves both, and an edited file is read afresh."""
-    from rigplan import check
-    from rigplan.trainer import data
+    from rigplan import planning as check
+    from rigplan import data
 
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"text": "word " * (50 + i)}) for i in range(40)))
@@ -102,9 +102,9 @@ def test_run_with_overrides_reads_the_data_once(tmp_path, monkeypatch) -> None:
 
 def test_run_with_method_plans_that_method(tmp_path) -> None:
     """`rigplan run --method qlora` gets the planner's best QLoRA plan, not LoRA's settings re-estimated."""
-    from rigplan import check
+    from rigplan import planning as check
     from rigplan.estimator import planner
-    from rigplan.calibration import store
+    from rigplan import store
     from rigplan.profiles.catalog import resolve_gpu, resolve_model
 
     f = tmp_path / "d.jsonl"

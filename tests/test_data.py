@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rigplan.errors import DataError
-from rigplan.trainer import data
+from rigplan import data
 
 
 def write(tmp_path, lines: list[str]):

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from rigplan.calibration import fit
-from rigplan.calibration.store import reference
+from rigplan.store import reference
 
 GIB = 2**30
 

@@ -42,7 +42,7 @@ def test_after_load_matches_recorded_runs(run_files) -> None:
     """Weights + fp32 adapters + the fitted fixed bytes against torch's allocated memory after loading,
     on every clean recorded run (real H100 measurements)."""
     from rigplan.calibration.fit import load_runs
-    from rigplan.calibration.store import reference
+    from rigplan.store import reference
 
     coeffs = reference()[0]
     runs = [r for r in load_runs(run_files) if r.row.get("after_load_gib") and r.row.get("clean_load", True)]

@@ -54,7 +54,7 @@ def data_file(tmp_path_factory) -> Path:
 def plan_for(model_dir: Path, **kw) -> Plan:
     base = dict(model=model_dir.name, model_path=str(model_dir), gpu="cpu", method="lora", rank=16, micro_batch=8,
                 grad_accum=1, seq_len=64, target_modules=resolve_model(str(model_dir)).target_modules,
-                optimizer="adamw_torch", learning_rate=1e-2, epochs=4.0)
+                optimizer="adamw_torch", learning_rate=1e-2, epochs=4.0, engine="transformers", batching="padded")
     return Plan(**{**base, **kw})
 
 
@@ -208,8 +208,8 @@ def _load_with_small_gpu(monkeypatch, too_big) -> None:
 
     real_load = engine.load
 
-    def small_gpu_load(p, eng=None):
-        model, tok = real_load(p, eng)
+    def small_gpu_load(p):
+        model, tok = real_load(p)
         inner = model.forward
 
         def forward(*args, **kwargs):
@@ -256,34 +256,54 @@ def varied_file(tmp_path_factory) -> Path:
     return f
 
 
-def test_varied_lengths_train_padding_free_as_padding_would(model_dir, varied_file, tmp_path, monkeypatch) -> None:
-    """Varied lengths train padding-free by default and learn exactly what padded micro-batches learn: examples
-    in one row do not attend to each other (with transformers' padding-free mask taken away, the first loss
-    is 0.3% off here, 5% on a hand-made batch). Tokens count real tokens only, padded or not."""
-    plan = plan_for(model_dir, epochs=1.0, seq_len=256)
-    free = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "free"))
-    report = json.loads((tmp_path / "free" / "data_report.json").read_text())
-    assert report["batching"] == "padding-free" and report["non_padding_share"] == 1.0 and report["overlong"] == 0
-    assert report["padded_non_padding_share"] < runlib.PADDING_FREE_BELOW
-
-    padded = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "padded", batching="padded"))
-    assert json.loads((tmp_path / "padded" / "data_report.json").read_text())["batching"] == "padded"
-    assert free["global_step"] == padded["global_step"] == 8
-    assert free["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-5)
-    assert free["final_loss"] == pytest.approx(padded["final_loss"], rel=1e-3)
-    assert free["measured"]["tokens"] == padded["measured"]["tokens"] == report["tokens"]
+def test_packed_micro_batches_train_as_padding_would(model_dir, varied_file, tmp_path) -> None:
+    """Packed micro-batches (examples back to back within the token budget) learn what padded ones of the same
+    examples learn: examples in one row do not attend to each other, and each keeps the loss it has alone.
+    One optimizer step holding every example makes the two runs' steps the same; tokens count real tokens."""
+    padded_plan = plan_for(model_dir, epochs=2.0, seq_len=256, micro_batch=64)
+    packed_plan = dataclasses.replace(padded_plan, batching="packed", micro_batch=1, token_budget=64 * 256)
+    padded = train(padded_plan, RunOptions(data=varied_file, out_dir=tmp_path / "padded"))
+    packed = train(packed_plan, RunOptions(data=varied_file, out_dir=tmp_path / "packed"))
+    report = json.loads((tmp_path / "packed" / "data_report.json").read_text())
+    assert report["batching"] == "packed" and report["micro_batches"] == 1 and report["overlong"] == 0
+    assert packed["global_step"] == padded["global_step"] == 2
+    assert packed["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-4)
+    assert packed["final_loss"] == pytest.approx(padded["final_loss"], rel=1e-3)
+    assert packed["measured"]["tokens"] == padded["measured"]["tokens"] == 2 * report["tokens"]
 
 
-def test_out_of_memory_cuts_a_padding_free_row_at_examples(model_dir, varied_file, tmp_path, monkeypatch) -> None:
-    """A padding-free micro-batch is one row: the backoff cuts it where an example starts, and the run ends
-    where the one that never ran out of memory ends."""
-    plan = plan_for(model_dir, epochs=1.0, seq_len=256)
+def test_packed_micro_batch_gives_each_example_its_own_loss(model_dir) -> None:
+    """The batcher's promise, on the model itself: one packed row's summed loss equals the sum of each
+    example's loss computed alone (no attention, and no loss term, across examples)."""
+    from transformers import AutoModelForCausalLM
+
+    from rigplan.trainer.batching import PackedCollator, packed_rows
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rng = random.Random(5)
+    rows = [{"input_ids": ids, "labels": list(ids)} for ids in
+            ([rng.randrange(10, 4000) for _ in range(rng.randint(3, 40))] for _ in range(6))]
+    packed = packed_rows(rows, 4096)
+    assert len(packed) == 1
+    batch = PackedCollator(pad_token_id=0)(packed)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        together = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="sum")
+        alone = sum(torch.nn.functional.cross_entropy(
+            model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1], torch.tensor(r["labels"][1:]),
+            reduction="sum") for r in rows)
+    assert together.item() == pytest.approx(alone.item(), rel=1e-4)
+
+
+def test_out_of_memory_cuts_a_packed_row_at_examples(model_dir, varied_file, tmp_path, monkeypatch) -> None:
+    """A packed micro-batch is one row: the backoff cuts it where an example starts, and the run ends where
+    the one that never ran out of memory ends."""
+    plan = plan_for(model_dir, epochs=1.0, seq_len=128, batching="packed", micro_batch=4, token_budget=512)
     plain = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "plain"))
-    assert json.loads((tmp_path / "plain" / "data_report.json").read_text())["batching"] == "padding-free"
     # more than two examples in the row
     _load_with_small_gpu(monkeypatch, lambda kwargs: int((kwargs["position_ids"] == 0).sum()) > 2)
     tight = train(plan, RunOptions(data=varied_file, out_dir=tmp_path / "tight"))
-    assert tight["oom_backoffs"] == [{"step": 0, "micro_batch": 4}, {"step": 0, "micro_batch": 2}]
+    assert tight["oom_backoffs"] and tight["oom_backoffs"][0]["step"] == 0
     assert tight["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-3)
     assert tight["measured"]["tokens"] == plain["measured"]["tokens"]
 
@@ -320,41 +340,44 @@ def test_unsloth_trains_on_the_models_own_loss_hf_on_cuda_on_trls_head(tmp_path,
     guard = runlib._Guard(tmp_path)
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", object(), raising=False)  # as on a CUDA machine
     assert "compute_loss" in runlib._trainer_class(guard, "unsloth").__dict__
-    assert "compute_loss" not in runlib._trainer_class(guard, "hf").__dict__
+    assert "compute_loss" not in runlib._trainer_class(guard, "transformers").__dict__
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", None)  # no Triton (CPU builds of torch)
-    assert "compute_loss" in runlib._trainer_class(guard, "hf").__dict__
+    assert "compute_loss" in runlib._trainer_class(guard, "transformers").__dict__
 
 
 def test_a_finished_run_is_logged_for_calibration(model_dir, data_file, tmp_path) -> None:
-    """record_run appends one whole JSON line per run (plan, measured, predicted, the data's shape,
-    provenance) to the user's runs.jsonl, which GPU runs write for calibration to learn from."""
-    from rigplan.trainer.engine import provenance
+    """The caller of the trainer (rigplan run) appends one whole JSON line per run (plan, measured, predicted,
+    the data's shape, provenance) to the user's runs.jsonl, for calibration to learn from."""
+    from rigplan import store
 
     plan = plan_for(model_dir, epochs=1.0)
     summary = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "run", max_steps=2))
-    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
-    log = tmp_path / "home" / runlib.RUNS_LOG
+    log = tmp_path / "home" / store.RUNS_LOG
     for _ in range(2):
-        runlib.record_run(log, plan, summary, report, provenance())
+        store.record_run(log, summary, plan.to_json())
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 2 and Plan.from_json(json.dumps(rows[0]["plan"])) == plan
     assert rows[0]["measured"]["tokens"] == summary["measured"]["tokens"] > 0
-    assert rows[0]["data"]["examples"] == report["examples"] and rows[0]["provenance"]["packages"]["torch"]
+    assert rows[0]["data"]["examples"] == 96 and rows[0]["provenance"]["packages"]["torch"]
 
 
 def test_a_run_plan_counts_tokens_with_the_models_tokenizer(model_dir, varied_file) -> None:
     """`rigplan run` on a local model plans speed for the data as its tokenizer counts it (template and EOS
     included) with padding counted, where `check` can only estimate from characters; bad data still stops
     the plan with its line number."""
-    from rigplan import check
+    from rigplan import planning as check
     from rigplan.trainer.run import prepare_data
     from transformers import AutoTokenizer
 
-    p = check.plan_for_run(str(model_dir), "h100-sxm", varied_file, {})
+    from rigplan.trainer.engine import count_tokens
+
+    p = check.plan_for_run(str(model_dir), "h100-sxm", varied_file, {},
+                           counted=count_tokens(str(model_dir), varied_file))
     counted = prepare_data(p, AutoTokenizer.from_pretrained(str(model_dir)),
                            RunOptions(data=varied_file, out_dir=model_dir / "unused", eval_fraction=0.0)).report
     assert p.example_tokens == pytest.approx(counted["tokens"] / counted["examples"], abs=0.1)
-    assert p.batching in ("padded", "padding-free") and 0 < p.non_padding_share <= 1
+    assert p.batching == "packed" and 0 < p.fill <= 1 and p.token_budget == p.micro_batch * p.seq_len
+    assert counted["micro_batch_tokens_max"] <= p.token_budget
     with pytest.raises(DataError, match="line 2"):
         bad = model_dir / "bad.jsonl"
         bad.write_text('{"text": "w1 w2"}\n{"txt": 1}\n')
@@ -394,41 +417,23 @@ def test_early_stopping_keeps_the_best_adapter(model_dir, tmp_path) -> None:
     assert loss == pytest.approx(best, rel=1e-5)
 
 
-def test_auto_batching_follows_the_engine(model_dir, tmp_path) -> None:
-    """Padded micro-batches about 80% real tokens: transformers + PEFT goes padding-free (it ran faster so on
-    the H100), Unsloth stays padded (it compiles its decoder blocks only for padded micro-batches)."""
-    from transformers import AutoTokenizer
-
-    rng = random.Random(3)
-    f = tmp_path / "mid.jsonl"
-    f.write_text("\n".join(json.dumps({"text": " ".join(f"w{rng.randrange(60)}" for _ in range(rng.randint(5, 40)))})
-                           for _ in range(64)) + "\n")
-    tok, plan = AutoTokenizer.from_pretrained(str(model_dir)), plan_for(model_dir, micro_batch=2)
-    opts = RunOptions(data=f, out_dir=tmp_path / "o", eval_fraction=0.0)
-    hf, unsloth = (runlib.prepare_data(plan, tok, opts, engine).report for engine in ("hf", "unsloth"))
-    assert runlib.PADDING_FREE_BELOW < hf["padded_non_padding_share"] < runlib.HF_PADDING_FREE_BELOW
-    assert hf["batching"] == "padding-free" and unsloth["batching"] == "padded"
-    # A plan made with the data's lengths carries the estimator's choice, which Unsloth follows either way
-    # (the estimate times both layouts; LoRA at micro-batch 4 ran padding-free faster at 68% real tokens).
-    for batching in ("padding-free", "padded"):
-        chosen = dataclasses.replace(plan, batching=batching)
-        assert runlib.prepare_data(chosen, tok, opts, "unsloth").report["batching"] == batching
-        assert runlib.prepare_data(chosen, tok, opts, "hf").report["batching"] == "padding-free"
-
-
 def test_skip_bad_reaches_the_plan(model_dir, tmp_path) -> None:
     """`rigplan run --skip-bad` plans on the good records (it was refused at planning, told to pass the flag it
     had passed); without it the plan stops on the bad line, the tokenizer on disk or not."""
-    from rigplan import check
+    from rigplan import planning as check
 
     f = tmp_path / "some-bad.jsonl"
     f.write_text('{"text": "w1 w2 w3"}\n{"txt": 1}\n{"text": "w4 w5"}\n')
+    from rigplan.trainer.engine import count_tokens
+
     with pytest.raises(DataError, match="line 2"):
-        check.plan_for_run(str(model_dir), "h100-sxm", f, {})
+        count_tokens(str(model_dir), f)
     with pytest.raises(DataError, match="line 2"):
         check.plan_for_run("llama-3.2-1b", "h100-sxm", f, {})  # no tokenizer here: lengths from characters
-    for model in (str(model_dir), "llama-3.2-1b"):
-        assert check.plan_for_run(model, "h100-sxm", f, {}, skip_bad=True).example_tokens > 0
+    counted = count_tokens(str(model_dir), f, skip_bad=True)
+    assert counted[1] == 2
+    for model, c in ((str(model_dir), counted), ("llama-3.2-1b", None)):
+        assert check.plan_for_run(model, "h100-sxm", f, {}, skip_bad=True, counted=c).example_tokens > 0
     r = CliRunner().invoke(main, ["run", str(model_dir), "--data", str(f), "--skip-bad", "--dry-run",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 0 and '"skipped_bad": 1' in r.output, r.output

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from rigplan.calibration import store
+from rigplan import store
 from rigplan.errors import CalibrationError
 
 

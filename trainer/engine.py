@@ -1,4 +1,4 @@
-"""The two training engines behind one signature: Unsloth on CUDA, transformers + PEFT elsewhere.
+"""The two training engines behind one signature; the Plan names which (planning chooses it, once).
 
 `load_unsloth(plan)` and `load_hf_peft(plan)` both return (model, tokenizer) with LoRA adapters attached.
 `import unsloth` happens only here, before transformers and peft (Unsloth patches them on import).
@@ -11,27 +11,33 @@ import importlib.util
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rigplan.errors import RigplanError
 from rigplan.estimator.plan import Plan
 
-Engine = Literal["unsloth", "hf"]
 GIB = 2**30
 
 
-def choose_engine() -> Engine:
-    """Unsloth where it can run (CUDA and the package present), transformers + PEFT otherwise."""
+def import_engine(engine: str) -> None:
+    """Import Unsloth first when it is the engine: it patches transformers, peft and trl on import, and warns
+    that it 'should be imported before' them when they came first."""
+    if engine != "unsloth":
+        return
+    if importlib.util.find_spec("unsloth") is None:
+        raise RigplanError("this plan's engine is unsloth, which is not installed: pip install -e \".[gpu]\" "
+                           "(CUDA GPUs), or pass --engine transformers")
+    import unsloth  # noqa: F401
+
+
+def import_first() -> None:
+    """Before anything imports transformers on a machine that will train with Unsloth (counting tokens for the
+    plan comes first): import Unsloth where it is installed and CUDA is present."""
+    if importlib.util.find_spec("unsloth") is None:
+        return
     import torch
 
-    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
-        return "unsloth"
-    return "hf"
-
-
-def import_engine(engine: Engine) -> None:
-    """Import Unsloth first when it is the engine: it patches transformers and peft on import."""
-    if engine == "unsloth":
+    if torch.cuda.is_available():
         import unsloth  # noqa: F401
 
 
@@ -101,10 +107,28 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
     return get_peft_model(model, config), tokenizer
 
 
-def load(plan: Plan, engine: Engine | None = None) -> tuple[Any, Any]:
-    """The one place the engine is chosen."""
-    engine = engine or choose_engine()
-    return load_unsloth(plan) if engine == "unsloth" else load_hf_peft(plan)
+def load(plan: Plan) -> tuple[Any, Any]:
+    """The plan's engine, loaded (its choice is planning's: rigplan/planning.py choose_engine)."""
+    import_engine(plan.engine)
+    return load_unsloth(plan) if plan.engine == "unsloth" else load_hf_peft(plan)
+
+
+def count_tokens(model_path: str, data_file: Path, skip_bad: bool = False) -> tuple[list[int], int] | None:
+    """The data's tokens per example (a sample of up to 2,000) counted with the model's tokenizer when it is on
+    this machine (a local model directory or the hub cache; nothing is downloaded), and the number of
+    examples; else None: the plan then estimates lengths from characters. Bad records stop either way,
+    line-numbered, unless skip_bad."""
+    from rigplan import data
+
+    import_first()
+    try:
+        from transformers import AutoTokenizer
+
+        source, _ = model_source(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (ImportError, OSError, ValueError):  # not on disk: estimate instead
+        return None
+    return data.token_lengths(Path(data_file), tokenizer, skip_bad=skip_bad)
 
 
 def provenance() -> dict[str, Any]:

@@ -37,8 +37,8 @@ def run_readme(plan: Plan, report: dict[str, Any], summary: dict[str, Any]) -> s
         f"lr {plan.learning_rate}, {plan.epochs:g} epoch(s), {plan.optimizer}, checkpointing {plan.checkpointing}.",
         f"Data: {report['file']} ({report['format']}), {report['train_examples']} train / {report['eval_examples']} eval "
         f"examples, {report['tokens']:,} tokens, p95 length {report['length_p95']}, {report['overlong']} over seq "
-        f"({report['overlong_action']}), {report['bad_records']} bad record(s); {report['batching']} micro-batches, "
-        f"{report['non_padding_share']:.0%} real tokens (padded: {report['padded_non_padding_share']:.0%}).",
+        f"({report['overlong_action']}), {report['bad_records']} bad record(s); {report['batching']} micro-batches "
+        f"of at most {report['token_budget']:,} tokens, {report['fill']:.0%} real tokens.",
         f"Loss: first {fmt(summary.get('first_loss'), '.4f')}, final {fmt(summary.get('final_loss'), '.4f')}, "
         f"best eval {fmt(summary.get('best_eval_loss'), '.4f')}.",
         "",
@@ -46,7 +46,7 @@ def run_readme(plan: Plan, report: dict[str, Any], summary: dict[str, Any]) -> s
         "|---|---:|---:|",
         f"| peak allocated GiB | {fmt(m.get('peak_allocated_gib'))} | {fmt(p.get('peak_allocated_gib'))} |",
         f"| peak reserved GiB | {fmt(m.get('peak_reserved_gib'))} | {fmt(p.get('peak_reserved_gib'))} |",
-        f"| nvidia-smi GiB | {fmt(m.get('nvml_used_gib'))} | {fmt(p.get('total_gib'))} |",
+        f"| nvidia-smi GiB (peak sampled) | {fmt(m.get('nvml_peak_used_gib'))} | {fmt(p.get('total_gib'))} |",
         f"| tokens/s | {fmt(m.get('tokens_per_s'), ',.0f')} | {fmt(p.get('tokens_per_s'), ',.0f')} |",
         "",
         # The plan's speed is for examples of the length it was told or estimated from characters (or for full

@@ -84,3 +84,20 @@ def for_gpu(gpu_id: str) -> tuple[Coefficients, dict[str, Any], bool]:
             warnings.warn(f"rigplan: ignoring {own}: {e}", stacklevel=2)
     coeffs, doc = reference()
     return coeffs, doc, coeffs.gpu == gpu_id
+
+
+# Every finished GPU run, appended by `rigplan run` (the caller of the trainer) to this file in the user's data
+# directory, next to the calibrations: the plan, what was measured and the data's shape, with provenance, for
+# `rigplan calibrate` to learn this machine's own rates from.
+RUNS_LOG = "runs.jsonl"
+
+
+def record_run(path: Path, summary: dict[str, Any], plan_json: str) -> dict[str, Any]:
+    """Append one line: a whole line in one write, so a crash leaves earlier lines readable."""
+    row = {"plan": json.loads(plan_json),
+           **{k: summary.get(k) for k in ("status", "engine", "gpu", "method", "global_step", "measured",
+                                          "predicted", "data", "oom_backoffs", "provenance")}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row

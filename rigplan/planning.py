@@ -1,6 +1,9 @@
-"""What `rigplan check`, `estimate` and `plan` compute, as plain dicts (the same ones --json prints).
+"""The planning service behind `rigplan check`, `estimate`, `plan` and the plan `rigplan run` trains: model + GPU
++ data + stored calibration -> Plan, as plain dicts (the same ones --json prints).
 
-Ties profiles (facts), calibration/store (the fitted coefficients) and the estimator together. No torch.
+Ties profiles (facts), rigplan/store (the fitted coefficients) and the estimator together. Never imports torch,
+the trainer or calibration/ (tests/test_planning.py checks): token counts made with the model's tokenizer come in
+from the caller.
 """
 
 from __future__ import annotations
@@ -11,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rigplan.calibration import store
+from rigplan import data, store
 from rigplan.errors import ConfigError, UnknownGpuError
 from rigplan.estimator import planner
-from rigplan.estimator.plan import Coefficients, ExampleLengths, Plan, Setup
+from rigplan.estimator.plan import Coefficients, Engine, ExampleLengths, Plan, Setup
 from rigplan.profiles import catalog, nvml
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
-from rigplan.trainer import data
 
 DEFAULT_EPOCHS = 1.0
 # With no data or --examples, time is shown for this many tokens: a typical small instruction set.
@@ -114,12 +116,14 @@ def calibration_info(coeffs: Coefficients, doc: dict[str, Any], measured_here: b
 
 def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
     """A plan as the flat dict --json shows and the table prints."""
-    return {"method": p.method, "rank": p.rank, "batch": p.micro_batch, "grad_accum": p.grad_accum,
-            "effective_batch": p.effective_batch * p.num_gpus, "seq": p.seq_len, "checkpointing": p.checkpointing,
+    return {"engine": p.engine, "method": p.method, "rank": p.rank, "micro_batch": p.micro_batch,
+            "grad_accum": p.grad_accum, "token_budget": p.budget, "effective_batch": p.effective_batch * p.num_gpus,
+            "seq": p.seq_len, "checkpointing": p.checkpointing, "batching": p.batching,
             "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
             "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,
+            "tokens_per_s_band": [p.tokens_per_s_low, p.tokens_per_s_high],
             "step_s": p.step_s, "host_bound": p.host_bound, "example_tokens": p.example_tokens or None,
-            "batching": p.batching or None, "non_padding_share": p.non_padding_share or None,
+            "fill": p.fill or None,
             "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
             "components_gib": p.components_gib}
 
@@ -128,17 +132,29 @@ def warnings_for(model: ModelSpec) -> list[str]:
     return [f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
 
 
+def choose_engine(model: ModelSpec) -> Engine:
+    """The one place the engine is chosen: Unsloth, unless profiles/known_issues.json records that it fails for
+    this model family; then transformers + PEFT."""
+    fails = any(i.get("engine") == "unsloth" and i.get("severity") == "fails" for i in catalog.issues_for(model))
+    return "transformers" if fails else "unsloth"
+
+
 def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: int | None = None,
           data_file: Path | None = None, examples: int | None = None, avg_tokens: float | None = None,
-          epochs: float = DEFAULT_EPOCHS, effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH) -> dict[str, Any]:
-    """Does the model fit this GPU, with which plan; or, with no GPU named or found, which GPUs can train it."""
+          epochs: float = DEFAULT_EPOCHS, effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH,
+          method: str | None = None, rank: int | None = None) -> dict[str, Any]:
+    """Does the model fit this GPU, with which plan; or, with no GPU named or found, which GPUs can train it.
+    method and rank, when given, are constraints the plan keeps (as an Unsloth user sets them)."""
     model = catalog.resolve_model(model_name)
     load, data_seq = workload(data_file, examples, avg_tokens, epochs, seq_len)
     seq = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
     target, why = resolve_target(gpu)
+    methods = (method,) if method else ("lora", "qlora")
+    ranks = (rank,) if rank else None
     if target is None:
         return {**catalogue(model, seq, load, effective_batch), "note": why}
-    result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, lengths=load.lengths)
+    result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, lengths=load.lengths,
+                                    methods=methods, ranks=ranks)
     return {
         "model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name, "gpu_memory_gib": round(target.memory_gib, 2),
         "gpu_source": "local (NVML)" if target.local else "catalogue", "num_gpus": num_gpus,
@@ -151,13 +167,15 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
 
 def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, num_gpus: int = 1,
               model_path: str | None = None, lengths: ExampleLengths | None = None,
-              methods: tuple[str, ...] = ("lora", "qlora")) -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
+              methods: tuple[str, ...] = ("lora", "qlora"),
+              ranks: tuple[int, ...] | None = None) -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
     """The planner's answer on the target GPU with its calibration; speed for the data's example lengths
     when known."""
     coeffs, doc, here = store.for_gpu(target.spec.id)
     result = planner.plan(model, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
                           gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path,
-                          lengths=lengths, methods=methods)  # type: ignore[arg-type]
+                          lengths=lengths, methods=methods, engine=choose_engine(model),  # type: ignore[arg-type]
+                          ranks=ranks or planner.RANKS)
     return result, result.best, calibration_info(coeffs, doc, here, target.spec)
 
 
@@ -192,10 +210,12 @@ def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, 
     coeffs, doc, here = store.for_gpu(target.spec.id)
     setup = Setup(method=method, rank=rank, micro_batch=batch, seq_len=seq_len, grad_accum=grad_accum,  # type: ignore[arg-type]
                   checkpointing=checkpointing, optimizer=optimizer)  # type: ignore[arg-type]
-    est = planner.estimate(model, setup, target.spec, coeffs, target.memory_gib)
+    engine = choose_engine(model)
+    est = planner.estimate(model, setup, target.spec, coeffs, target.memory_gib, engine=engine)
     gib = planner.GIB
     return {"model": model.id, "gpu": target.spec.id, "gpu_memory_gib": round(target.memory_gib, 2),
-            "method": method, "rank": rank, "batch": batch, "grad_accum": grad_accum, "seq": seq_len,
+            "engine": engine, "method": method, "rank": rank, "micro_batch": batch, "grad_accum": grad_accum,
+            "token_budget": batch * seq_len, "seq": seq_len,
             "checkpointing": checkpointing, "optimizer": optimizer,
             "peak_allocated_gib": round(est.peak_allocated_gib, 3), "peak_reserved_gib": round(est.peak_reserved_gib, 3),
             "total_gib": round(est.total_gib, 3), "fits": est.fits, "tokens_per_s": round(est.tokens_per_s, 1),
@@ -212,7 +232,7 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
               effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH, num_gpus: int = 1, epochs: float = DEFAULT_EPOCHS,
               model_path: str | None = None, allow_cpu: bool = False,
               methods: tuple[str, ...] = ("lora", "qlora"), counted: tuple[list[int], int] | None = None,
-              skip_bad: bool = False) -> Plan:
+              skip_bad: bool = False, ranks: tuple[int, ...] | None = None) -> Plan:
     """The recommended Plan, as `rigplan run` will read it; an error when nothing fits. A local model
     directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted.
     counted: the data's tokens per example as the model's tokenizer counts them (counted_lengths; else
@@ -228,11 +248,12 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
         return Plan(model=model.id, model_path=model_path or model.hub_id, gpu="cpu", method="lora",
                     rank=planner.DEFAULT_RANK, micro_batch=micro, grad_accum=max(1, effective_batch // micro),
                     seq_len=seq, target_modules=model.target_modules, optimizer="adamw_torch",
-                    epochs=float(epochs), calibration="none: CPU, nothing predicted")
+                    epochs=float(epochs), calibration="none: CPU, nothing predicted", engine="transformers",
+                    token_budget=micro * seq)
     if target is None:
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
-                             num_gpus, model_path, load.lengths, methods)
+                             num_gpus, model_path, load.lengths, methods, ranks)
     if p is None or not result.fits:
         raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU or a shorter --seq")
     return dataclasses.replace(p, epochs=float(epochs))
@@ -246,6 +267,8 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     if not changes:
         return p
     new = dataclasses.replace(p, **changes)
+    if "micro_batch" in changes or "seq_len" in changes:
+        new = dataclasses.replace(new, token_budget=new.micro_batch * new.seq_len)
     if new.gpu == "cpu":
         return new
     model = catalog.resolve_model(new.model_path if Path(new.model_path).expanduser().is_dir() else new.model)
@@ -253,7 +276,7 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     coeffs, doc, _ = store.for_gpu(spec.id)
     setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
                   grad_accum=new.grad_accum, optimizer=new.optimizer, checkpointing=new.checkpointing)
-    est = planner.estimate(model, setup, spec, coeffs, lengths=lengths)
+    est = planner.estimate(model, setup, spec, coeffs, lengths=lengths, batching=new.batching, engine=new.engine)
     if not est.fits and not force:
         raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in changes.items())} needs {est.total_gib:.1f} GiB on "
                           f"{spec.id} ({est.gpu_memory_gib:.1f} GiB, {planner.SAFETY_MARGIN:.0%} kept free); "
@@ -263,61 +286,53 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     return dataclasses.replace(best, **keep)
 
 
+def read_plan(path: Path) -> Plan | None:
+    """A saved plan.json, or None when path is not one."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".json"):
+        return None
+    text = path.read_text()
+    if '"schema_version"' not in text:
+        return None
+    try:
+        return Plan.from_json(text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{path}: not a plan this rigplan reads ({e}); make one with rigplan plan --out") from e
+
+
 def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: dict[str, Any],
-                 force: bool = False, skip_bad: bool = False) -> Plan:
+                 force: bool = False, skip_bad: bool = False,
+                 counted: tuple[list[int], int] | None = None) -> Plan:
     """The plan `rigplan run` trains: a saved plan.json, or a fresh plan (CPU plan without a GPU), with the
-    user's overrides re-estimated. Speed is predicted for the data's lengths as the model's tokenizer counts
-    them when it is on this machine (counted_lengths). skip_bad (`rigplan run --skip-bad`): bad records are
-    left out of the plan too, not fatal."""
-    path = Path(model_or_plan)
-    if path.is_file() and path.suffix == ".json" and '"schema_version"' in path.read_text():
-        try:
-            base = Plan.from_json(path.read_text())
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"{path}: not a rigplan plan ({e}); make one with rigplan plan --out") from e
-        counted = counted_lengths(base.model_path, data_file, skip_bad) if changes else None
-    else:
-        model = catalog.resolve_model(model_or_plan)
-        local_dir = Path(model_or_plan).expanduser()
-        counted = counted_lengths(str(local_dir) if local_dir.is_dir() else model.hub_id, data_file, skip_bad)
-        # A method asked for is planned for (its own best micro-batch and checkpointing), not patched into
-        # the other method's plan. A CPU plan keeps it as a change: QLoRA is then refused when training
-        # starts (bitsandbytes 4-bit needs CUDA), with a one-line error.
+    user's overrides re-estimated. counted: the data's tokens per example as the model's tokenizer counts them
+    (the caller counts them: the trainer's count_tokens), else estimated from characters. skip_bad (`rigplan
+    run --skip-bad`): bad records are left out of the plan too, not fatal."""
+    base = read_plan(Path(model_or_plan))
+    if base is None:
+        # A method asked for is planned for (its own best budget and checkpointing), not patched into the other
+        # method's plan. A CPU plan keeps it as a change: QLoRA is then refused when training starts
+        # (bitsandbytes 4-bit needs CUDA), with a one-line error.
         method = changes.get("method")
         base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True,
                          methods=(method,) if method else ("lora", "qlora"), counted=counted, skip_bad=skip_bad)
         if base.gpu != "cpu":
-            changes = {k: v for k, v in changes.items() if k != "method"}
-    if not changes:
+            changes = {k: v for k, v in changes.items() if k not in ("method", "seq_len")}
+    if not {k: v for k, v in changes.items() if v is not None}:
         return base
     lengths = ExampleLengths.of(counted[0] if counted else data.estimated_lengths(Path(data_file), skip_bad))
     return override(base, changes, force, lengths)
 
 
-def counted_lengths(model_path: str, data_file: Path, skip_bad: bool = False) -> tuple[list[int], int] | None:
-    """The data's tokens per example (a sample of up to 2,000) counted with the model's tokenizer when it is
-    on this machine (a local model directory or the hub cache; nothing is downloaded), and the number of
-    examples; else None: the plan then estimates lengths from characters. Bad records stop either way,
-    line-numbered, unless skip_bad."""
-    try:
-        from transformers import AutoTokenizer
-
-        from rigplan.trainer.engine import model_source
-
-        source, _ = model_source(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (ImportError, OSError, ValueError):  # no [train] install, or not on disk: estimate instead
-        return None
-    return data.token_lengths(Path(data_file), tokenizer, skip_bad=skip_bad)
+def local_model_dir(model_or_plan: str) -> str | None:
+    """The weights' directory when the model is one on this machine (for counting tokens with its tokenizer)."""
+    p = read_plan(Path(model_or_plan)) if Path(model_or_plan).suffix == ".json" else None
+    where = p.model_path if p else model_or_plan
+    local = Path(where).expanduser()
+    return str(local.resolve()) if local.is_dir() else None
 
 
-def dry_run_report(p: Plan, opts: Any) -> dict[str, Any]:
-    """What a run would train on (the data report, tokenized with the model's tokenizer), without training."""
-    from transformers import AutoTokenizer
-
-    from rigplan.trainer.engine import model_source
-    from rigplan.trainer.run import prepare_data
-
-    path, local = model_source(p.model_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-    return {"plan": json.loads(p.to_json()), "data_report": prepare_data(p, tokenizer, opts).report}
+def hub_id(model_name: str) -> str:
+    """Where a model's weights and tokenizer come from when it is not a local directory: its profile's hub id
+    (a plan.json names its own)."""
+    p = read_plan(Path(model_name)) if Path(model_name).suffix == ".json" else None
+    return p.model_path if p else catalog.resolve_model(model_name).hub_id

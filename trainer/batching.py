@@ -1,0 +1,81 @@
+"""Micro-batches within the plan's token budget: whole examples packed back to back in one row.
+
+The plan sets a token budget (Plan.budget, micro_batch x seq_len) that its memory is predicted for; every
+micro-batch this module makes holds at most that many tokens, so the plan's peak is one the run reaches and
+never passes. Examples never attend to each other: position_ids restart at 0 at each example, which Unsloth
+and transformers read as example boundaries (attention within each example), and the first token of each
+example carries no label, so no loss term predicts one example from another's last token.
+The packing is best-fit decreasing (as TRL's "bfd" strategy), deterministic; the Trainer's seeded sampler then
+shuffles the micro-batches each epoch, which `--resume` replays. Imports torch only inside the collator.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE = -100  # transformers' ignore_index for labels that carry no loss
+
+
+def pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of the examples in each micro-batch, longest first into the fullest micro-batch they fit
+    (best-fit decreasing), every micro-batch's lengths adding up to at most budget. Deterministic: ties go by
+    index. An example longer than the budget is an error (prepare_data cuts them to seq_len <= budget)."""
+    if any(n > budget for n in lengths):
+        raise ValueError(f"an example of {max(lengths)} tokens exceeds the token budget {budget}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin number), sorted: the best fit is the first with room >= n
+    for i in order:
+        n = lengths[i]
+        at = bisect.bisect_left(rooms, (n, -1))
+        if at == len(rooms):
+            bins.append([i])
+            bisect.insort(rooms, (budget - n, len(bins) - 1))
+        else:
+            room, b = rooms.pop(at)
+            bins[b].append(i)
+            bisect.insort(rooms, (room - n, b))
+    return bins
+
+
+def packed_rows(rows: list[dict[str, list[int]]], budget: int) -> list[dict[str, list[int]]]:
+    """One row per micro-batch: the examples' input_ids and labels back to back, the first label of every
+    example set to IGNORE (its own loss never predicts it either: the loss shifts labels by one), and
+    seq_lengths, the examples' lengths (a column TRL keeps, as its own packing writes it:
+    trl/trainer/sft_trainer.py; TRL drops dataset columns such as position_ids that it does not know)."""
+    out = []
+    for group in pack([len(r["input_ids"]) for r in rows], budget):
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in group:
+            r = rows[i]
+            ids += r["input_ids"]
+            labels += [IGNORE] + r["labels"][1:]
+        out.append({"input_ids": ids, "labels": labels, "seq_lengths": [len(rows[i]["input_ids"]) for i in group]})
+    return out
+
+
+@dataclass
+class PackedCollator:
+    """Collates one packed row (per_device_train_batch_size 1) into tensors of shape [1, L]: input_ids, labels,
+    position_ids restarting at each example and no attention mask, as TRL's padding-free collator lays out
+    examples back to back (trl/trainer/sft_trainer.py, DataCollatorForLanguageModeling with padding_free).
+    Unsloth's Llama path reads the restarts as example boundaries when the batch is one row with no mask
+    (unsloth/utils/packing.py, models/llama.py); an attention mask, even all ones, would turn that off."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:  # one row when the Trainer's batch size is 1; several stay apart by their positions
+            ids += f["input_ids"]
+            labels += [IGNORE] + list(f["labels"][1:])
+            positions += [p for n in f["seq_lengths"] for p in range(n)]
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
