@@ -20,7 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from rigplan.calibration import fit, store
+from rigplan import store
+from rigplan.calibration import fit
 from rigplan.cli import format_table
 from rigplan.estimator import planner
 from rigplan.profiles import catalog

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rigplan.calibration import fit, store
+from rigplan import store
+from rigplan.calibration import fit
 from rigplan.errors import CalibrationError
 from rigplan.estimator import planner
 from rigplan.estimator.plan import Setup

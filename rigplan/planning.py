@@ -220,6 +220,7 @@ def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, 
             "peak_allocated_gib": round(est.peak_allocated_gib, 3), "peak_reserved_gib": round(est.peak_reserved_gib, 3),
             "total_gib": round(est.total_gib, 3), "fits": est.fits, "tokens_per_s": round(est.tokens_per_s, 1),
             "step_s": round(est.step_s, 4), "host_bound": est.host_bound,
+            "tokens_per_s_band": [round(x, 1) for x in est.tokens_per_s_band],
             "components": {k: round(v / gib, 3) for k, v in est.components_bytes.items()},
             "calibration": calibration_info(coeffs, doc, here, target.spec), "warnings": warnings_for(model)}
 

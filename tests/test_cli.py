@@ -22,8 +22,9 @@ def test_check_json_has_the_documented_keys() -> None:
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert {"model", "gpu", "fits", "recommended", "alternatives"} <= d.keys()
-    assert {"method", "rank", "batch", "grad_accum", "seq", "peak_reserved_gib", "total_gib",
-            "tokens_per_s"} <= d["recommended"].keys()
+    assert {"engine", "method", "rank", "micro_batch", "grad_accum", "token_budget", "seq", "batching",
+            "peak_reserved_gib", "total_gib", "tokens_per_s", "tokens_per_s_band"} <= d["recommended"].keys()
+    assert d["recommended"]["engine"] == "unsloth"
     assert d["fits"] and d["recommended"]["method"] == "lora"
 
 
@@ -70,9 +71,9 @@ def test_check_says_how_data_is_laid_out_only_when_lengths_are_known(tmp_path) -
     assert from_data.exit_code == 0, from_data.output
     assert json.loads(invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--data", str(f), "--json").output)[
         "workload"]["lengths_from_data"]
-    assert "not counted" not in from_data.output and ("padding-free" in from_data.output or "padded" in from_data.output)
+    assert "only their mean" not in from_data.output and "packed into micro-batches of at most" in from_data.output
     mean_only = invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--examples", "1000", "--avg-tokens", "700")
-    assert "only their mean length is known, so padding is not counted" in mean_only.output
+    assert "only their mean length is known" in mean_only.output
 
 
 def test_examples_without_avg_tokens_do_not_guess_the_speed() -> None:
@@ -118,7 +119,7 @@ def test_run_with_method_plans_that_method(tmp_path) -> None:
 
 
 def test_estimate_json_components_add_to_total() -> None:
-    r = invoke("estimate", "llama-3.1-8b", "--method", "qlora", "--batch", "4", "--seq", "2048", "--rank", "16",
+    r = invoke("estimate", "llama-3.1-8b", "--method", "qlora", "--micro-batch", "4", "--seq", "2048", "--rank", "16",
                "--gpu", "h100-sxm", "--json")
     d = json.loads(r.output)
     for key in ("peak_allocated_gib", "peak_reserved_gib", "total_gib", "tokens_per_s", "step_s", "components"):
@@ -138,7 +139,7 @@ def test_plan_out_writes_a_plan_run_can_read(tmp_path) -> None:
     (["check", "lama-3.1-8b", "--gpu", "4090"], "did you mean 'llama-3.1-8b'"),
     (["check", "llama-3.1-8b", "--gpu", "rtx-9999"], "unknown GPU 'rtx-9999'"),
     (["check", "llama-3.1-8b", "--gpu", "4090", "--seq", "200000"], "exceeds llama-3.1-8b's context (131072)"),
-    (["estimate", "llama-3.1-8b", "--batch", "0", "--gpu", "4090"], "batch 0 must be >= 1"),
+    (["estimate", "llama-3.1-8b", "--micro-batch", "0", "--gpu", "4090"], "batch 0 must be >= 1"),
     (["estimate", "llama-3.1-8b", "--rank", "0", "--gpu", "4090"], "rank 0 must be >= 1"),
     (["check", "./no/such/config.json", "--gpu", "4090"], "unknown model"),
     (["plan", "llama-3.1-70b", "--gpu", "rtx-4090"], "does not fit"),
@@ -180,7 +181,7 @@ def test_host_bound_speed_is_flagged_and_gpu_bound_is_not() -> None:
     # The H100's 8B micro-batch of 1 x 2048 sits on the host's floor (0.23-0.45 s measured on five machines);
     # 4 x 2048 is GPU work. Only the first says its tok/s is rough.
     args = ("estimate", "llama-3.1-8b", "--method", "lora", "--seq", "2048", "--rank", "16", "--gpu", "h100-sxm")
-    small, big = invoke(*args, "--batch", "1"), invoke(*args, "--batch", "4")
-    assert "host-bound at micro-batch 1" in small.output and "host-bound" not in big.output
-    assert json.loads(invoke(*args, "--batch", "1", "--json").output)["host_bound"] is True
-    assert json.loads(invoke(*args, "--batch", "4", "--json").output)["host_bound"] is False
+    small, big = invoke(*args, "--micro-batch", "1"), invoke(*args, "--micro-batch", "4")
+    assert "speed: host-bound" in small.output and "host-bound" not in big.output
+    assert json.loads(invoke(*args, "--micro-batch", "1", "--json").output)["host_bound"] is True
+    assert json.loads(invoke(*args, "--micro-batch", "4", "--json").output)["host_bound"] is False

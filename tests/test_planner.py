@@ -58,7 +58,7 @@ def test_shorter_sequence_when_requested_one_does_not_fit(coeffs) -> None:
     gpu = resolve_gpu("rtx-3060")
     result = planner.plan(LLAMA8B, gpu, coeffs, seq_len=131_072)
     assert not result.fits and result.best is not None and result.best.seq_len < 131_072
-    assert "does not fit at seq 131072" in result.reason
+    assert "at seq 131072 nothing fits" in result.reason
 
 
 def test_more_memory_never_slows_the_plan(coeffs) -> None:
@@ -82,7 +82,7 @@ def test_plan_json_round_trips_exactly(coeffs) -> None:
     p = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs).best
     assert Plan.from_json(p.to_json()) == p
     with pytest.raises(ValueError, match="schema_version"):
-        Plan.from_json(p.to_json().replace('"schema_version": 1', '"schema_version": 99'))
+        Plan.from_json(p.to_json().replace('"schema_version": 2', '"schema_version": 99'))
 
 
 def test_multi_gpu_splits_the_effective_batch(coeffs) -> None:
@@ -138,15 +138,35 @@ def test_padding_costs_speed_and_heavy_padding_goes_padding_free(coeffs) -> None
     assert share * 0.95 < tokens_per_s(gpu_bound, varied) / tokens_per_s(gpu_bound, equal) < share
     assert tokens_per_s(host_bound, varied) == pytest.approx(tokens_per_s(host_bound, equal))
     v, e = (planner.estimate(LLAMA8B, gpu_bound, gpu, coeffs, lengths=x) for x in (varied, equal))
-    assert v.total_gib == e.total_gib  # memory is for full sequences either way
-    setup = gpu_bound
-    skewed = ExampleLengths.of([100] * 9 + [2000])  # in micro-batches of 8, mostly padding
-    s = planner.estimate(LLAMA8B, dataclasses.replace(setup, micro_batch=8), gpu, coeffs, lengths=skewed)
-    assert s.batching == "padding-free" and s.non_padding_share < 0.3
-    times = {b: speed.data_micro_batch_s(LLAMA8B, s.setup, skewed, b, gpu, coeffs) for b in speed.BATCHINGS}
-    assert times["padding-free"] < times["padded"]
+    assert v.total_gib == e.total_gib  # memory is for the full token budget either way
+
+
+def test_packed_micro_batches_fill_the_budget_padded_ones_do_not(coeffs) -> None:
+    """Skewed lengths: padded micro-batches of 8 are mostly padding; packed ones fill most of the token budget,
+    so the plan packs and its speed is for real tokens filling that budget, its memory for the budget."""
+    from rigplan.estimator import speed
+
+    gpu = resolve_gpu("h100-sxm")
+    skewed = ExampleLengths.of([100] * 9 + [2000])
+    setup = Setup("lora", 16, 8, 2048, checkpointing="off")
+    packed, padded = (planner.estimate(LLAMA8B, setup, gpu, coeffs, lengths=skewed, batching=b)
+                      for b in ("packed", "padded"))
+    assert packed.fill > 0.9 and padded.fill < 0.3
+    assert packed.tokens_per_s > padded.tokens_per_s and packed.total_gib == padded.total_gib
+    assert 0.9 < speed.packing_fill(skewed, 8 * 2048, 2048) <= 1.0
     plan_ = planner.plan(LLAMA8B, gpu, coeffs, seq_len=2048, lengths=skewed).best
-    assert plan_.batching in ("padded", "padding-free") and 0 < plan_.non_padding_share <= 1
+    assert plan_.batching == "packed" and plan_.token_budget == plan_.micro_batch * plan_.seq_len
+    assert 0.9 < plan_.fill <= 1
+
+
+def test_packing_fill_and_attention_length() -> None:
+    from rigplan.estimator import speed
+
+    equal = ExampleLengths.of([512] * 10)
+    assert speed.packing_fill(equal, 2048, 2048) == pytest.approx(1.0, abs=0.03)  # the last one part full
+    assert speed.packing_fill(ExampleLengths.of([1100] * 10), 2048, 2048) == pytest.approx(1100 / 2048, rel=0.01)
+    assert speed.attention_length(ExampleLengths.of([100, 300]), 2048) == pytest.approx((100**2 + 300**2) / 400)
+    assert speed.attention_length(ExampleLengths.of([100, 3000]), 1000) == pytest.approx((100**2 + 1000**2) / 1100)
 
 
 def test_full_sequence_speed_overstated_a_recorded_run_of_short_examples(coeffs) -> None:
@@ -192,5 +212,6 @@ def test_short_examples_get_larger_micro_batches(coeffs) -> None:
     gpu = resolve_gpu("h100-sxm")
     full = planner.plan(LLAMA8B, gpu, coeffs, seq_len=4096, methods=("qlora",))
     short = planner.plan(LLAMA8B, gpu, coeffs, seq_len=4096, methods=("qlora",), lengths=ExampleLengths.equal(300))
-    assert short.best.micro_batch > full.best.micro_batch and short.best.example_tokens == 300
+    # examples per micro-batch: a packed budget holds many short ones
+    assert short.best.token_budget * short.best.fill / 300 > full.best.micro_batch and short.best.example_tokens == 300
     assert short.best.total_gib <= short.gpu_memory_gib * (1 - planner.SAFETY_MARGIN)

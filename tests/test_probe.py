@@ -42,7 +42,7 @@ def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
     model_dir = tmp_path / "tiny-qwen"
     build_replica(toy(resolve_model("qwen2.5-0.5b")), model_dir, dtype="float32")
     out = tmp_path / "probes.jsonl"
-    probe.main(["--job", f"{model_dir}@1:lora:8:2x32,1x64", "--engine", "hf", "--out", str(out)])
+    probe.main(["--job", f"{model_dir}@1:lora:8:2x32,1x64", "--engine", "transformers", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["batch"], r["seq"]) for r in rows] == [(2, 32), (1, 64)]
     for r in rows:

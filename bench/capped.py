@@ -1,0 +1,29 @@
+"""Run a rigplan command in a process held to a smaller card's memory, to test that card's plan on a big GPU:
+
+    python bench/capped.py 24 run MODEL --data FILE --gpu rtx-4090 ...
+
+torch.cuda.set_per_process_memory_fraction(GiB / the GPU's total) before the first allocation: the caching
+allocator then raises out-of-memory past it (shared/gpu/README.md). torch first is fine for Unsloth, which warns
+only when transformers, peft or trl came before it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    import torch
+
+    cap_gib = float(sys.argv[1])
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, 0)
+    print(f"capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
+    from rigplan.cli import main as cli
+
+    sys.argv = ["rigplan", *sys.argv[2:]]
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool, carry .gpu): `rigplan run` against its own plan on a full-depth Llama-3.1-8B
+# replica (issue 14). Data: bench/validation_data.py, 600 Alpaca examples of 60-1500 words (lognormal, seed 0).
+# Each case is a fresh `rigplan run` process; the plan it prints and writes (run_summary.json's "predicted") is
+# made before training starts. Cases (several per call):
+#   h200-lora, h200-qlora      the plan rigplan makes for the local H200
+#   4090-lora, 4090-qlora      the plan it makes for an RTX 4090, run with the process capped at 24 GiB
+#                              (bench/capped.py: torch.cuda.set_per_process_memory_fraction)
+# e.g. bash bench/record_h200_runs.sh h200-lora h200-qlora 4090-lora 4090-qlora
+set -uo pipefail
+mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+MODEL=${MODEL:-llama-3.1-8b}
+DIR=/tmp/replica-$MODEL
+if [ ! -f $DIR/config.json ]; then
+  python3 -c "
+from rigplan.calibration.replica import build_replica, reduced
+from rigplan.profiles.catalog import resolve_model
+import os
+layers = os.environ.get('LAYERS')
+build_replica(reduced(resolve_model('$MODEL'), int(layers) if layers else None), '$DIR', device='cuda')" || exit 1
+fi
+python3 bench/validation_data.py --out /tmp/data.jsonl --examples 600 --seed 0 | tee $OUT/data.json
+LOG=$OUT/runs.log
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
+for case in "$@"; do
+  gpu=${case%%-*}; method=${case#*-}
+  case "$gpu" in
+    h200) cmd=(python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --method $method) ;;
+    4090) cmd=(python3 bench/capped.py 24 run $DIR --data /tmp/data.jsonl --gpu rtx-4090 --method $method
+               --max-steps ${STEPS_4090:-10}) ;;
+    *) cmd=(python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu $gpu --method $method) ;;
+  esac
+  cmd+=(--out /tmp/run-$case --eval-fraction 0 --save-steps 10000 ${EXTRA:-})
+  echo "== $case: ${cmd[*]}" >>$LOG
+  t0=$SECONDS
+  "${cmd[@]}" >>$LOG 2>&1
+  echo "== $case exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+  if [ -f /tmp/run-$case/run_summary.json ]; then
+    python3 -c "
+import json, sys
+s = json.load(open('/tmp/run-$case/run_summary.json'))
+s['command'] = sys.argv[1]; s['data_command'] = 'python3 bench/validation_data.py --out data.jsonl --examples 600 --seed 0'
+s['plan'] = json.load(open('/tmp/run-$case/plan.json'))
+json.dump(s, open('$OUT/$case.json', 'w'), indent=2)
+m, p = s['measured'], s['predicted']
+print('$case', 'reserved', m['peak_reserved_gib'], 'vs', p['peak_reserved_gib'], 'tok/s', m['tokens_per_s'], 'vs', p['tokens_per_s'], 'nvml peak', m.get('nvml_peak_used_gib'))
+" "${cmd[*]}" | tee -a $LOG
+  fi
+done

@@ -1,0 +1,83 @@
+"""The planning service (rigplan/planning.py): the engine chosen in one place from profiles/known_issues.json, the
+Plan's round trip with its new fields, and the planning path's imports (never the trainer, calibration or torch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import sys
+
+from rigplan import planning
+from rigplan.estimator.plan import Plan
+from rigplan.profiles.catalog import resolve_model
+
+
+def test_engine_follows_known_issues() -> None:
+    """Unsloth fails on Gemma 2 (profiles/known_issues.json): its plans are transformers + PEFT plans."""
+    assert planning.choose_engine(resolve_model("gemma-2-9b")) == "transformers"
+    assert planning.choose_engine(resolve_model("llama-3.1-8b")) == "unsloth"
+    assert planning.choose_engine(resolve_model("phi-3.5-mini")) == "unsloth"  # slow there, not failing
+    d = planning.check("gemma-2-9b", "h100-sxm")
+    assert d["recommended"]["engine"] == "transformers" and "transformers + PEFT" in d["reason"]
+    assert planning.make_plan("gemma-2-9b", "h100-sxm").engine == "transformers"
+
+
+def test_transformers_engine_is_estimated_apart(coeffs) -> None:
+    """The same setup costs more step memory and more time on transformers + PEFT than on Unsloth, by the
+    factors measured on the recorded pairs (bench/engine_factors.py); weights are the same."""
+    import sys
+    from pathlib import Path
+
+    from rigplan.estimator import memory, planner, speed
+    from rigplan.estimator.plan import Setup
+    from rigplan.profiles.catalog import resolve_gpu
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import engine_factors
+
+    f = engine_factors.factors(engine_factors.pairs())
+    assert f["runs"] >= 6 and memory.TRANSFORMERS_STEP_MEMORY == pytest.approx(f["step_memory"], abs=0.01)
+    assert speed.TRANSFORMERS_SPEED == pytest.approx(f["speed"], abs=0.01)
+    model, gpu, setup = resolve_model("llama-3.1-8b"), resolve_gpu("h100-sxm"), Setup("lora", 16, 2, 2048)
+    un, tf = (planner.estimate(model, setup, gpu, coeffs, engine=e) for e in ("unsloth", "transformers"))
+    assert tf.components_bytes["base_weights"] == un.components_bytes["base_weights"]
+    assert tf.peak_reserved_gib > un.peak_reserved_gib and tf.tokens_per_s < un.tokens_per_s
+
+
+def test_plan_round_trips_with_engine_budget_and_band(tmp_path) -> None:
+    p = planning.make_plan("llama-3.1-8b", "rtx-4090", data_file=None)
+    assert p.engine == "unsloth" and p.batching == "packed" and p.token_budget == p.micro_batch * p.seq_len
+    assert 0 < p.tokens_per_s_low < p.tokens_per_s < p.tokens_per_s_high
+    assert Plan.from_json(p.to_json()) == p
+    data = json.loads(p.to_json())
+    data["surprise"] = 1
+    try:
+        Plan.from_json(json.dumps(data))
+    except ValueError as e:
+        assert "surprise" in str(e)
+    else:
+        raise AssertionError("an unknown field was accepted")
+
+
+def test_planning_loads_neither_trainer_calibration_nor_torch(tmp_path) -> None:
+    """check, estimate, plan and the plan a run trains, all through the planning service: none of them
+    imports rigplan.trainer, rigplan.calibration or torch."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": "w1 " * n, "output": "w2 " * (3 * n)})
+                              for n in range(10, 60)) + "\n")
+    code = f"""
+import sys
+from rigplan import planning
+planning.check("llama-3.1-8b", "rtx-4090", data_file={str(data)!r})
+planning.check("llama-3.1-8b", None)
+planning.estimate("llama-3.1-8b", "qlora", 1, 2048, 16, "h100-sxm")
+p = planning.make_plan("llama-3.1-8b", "h100-sxm", data_file={str(data)!r})
+planning.plan_for_run("llama-3.1-8b", "h100-sxm", {str(data)!r}, {{"micro_batch": 1}})
+bad = [m for m in sys.modules if m == "torch" or m.startswith(("rigplan.trainer", "rigplan.calibration",
+                                                              "torch.", "transformers"))]
+print(bad)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
