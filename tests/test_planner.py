@@ -200,10 +200,14 @@ def test_real_data_speed_matches_the_recorded_trainer_runs() -> None:
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     import data_speed
 
+    from rigplan.estimator.speed import GPU_BOUND_BAND, HOST_BOUND_BAND
+
     rows = [r for r in data_speed.rows() if r["current_trainer"] or r["part"].startswith("bare")]
     assert len(rows) >= 10 and any(not r["host_bound"] for r in rows)
     for r in rows:
         assert abs(r["error"]) <= (HOST_BOUND_ERROR if r["host_bound"] else 0.15), r
+        low, high = HOST_BOUND_BAND if r["host_bound"] else GPU_BOUND_BAND
+        assert low <= r["measured"] / r["predicted"] <= high, r  # the band check states
     unseen = [r for r in rows if int(r["file"].split("-")[1][2:]) >= 11]
     assert len(unseen) >= 6 and all(abs(r["error"]) <= 0.15 for r in unseen)
 

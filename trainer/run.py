@@ -264,6 +264,14 @@ class _Guard:
         tokens = float(self.step_tokens[-1]) - float(self.step_tokens[w])
         return round(tokens / (self.step_times[-1] - self.step_times[w]), 1)
 
+    def eta_s(self, steps_left: int) -> float | None:
+        """Seconds left at this run's own pace since the warm-up steps (the first ones compile; the plan's
+        predicted speed is not used: host-bound speeds differ between machines)."""
+        w, n = self.warmup, len(self.step_times)
+        if n - w < 2:
+            return None
+        return steps_left * (self.step_times[-1] - self.step_times[w]) / (n - 1 - w)
+
     def handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum  # acted on at the end of the current step: save, then stop
 
@@ -311,6 +319,9 @@ class _Guard:
                 elapsed = time.perf_counter() - guard.t0
                 if "loss" in logs and elapsed:  # shown in the progress lines (this callback runs first)
                     logs["tokens_per_s"] = round(float(guard.tokens) / elapsed, 1)
+                    eta = guard.eta_s(state.max_steps - state.global_step)
+                    if eta is not None:
+                        logs["eta_min"] = round(eta / 60, 1)
                 row = {"step": state.global_step, "epoch": state.epoch, **logs}
                 with (guard.out_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
