@@ -65,7 +65,7 @@ def test_learns_the_synthetic_task(model_dir, data_file, tmp_path) -> None:
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 48 and json.loads(lines[0])["tokens_per_s"] > 0
-    etas = [r["eta_min"] for r in map(json.loads, lines) if "eta_min" in r]  # the run's own pace after warm-up
+    etas = [r["eta_s"] for r in map(json.loads, lines) if "eta_s" in r]  # the run's own pace after warm-up
     assert len(etas) > 40 and etas[-1] == 0.0 and etas[0] > etas[-1]
 
 

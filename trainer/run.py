@@ -321,7 +321,7 @@ class _Guard:
                     logs["tokens_per_s"] = round(float(guard.tokens) / elapsed, 1)
                     eta = guard.eta_s(state.max_steps - state.global_step)
                     if eta is not None:
-                        logs["eta_min"] = round(eta / 60, 1)
+                        logs["eta_s"] = round(eta, 2)
                 row = {"step": state.global_step, "epoch": state.epoch, **logs}
                 with (guard.out_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
