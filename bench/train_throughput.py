@@ -66,21 +66,22 @@ def bare(plan, args: argparse.Namespace) -> dict:
     warm-up rule; the clock read after a sync. No clipping, scheduler, logging or callbacks."""
     import torch
 
+    from rigplan.trainer.batching import PackedCollator
     from rigplan.trainer.engine import import_engine, load
     from rigplan.trainer.run import WARMUP_STEPS, RunOptions, prepare_data
 
-    import_engine(args.engine)
+    import_engine(plan.engine)
     from transformers import AutoTokenizer, set_seed
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     tok = AutoTokenizer.from_pretrained(plan.model_path)
-    prepared = prepare_data(plan, tok, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), eval_fraction=0.0,
-                                                  batching=args.batching))
-    padding_free = prepared.report["batching"] == "padding-free"
-    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
-                                              else tok.eos_token_id, padding_free=padding_free)
+    prepared = prepare_data(plan, tok, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), eval_fraction=0.0))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    collate = (PackedCollator(pad) if plan.batching == "packed"
+               else DataCollatorForLanguageModeling(pad_token_id=pad))
+    micro = 1 if plan.batching == "packed" else plan.micro_batch  # dataset rows per micro-batch
     set_seed(plan.seed)
-    model, _ = load(plan, args.engine)
+    model, _ = load(plan)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = torch.cuda.is_available()
@@ -97,7 +98,7 @@ def bare(plan, args: argparse.Namespace) -> dict:
 
     # The trainer's order: accelerate's SeedableRandomSampler, a torch.randperm seeded with data_seed (the
     # plan's seed) plus the epoch (accelerate/data_loader.py:91-103).
-    rows, per_step = prepared.train, plan.micro_batch * plan.grad_accum
+    rows, per_step = prepared.train, micro * plan.grad_accum
     n_steps = args.steps if args.steps > 0 else -(-len(rows) // per_step)
     steps: list[list[int]] = []  # example indices of each optimizer step
     for epoch in range(-(-n_steps * per_step // len(rows))):
@@ -110,8 +111,7 @@ def bare(plan, args: argparse.Namespace) -> dict:
     tokens, times, step_tokens = 0, [], []
     t_start = time.perf_counter()
     for i, step in enumerate(steps):
-        batches = [collate([rows[j] for j in step[k:k + plan.micro_batch]])
-                   for k in range(0, len(step), plan.micro_batch)]
+        batches = [collate([rows[j] for j in step[k:k + micro]]) for k in range(0, len(step), micro)]
         tokens += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                       for b in batches)
         # Pinned, non-blocking copies, as the trainer's on Unsloth (unsloth/models/_utils.py:414-434): a
@@ -144,7 +144,10 @@ def part(args: argparse.Namespace) -> dict:
     """One measurement, in this process."""
     from rigplan.estimator.plan import Plan
 
+    import dataclasses
+
     plan = Plan.from_json(Path(args.plan).read_text())
+    plan = dataclasses.replace(plan, engine=args.engine, batching=args.batching)
     kind = args.part.split("@")[0]  # rigplan@2: a second run of the same part, to see run-to-run spread
     if kind == "bare":
         return bare(plan, args)
@@ -160,7 +163,7 @@ def part(args: argparse.Namespace) -> dict:
     if kind.startswith("rigplan-"):
         trainer_variant(kind.split("-")[1:])
     s = train(plan, RunOptions(data=Path(args.data), out_dir=Path(args.run_dir), max_steps=args.steps or -1,
-                               save_steps=10_000, eval_fraction=0.0, engine=args.engine, batching=args.batching))
+                               save_steps=10_000, eval_fraction=0.0))
     report = json.loads((Path(args.run_dir) / "data_report.json").read_text())
     return {"part": args.part, "status": s["status"], "steps": s["global_step"], "batching": report["batching"],
             **s["measured"], "first_loss": s["first_loss"], "final_loss": s["final_loss"], "predicted": s["predicted"]}
@@ -262,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="in this order (the HF engine's parts, the slowest, last); hf-plain: the HF baseline, "
                         "transformers + PEFT with transformers' own loss (full logits); hf: the same with TRL "
                         "1.15's chunked LM head")
-    p.add_argument("--batching", choices=["auto", "padded", "padding-free"], default="auto",
-                   help="as rigplan run --batching, in every part")
+    p.add_argument("--batching", choices=["auto", "packed", "padded"], default="auto",
+                   help="as rigplan run --batching, in rigplan's and the bare loop's parts (auto: the plan's)")
+    p.add_argument("--baseline-batching", choices=["packed", "padded"], default="padded",
+                   help="the HF baseline's parts (hf-plain, hf): padded micro-batches, as plain TRL trains")
+    p.add_argument("--data-file", type=Path, help="train on this file instead of generating one")
     p.add_argument("--out", type=Path, default=Path("bench/throughput"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a toy-sized replica")
     p.add_argument("--profile", action="store_true",
@@ -321,14 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = (int(x) for x in (args.lengths or (TINY_LENGTHS if args.tiny else DEFAULT_LENGTHS)).split("-"))
         lengths = (lo, hi)
     data = out / "data.jsonl"
-    make_data(data, args.examples, lengths)
+    if args.data_file:
+        data = args.data_file
+    else:
+        make_data(data, args.examples, lengths)
     # QLoRA needs CUDA (bitsandbytes): a CPU smoke test plans LoRA.
     changes = {"method": args.method if cuda else "lora"}
-    plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, changes)
+    from rigplan.trainer.engine import count_tokens
+
+    counted = count_tokens(str(model_dir), data)
+    plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, changes, counted=counted)
     if args.micro_batch:  # re-planned with the change, so the prediction is for the data's lengths too
         changes.update(micro_batch=args.micro_batch,
                        grad_accum=max(1, plan.micro_batch * plan.grad_accum // args.micro_batch))
-        plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, changes)
+        plan = check.plan_for_run(str(model_dir), args.plan_gpu, data, changes, counted=counted)
     (out / "plan.json").write_text(plan.to_json())
     from rigplan.calibration.probe import provenance
 
@@ -336,10 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance()
     # Every part gets the same batches: auto is settled once, as the plan made it for rigplan's engine (the
     # trainer's auto rule differs between engines: trainer/run.py).
-    batching = plan.batching if args.batching == "auto" and plan.batching else args.batching
     for name in args.parts.split(","):
         kind = name.split("@")[0]
-        engine = "unsloth" if cuda and (kind in ("rigplan", "bare") or kind.startswith("rigplan-")) else "hf"
+        ours = kind in ("rigplan", "bare") or kind.startswith("rigplan-")
+        engine = "unsloth" if cuda and ours else "transformers"
+        batching = (plan.batching if args.batching == "auto" else args.batching) if ours else args.baseline_batching
         cmd = [sys.executable, __file__, *(["--profile"] if args.profile else []), "--part", name, "--plan", str(out / "plan.json"), "--data", str(data),
                "--run-dir", str(out / f"run-{name}"), "--engine", engine, "--steps", str(args.steps),
                "--batching", batching]
