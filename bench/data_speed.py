@@ -49,7 +49,9 @@ def rows() -> list[dict]:
         for part, r in parts.items():  # rigplan, bare, and repeats of either (rigplan@2)
             if part.split("@")[0] not in ("rigplan", "bare") or not r.get("tokens_per_s"):
                 continue
-            batching = r.get("batching") or data.get("batching") or "padded"  # as the run laid them out
+            # as the run laid them out: these runs padded micro-batches of examples in random order
+            batching = {"padded": "random-padded"}.get(r.get("batching") or data.get("batching") or "padded",
+                                                        r.get("batching") or data.get("batching"))
             timed, real, share = speed.data_micro_batch(setup, lengths, batching)
             mean = real / setup.micro_batch
             predicted = real / speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)

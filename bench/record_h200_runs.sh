@@ -6,6 +6,7 @@
 #   h200-lora, h200-qlora      the plan rigplan makes for the local H200
 #   4090-lora, 4090-qlora      the plan it makes for an RTX 4090, run with the process capped at 24 GiB
 #                              (bench/capped.py: torch.cuda.set_per_process_memory_fraction)
+#   h200-lora+packed           a case with a layout override (rigplan run --batching packed)
 # e.g. bash bench/record_h200_runs.sh h200-lora h200-qlora 4090-lora 4090-qlora
 set -uo pipefail
 mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
@@ -25,14 +26,15 @@ python3 bench/validation_data.py --out /tmp/data.jsonl --examples 600 --seed 0 |
 LOG=$OUT/runs.log
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 for case in "$@"; do
-  gpu=${case%%-*}; method=${case#*-}
+  gpu=${case%%-*}; method=${case#*-}; layout=
+  case "$method" in *+*) layout="--batching ${method#*+}"; method=${method%%+*} ;; esac
   case "$gpu" in
     h200) cmd=(python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --method $method) ;;
     4090) cmd=(python3 bench/capped.py 24 run $DIR --data /tmp/data.jsonl --gpu rtx-4090 --method $method
                --max-steps ${STEPS_4090:-10}) ;;
     *) cmd=(python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu $gpu --method $method) ;;
   esac
-  cmd+=(--out /tmp/run-$case --eval-fraction 0 --save-steps 10000 ${EXTRA:-})
+  cmd+=(--out /tmp/run-$case --eval-fraction 0 --save-steps 10000 $layout ${EXTRA:-})
   echo "== $case: ${cmd[*]}" >>$LOG
   t0=$SECONDS
   "${cmd[@]}" >>$LOG 2>&1

@@ -132,8 +132,24 @@ def loss_sets_peak(parts: dict[str, int]) -> bool:
 TRANSFORMERS_STEP_MEMORY = 1.93
 
 
+# Packed micro-batches (examples back to back, trainer/batching.py) run Unsloth's decoder layers uncompiled
+# (unsloth/models/_block_compile.py skips blocks given packed sequence lengths), which keeps more of each layer's
+# tensors than the compiled path the coefficients were fitted on: a fixed part and a part per token per layer per
+# hidden unit, least squares on the four packed runs of bench/results/h200-runs/ (Llama-3.1-8B, LoRA and QLoRA,
+# budgets of 1,280-10,240 tokens, no checkpointing; H200, 2026-11-30).
+PACKED_FIXED_BYTES = int(0.889 * 2**30)
+PACKED_PER_HIDDEN = 1.81
+
+
+def packed_uncompiled_bytes(model: ModelSpec, setup: Setup, batching: str) -> int:
+    """What Unsloth's uncompiled layers hold beyond the compiled ones, for packed micro-batches only."""
+    if batching != "packed":
+        return 0
+    return int(PACKED_FIXED_BYTES + PACKED_PER_HIDDEN * setup.tokens * model.num_hidden_layers * model.hidden_size)
+
+
 def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
-                     engine: str = "unsloth") -> dict[str, int]:
+                     engine: str = "unsloth", batching: str = "padded") -> dict[str, int]:
     """Every memory term of one configuration; the one place they are added up."""
     parts = {
         "base_weights": base_weights_bytes(model, setup.method),
@@ -146,6 +162,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         "recompute_transient": recompute_transient_bytes(model, setup, coeffs),
         "logits_loss": logits_bytes(model, setup, coeffs),
         "dequant_buffer": dequant_buffer_bytes(model, setup),
+        "packed_uncompiled": packed_uncompiled_bytes(model, setup, batching) if engine == "unsloth" else 0,
     }
     # The peak is the larger of the two phases; this term is how far the loss's exceeds the backward's.
     parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts, coeffs) - backward_phase_bytes(parts))
@@ -159,7 +176,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
 
 # Allocated during a step and freed after it; the rest is loaded once (weights and adapters).
 STEP_TERMS = ("lora_grads", "optimizer_state", "step_overhead", "activations_kept", "recompute_transient",
-              "logits_loss", "dequant_buffer", "loss_over_backward")
+              "logits_loss", "dequant_buffer", "packed_uncompiled", "loss_over_backward")
 
 
 def step_bytes(parts: dict[str, int]) -> int:
@@ -176,7 +193,7 @@ def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
 
 ALLOCATED_TERMS = ("base_weights", "lora_weights", "lora_grads", "optimizer_state", "loaded_overhead",
                    "step_overhead", "activations_kept", "recompute_transient", "logits_loss", "dequant_buffer",
-                   "loss_over_backward")
+                   "packed_uncompiled", "loss_over_backward")
 
 
 def peak_allocated_bytes(parts: dict[str, int]) -> int:

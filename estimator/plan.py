@@ -16,12 +16,12 @@ Checkpointing = Literal["unsloth", "off"]
 # The library that loads the model and attaches the adapters: Unsloth's FastLanguageModel, or plain
 # transformers + PEFT (+ bitsandbytes for QLoRA), for families Unsloth fails on and for machines without CUDA.
 Engine = Literal["unsloth", "transformers"]
-# How the trainer lays out a micro-batch: 'packed' puts whole examples back to back in one row of at most
-# token_budget tokens (each example attends only to itself); 'padded' stacks micro_batch examples padded to the
-# longest of them.
-Batching = Literal["packed", "padded"]
+# How the trainer lays out a micro-batch (trainer/batching.py): 'padded' stacks micro_batch examples of similar
+# length padded to the longest of them; 'packed' puts whole examples back to back in one row of at most
+# token_budget tokens (each example attends only to itself).
+Batching = Literal["padded", "packed"]
 ENGINES: tuple[Engine, ...] = ("unsloth", "transformers")
-BATCHINGS: tuple[Batching, ...] = ("packed", "padded")
+BATCHINGS: tuple[Batching, ...] = ("padded", "packed")
 
 # 2: engine and token_budget; batching 'packed' or 'padded'.
 PLAN_SCHEMA_VERSION = 2
@@ -137,9 +137,9 @@ class Plan:
     such speeds stray by up to estimator.speed.HOST_BOUND_ERROR."""
     example_tokens: float = 0.0
     """Mean tokens per example of the data the speed is for; 0: full micro_batch x seq_len micro-batches."""
-    batching: Batching = "packed"
-    """'packed': whole examples back to back in rows of at most token_budget tokens, each attending only to
-    itself; 'padded': micro_batch examples padded to the longest of them."""
+    batching: Batching = "padded"
+    """'padded': micro_batch examples of similar length (sorted by length) padded to the longest of them;
+    'packed': whole examples back to back in rows of at most token_budget tokens, each attending only to itself."""
     token_budget: int = 0
     """Most tokens in one micro-batch, padding included: the shape memory is predicted for, and the bound the
     trainer's micro-batches keep (micro_batch x seq_len)."""

@@ -46,9 +46,9 @@ class Estimate:
     host_bound: bool = False
     example_tokens: float | None = None
     """Mean tokens per example the speed is for (None: full micro_batch x seq_len micro-batches)."""
-    batching: Batching = "packed"
-    """How the trainer lays out micro-batches: 'packed' (examples back to back within the token budget) or
-    'padded'."""
+    batching: Batching = "padded"
+    """How the trainer lays out micro-batches: 'padded' (micro_batch length-sorted examples, padded) or
+    'packed' (examples back to back within the token budget)."""
     fill: float | None = None
     """Expected share of the token budget real tokens fill (None: no data, full micro-batches)."""
     engine: Engine = "unsloth"
@@ -97,14 +97,14 @@ def validate(model: ModelSpec, setup: Setup) -> None:
 
 def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
              gpu_memory_gib: float | None = None, lengths: ExampleLengths | None = None,
-             batching: Batching = "packed", engine: Engine = "unsloth") -> Estimate:
+             batching: Batching = "padded", engine: Engine = "unsloth") -> Estimate:
     """Memory and speed of one configuration (what `rigplan estimate` prints). Memory is for full micro-batches
     (the token budget, micro_batch x seq_len: packed micro-batches reach it); speed, given the data's example
     lengths, for the micro-batches that data makes laid out as `batching` says (speed.data_micro_batch), else
     for full ones. On the transformers engine both are scaled by the factors measured against Unsloth
     (memory.transformers_engine_bytes, speed.TRANSFORMERS_SPEED)."""
     validate(model, setup)
-    parts = memory.components_bytes(model, setup, coeffs, engine)
+    parts = memory.components_bytes(model, setup, coeffs, engine, batching)
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
     if lengths is None:
@@ -164,21 +164,26 @@ def grad_accum_for(effective_batch: int, micro_batch: int, seq_len: int, lengths
 
 def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
                 methods: tuple[Method, ...], ranks: tuple[int, ...], checkpointing: tuple[Checkpointing, ...],
-                limit: float, lengths: ExampleLengths | None = None, batching: Batching = "packed",
+                limit: float, lengths: ExampleLengths | None = None,
+                batchings: tuple[Batching, ...] = ("padded", "packed"),
                 engine: Engine = "unsloth") -> list[Estimate]:
-    """Every method x rank x checkpointing x token budget (micro_batch sequences of seq_len) up to the one
-    that holds the effective batch's examples in one micro-batch."""
+    """Every method x rank x checkpointing x layout x token budget (micro_batch sequences of seq_len) up to the
+    one that holds the effective batch's examples in one micro-batch. Without the data's lengths only padded
+    (full sequences) is timed."""
+    if lengths is None:
+        batchings = ("padded",)
     out = []
     for method in methods:
         for rank in ranks:
             for ckpt in checkpointing:
-                for micro in MICRO_BATCHES:
-                    accum = grad_accum_for(effective_batch, micro, seq_len, lengths, batching)
-                    setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
-                                  grad_accum=accum, checkpointing=ckpt)
-                    out.append(estimate(model, setup, gpu, coeffs, limit, lengths, batching, engine))
-                    if accum == 1:  # a larger budget would hold more than a whole step's examples
-                        break
+                for layout in batchings:
+                    for micro in MICRO_BATCHES:
+                        accum = grad_accum_for(effective_batch, micro, seq_len, lengths, layout)
+                        setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
+                                      grad_accum=accum, checkpointing=ckpt)
+                        out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, engine))
+                        if accum == 1:  # a larger budget would hold more than a whole step's examples
+                            break
     return out
 
 
@@ -195,8 +200,8 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
          effective_batch: int = DEFAULT_EFFECTIVE_BATCH, methods: tuple[Method, ...] = ("lora", "qlora"),
          ranks: tuple[int, ...] = RANKS, checkpointing: tuple[Checkpointing, ...] = ("unsloth", "off"),
          gpu_memory_gib: float | None = None, model_path: str | None = None, num_gpus: int = 1,
-         alternatives: int = 4, lengths: ExampleLengths | None = None, batching: Batching = "packed",
-         engine: Engine = "unsloth") -> PlanResult:
+         alternatives: int = 4, lengths: ExampleLengths | None = None,
+         batchings: tuple[Batching, ...] = ("padded", "packed"), engine: Engine = "unsloth") -> PlanResult:
     """The fastest configuration that fits with SAFETY_MARGIN, preferring 16-bit LoRA when it fits; if
     nothing fits at seq_len, the longest shorter sequence that does, said in the reason. Memory must fit the
     token budget (micro_batch x seq_len), which packed micro-batches reach; speed is ranked on the data's
@@ -211,7 +216,7 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     seq = seq_len
     while True:
         cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit,
-                            lengths, batching, engine)
+                            lengths, batchings, engine)
         fitting = [c for c in cands if c.fits]
         if fitting or seq // 2 < MIN_SEQ_LEN:
             break

@@ -146,7 +146,7 @@ REAL_DATA_HOST = 1.3
 # Unsloth's checkpointing the padded path is no faster on the host (h100-tp3-{lora,qlora}-mb{1,2}.json).
 BACK_TO_BACK_GPU = 0.76
 BACK_TO_BACK_HOST = 2.25
-DATA_BATCHINGS = ("packed", "padded", "padding-free")
+DATA_BATCHINGS = ("packed", "padded", "random-padded", "padding-free")
 # The transformers + PEFT engine's speed as a share of Unsloth's on the same plan and data (the runs named at
 # memory.TRANSFORMERS_STEP_MEMORY; bench/engine_factors.py): their median.
 TRANSFORMERS_SPEED = 0.61
@@ -191,11 +191,28 @@ def attention_length(lengths: ExampleLengths, seq_len: int) -> float:
     return sum(n * n for n in cut) / sum(cut)
 
 
+# The trainer pads a padded micro-batch to its longest example rounded up to this many tokens
+# (trainer/batching.py PAD_MULTIPLE), never past seq_len.
+PAD_MULTIPLE = 64
+
+
+def grouped_lengths(lengths: ExampleLengths, seq_len: int) -> dict[int, int]:
+    """Padded micro-batches of length-sorted examples (trainer/batching.py): each example's micro-batch is padded
+    to about its own length rounded up to PAD_MULTIPLE; as {padded length: sample points}."""
+    out: dict[int, int] = {}
+    for n in lengths.tokens:
+        padded = min(seq_len, -(-min(n, seq_len) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        out[padded] = out.get(padded, 0) + 1
+    return out
+
+
 def data_micro_batch(setup: Setup, lengths: ExampleLengths, batching: str) -> tuple[Setup, float, float]:
     """The micro-batch the data makes: the shape whose time it takes (tokens computed, and the sequence length
     attention sees), the real tokens in it, and the share of its tokens that are real. packed: the budget
-    (micro_batch x seq_len) filled to packing_fill; padded: micro_batch x the expected longest example;
-    padding-free: micro_batch examples back to back."""
+    (micro_batch x seq_len) filled to packing_fill; padded: micro_batch length-sorted examples padded to about
+    their own length (grouped_lengths; timed per length in data_micro_batch_s); random-padded (runs recorded
+    before grouping) and padding-free: micro_batch examples drawn at random, padded to the longest or back to
+    back."""
     mean, budget = lengths.mean(setup.seq_len), setup.tokens
     if batching == "packed":
         real = budget * packing_fill(lengths, budget, setup.seq_len)
@@ -203,8 +220,13 @@ def data_micro_batch(setup: Setup, lengths: ExampleLengths, batching: str) -> tu
         # Timed as real / attn sequences of attn tokens: the real tokens, attention over each example's own.
         timed = dataclasses.replace(setup, micro_batch=1, seq_len=max(1, round(attn)))
         return _with_tokens(timed, real), real, real / budget
+    if batching == "padded":
+        groups = grouped_lengths(lengths, setup.seq_len)
+        padded = sum(length * k for length, k in groups.items()) / sum(groups.values())
+        timed = dataclasses.replace(setup, seq_len=max(1, round(padded)))
+        return timed, setup.micro_batch * mean, mean / padded
     longest = lengths.longest_of(setup.micro_batch, setup.seq_len)
-    timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "padded" else mean)))
+    timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "random-padded" else mean)))
     return timed, setup.micro_batch * mean, mean / longest
 
 
@@ -215,11 +237,21 @@ def _with_tokens(setup: Setup, tokens: float) -> Setup:
 
 def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, batching: str, gpu: GpuSpec,
                        coeffs: Coefficients) -> float:
-    """Seconds for one micro-batch of real data, laid out as `batching` says (the factors above)."""
+    """Mean seconds for one micro-batch of real data, laid out as `batching` says (the factors above); padded
+    micro-batches timed at each length they are padded to."""
+    if batching == "padded":
+        groups = grouped_lengths(lengths, setup.seq_len)
+        total = sum(k * _timed_s(model, dataclasses.replace(setup, seq_len=length), batching, gpu, coeffs)
+                    for length, k in groups.items())
+        return total / sum(groups.values())
     timed, _, _ = data_micro_batch(setup, lengths, batching)
+    return _timed_s(model, timed, batching, gpu, coeffs)
+
+
+def _timed_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
     gpu_time, floor = gpu_s(model, timed, gpu, coeffs), host_floor_s(model, timed, coeffs) * REAL_DATA_HOST
     if batching in ("packed", "padding-free"):
         gpu_time /= BACK_TO_BACK_GPU
-        if setup.checkpointing != "unsloth":
+        if timed.checkpointing != "unsloth":
             floor *= BACK_TO_BACK_HOST / REAL_DATA_HOST
     return max(gpu_time, floor)

@@ -48,7 +48,7 @@ def test_transformers_engine_is_estimated_apart(coeffs) -> None:
 
 def test_plan_round_trips_with_engine_budget_and_band(tmp_path) -> None:
     p = planning.make_plan("llama-3.1-8b", "rtx-4090", data_file=None)
-    assert p.engine == "unsloth" and p.batching == "packed" and p.token_budget == p.micro_batch * p.seq_len
+    assert p.engine == "unsloth" and p.batching == "padded" and p.token_budget == p.micro_batch * p.seq_len
     assert 0 < p.tokens_per_s_low < p.tokens_per_s < p.tokens_per_s_high
     assert Plan.from_json(p.to_json()) == p
     data = json.loads(p.to_json())

@@ -156,8 +156,10 @@ def test_dry_run_prints_plan_and_data_report(model_dir, data_file, tmp_path) -> 
 def test_gradient_accumulation_keeps_the_loss_scale(model_dir, data_file, tmp_path) -> None:
     """8 sequences as 1 x 8 or as 4 x 2 with accumulation: the same first step, the same loss (a per-micro-
     batch mean summed over accumulation once logged 4 x the true loss on CPU)."""
-    one = train(plan_for(model_dir), RunOptions(data=data_file, out_dir=tmp_path / "a", max_steps=1))
-    acc = train(plan_for(model_dir, micro_batch=2, grad_accum=4), RunOptions(data=data_file, out_dir=tmp_path / "b",
+    eight = tmp_path / "eight.jsonl"  # one step holds them all, however they are grouped into micro-batches
+    eight.write_text("\n".join(data_file.read_text().splitlines()[:8]) + "\n")
+    one = train(plan_for(model_dir), RunOptions(data=eight, out_dir=tmp_path / "a", max_steps=1))
+    acc = train(plan_for(model_dir, micro_batch=2, grad_accum=4), RunOptions(data=eight, out_dir=tmp_path / "b",
                                                                             max_steps=1))
     assert acc["first_loss"] == pytest.approx(one["first_loss"], rel=1e-3)
 
@@ -378,7 +380,7 @@ def test_a_run_plan_counts_tokens_with_the_models_tokenizer(model_dir, varied_fi
     counted = prepare_data(p, AutoTokenizer.from_pretrained(str(model_dir)),
                            RunOptions(data=varied_file, out_dir=model_dir / "unused", eval_fraction=0.0)).report
     assert p.example_tokens == pytest.approx(counted["tokens"] / counted["examples"], abs=0.1)
-    assert p.batching == "packed" and 0 < p.fill <= 1 and p.token_budget == p.micro_batch * p.seq_len
+    assert p.batching in ("padded", "packed") and 0 < p.fill <= 1 and p.token_budget == p.micro_batch * p.seq_len
     assert counted["micro_batch_tokens_max"] <= p.token_budget
     with pytest.raises(DataError, match="line 2"):
         bad = model_dir / "bad.jsonl"
@@ -413,9 +415,10 @@ def test_early_stopping_keeps_the_best_adapter(model_dir, tmp_path) -> None:
     rows = runlib.prepare_data(plan, AutoTokenizer.from_pretrained(tmp_path / "o" / "adapter"), opts).eval
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                       tmp_path / "o" / "adapter").eval()
+    ids = [x for r in rows for x in r["input_ids"]]  # padded micro-batches of equal-length examples
+    labels = [x for r in rows for x in r["labels"]]
     with torch.no_grad():
-        loss = model(input_ids=torch.tensor([r["input_ids"] for r in rows]),
-                     labels=torch.tensor([r["labels"] for r in rows])).loss.item()
+        loss = model(input_ids=torch.tensor(ids), labels=torch.tensor(labels)).loss.item()
     assert loss == pytest.approx(best, rel=1e-5)
 
 

@@ -1,12 +1,16 @@
-"""Micro-batches within the plan's token budget: whole examples packed back to back in one row.
+"""Micro-batches within the plan's token budget (Plan.budget, micro_batch x seq_len), laid out two ways.
 
-The plan sets a token budget (Plan.budget, micro_batch x seq_len) that its memory is predicted for; every
-micro-batch this module makes holds at most that many tokens, so the plan's peak is one the run reaches and
-never passes. Examples never attend to each other: position_ids restart at 0 at each example, which Unsloth
-and transformers read as example boundaries (attention within each example), and the first token of each
-example carries no label, so no loss term predicts one example from another's last token.
-The packing is best-fit decreasing (as TRL's "bfd" strategy), deterministic; the Trainer's seeded sampler then
-shuffles the micro-batches each epoch, which `--resume` replays. Imports torch only inside the collator.
+- 'padded': micro_batch examples of similar length (sorted by length, then cut into groups), padded to the
+  longest of them rounded up to PAD_MULTIPLE. Shapes repeat, so Unsloth runs its compiled decoder blocks
+  (it compiles them only for padded micro-batches: unsloth/models/_block_compile.py), and the group of the
+  longest examples reaches the budget, so the plan's peak is one the run reaches.
+- 'packed': whole examples back to back in one row of at most the budget (best-fit decreasing, as TRL's "bfd"),
+  position_ids restarting at each example, which Unsloth and transformers read as example boundaries
+  (attention within each example), and the first token of each example carries no label, so no loss term
+  predicts one example from another's last token. Unsloth runs these uncompiled.
+
+Each dataset row is one micro-batch, made once and deterministically; the Trainer's seeded sampler shuffles the
+micro-batches each epoch, which `--resume` replays. Imports torch only inside the collators.
 """
 
 from __future__ import annotations
@@ -16,6 +20,47 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE = -100  # transformers' ignore_index for labels that carry no loss
+# Padded micro-batches are padded to a multiple of this many tokens (as TRL's pad_to_multiple_of): fewer
+# distinct shapes for compiled kernels to specialise on, for a few per cent of padding at most.
+PAD_MULTIPLE = 64
+
+
+def padded_length(longest: int, seq_len: int) -> int:
+    """The length a padded micro-batch is padded to: its longest example rounded up to PAD_MULTIPLE, at most
+    seq_len (every example is cut to seq_len first)."""
+    return min(seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def group(lengths: list[int], micro_batch: int) -> list[list[int]]:
+    """Indices of the examples in each padded micro-batch: longest first, micro_batch at a time, so that each
+    micro-batch's examples are of similar length. Deterministic: ties go by index."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+
+
+def grouped_rows(rows: list[dict[str, list[int]]], micro_batch: int) -> list[dict[str, list[list[int]]]]:
+    """One row per padded micro-batch: its examples' input_ids and labels, unpadded (the collator pads)."""
+    return [{"input_ids": [rows[i]["input_ids"] for i in g], "labels": [rows[i]["labels"] for i in g]}
+            for g in group([len(r["input_ids"]) for r in rows], micro_batch)]
+
+
+@dataclass
+class PaddedCollator:
+    """Collates one grouped row (per_device_train_batch_size 1) into [k, L] tensors: input_ids padded on the
+    right with pad_token_id, labels with IGNORE, and the attention mask; L = padded_length(longest, seq_len)."""
+
+    pad_token_id: int
+    seq_len: int
+
+    def __call__(self, features: list[dict[str, list[list[int]]]]) -> dict[str, Any]:
+        import torch
+
+        ids = [x for f in features for x in f["input_ids"]]
+        labels = [x for f in features for x in f["labels"]]
+        length = padded_length(max(len(x) for x in ids), self.seq_len)
+        return {"input_ids": torch.tensor([x + [self.pad_token_id] * (length - len(x)) for x in ids]),
+                "labels": torch.tensor([x + [IGNORE] * (length - len(x)) for x in labels]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in ids])}
 
 
 def pack(lengths: list[int], budget: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from rigplan import data as datalib
 from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
-from rigplan.trainer.batching import PackedCollator, packed_rows
+from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
 
 # Hold out 5% for evaluation once a dataset has this many examples (fewer: every example trains).
 EVAL_MIN_EXAMPLES = 200
@@ -87,8 +87,8 @@ def check_out_dir(opts: RunOptions) -> None:
 
 def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
     """Validate every record (stop with line numbers unless skip_bad), tokenize, handle overlong examples,
-    split off the eval set, report lengths, and lay out the micro-batches as the plan says: packed within its
-    token budget (trainer/batching.py), or padded micro_batch examples at a time."""
+    split off the eval set, report lengths, and lay out the micro-batches as the plan says (trainer/batching.py):
+    padded groups of micro_batch examples of similar length, or packed rows within the token budget."""
     fmt, good, issues = datalib.validate(opts.data)
     if issues and not opts.skip_bad:
         raise DataError(datalib.issues_message(opts.data, issues))
@@ -124,18 +124,21 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
         "length_max": max(lengths), "seq_len": plan.seq_len, "overlong": overlong,
         "overlong_share": round(overlong / len(lengths), 4), "overlong_action": opts.overlong,
     }
-    padded_share = non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed)
+    real = sum(len(r["input_ids"]) for r in train_rows)
+    random_fill = non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed)
     if plan.batching == "packed":
-        real = sum(len(r["input_ids"]) for r in train_rows)
         train_rows, eval_rows = packed_rows(train_rows, plan.budget), packed_rows(eval_rows, plan.budget)
-        sizes = [len(r["input_ids"]) for r in train_rows]
-        report.update(batching="packed", token_budget=plan.budget, micro_batches=len(train_rows),
-                      micro_batch_tokens_max=max(sizes), fill=round(real / (len(train_rows) * plan.budget), 4),
-                      examples_per_micro_batch=round(report["train_examples"] / len(train_rows), 2))
+        computed = len(train_rows) * plan.budget  # rows are at most the budget; fill counts it whole
     else:
-        report.update(batching="padded", token_budget=plan.budget,
-                      micro_batches=-(-len(train_rows) // plan.micro_batch), fill=padded_share)
-    report["padded_fill"] = padded_share  # had micro_batch examples been padded together
+        train_rows = grouped_rows(train_rows, plan.micro_batch)
+        eval_rows = grouped_rows(eval_rows, plan.micro_batch)
+        computed = sum(len(r["input_ids"]) * padded_length(max(map(len, r["input_ids"])), plan.seq_len)
+                       for r in train_rows)
+    sizes = [batch_tokens(r, plan) for r in train_rows]
+    report.update(batching=plan.batching, token_budget=plan.budget, micro_batches=len(train_rows),
+                  micro_batch_tokens_max=max(sizes), fill=round(real / computed, 4),
+                  examples_per_micro_batch=round(report["train_examples"] / len(train_rows), 2),
+                  random_padded_fill=random_fill)  # had micro_batch examples been padded in random order
     return PreparedData(train_rows, eval_rows, report)
 
 
@@ -155,6 +158,13 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def batch_tokens(row: dict[str, Any], plan: Plan) -> int:
+    """Tokens a micro-batch computes, padding included: at most the plan's token budget."""
+    if plan.batching == "packed":
+        return len(row["input_ids"])
+    return len(row["input_ids"]) * padded_length(max(map(len, row["input_ids"])), plan.seq_len)
 
 
 def non_padding_share(lengths: list[int], micro_batch: int, seed: int) -> float:
@@ -182,17 +192,17 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
     from trl import SFTConfig
 
     return SFTConfig(
-        # Packed plans: each dataset row is already one micro-batch of whole examples within the token budget,
-        # collated by trainer/batching.py's PackedCollator (position_ids restart at each example: Unsloth attends
-        # within examples, transformers builds a block-diagonal mask from them when no cache is passed,
-        # transformers/masking_utils.py). TRL's own padding-free collator and packing stay off: explicit,
-        # because Unsloth turns an unset padding_free on by itself (unsloth/trainer.py).
+        # Each dataset row is already one micro-batch within the token budget, collated by trainer/batching.py
+        # (packed: position_ids restart at each example, so Unsloth attends within examples and transformers
+        # builds a block-diagonal mask from them when no cache is passed, transformers/masking_utils.py).
+        # TRL's own padding-free collator and packing stay off: explicit, because Unsloth turns an unset
+        # padding_free on by itself (unsloth/trainer.py); a custom collator makes it leave both off.
         padding_free=False,
         # prepare_data has already cut or dropped every example longer than the plan's seq_len.
-        max_length=None if plan.batching == "packed" else plan.seq_len,
+        max_length=None,
         output_dir=str(out_dir / "checkpoints"),
-        per_device_train_batch_size=1 if plan.batching == "packed" else plan.micro_batch,
-        per_device_eval_batch_size=1 if plan.batching == "packed" else plan.micro_batch,
+        per_device_train_batch_size=1,  # each dataset row is one micro-batch (trainer/batching.py)
+        per_device_eval_batch_size=1,
         gradient_accumulation_steps=plan.grad_accum,
         num_train_epochs=plan.epochs,
         max_steps=opts.max_steps,
@@ -521,11 +531,12 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported())
     guard = _Guard(out, torch.cuda.synchronize if cuda else None)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
-    collator = {"data_collator": PackedCollator(tokenizer.pad_token_id)} if plan.batching == "packed" else {}
+    collator = (PackedCollator(tokenizer.pad_token_id) if plan.batching == "packed"
+                else PaddedCollator(tokenizer.pad_token_id, plan.seq_len))
     trainer = _trainer_class(guard, plan.engine)(
         model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
         eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None, processing_class=tokenizer,
-        callbacks=callbacks, **collator)
+        callbacks=callbacks, data_collator=collator)
     handler = trainer.callback_handler  # our callback first, so the progress printer shows its tokens/s
     handler.callbacks.insert(0, handler.callbacks.pop(handler.callbacks.index(callbacks[0])))
     previous = {s: signal.signal(s, guard.handle) for s in EXIT_SIGNAL}
