@@ -13,6 +13,9 @@ import sys
 
 
 def main() -> None:
+    from rigplan.trainer.engine import configure_allocator
+
+    configure_allocator()  # as rigplan run does, before torch touches CUDA
     import torch
 
     cap_gib = float(sys.argv[1])

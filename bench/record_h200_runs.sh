@@ -22,8 +22,8 @@ import os
 layers = os.environ.get('LAYERS')
 build_replica(reduced(resolve_model('$MODEL'), int(layers) if layers else None), '$DIR', device='cuda')" || exit 1
 fi
-python3 bench/validation_data.py --out /tmp/data.jsonl --examples 600 --seed 0 | tee $OUT/data.json
 LOG=$OUT/runs.log
+python3 bench/validation_data.py --out /tmp/data.jsonl --examples 600 --seed 0 | tee -a $LOG
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 for case in "$@"; do
   gpu=${case%%-*}; method=${case#*-}; layout=
@@ -34,18 +34,19 @@ for case in "$@"; do
                --max-steps ${STEPS_4090:-10}) ;;
     *) cmd=(python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu $gpu --method $method) ;;
   esac
-  cmd+=(--out /tmp/run-$case --eval-fraction 0 --save-steps 10000 $layout ${EXTRA:-})
+  name=${TAG:-}${case/+/_}
+  cmd+=(--out /tmp/run-$name --eval-fraction 0 --save-steps 10000 $layout ${EXTRA:-})
   echo "== $case: ${cmd[*]}" >>$LOG
   t0=$SECONDS
   "${cmd[@]}" >>$LOG 2>&1
   echo "== $case exit $? after $((SECONDS - t0)) s" | tee -a $LOG
-  if [ -f /tmp/run-$case/run_summary.json ]; then
+  if [ -f /tmp/run-$name/run_summary.json ]; then
     python3 -c "
 import json, sys
-s = json.load(open('/tmp/run-$case/run_summary.json'))
+s = json.load(open('/tmp/run-$name/run_summary.json'))
 s['command'] = sys.argv[1]; s['data_command'] = 'python3 bench/validation_data.py --out data.jsonl --examples 600 --seed 0'
-s['plan'] = json.load(open('/tmp/run-$case/plan.json'))
-json.dump(s, open('$OUT/$case.json', 'w'), indent=2)
+s['plan'] = json.load(open('/tmp/run-$name/plan.json'))
+json.dump(s, open('$OUT/$name.json', 'w'), indent=2)
 m, p = s['measured'], s['predicted']
 print('$case', 'reserved', m['peak_reserved_gib'], 'vs', p['peak_reserved_gib'], 'tok/s', m['tokens_per_s'], 'vs', p['tokens_per_s'], 'nvml peak', m.get('nvml_peak_used_gib'))
 " "${cmd[*]}" | tee -a $LOG

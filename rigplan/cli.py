@@ -277,6 +277,10 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
                "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine,
                "batching": batching}
 
+    from rigplan.trainer.engine import configure_allocator
+
+    configure_allocator()  # before anything touches CUDA
+
     def plan_it() -> Any:
         from rigplan.trainer.engine import count_tokens
 
