@@ -130,6 +130,10 @@ def loss_sets_peak(parts: dict[str, int]) -> bool:
 # 1-16, with and without checkpointing), are this multiple of Unsloth's: the median of those six runs' ratios
 # (bench/engine_factors.py computes them; they spread from 1.3x to 2.9x, so the estimate is rougher there).
 TRANSFORMERS_STEP_MEMORY = 1.93
+# Gemma 2 on that engine (its decoder keeps four fp32-upcast norms and wide activations per layer): its step bytes
+# were 7.1x the Unsloth estimate's on the H200 (Gemma-2-9B at 6 layers, padded 16 x 1,280, no checkpointing:
+# 109.2 GiB where 1.93x predicted 29.6; bench/results/h200-runs/final/gemma2-L6-h200-lora.json; one run).
+TRANSFORMERS_STEP_MEMORY_BY_TYPE = {"gemma2": 7.13}
 
 
 # Packed micro-batches (examples back to back, trainer/batching.py) run Unsloth's decoder layers uncompiled
@@ -168,8 +172,9 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts, coeffs) - backward_phase_bytes(parts))
     parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs))
     if engine == "transformers":
+        factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
         for k in STEP_TERMS + ("allocator_slack",):
-            parts[k] = int(parts[k] * TRANSFORMERS_STEP_MEMORY)
+            parts[k] = int(parts[k] * factor)
     parts["cuda_context"] = int(coeffs.context_bytes)
     return parts
 

@@ -114,7 +114,7 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
         timed, real_tokens, fill = speed.data_micro_batch(setup, lengths, batching)
         micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
     if engine == "transformers":
-        micro_s /= speed.TRANSFORMERS_SPEED
+        micro_s /= speed.transformers_speed(model)
     tps = real_tokens / micro_s
     bound = speed.host_bound(model, timed, gpu, coeffs)
     low, high = speed.speed_band(bound, engine)

@@ -146,17 +146,33 @@ REAL_DATA_HOST = 1.3
 # Unsloth's checkpointing the padded path is no faster on the host (h100-tp3-{lora,qlora}-mb{1,2}.json).
 BACK_TO_BACK_GPU = 0.76
 BACK_TO_BACK_HOST = 2.25
+# The trainer's own layouts (trainer/batching.py), measured on real data against the fixed-shape estimate, which
+# is right there (the bare Unsloth loop at 16 x 1,280 on the H200: 16,440 and 16,301 tok/s against 16,459): padded
+# micro-batches of length-sorted examples ran at 0.83-0.90 of the GPU time their padded shapes predict (shapes
+# change from one micro-batch to the next), packed rows at 0.77-0.89 of BACK_TO_BACK_GPU's rate. Fitted (mean) on
+# the H200 runs of bench/results/h200-runs/ (Llama-3.1-8B, LoRA and QLoRA, 600 long-tailed examples, 2026-11-30).
+GROUPED_GPU = 0.866
+PACKED_GPU = BACK_TO_BACK_GPU * 0.825
 DATA_BATCHINGS = ("packed", "padded", "random-padded", "padding-free")
 # The transformers + PEFT engine's speed as a share of Unsloth's on the same plan and data (the runs named at
-# memory.TRANSFORMERS_STEP_MEMORY; bench/engine_factors.py): their median.
+# memory.TRANSFORMERS_STEP_MEMORY; bench/engine_factors.py): their median. Gemma 2 (the family that needs this
+# engine) ran at 0.39 of that on the H200 (Gemma-2-9B at 6 layers, padded 16 x 1,280:
+# bench/results/h200-runs/final/gemma2-L6-h200-lora.json; one run, not yet checked on another).
 TRANSFORMERS_SPEED = 0.61
+TRANSFORMERS_SPEED_BY_TYPE = {"gemma2": 0.237}
+
+
+def transformers_speed(model: ModelSpec) -> float:
+    """The transformers engine's speed as a share of Unsloth's estimate, for this model family."""
+    return TRANSFORMERS_SPEED_BY_TYPE.get(model.model_type, TRANSFORMERS_SPEED)
 # The band of measured / estimated speed the estimate stands behind, containing every recorded run of its kind
 # (tests/test_planner.py checks it against bench/data_speed.py's rows): GPU-bound micro-batches, and host-bound
 # ones, whose pace is the host CPU's and differs between machines with the same GPU (also the full-depth 1 x 2048
-# probes on six H100 machines, bench/results/calibrate-h100: measured 0.69-1.16x the estimate). The transformers
-# engine widens it by its spread around its median (bench/engine_factors.py).
+# probes on six H100 machines, bench/results/calibrate-h100: measured 0.69-1.16x the estimate; RTX 4090 plans
+# run on the H200's host, bench/results/h200-runs: up to 1.70x). The transformers engine widens it by its spread
+# around its median (bench/engine_factors.py).
 GPU_BOUND_BAND = (0.86, 1.17)
-HOST_BOUND_BAND = (0.68, 1.45)
+HOST_BOUND_BAND = (0.68, 1.75)
 TRANSFORMERS_BAND = (0.87, 1.41)
 
 
@@ -250,8 +266,8 @@ def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, 
 
 def _timed_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
     gpu_time, floor = gpu_s(model, timed, gpu, coeffs), host_floor_s(model, timed, coeffs) * REAL_DATA_HOST
+    gpu_time /= {"padded": GROUPED_GPU, "packed": PACKED_GPU, "padding-free": BACK_TO_BACK_GPU}.get(batching, 1.0)
     if batching in ("packed", "padding-free"):
-        gpu_time /= BACK_TO_BACK_GPU
         if timed.checkpointing != "unsloth":
             floor *= BACK_TO_BACK_HOST / REAL_DATA_HOST
     return max(gpu_time, floor)
