@@ -3,7 +3,7 @@
     python bench/capped.py 24 run MODEL --data FILE --gpu rtx-4090 ...
 
 torch.cuda.set_per_process_memory_fraction(GiB / the GPU's total) before the first allocation: the caching
-allocator then raises out-of-memory past it (shared/gpu/README.md). torch first is fine for Unsloth, which warns
+allocator then raises out-of-memory past it. torch first is fine for Unsloth, which warns
 only when transformers, peft or trl came before it.
 """
 

@@ -153,7 +153,8 @@ def part(args: argparse.Namespace) -> dict:
         return bare(plan, args)
     if kind == "hf-plain":
         # transformers' own causal-LM loss (full logits), as a plain transformers + PEFT loop computes it
-        # (shared/data's HF rows), instead of TRL 1.15's chunked LM head (trl/trainer/utils.py:1545-1690),
+        # (the HF rows of profiles/calibrations/h100-runs/shared-h100-unsloth-runs.jsonl), instead of TRL 1.15's
+        # chunked LM head (trl/trainer/utils.py:1545-1690),
         # which keeps the logits out of memory: rigplan's trainer falls back to the model's loss without it.
         import trl.trainer.utils
 

@@ -24,7 +24,7 @@ MIN_SEQ_LEN = 256
 # (bench/accuracy.py) was under 10% of peak reserved memory, and other processes hold some memory too.
 SAFETY_MARGIN = 0.10
 # Share of a card's nominal memory that CUDA can use: NVML reports 81,559 MiB total on the "80 GB" H100
-# of our runs (shared/gpu/README.md, profiles/calibrations/h100-runs/), 99.6% of 80 GiB.
+# of our runs (profiles/calibrations/h100-runs/), 99.6% of 80 GiB.
 USABLE_FRACTION = 81_559 / (80 * 1024)
 # Speeds within this share count as a tie; then the smaller-memory, nearer-to-default choice wins.
 SPEED_TIE = 0.03
