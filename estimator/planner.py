@@ -282,3 +282,37 @@ def train_time_s(tokens: float, epochs: float, plan_: Plan) -> float:
     length when the plan was made from data, else for full sequences)."""
     return tokens * epochs / plan_.tokens_per_s if plan_.tokens_per_s else float("inf")
 
+
+
+# --max-seq answers in steps of this many tokens (Unsloth's published context table gives exact token counts;
+# a 256-token step is under 1% of the 24 GB answer).
+MAX_SEQ_STEP = 256
+
+
+def max_seq(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, method: Method, rank: int = DEFAULT_RANK,
+            gpu_memory_gib: float | None = None, engine: Engine = "unsloth") -> Estimate | None:
+    """The longest sequence one example at a time (micro-batch 1) trains with this method and rank, with
+    SAFETY_MARGIN kept free, checkpointing on or off, whichever reaches further (on: only one layer's
+    activations at a time); None when not even MIN_SEQ_LEN fits. Memory grows with the sequence, so a binary
+    search over multiples of MAX_SEQ_STEP up to the model's context finds it."""
+    limit = usable_gib(gpu, gpu_memory_gib)
+
+    def fitting(seq: int) -> Estimate | None:
+        best = None
+        for ckpt in ("unsloth", "off"):
+            est = estimate(model, Setup(method=method, rank=rank, micro_batch=1, seq_len=seq, checkpointing=ckpt),
+                           gpu, coeffs, limit, engine=engine)
+            if est.fits and (best is None or est.tokens_per_s > best.tokens_per_s):
+                best = est
+        return best
+
+    lo, hi = MIN_SEQ_LEN // MAX_SEQ_STEP, model.max_position_embeddings // MAX_SEQ_STEP
+    if fitting(lo * MAX_SEQ_STEP) is None:
+        return None
+    while lo < hi:  # invariant: lo fits
+        mid = (lo + hi + 1) // 2
+        if fitting(mid * MAX_SEQ_STEP) is not None:
+            lo = mid
+        else:
+            hi = mid - 1
+    return fitting(lo * MAX_SEQ_STEP)

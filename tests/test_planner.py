@@ -221,3 +221,16 @@ def test_short_examples_get_larger_micro_batches(coeffs) -> None:
     # examples per micro-batch: a packed budget holds many short ones
     assert short.best.token_budget * short.best.fill / 300 > full.best.micro_batch and short.best.example_tokens == 300
     assert short.best.total_gib <= short.gpu_memory_gib * (1 - planner.SAFETY_MARGIN)
+
+
+def test_max_seq_is_the_longest_that_fits(coeffs) -> None:
+    """--max-seq: the answer fits with the margin and one step longer does not; QLoRA reaches further than
+    16-bit LoRA on the same card, and a bigger card further still."""
+    gpu = resolve_gpu("rtx-4090")
+    q, lo = (planner.max_seq(LLAMA8B, gpu, coeffs, m, 32) for m in ("qlora", "lora"))
+    assert q.fits and q.setup.micro_batch == 1 and q.setup.seq_len > lo.setup.seq_len
+    longer = planner.estimate(LLAMA8B, dataclasses.replace(q.setup, seq_len=q.setup.seq_len + planner.MAX_SEQ_STEP),
+                              gpu, coeffs)
+    assert not longer.fits
+    assert planner.max_seq(LLAMA8B, resolve_gpu("h100-sxm"), coeffs, "qlora", 32).setup.seq_len > q.setup.seq_len
+    assert planner.max_seq(resolve_model("llama-3.1-70b"), gpu, coeffs, "lora", 16) is None
