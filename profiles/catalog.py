@@ -131,6 +131,24 @@ class GpuSpec:
     aliases: tuple[str, ...] = ()
     price_usd: float | None = None
     source_2: str | None = None
+    pcie_gen: int = 4
+    """PCI Express generation of the card's host link (its spec sheet): the path between cards without NVLink,
+    and to CPU memory."""
+    pcie_lanes: int = 16
+    nvlink_gb_s: float | None = None
+    """NVLink bandwidth between two such GPUs, GB/s both directions together as vendors quote it, where every
+    such card has it (SXM boards, NVL pairs); None: cards talk over PCIe (an optional bridge is not assumed)."""
+
+    @property
+    def pcie_gb_s(self) -> float:
+        """One direction of the host link, GB/s: 0.985 GB/s per lane at gen 3 (PCI-SIG, 8 GT/s with 128b/130b
+        encoding), doubling each generation."""
+        return 0.985 * 2 ** (self.pcie_gen - 3) * self.pcie_lanes
+
+    @property
+    def link_gb_s(self) -> float:
+        """One direction of the fastest path between two of these GPUs, GB/s."""
+        return self.nvlink_gb_s / 2 if self.nvlink_gb_s else self.pcie_gb_s
 
     @property
     def tensor_tflops(self) -> float:
@@ -180,37 +198,79 @@ def _gpu_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", s)
 
 
+# config.json keys of mixture-of-experts layers (DeepSeek's n_routed_experts, Qwen-MoE's num_experts, ...): the
+# estimator's terms describe experts only as Mixtral's profile row gives them (num_local_experts).
+MOE_KEYS = ("n_routed_experts", "n_shared_experts", "num_experts", "num_local_experts", "moe_intermediate_size",
+            "num_experts_per_tok")
+# config.json sizes that must be positive integers (a head count of 0 divided by zero).
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The model types rigplan's memory and speed terms describe: those of the profile rows."""
+    return tuple(sorted({m.model_type for m in models()}))
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: str) -> list[str]:
+    """Every reason a config.json is not one rigplan can estimate, gathered."""
+    types = supported_model_types()
+    supported = (f"rigplan estimates the decoder-only model types {', '.join(types)} (rigplan models lists "
+                 "them); other mixture-of-experts models are not supported yet")
+    archs = [a for a in config.get("architectures") or () if isinstance(a, str)]
+    if archs and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
+        return [f"{archs[0]} is not a causal language model; {supported}"]
+    if model_type not in types:
+        return [f"model_type {model_type!r} is not one rigplan can estimate; {supported}"]
+    moe = [k for k in MOE_KEYS if cfg.get(k)]
+    if moe and model_type != "mixtral":
+        return [f"mixture-of-experts layers ({', '.join(moe)}) are not supported yet for {model_type}; {supported}"]
+    problems = [f"{k} {cfg.get(k)!r} must be a positive integer" for k in SIZE_KEYS if _positive_int(cfg.get(k)) is None]
+    for k in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if cfg.get(k) is not None and _positive_int(cfg[k]) is None:
+            problems.append(f"{k} {cfg[k]!r} must be a positive integer")
+    heads, kv = _positive_int(cfg.get("num_attention_heads")), _positive_int(cfg.get("num_key_value_heads"))
+    if heads and kv and heads % kv:
+        problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    hidden = _positive_int(cfg.get("hidden_size"))
+    if heads and hidden and cfg.get("head_dim") is None and hidden % heads:
+        problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} (and no head_dim)")
+    return problems
+
+
 def model_from_config(config: dict[str, Any], model_id: str, source: str) -> ModelSpec:
-    """A ModelSpec from a config.json dict (multimodal configs: their text_config)."""
+    """A ModelSpec from a config.json dict (multimodal configs: their text_config); every problem with it is
+    gathered into one UnknownModelError that says what rigplan supports."""
     cfg = dict(config.get("text_config") or config)
     model_type = cfg.get("model_type") or config.get("model_type", "")
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        spec = ModelSpec(
-            id=model_id,
-            model_type=model_type,
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            vocab_size=int(cfg["vocab_size"]),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings",
-                                             config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT))),
-            max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-            attention_bias=bool(cfg.get("attention_bias", model_type in BIAS_BY_DEFAULT)),
-            architectures=tuple(config.get("architectures") or ()),
-            rope_theta=cfg.get("rope_theta"),
-            sliding_window=cfg.get("sliding_window"),
-            num_local_experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-            source=source,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UnknownModelError(f"{source}: not a causal-LM config.json ({e!s}); pass a model's config.json") from e
-    return spec
+    problems = _config_problems(cfg, config, model_type)
+    if problems:
+        raise UnknownModelError(f"{source}: {'; '.join(problems)}")
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    return ModelSpec(
+        id=model_id,
+        model_type=model_type,
+        hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        vocab_size=cfg["vocab_size"],
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings",
+                                         config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT))),
+        max_position_embeddings=cfg.get("max_position_embeddings") or 4096,
+        attention_bias=bool(cfg.get("attention_bias", model_type in BIAS_BY_DEFAULT)),
+        architectures=tuple(config.get("architectures") or ()),
+        rope_theta=cfg.get("rope_theta"),
+        sliding_window=cfg.get("sliding_window"),
+        num_local_experts=int(cfg.get("num_local_experts") or 0),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+        source=source,
+    )
 
 
 def _model_from_path(path: Path) -> ModelSpec:

@@ -25,6 +25,10 @@ CHAT_ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool"}
 MAX_SHOWN = 20
+# A record longer than this many characters is refused before any tokenizer sees it: four times what the
+# longest context rigplan plans for (131,072 tokens, Llama 3.1's) holds at CHARS_PER_TOKEN, so no model trains
+# on more than a quarter of it (a 50 MB line took `rigplan run` 69 s to tokenize, then planned seq 131,072).
+MAX_RECORD_CHARS = 4 * 131_072 * int(CHARS_PER_TOKEN)
 # The chat template used when a tokenizer has none (ChatML, as Qwen's tokenizers use): stated in the data report.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -79,12 +83,24 @@ def _problem(record: Any, fmt: Format) -> str | None:
             return f'turn {n}: unknown role {turn[role_key]!r} (use one of {", ".join(sorted(roles))})'
         if not isinstance(turn[text_key], str):
             return f'turn {n}: "{text_key}" is not a string'
+    # Chat and ShareGPT train on the assistant's turns only (tokenize): without one, nothing would train.
+    if not any(SHAREGPT_ROLES.get(t[role_key], t[role_key]) == "assistant" for t in turns):
+        return "no assistant turn, so nothing in it would train; add the reply as an assistant turn"
     return None
+
+
+def require_file(path: Path) -> Path:
+    """The data file, or a DataError saying it is missing (before anything stats or reads it)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise DataError(f"{path} {what}; pass --data with a JSONL or JSON file")
+    return path
 
 
 def read_records(path: Path) -> list[tuple[int, Any]]:
     """(line, record) pairs; a line that is not JSON becomes (line, DataIssue)."""
-    path = Path(path)
+    path = require_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -98,6 +114,9 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if len(line) > MAX_RECORD_CHARS:  # refused unparsed: no tokenizer or planner should see it
+            out.append((n, DataIssue(n, _too_long(len(line)))))
+            continue
         try:
             out.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
@@ -105,17 +124,33 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
     return out
 
 
+def _too_long(chars: int) -> str:
+    return (f"{chars:,} characters, more than the {MAX_RECORD_CHARS:,} a record may have (no model's context "
+            "holds a quarter of it); split it")
+
+
 def validate(path: Path) -> tuple[Format, list[tuple[int, dict[str, Any]]], list[DataIssue]]:
-    """The file's format, its good records and every problem (all gathered before anything stops)."""
+    """The file's format, its good records and every problem (all gathered before anything stops). The file's
+    format is its most common one (a tie: the first record's); a record of another format is a problem, so
+    that check and run read a mixed file the same way."""
     records = read_records(path)
-    fmts = [detect_format(r) for _, r in records if isinstance(r, dict)]
-    fmt = max(set(f for f in fmts if f), key=fmts.count, default=None)
-    if fmt is None:
+    found = [(line, detect_format(r)) for line, r in records if isinstance(r, dict)]
+    counts = {f: sum(1 for _, g in found if g == f) for _, f in found if f}
+    if not counts:
         raise DataError(f"{path}: no record has text, instruction/output, messages or conversations; "
                         "use one of those formats")
+    fmt = max(counts, key=counts.__getitem__)  # dicts keep first-seen order: ties go to the first format
     good, issues = [], []
     for line, rec in records:
-        reason = rec.reason if isinstance(rec, DataIssue) else _problem(rec, fmt)
+        other = detect_format(rec) if isinstance(rec, dict) else None
+        if isinstance(rec, DataIssue):
+            reason = rec.reason
+        elif other not in (None, fmt):
+            reason = (f"a {other} record in a file of {counts[fmt]:,} {fmt} records; use one format per file")
+        else:
+            reason = _problem(rec, fmt)
+            if reason is None and len(record_text(rec, fmt)) > MAX_RECORD_CHARS:  # one of a JSON array
+                reason = _too_long(len(record_text(rec, fmt)))
         if reason:
             issues.append(DataIssue(line, reason))
         else:
@@ -142,7 +177,7 @@ def record_text(record: dict[str, Any], fmt: Format) -> str:
 def estimated_lengths(path: Path, skip_bad: bool = False) -> list[int]:
     """Estimated tokens per example (characters / CHARS_PER_TOKEN), for planning without a tokenizer. A file
     is read once per process while it is unchanged (`rigplan run` with overrides plans, then re-estimates)."""
-    st = Path(path).stat()
+    st = require_file(path).stat()
     return list(_estimated_lengths(Path(path), str(Path(path).resolve()), st.st_mtime_ns, st.st_size, skip_bad))
 
 

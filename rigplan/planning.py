@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,55 @@ class Target:
     local: bool
 
 
+# The flag each planning argument comes from, for messages that name what the user typed.
+FLAGS = {"seq_len": "--seq", "effective_batch": "--effective-batch", "micro_batch": "--micro-batch",
+         "grad_accum": "--grad-accum", "rank": "--rank", "num_gpus": "--gpus", "examples": "--examples",
+         "epochs": "--epochs", "avg_tokens": "--avg-tokens", "learning_rate": "--lr"}
+WHOLE = ("seq_len", "effective_batch", "micro_batch", "grad_accum", "rank", "num_gpus", "examples")
+POSITIVE = ("epochs", "avg_tokens", "learning_rate")
+
+
+def input_problems(values: dict[str, Any]) -> list[str]:
+    """Every out-of-range number among a command's inputs (None: not given), named by its flag, gathered
+    before anything is planned or loaded (as litgpt's validate_args): counts are whole numbers >= 1;
+    epochs, --avg-tokens and --lr finite numbers > 0 (NaN and inf once printed nan hours)."""
+    problems = []
+    for key, v in values.items():
+        if v is None:
+            continue
+        if key in WHOLE and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            problems.append(f"{FLAGS[key]} {v} must be a whole number >= 1")
+        elif key in POSITIVE and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            problems.append(f"{FLAGS[key]} {v} must be a finite number > 0")
+    return problems
+
+
+def require(problems: list[str]) -> None:
+    """One ConfigError naming every problem, or nothing."""
+    if problems:
+        raise ConfigError("; ".join(problems) + ("; change it" if len(problems) == 1 else "; change them"))
+
+
+def workload_problems(data_file: Path | None, examples: int | None, avg_tokens: float | None) -> list[str]:
+    """What the workload options say together: a data file, or --examples with --avg-tokens, never half of it
+    (--examples alone once gave a time for examples of half --seq without a word)."""
+    if data_file is not None and (examples is not None or avg_tokens is not None):
+        return ["pass --data or --examples with --avg-tokens, not both"]
+    if (examples is None) != (avg_tokens is None):
+        given, missing = ("--examples", "--avg-tokens") if avg_tokens is None else ("--avg-tokens", "--examples")
+        return [f"{given} needs {missing} too (tokens per example x examples is the workload), or pass --data FILE"]
+    return []
+
+
 def workload(data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
              seq_len: int | None, counted: tuple[list[int], int] | None = None,
-             skip_bad: bool = False) -> tuple[Workload, int | None]:
-    """The workload, and the sequence length the data asks for (its 95th percentile, or None). The data's
-    lengths are estimated from characters unless counted with the model's tokenizer (counted: a sample of
-    them and the number of examples, from counted_lengths). skip_bad: bad records are left out, not fatal."""
-    if epochs <= 0:
-        raise ConfigError(f"--epochs {epochs} must be > 0")
+             skip_bad: bool = False, context: int | None = None) -> tuple[Workload, int | None]:
+    """The workload, and the sequence length the data asks for (its 95th percentile, at most the model's
+    context; or None). The data's lengths are estimated from characters unless counted with the model's
+    tokenizer (counted: a sample of them and the number of examples, from counted_lengths). skip_bad: bad
+    records are left out, not fatal."""
+    require(input_problems({"epochs": epochs, "examples": examples, "avg_tokens": avg_tokens, "seq_len": seq_len})
+            + workload_problems(data_file, examples, avg_tokens))
     if data_file is not None:
         lengths = counted[0] if counted else data.estimated_lengths(Path(data_file), skip_bad)
         examples_ = counted[1] if counted else len(lengths)
@@ -70,17 +112,15 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
         p95 = data.percentile(lengths, 95)
         # Round the 95th percentile up to a multiple of 256: longer examples are truncated (5% at most).
         seq = seq_len or max(256, -(-p95 // 256) * 256)
+        if seq_len is None and context:  # the data's choice, never beyond what the model can read
+            seq = min(seq, context)
         tokens = sum(min(n, seq) for n in lengths)
         tokens = tokens / len(lengths) * examples_  # counted lengths may be a sample of the file
         return Workload(tokens, epochs, examples_, tokens / examples_, f"{data_file} ({how})",
                         ExampleLengths.of(lengths), lengths_from_data=True), seq
-    if examples is not None:
-        if examples <= 0 or (avg_tokens is not None and avg_tokens <= 0):
-            raise ConfigError("--examples and --avg-tokens must be > 0")
-        avg = avg_tokens if avg_tokens is not None else (seq_len or planner.DEFAULT_SEQ_LEN) / 2
-        src = "--examples" + (" --avg-tokens" if avg_tokens is not None else ", avg tokens = half of --seq")
-        return Workload(examples * avg, epochs, examples, avg, src,
-                        ExampleLengths.equal(avg) if avg_tokens is not None else None), None
+    if examples is not None and avg_tokens is not None:
+        return Workload(examples * avg_tokens, epochs, examples, avg_tokens, "--examples --avg-tokens",
+                        ExampleLengths.equal(avg_tokens)), None
     return Workload(DEFAULT_WORKLOAD_TOKENS, epochs, None, None, "per 1M tokens (pass --examples or --data)"), None
 
 
@@ -145,12 +185,16 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
           method: str | None = None, rank: int | None = None) -> dict[str, Any]:
     """Does the model fit this GPU, with which plan; or, with no GPU named or found, which GPUs can train it.
     method and rank, when given, are constraints the plan keeps (as an Unsloth user sets them)."""
+    require(input_problems({"seq_len": seq_len, "effective_batch": effective_batch, "num_gpus": num_gpus,
+                            "rank": rank, "epochs": epochs, "examples": examples, "avg_tokens": avg_tokens})
+            + workload_problems(data_file, examples, avg_tokens))
     model = catalog.resolve_model(model_name)
-    load, data_seq = workload(data_file, examples, avg_tokens, epochs, seq_len)
+    load, data_seq = workload(data_file, examples, avg_tokens, epochs, seq_len,
+                              context=model.max_position_embeddings)
     seq = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
     target, why = resolve_target(gpu)
     methods = (method,) if method else ("lora", "qlora")
-    ranks = (rank,) if rank else None
+    ranks = (rank,) if rank is not None else None
     if target is None:
         return {**catalogue(model, seq, load, effective_batch), "note": why}
     result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, lengths=load.lengths,
@@ -202,6 +246,7 @@ def catalogue(model: ModelSpec, seq: int, load: Workload, effective_batch: int) 
 def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, gpu: str | None = None,
              grad_accum: int = 1, checkpointing: str = "unsloth", optimizer: str = "adamw_8bit") -> dict[str, Any]:
     """One configuration's memory (term by term) and speed on one GPU (the local one, or H100 by default)."""
+    require(input_problems({"micro_batch": batch, "seq_len": seq_len, "rank": rank, "grad_accum": grad_accum}))
     model = catalog.resolve_model(model_name)
     target, _ = resolve_target(gpu)
     if target is None:
@@ -238,10 +283,13 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     directory is also where the weights load from. With allow_cpu and no GPU: a CPU plan, nothing predicted.
     counted: the data's tokens per example as the model's tokenizer counts them (counted_lengths; else
     estimated from characters)."""
+    require(input_problems({"seq_len": seq_len, "effective_batch": effective_batch, "num_gpus": num_gpus,
+                            "epochs": epochs}) + [x for r in ranks or () for x in input_problems({"rank": r})])
     model = catalog.resolve_model(model_name)
     if model_path is None and Path(model_name).expanduser().is_dir():
         model_path = str(Path(model_name).expanduser().resolve())
-    load, data_seq = workload(data_file, None, None, epochs, seq_len, counted, skip_bad)
+    load, data_seq = workload(data_file, None, None, epochs, seq_len, counted, skip_bad,
+                              context=model.max_position_embeddings)
     target, why = resolve_target(gpu)
     if target is None and allow_cpu:
         seq = min(seq_len or data_seq or planner.DEFAULT_SEQ_LEN, model.max_position_embeddings)
@@ -287,6 +335,32 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     return dataclasses.replace(best, **keep)
 
 
+def run_problems(changes: dict[str, Any]) -> list[str]:
+    """Every out-of-range override `rigplan run` was given (--rank 0 once trained "lora r-8" on CPU after the
+    model had loaded); its caller checks them before any tokenizer or model loads."""
+    return input_problems({k: v for k, v in changes.items() if k in FLAGS})
+
+
+def plan_out_problems(out: Path | None) -> list[str]:
+    """Where `rigplan plan --out` cannot write, said before planning."""
+    if out is None:
+        return []
+    out = Path(out)
+    if out.is_dir():
+        return [f"--out {out} is a directory; pass a file name such as {out / 'plan.json'}"]
+    if not out.parent.is_dir():
+        return [f"--out {out}: folder {out.parent} does not exist; create it or pass another path"]
+    return []
+
+
+def save_plan(p: Plan, out: Path) -> None:
+    """Write a plan where `rigplan run` will read it."""
+    try:
+        Path(out).write_text(p.to_json() + "\n")
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write ({e.strerror}); pass another path") from e
+
+
 def read_plan(path: Path) -> Plan | None:
     """A saved plan.json, or None when path is not one."""
     path = Path(path)
@@ -308,6 +382,7 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
     user's overrides re-estimated. counted: the data's tokens per example as the model's tokenizer counts them
     (the caller counts them: the trainer's count_tokens), else estimated from characters. skip_bad (`rigplan
     run --skip-bad`): bad records are left out of the plan too, not fatal."""
+    require(run_problems(changes))
     base = read_plan(Path(model_or_plan))
     if base is None:
         # A method asked for is planned for (its own best budget and checkpointing), not patched into the other

@@ -4,7 +4,9 @@ directory. JSON with provenance, written atomically. Standard library only: `rig
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -13,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rigplan.errors import CalibrationError
+from rigplan.errors import CalibrationError, ConfigError
 from rigplan.estimator.plan import Coefficients
 from rigplan.profiles.catalog import PROFILES_DIR
 
@@ -23,12 +25,19 @@ REFERENCE_FILE = PROFILES_DIR / "calibrations" / "h100-sxm.json"
 
 
 def user_dir() -> Path:
-    """Where a user's own calibrations live: $RIGPLAN_HOME, else the platform's data directory."""
+    """Where a user's own calibrations live: $RIGPLAN_HOME, else the platform's data directory. A file there
+    is refused: calibrations and runs.jsonl would be neither read nor written."""
     if os.environ.get("RIGPLAN_HOME"):
-        return Path(os.environ["RIGPLAN_HOME"])
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "rigplan"
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "rigplan"
+        path, name = Path(os.environ["RIGPLAN_HOME"]).expanduser(), "RIGPLAN_HOME"
+    elif sys.platform == "darwin":
+        path, name = Path.home() / "Library" / "Application Support" / "rigplan", "rigplan's data directory"
+    else:
+        path = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "rigplan"
+        name = "rigplan's data directory"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name} {path} is a file, not a directory; point RIGPLAN_HOME at a directory "
+                          "(created when needed) or move the file")
+    return path
 
 
 def write_calibration(path: Path, coeffs: Coefficients, residuals: dict[str, Any],
@@ -60,9 +69,28 @@ def read_calibration(path: Path) -> tuple[Coefficients, dict[str, Any]]:
         if doc.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
             raise CalibrationError(f"{path}: calibration schema {doc.get('schema_version')!r}, this rigplan reads "
                                    f"{CALIBRATION_SCHEMA_VERSION}; run rigplan calibrate again")
-        return Coefficients.from_dict(doc["coefficients"]), doc
+        coeffs = Coefficients.from_dict(doc["coefficients"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CalibrationError(f"{path}: unreadable calibration ({e}); run rigplan calibrate again") from e
+    bad = coefficient_problems(coeffs)
+    if bad:
+        raise CalibrationError(f"{path}: impossible coefficients ({'; '.join(bad)}); run rigplan calibrate again")
+    return coeffs, doc
+
+
+def coefficient_problems(coeffs: Coefficients) -> list[str]:
+    """Every fitted value that cannot be: each is a size, a time or a share, so finite and >= 0, and the
+    FLOP/s share (mfu) above 0 and at most 1. A negative one once gave "fits with 122.5 GiB to spare" on a
+    23.9 GiB card."""
+    problems = []
+    for f in dataclasses.fields(coeffs):
+        v = getattr(coeffs, f.name)
+        if isinstance(v, str):
+            continue
+        ok = isinstance(v, (int, float)) and math.isfinite(v) and (0 < v <= 1 if f.name == "mfu" else v >= 0)
+        if not ok:
+            problems.append(f"{f.name} = {v!r}")
+    return problems
 
 
 @lru_cache(maxsize=1)
@@ -81,7 +109,8 @@ def for_gpu(gpu_id: str) -> tuple[Coefficients, dict[str, Any], bool]:
             coeffs, doc = read_calibration(own)
             return coeffs, doc, True
         except CalibrationError as e:
-            warnings.warn(f"rigplan: ignoring {own}: {e}", stacklevel=2)
+            warnings.warn(f"rigplan: ignoring {e} (planning with the reference calibration meanwhile)",
+                          stacklevel=2)
     coeffs, doc = reference()
     return coeffs, doc, coeffs.gpu == gpu_id
 

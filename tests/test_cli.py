@@ -77,10 +77,13 @@ def test_check_says_how_data_is_laid_out_only_when_lengths_are_known(tmp_path) -
     assert "only their mean length is known" in mean_only.output
 
 
-def test_examples_without_avg_tokens_do_not_guess_the_speed() -> None:
+def test_examples_without_avg_tokens_are_refused_not_guessed() -> None:
+    """--examples alone once timed examples of half --seq without a word: now it needs --avg-tokens, and
+    --avg-tokens sets the speed's example length."""
     def rec(*extra: str) -> dict:
         return json.loads(invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--json", *extra).output)["recommended"]
-    assert rec("--examples", "1000")["tokens_per_s"] == rec()["tokens_per_s"]  # avg guessed: full sequences
+    alone = invoke("check", "llama-3.1-8b", "--gpu", "h100-sxm", "--examples", "1000")
+    assert alone.exit_code == 2 and "--examples needs --avg-tokens" in alone.output
     short = rec("--examples", "1000", "--avg-tokens", "200")
     assert short["example_tokens"] == 200 and short["tokens_per_s"] < rec()["tokens_per_s"]
 
@@ -140,8 +143,8 @@ def test_plan_out_writes_a_plan_run_can_read(tmp_path) -> None:
     (["check", "lama-3.1-8b", "--gpu", "4090"], "did you mean 'llama-3.1-8b'"),
     (["check", "llama-3.1-8b", "--gpu", "rtx-9999"], "unknown GPU 'rtx-9999'"),
     (["check", "llama-3.1-8b", "--gpu", "4090", "--seq", "200000"], "exceeds llama-3.1-8b's context (131072)"),
-    (["estimate", "llama-3.1-8b", "--micro-batch", "0", "--gpu", "4090"], "batch 0 must be >= 1"),
-    (["estimate", "llama-3.1-8b", "--rank", "0", "--gpu", "4090"], "rank 0 must be >= 1"),
+    (["estimate", "llama-3.1-8b", "--micro-batch", "0", "--gpu", "4090"], "--micro-batch 0 must be a whole number >= 1"),
+    (["estimate", "llama-3.1-8b", "--rank", "0", "--gpu", "4090"], "--rank 0 must be a whole number >= 1"),
     (["check", "./no/such/config.json", "--gpu", "4090"], "unknown model"),
     (["plan", "llama-3.1-70b", "--gpu", "rtx-4090"], "does not fit"),
 ])
