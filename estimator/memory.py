@@ -152,14 +152,47 @@ def packed_uncompiled_bytes(model: ModelSpec, setup: Setup, batching: str) -> in
     return int(PACKED_FIXED_BYTES + PACKED_PER_HIDDEN * setup.tokens * model.num_hidden_layers * model.hidden_size)
 
 
+def ddp_bucket_bytes(model: ModelSpec, setup: Setup) -> int:
+    """DDP keeps its own buckets of the trainable parameters' gradients, all-reduced as they fill: together a
+    second fp32 copy of every gradient (torch.nn.parallel.DistributedDataParallel, bucket_cap_mb 25)."""
+    return lora_grads_bytes(model, setup.rank) if setup.parallelism == "ddp" else 0
+
+
+def layer_weight_bytes(model: ModelSpec, method: str) -> int:
+    """One decoder layer's frozen projections as stored: NF4 for QLoRA, bf16 for LoRA."""
+    linear = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    return int(linear * (NF4_BYTES_PER_PARAM if method == "qlora" else BF16_BYTES))
+
+
+# FSDP2 gathers a layer's full weights before it runs and prefetches the next one's (torch.distributed.fsdp
+# fully_shard, forward and backward prefetch of one module): two layers unsharded at a time.
+FSDP_GATHERED_LAYERS = 2
+
+
+def fsdp_gather_bytes(model: ModelSpec, setup: Setup) -> int:
+    """The gathered layers' weights on each GPU (FSDP only)."""
+    return FSDP_GATHERED_LAYERS * layer_weight_bytes(model, setup.method) if setup.parallelism == "fsdp" else 0
+
+
+def sharded(nbytes: int, setup: Setup) -> int:
+    """A term split N ways under FSDP (weights, adapters, gradients, optimizer state); whole otherwise."""
+    return -(-nbytes // setup.num_gpus) if setup.parallelism == "fsdp" else nbytes
+
+
+def cpu_offload_bytes(model: ModelSpec, setup: Setup) -> int:
+    """CPU memory the offloaded shards take, all GPUs together: the frozen weights (FSDP with cpu_offload)."""
+    return base_weights_bytes(model, setup.method) if setup.parallelism == "fsdp" and setup.cpu_offload else 0
+
+
 def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
                      engine: str = "unsloth", batching: str = "padded") -> dict[str, int]:
-    """Every memory term of one configuration; the one place they are added up."""
+    """Every memory term of one configuration, per GPU; the one place they are added up."""
+    offloaded = setup.parallelism == "fsdp" and setup.cpu_offload
     parts = {
-        "base_weights": base_weights_bytes(model, setup.method),
-        "lora_weights": lora_weights_bytes(model, setup.rank),
-        "lora_grads": lora_grads_bytes(model, setup.rank),
-        "optimizer_state": optimizer_state_bytes(model, setup.rank, setup.optimizer),
+        "base_weights": 0 if offloaded else sharded(base_weights_bytes(model, setup.method), setup),
+        "lora_weights": sharded(lora_weights_bytes(model, setup.rank), setup),
+        "lora_grads": sharded(lora_grads_bytes(model, setup.rank), setup),
+        "optimizer_state": sharded(optimizer_state_bytes(model, setup.rank, setup.optimizer), setup),
         "loaded_overhead": int(coeffs.fixed_bytes),
         "step_overhead": int(coeffs.step_fixed_bytes),
         "activations_kept": checkpoint_bytes(model, setup, coeffs),
@@ -167,6 +200,8 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         "logits_loss": logits_bytes(model, setup, coeffs),
         "dequant_buffer": dequant_buffer_bytes(model, setup),
         "packed_uncompiled": packed_uncompiled_bytes(model, setup, batching) if engine == "unsloth" else 0,
+        "ddp_buckets": ddp_bucket_bytes(model, setup),
+        "fsdp_gather": fsdp_gather_bytes(model, setup),
     }
     # The peak is the larger of the two phases; this term is how far the loss's exceeds the backward's.
     parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts, coeffs) - backward_phase_bytes(parts))
@@ -181,7 +216,8 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
 
 # Allocated during a step and freed after it; the rest is loaded once (weights and adapters).
 STEP_TERMS = ("lora_grads", "optimizer_state", "step_overhead", "activations_kept", "recompute_transient",
-              "logits_loss", "dequant_buffer", "packed_uncompiled", "loss_over_backward")
+              "logits_loss", "dequant_buffer", "packed_uncompiled", "ddp_buckets", "fsdp_gather",
+              "loss_over_backward")
 
 
 def step_bytes(parts: dict[str, int]) -> int:
@@ -198,7 +234,7 @@ def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
 
 ALLOCATED_TERMS = ("base_weights", "lora_weights", "lora_grads", "optimizer_state", "loaded_overhead",
                    "step_overhead", "activations_kept", "recompute_transient", "logits_loss", "dequant_buffer",
-                   "packed_uncompiled", "loss_over_backward")
+                   "packed_uncompiled", "ddp_buckets", "fsdp_gather", "loss_over_backward")
 
 
 def peak_allocated_bytes(parts: dict[str, int]) -> int:

@@ -21,6 +21,10 @@ Engine = Literal["unsloth", "transformers"]
 # token_budget tokens (each example attends only to itself).
 Batching = Literal["padded", "packed"]
 ENGINES: tuple[Engine, ...] = ("unsloth", "transformers")
+# How several GPUs share the work (torch.distributed): 'single' (one GPU), 'ddp' (each GPU holds the whole model
+# and trains its own micro-batches; gradients all-reduced) or 'fsdp' (FSDP2: weights, adapters and optimizer
+# state sharded across the GPUs, each layer gathered as it runs).
+Parallelism = Literal["single", "ddp", "fsdp"]
 BATCHINGS: tuple[Batching, ...] = ("padded", "packed")
 
 # 2: engine and token_budget; batching 'packed' or 'padded'.
@@ -47,6 +51,12 @@ class Setup:
     """Optimizer whose state is kept per trainable parameter."""
     checkpointing: Checkpointing = "unsloth"
     """Activation checkpointing on ('unsloth') or off."""
+    parallelism: Parallelism = "single"
+    """How num_gpus GPUs share the work."""
+    num_gpus: int = 1
+    """GPUs training together; the memory terms are per GPU."""
+    cpu_offload: bool = False
+    """FSDP only: the sharded frozen weights wait in CPU memory and come to the GPU layer by layer."""
 
     @property
     def tokens(self) -> int:
@@ -157,7 +167,13 @@ class Plan:
     calibration: str = ""
     """Which coefficients made the prediction (GPU, date)."""
     num_gpus: int = 1
-    """GPUs training data-parallel; tokens_per_s is for all of them."""
+    """GPUs training together; tokens_per_s is for all of them, memory per GPU."""
+    parallelism: Parallelism = "single"
+    """'single', 'ddp' (each GPU the whole model) or 'fsdp' (FSDP2, sharded)."""
+    cpu_offload: bool = False
+    """FSDP: frozen weights kept in CPU memory, brought to the GPU layer by layer."""
+    cpu_memory_gib: float = 0.0
+    """CPU memory the plan needs beyond the usual (the offloaded weights), GiB; 0 without offload."""
     schema_version: int = PLAN_SCHEMA_VERSION
     """Version of this file format."""
 

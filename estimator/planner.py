@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from rigplan.errors import ConfigError
 from rigplan.estimator import memory, speed
-from rigplan.estimator.plan import Batching, Checkpointing, Coefficients, Engine, ExampleLengths, Method, Plan, Setup
+from rigplan.estimator.plan import (Batching, Checkpointing, Coefficients, Engine, ExampleLengths, Method, Parallelism,
+                                    Plan, Setup)
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
 GIB = 2**30
@@ -115,7 +116,10 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
         micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
     if engine == "transformers":
         micro_s /= speed.transformers_speed(model)
-    tps = real_tokens / micro_s
+    step = setup.grad_accum * micro_s + speed.gradient_sync_s(model, setup, gpu)
+    tps = real_tokens * setup.grad_accum / step  # per GPU
+    if setup.num_gpus > 1:
+        tps *= speed.DATA_PARALLEL_EFFICIENCY
     bound = speed.host_bound(model, timed, gpu, coeffs)
     low, high = speed.speed_band(bound, engine)
     return Estimate(
@@ -124,7 +128,7 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
         peak_reserved_gib=memory.peak_reserved_bytes(parts) / GIB,
         total_gib=total,
         tokens_per_s=tps,
-        step_s=setup.grad_accum * micro_s,
+        step_s=step,
         host_bound=bound,
         example_tokens=lengths.mean(setup.seq_len) if lengths is not None else None,
         batching=batching, fill=fill, engine=engine, tokens_per_s_band=(tps * low, tps * high),
@@ -148,7 +152,9 @@ def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients,
                 tokens_per_s_low=round(est.tokens_per_s_band[0] * num_gpus, 1),
                 tokens_per_s_high=round(est.tokens_per_s_band[1] * num_gpus, 1),
                 components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
-                calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=num_gpus)
+                calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=s.num_gpus,
+                parallelism=s.parallelism, cpu_offload=s.cpu_offload,
+                cpu_memory_gib=round(memory.cpu_offload_bytes(model, s) / GIB, 3))
 
 
 def grad_accum_for(effective_batch: int, micro_batch: int, seq_len: int, lengths: ExampleLengths | None,
@@ -162,38 +168,57 @@ def grad_accum_for(effective_batch: int, micro_batch: int, seq_len: int, lengths
     return max(1, round(effective_batch / per_micro))
 
 
+# Ways to use several GPUs, each with the engine that runs it. DDP runs Unsloth's model as on one GPU, without
+# checkpointing: under torch DDP (two H200s, 2026-11-30, issue 16) an 8B LoRA step at 2 x 2048 per GPU held
+# 30.6 GiB, what one GPU holds without checkpointing (16.6 GiB with Unsloth's). FSDP2 with QLoRA needs
+# bitsandbytes' quant_storage and PEFT on plain transformers (Unsloth 2026.10 does not shard): the transformers
+# engine, checkpointing on or off, weights on the GPUs or offloaded to CPU memory.
+SHARDINGS: dict[Parallelism, tuple[tuple[bool, Checkpointing | None, Engine | None], ...]] = {
+    "single": ((False, None, None),),
+    "ddp": ((False, "off", None),),
+    "fsdp": ((False, None, "transformers"), (True, None, "transformers")),
+}
+
+
 def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
                 methods: tuple[Method, ...], ranks: tuple[int, ...], checkpointing: tuple[Checkpointing, ...],
                 limit: float, lengths: ExampleLengths | None = None,
                 batchings: tuple[Batching, ...] = ("padded", "packed"),
-                engine: Engine = "unsloth") -> list[Estimate]:
-    """Every method x rank x checkpointing x layout x token budget (micro_batch sequences of seq_len) up to the
-    one that holds the effective batch's examples in one micro-batch. Without the data's lengths only padded
-    (full sequences) is timed."""
+                engine: Engine = "unsloth", num_gpus: int = 1) -> list[Estimate]:
+    """Every parallelism x method x rank x checkpointing x layout x token budget (micro_batch sequences of
+    seq_len) up to the one that holds the effective batch's examples in one micro-batch. Without the data's
+    lengths only padded (full sequences) is timed. One GPU: 'single'; several: DDP and FSDP (SHARDINGS)."""
     if lengths is None:
         batchings = ("padded",)
     out = []
-    for method in methods:
-        for rank in ranks:
-            for ckpt in checkpointing:
-                for layout in batchings:
-                    for micro in MICRO_BATCHES:
-                        accum = grad_accum_for(effective_batch, micro, seq_len, lengths, layout)
-                        setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
-                                      grad_accum=accum, checkpointing=ckpt)
-                        out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, engine))
-                        if accum == 1:  # a larger budget would hold more than a whole step's examples
-                            break
+    for parallelism in (("single",) if num_gpus == 1 else ("ddp", "fsdp")):
+        for offload, only_ckpt, only_engine in SHARDINGS[parallelism]:
+            eng = only_engine or engine
+            for method in methods:
+                for rank in ranks:
+                    for ckpt in ((only_ckpt,) if only_ckpt else checkpointing):
+                        for layout in batchings:
+                            for micro in MICRO_BATCHES:
+                                accum = grad_accum_for(effective_batch, micro, seq_len, lengths, layout)
+                                setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
+                                              grad_accum=accum, checkpointing=ckpt, parallelism=parallelism,
+                                              num_gpus=num_gpus, cpu_offload=offload)
+                                out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, eng))
+                                if accum == 1:  # a larger budget would hold more than a step's examples
+                                    break
     return out
 
 
-def _preference(est: Estimate, fastest: float) -> tuple[int, int, bool, float, float]:
-    """Order among fitting estimates: 16-bit LoRA first (no quantization error), then speed (ties within
-    SPEED_TIE), then GPU-bound over host-bound (whose speed varies with the host's CPU), then the rank nearest
-    the default, then the smaller memory."""
+def _preference(est: Estimate, fastest: float) -> tuple[bool, bool, int, bool, float, float]:
+    """Order among fitting estimates: no CPU offload (it needs the host's memory and its PCIe link) where
+    anything else fits, then 16-bit LoRA (no quantization error), then speed (ties within SPEED_TIE), then
+    GPU-bound over host-bound (whose speed varies with the host's CPU), then the rank nearest the default,
+    then the smaller memory."""
     s = est.setup
     speed_bucket = math.floor((1 - est.tokens_per_s / fastest) / SPEED_TIE) if fastest else 0
-    return (s.method != "lora", speed_bucket, est.host_bound, abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
+    # Offloaded, QLoRA's 4-bit weights need a quarter of 16-bit LoRA's CPU memory: QLoRA first there.
+    return (s.cpu_offload, s.method != ("qlora" if s.cpu_offload else "lora"), speed_bucket, est.host_bound,
+            abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
 
 
 def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DEFAULT_SEQ_LEN,
@@ -216,7 +241,7 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     seq = seq_len
     while True:
         cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit,
-                            lengths, batchings, engine)
+                            lengths, batchings, engine, num_gpus)
         fitting = [c for c in cands if c.fits]
         if fitting or seq // 2 < MIN_SEQ_LEN:
             break
@@ -266,15 +291,29 @@ def _reason(best: Estimate, cands: list[Estimate], seq: int, requested: int, lim
         why = f"QLoRA ({best.total_gib:.1f} GiB of {room:.1f} GiB usable)"
     budget = f"token budget {s.tokens:,} ({s.micro_batch} x {s.seq_len})"
     why += f"; {budget} x {s.grad_accum} accumulation is the fastest that fits"
-    if best.engine == "transformers":
+    if best.engine == "transformers" and s.parallelism != "fsdp":
         why += ", on transformers + PEFT (Unsloth fails on this model family)"
     if s.checkpointing == "off":
         why += ", without checkpointing (room for all activations)"
     if seq != requested:
         why = f"at seq {requested} nothing fits; at seq {seq}: " + why
     if num_gpus > 1:
-        why += f"; {num_gpus} GPUs assumed to scale linearly (data parallel, not measured)"
+        why += "; " + _parallel_reason(best, cands, num_gpus)
     return why
+
+
+def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> str:
+    """Which of DDP and FSDP fit on these GPUs, which is chosen, and what is not measured."""
+    s = best.setup
+    ddp_fits = any(c.fits and c.setup.parallelism == "ddp" for c in cands)
+    if s.parallelism == "ddp":
+        why = f"DDP over {num_gpus} GPUs: each holds the whole model"
+    else:
+        why = (f"FSDP over {num_gpus} GPUs (transformers + PEFT: Unsloth does not shard): weights, adapters and "
+               "optimizer sharded"
+               + (", frozen weights offloaded to CPU memory" if s.cpu_offload else "")
+               + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model)"))
+    return why + "; multi-GPU speed is estimated, not yet measured"
 
 
 def train_time_s(tokens: float, epochs: float, plan_: Plan) -> float:

@@ -79,10 +79,45 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 
 
 def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
+    """The GPU's time for a micro-batch: its work, or under FSDP the weights' transfers if they take longer
+    (FSDP2 gathers the next layer while this one computes)."""
     compute = timed_flops_per_token(model, setup) * setup.tokens / (gpu.tensor_tflops * 1e12 * coeffs.mfu)
     moved = (coeffs.elementwise_bytes * elementwise_units(model, setup)
              + coeffs.dequant_bytes * quantized_weights(model, setup))
-    return compute + moved / (gpu.bandwidth_gb_s * 1e9)
+    return max(compute + moved / (gpu.bandwidth_gb_s * 1e9), fsdp_transfer_s(model, setup, gpu))
+
+
+# Several GPUs (torch.distributed). Two ranks of rigplan's trainer sharing one host (two H200s, 2026-11-30) ran
+# 10,137 and 10,566 tok/s where one alone ran 11,024 (issue 16): the host's CPU is shared, 0.94 of one GPU's
+# speed each. Not yet measured under DDP itself.
+DATA_PARALLEL_EFFICIENCY = 0.94
+
+
+def gradient_sync_s(model: ModelSpec, setup: Setup, gpu: GpuSpec) -> float:
+    """Per optimizer step: the adapters' fp32 gradients all-reduced (DDP) or reduce-scattered (FSDP) over the
+    link between GPUs, a ring: 2 (N-1) / N of the bytes each way for an all-reduce, half that for FSDP."""
+    n = setup.num_gpus
+    if n == 1 or setup.parallelism == "single":
+        return 0.0
+    grads = 4 * lora_params(model, setup.rank)
+    share = (2 if setup.parallelism == "ddp" else 1) * (n - 1) / n
+    return share * grads / (gpu.link_gb_s * 1e9)
+
+
+def fsdp_transfer_s(model: ModelSpec, setup: Setup, gpu: GpuSpec) -> float:
+    """FSDP per micro-batch: every layer's weights gathered from the other GPUs in each pass (forward, the
+    recompute, backward), (N-1)/N of them over the link; with CPU offload this GPU's shard also comes over its
+    own PCIe link in each pass."""
+    if setup.parallelism != "fsdp":
+        return 0.0
+    from rigplan.estimator.memory import base_weights_bytes
+
+    weights = base_weights_bytes(model, setup.method)
+    n = setup.num_gpus
+    seconds = passes(setup) * weights * (n - 1) / n / (gpu.link_gb_s * 1e9)
+    if setup.cpu_offload:
+        seconds += passes(setup) * weights / n / (gpu.pcie_gb_s * 1e9)
+    return seconds
 
 
 def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:

@@ -88,7 +88,7 @@ def test_plan_json_round_trips_exactly(coeffs) -> None:
 def test_multi_gpu_splits_the_effective_batch(coeffs) -> None:
     one = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs).best
     two = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs, num_gpus=2)
-    assert two.best.effective_batch * 2 == one.effective_batch and "not measured" in two.reason
+    assert two.best.effective_batch * 2 == one.effective_batch and "not yet measured" in two.reason
 
 
 def test_speed_follows_the_datas_examples_memory_the_full_sequence(coeffs) -> None:
@@ -234,3 +234,46 @@ def test_max_seq_is_the_longest_that_fits(coeffs) -> None:
     assert not longer.fits
     assert planner.max_seq(LLAMA8B, resolve_gpu("h100-sxm"), coeffs, "qlora", 32).setup.seq_len > q.setup.seq_len
     assert planner.max_seq(resolve_model("llama-3.1-70b"), gpu, coeffs, "lora", 16) is None
+
+
+def test_ddp_holds_the_model_on_each_gpu_and_adds_gradient_buckets(coeffs) -> None:
+    gpu = resolve_gpu("h200")
+    one = planner.estimate(LLAMA8B, Setup("lora", 16, 2, 2048, 4, checkpointing="off"), gpu, coeffs)
+    two = planner.estimate(LLAMA8B, Setup("lora", 16, 2, 2048, 4, checkpointing="off", parallelism="ddp",
+                                          num_gpus=2), gpu, coeffs)
+    buckets = two.components_bytes["ddp_buckets"]
+    assert buckets == one.components_bytes["lora_grads"] > 0
+    assert two.components_bytes["base_weights"] == one.components_bytes["base_weights"]
+    # per GPU: the shared host's efficiency, less the all-reduce over NVLink (well under 1% here)
+    assert two.tokens_per_s == pytest.approx(one.tokens_per_s * 0.94, rel=0.01)
+    best = planner.plan(LLAMA8B, gpu, coeffs, num_gpus=2).best
+    assert best.parallelism == "ddp" and best.num_gpus == 2 and best.checkpointing == "off"
+
+
+def test_fsdp_shards_weights_and_offload_moves_them_to_cpu_memory(coeffs) -> None:
+    """Llama-3.1-70B on RTX 4090s: one card cannot hold it; two hold QLoRA only with the frozen weights
+    offloaded to CPU memory (as FSDP + QLoRA was first shown to run on two 24 GB cards), and the plan says
+    how much CPU memory that takes."""
+    from rigplan.estimator import memory
+
+    model, gpu = resolve_model("llama-3.1-70b"), resolve_gpu("rtx-4090")
+    base = memory.base_weights_bytes(model, "qlora")
+    sharded = memory.components_bytes(model, Setup("qlora", 16, 1, 2048, parallelism="fsdp", num_gpus=2), coeffs)
+    assert sharded["base_weights"] == -(-base // 2) and sharded["fsdp_gather"] > 0
+    offload = Setup("qlora", 16, 1, 2048, parallelism="fsdp", num_gpus=2, cpu_offload=True)
+    assert memory.components_bytes(model, offload, coeffs)["base_weights"] == 0
+    assert memory.cpu_offload_bytes(model, offload) == base
+    assert not planner.plan(model, gpu, coeffs).fits
+    two = planner.plan(model, gpu, coeffs, num_gpus=2)
+    p = two.best
+    assert two.fits and p.parallelism == "fsdp" and p.method == "qlora" and p.cpu_offload
+    assert p.cpu_memory_gib == pytest.approx(base / 2**30, rel=0.01) and "DDP does not fit" in two.reason
+
+
+def test_gradient_sync_is_slower_over_pcie_than_nvlink() -> None:
+    from rigplan.estimator import speed
+
+    setup = Setup("lora", 16, 1, 2048, parallelism="ddp", num_gpus=2)
+    pcie, nvlink = (speed.gradient_sync_s(LLAMA8B, setup, resolve_gpu(g)) for g in ("rtx-4090", "h100-sxm"))
+    assert pcie > 10 * nvlink > 0
+    assert speed.gradient_sync_s(LLAMA8B, Setup("lora", 16, 1, 2048), resolve_gpu("rtx-4090")) == 0
