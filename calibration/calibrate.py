@@ -60,8 +60,12 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
               on_probe: Callable[[int, int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Probe, fit toward the shipped reference (fit.fit's prior: what one architecture's probes cannot
     separate keeps the reference's split) and store; returns the fit's summary."""
+    bad = [m for m in methods if m not in DEFAULT_METHODS]
+    if bad or not methods:
+        raise CalibrationError(f"--methods {','.join(methods)}: pass lora, qlora or lora,qlora")
+    todo = jobs(models, methods, quick)  # unknown models are refused here, before any GPU work
+    store.user_dir()  # and a RIGPLAN_HOME that is a file, before an hour of probes
     gpu = local_gpu()
-    todo = jobs(models, methods, quick)
     n_shapes = len(todo) * len(QUICK_SHAPES if quick else SHAPES)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rigplan-calibrate-") as tmp:

@@ -74,10 +74,11 @@ def net_of_leftover(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_run(row: dict[str, Any]) -> Run:
-    """A Run from a probe row (calibration/probe.py) or a shared/data row ("llama-3.1-8b-L32")."""
+    """A Run from a probe row (calibration/probe.py) or a row of h100-runs/shared-h100-unsloth-runs.jsonl
+    ("llama-3.1-8b-L32")."""
     row = net_of_leftover(row)
     arch, layers = row.get("arch"), row.get("layers")
-    if arch is None:  # shared/data rows name the depth in the model: "<id>-L<layers>"
+    if arch is None:  # shared-h100-unsloth-runs.jsonl names the depth in the model: "<id>-L<layers>"
         arch, _, depth = row["model"].rpartition("-L")
         layers = int(depth)
     spec = reduced(resolve_model(arch), layers)

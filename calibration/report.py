@@ -6,6 +6,7 @@ micro-batch for LoRA and QLoRA with the GPU's limit drawn; tokens/s vs tokens pe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -33,8 +34,24 @@ def _runs(calibration: Path | None) -> tuple[list[fit.Run], object, str]:
     return runs, coeffs, coeffs.gpu
 
 
+def check_inputs(out_dir: Path, calibration: Path | None) -> None:
+    """Before anything is read or drawn: --out must be a folder (or not exist yet), --calibration a file, and
+    the [report] extra installed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CalibrationError(f"--out {out_dir} is a file; pass a folder for the plots (created if missing)")
+    if calibration is not None and not Path(calibration).is_file():
+        raise CalibrationError(f"--calibration {calibration} is not a file; pass a calibration JSON (rigplan "
+                               "calibrate writes them into rigplan's data directory), or leave it out")
+    missing = [name for name in ("pandas", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CalibrationError(f"rigplan report needs {' and '.join(missing)}, not installed here; install the "
+                               "report extra: pip install -e \".[report]\"")
+
+
 def write_report(out_dir: Path, calibration: Path | None = None) -> list[str]:
     """Write the PNGs and the CSV into out_dir; returns their paths."""
+    check_inputs(out_dir, calibration)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +61,10 @@ def write_report(out_dir: Path, calibration: Path | None = None) -> list[str]:
     runs, coeffs, gpu_id = _runs(calibration)
     gpu = resolve_gpu(gpu_id)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CalibrationError(f"--out {out_dir}: cannot create it ({e.strerror}); pass another folder") from e
     rows = []
     for r in runs:
         est = planner.estimate(r.model, r.setup, gpu, coeffs)

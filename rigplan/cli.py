@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import click
 
+from rigplan import errors
 from rigplan.errors import RigplanError
 from rigplan.estimator.planner import DEFAULT_EFFECTIVE_BATCH, DEFAULT_RANK, DEFAULT_SEQ_LEN
 
@@ -46,18 +47,26 @@ def format_table(title: str, headers: list[str], rows: list[list[Any]], decimals
     return "\n".join([title, rule, line(headers), rule] + [line(r) for r in text] + [rule])
 
 
-def _run(fn: Callable[[], Any]) -> Any:
-    """Call library code; a RigplanError becomes one line on stderr and exit code 2."""
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+
+
+def _run(fn: Callable[[], Any], interrupted: str = "interrupted") -> Any:
+    """Call library code; a RigplanError becomes one line on stderr and exit code 2, Ctrl-C one line and 130.
+    Warnings are printed as they come (one line each), not after a long run."""
+    def show(message: Any, *_args: Any, **_kwargs: Any) -> None:
+        click.echo(str(message), err=True)
+
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
-            out = fn()
-        for w in caught:
-            click.echo(str(w.message), err=True)
-        return out
+            warnings.showwarning = show
+            return fn()
     except RigplanError as e:
         click.echo(f"rigplan: {e}", err=True)
         sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo(f"rigplan: {interrupted}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _emit(data: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], str]) -> None:
@@ -219,11 +228,15 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
     """The recommended plan as JSON (to stdout, or --out FILE for rigplan run)."""
     from rigplan import planning as lib
 
-    p = _run(lambda: lib.make_plan(model, gpu, seq_len, data_file, effective_batch, num_gpus, epochs, model_path,
-                                   methods=(method,) if method else ("lora", "qlora"),
-                                   ranks=(rank,) if rank else None))
+    def plan_it() -> Any:
+        errors.require(lib.plan_out_problems(out))  # before planning: --out must be writable
+        return lib.make_plan(model, gpu, seq_len, data_file, effective_batch, num_gpus, epochs, model_path,
+                             methods=(method,) if method else ("lora", "qlora"),
+                             ranks=(rank,) if rank is not None else None)
+
+    p = _run(plan_it)
     if out:
-        out.write_text(p.to_json() + "\n")
+        _run(lambda: lib.save_plan(p, out))
         click.echo(f"wrote {out}: {p.engine} {p.method} r{p.rank}, {p.budget:,} tokens per micro-batch x "
                    f"{p.grad_accum}, seq {p.seq_len}, "
                    f"{p.total_gib:.1f} GiB, {p.tokens_per_s:,.0f} tok/s")
@@ -254,7 +267,7 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--rank", type=int)
 @click.option("--seq", "seq_len", type=int)
 @click.option("--lr", "learning_rate", type=float)
-@click.option("--engine", type=click.Choice(["unsloth", "transformers"]),
+@click.option("--engine", "engine_", type=click.Choice(["unsloth", "transformers"]),
               help="Override the plan's engine (re-estimated) [default: unsloth, transformers + PEFT for families "
                    "Unsloth fails on].")
 @click.option("--batching", type=click.Choice(["packed", "padded"]),
@@ -264,44 +277,48 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
-        engine: str | None, batching: str | None) -> None:
+        engine_: str | None, batching: str | None) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     from rigplan import planning as lib
     from rigplan import store
-    from rigplan.trainer.run import RunOptions
+    from rigplan.trainer import engine
+    from rigplan.trainer import run as runlib
 
-    opts = RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
-                      overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
-                      save_steps=save_steps, max_steps=max_steps, merge=merge)
+    opts = runlib.RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
+                             overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
+                             save_steps=save_steps, max_steps=max_steps, merge=merge)
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
-               "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine,
+               "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine_,
                "batching": batching}
+    def check_inputs() -> None:  # everything typed, before any tokenizer or model loads (--dry-run too)
+        engine.require_training_packages()
+        runlib.check_options(opts, lib.run_problems(changes))
 
-    from rigplan.trainer.engine import configure_allocator
-
-    configure_allocator()  # before anything touches CUDA
+    _run(check_inputs)
+    if resume:
+        checkpoint, skipped = runlib.resume_point(out_dir)
+        click.echo(f"resuming from {checkpoint}" + (f"; skipped {', '.join(skipped)}: half-written (a crash cut "
+                                                     "it short)" if skipped else ""))
+    engine.configure_allocator()  # before anything touches CUDA
 
     def plan_it() -> Any:
-        from rigplan.trainer.engine import count_tokens
-
         local = lib.local_model_dir(model_or_plan)
-        counted = count_tokens(local or lib.hub_id(model_or_plan), data_file, skip_bad)
+        counted = engine.count_tokens(local or lib.hub_id(model_or_plan), data_file, skip_bad)
         return lib.plan_for_run(model_or_plan, gpu, data_file, changes, force, skip_bad, counted=counted)
 
-    p = _run(plan_it)
+    before = "interrupted before training started; nothing was trained"
+    p = _run(plan_it, before)
     click.echo(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
                f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}"
                + (f": {p.peak_reserved_gib:.1f} GiB peak reserved, {p.tokens_per_s:,.0f} tok/s predicted"
                   + (f" (examples of {p.example_tokens:,.0f} tokens)" if p.example_tokens else "")
                   if p.total_gib else ""))
     if dry_run:
-        from rigplan.trainer.run import dry_run_report
-
-        click.echo(json.dumps(_run(lambda: dry_run_report(p, opts)), indent=2))
+        click.echo(json.dumps(_run(lambda: runlib.dry_run_report(p, opts), before), indent=2))
         return
-    from rigplan.trainer.run import train
-
-    summary = _run(lambda: train(p, opts))
+    # Once training starts, Ctrl-C saves a checkpoint and the summary says 130; before or after it, _run does.
+    summary = _run(lambda: runlib.train(p, opts), "interrupted outside training (loading or saving); run again, "
+                   "with --resume if a checkpoint was saved")
     if summary.get("measured", {}).get("peak_reserved_gib") is not None and p.gpu != "cpu":
         store.record_run(store.user_dir() / store.RUNS_LOG, summary, p.to_json())
     click.echo(f"{summary['status']} after {summary['global_step']} steps; loss {summary['first_loss']} -> "

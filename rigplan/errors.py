@@ -26,3 +26,10 @@ class DataError(RigplanError):
 
 class CalibrationError(RigplanError):
     """A calibration file or probe could not be used."""
+
+
+def require(problems: list[str]) -> None:
+    """One ConfigError naming every problem, gathered before anything runs (as litgpt's validate_args); each
+    problem says what is wrong, then what to do."""
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rigplan import data, store
-from rigplan.errors import ConfigError, UnknownGpuError
+from rigplan.errors import ConfigError, UnknownGpuError, require
 from rigplan.estimator import planner
 from rigplan.estimator.plan import Coefficients, Engine, ExampleLengths, Plan, Setup
 from rigplan.profiles import catalog, nvml
@@ -73,16 +73,10 @@ def input_problems(values: dict[str, Any]) -> list[str]:
         if v is None:
             continue
         if key in WHOLE and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            problems.append(f"{FLAGS[key]} {v} must be a whole number >= 1")
+            problems.append(f"{FLAGS[key]} {v}: pass a whole number >= 1")
         elif key in POSITIVE and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            problems.append(f"{FLAGS[key]} {v} must be a finite number > 0")
+            problems.append(f"{FLAGS[key]} {v}: pass a finite number > 0")
     return problems
-
-
-def require(problems: list[str]) -> None:
-    """One ConfigError naming every problem, or nothing."""
-    if problems:
-        raise ConfigError("; ".join(problems) + ("; change it" if len(problems) == 1 else "; change them"))
 
 
 def workload_problems(data_file: Path | None, examples: int | None, avg_tokens: float | None) -> list[str]:

@@ -143,8 +143,8 @@ def test_plan_out_writes_a_plan_run_can_read(tmp_path) -> None:
     (["check", "lama-3.1-8b", "--gpu", "4090"], "did you mean 'llama-3.1-8b'"),
     (["check", "llama-3.1-8b", "--gpu", "rtx-9999"], "unknown GPU 'rtx-9999'"),
     (["check", "llama-3.1-8b", "--gpu", "4090", "--seq", "200000"], "exceeds llama-3.1-8b's context (131072)"),
-    (["estimate", "llama-3.1-8b", "--micro-batch", "0", "--gpu", "4090"], "--micro-batch 0 must be a whole number >= 1"),
-    (["estimate", "llama-3.1-8b", "--rank", "0", "--gpu", "4090"], "--rank 0 must be a whole number >= 1"),
+    (["estimate", "llama-3.1-8b", "--micro-batch", "0", "--gpu", "4090"], "--micro-batch 0: pass a whole number >= 1"),
+    (["estimate", "llama-3.1-8b", "--rank", "0", "--gpu", "4090"], "--rank 0: pass a whole number >= 1"),
     (["check", "./no/such/config.json", "--gpu", "4090"], "unknown model"),
     (["plan", "llama-3.1-70b", "--gpu", "rtx-4090"], "does not fit"),
 ])

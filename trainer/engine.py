@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import os
 import platform
 import sys
 from pathlib import Path
@@ -34,6 +35,53 @@ def configure_allocator() -> None:
 
     if not any(os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_ALLOC_CONF"] = ALLOC_CONF
+
+
+# What `rigplan run` imports: pyproject.toml's [train] extra (the base install is check's, without torch).
+TRAIN_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
+# Seconds to wait for the Hugging Face hub before calling it unreachable: without a network a download retried
+# for 52 s, then printed a 100-line OSError (issue 15).
+HUB_TIMEOUT_S = 10
+
+
+def require_training_packages() -> None:
+    """The [train] extra, or one line saying how to install it (before anything imports it)."""
+    missing = [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RigplanError(f"rigplan run needs {', '.join(missing)}, not installed here; install the training "
+                           "extra: pip install -e \".[train]\" (\".[gpu]\" on a CUDA machine)")
+
+
+def _offline() -> bool:
+    # huggingface_hub's own switches (https://huggingface.co/docs/huggingface_hub/package_reference/environment_variables)
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def require_weights(path: str) -> None:
+    """Fail in a second, not after a minute of retries, when the weights are neither on this machine (a
+    directory, or the hub cache) nor reachable on the hub; nothing is downloaded here."""
+    if model_source(path)[1]:
+        return
+    if path.startswith(("/", ".", "~")):
+        raise RigplanError(f"model directory {path} does not exist; pass a local model directory or a hub id")
+    import httpx
+    import huggingface_hub as hub
+    from huggingface_hub import errors
+
+    try:
+        if isinstance(hub.try_to_load_from_cache(path, "config.json"), str):
+            return
+        if _offline():
+            raise RigplanError(f"cannot download {path}: offline (HF_HUB_OFFLINE) and not in the hub cache; "
+                               "pass a local directory, or unset HF_HUB_OFFLINE")
+        hub.model_info(path, timeout=HUB_TIMEOUT_S)
+    except errors.RepositoryNotFoundError as e:
+        raise RigplanError(f"{path} is not on the Hugging Face hub (or is private); pass a local directory or "
+                           "an existing hub id (hf auth login for private ones)") from e
+    except (OSError, httpx.HTTPError, errors.HfHubHTTPError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RigplanError(f"cannot download {path} ({reason}); pass a local directory or check your network") from e
 
 
 def import_engine(engine: str) -> None:
@@ -137,6 +185,7 @@ def count_tokens(model_path: str, data_file: Path, skip_bad: bool = False) -> tu
     line-numbered, unless skip_bad."""
     from rigplan import data
 
+    data.estimated_lengths(Path(data_file), skip_bad)  # every data problem, before any tokenizer loads
     import_first()
     try:
         from transformers import AutoTokenizer

@@ -61,8 +61,9 @@ def run_readme(plan: Plan, report: dict[str, Any], summary: dict[str, Any]) -> s
     ])
 
 
-def merge_and_save(plan: Plan, adapter_dir: Path, out_dir: Path) -> Path:
-    """Merged 16-bit weights: the base reloaded in bf16 (never the 4-bit one), the adapter merged in."""
+def merge_and_save(plan: Plan, adapter_dir: Path, out_dir: Path, tokenizer: Any) -> Path:
+    """Merged 16-bit weights: the base reloaded in bf16 (never the 4-bit one), the adapter merged in, and the
+    tokenizer beside them (without it, AutoTokenizer on the folder loaded a one-token tokenizer)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -71,6 +72,7 @@ def merge_and_save(plan: Plan, adapter_dir: Path, out_dir: Path) -> Path:
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=local)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
@@ -83,6 +85,6 @@ def write_outputs(model: Any, tokenizer: Any, plan: Plan, out: Path, report: dic
     (out / "README.md").write_text(run_readme(plan, report, summary))
     files = {"adapter": str(adapter), "modelfile": str(out / "Modelfile")}
     if merge and summary["status"] in ("done", "early_stopped"):
-        files["merged"] = str(merge_and_save(plan, adapter, out / "merged"))
+        files["merged"] = str(merge_and_save(plan, adapter, out / "merged", tokenizer))
     (out / "files.json").write_text(json.dumps(files, indent=2) + "\n")
     return files

@@ -14,12 +14,13 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from rigplan import data as datalib
-from rigplan.errors import ConfigError, DataError, RigplanError
+from rigplan.errors import ConfigError, DataError, RigplanError, require
 from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
 
@@ -73,16 +74,76 @@ class PreparedData:
     report: dict[str, Any]
 
 
-def check_out_dir(opts: RunOptions) -> None:
+def option_problems(opts: RunOptions) -> list[str]:
+    """Every problem with how the run is asked to go, gathered: numbers out of range, and an output directory
+    that is a file, holds another run, or has nothing to resume."""
+    problems = []
+    if not Path(opts.data).is_file():
+        what = "is a directory" if Path(opts.data).is_dir() else "does not exist"
+        problems.append(f"--data {opts.data} {what}; pass a JSONL or JSON file")
+    f = opts.eval_fraction
+    if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0 <= f < 1):
+        problems.append(f"--eval-fraction {f}: pass a share from 0 up to (not including) 1, such as 0.05")
+    for flag, v in (("--patience", opts.patience), ("--save-steps", opts.save_steps)):
+        if v < 1:
+            problems.append(f"{flag} {v}: pass a whole number >= 1")
+    if opts.max_steps == 0 or opts.max_steps < -1:
+        problems.append(f"--max-steps {opts.max_steps}: pass a whole number >= 1, or -1 to run the plan's epochs")
+    return problems + out_dir_problems(opts)
+
+
+def out_dir_problems(opts: RunOptions) -> list[str]:
     """Never overwrite a run: a non-empty output directory needs --overwrite or --resume."""
     out = Path(opts.out_dir)
+    if out.exists() and not out.is_dir():
+        return [f"--out {out} is a file; pass a directory (created if missing)"]
+    if opts.resume and opts.overwrite:
+        return ["pass --resume (continue the run in --out) or --overwrite (replace it), not both"]
     if opts.resume:
-        if _last_checkpoint(out) is None:
-            raise ConfigError(f"{out}: no checkpoint to resume from; drop --resume to start a new run")
-        return
+        if resume_point(out)[0] is None:
+            return [f"{out}: no checkpoint to resume from; drop --resume to start a new run"]
+        return []
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise ConfigError(f"{out} is not empty; pass --resume to continue that run, --overwrite to replace it, "
-                          "or --out with a new directory")
+        return [f"{out} is not empty; pass --resume to continue that run, --overwrite to replace it, "
+                "or --out with a new directory"]
+    return []
+
+
+def check_options(opts: RunOptions, more: list[str] | None = None) -> None:
+    """One ConfigError naming every problem with the run's options and (more) its plan overrides, before any
+    tokenizer or model loads; --dry-run included."""
+    require((more or []) + option_problems(opts))
+
+
+def check_out_dir(opts: RunOptions) -> None:
+    require(out_dir_problems(opts))
+
+
+def resume_point(out_dir: Path) -> tuple[str | None, list[str]]:
+    """The newest checkpoint transformers finished writing (marked by the guard's on_save), and the newer ones
+    a crash cut short, which are skipped."""
+    found = sorted(Path(out_dir).glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
+    done = [p for p in found if (p / CHECKPOINT_COMPLETE).exists()]
+    if not done:
+        return None, [str(p) for p in found]
+    return str(done[-1]), [str(p) for p in found if _checkpoint_step(p) > _checkpoint_step(done[-1])
+                           and not (p / CHECKPOINT_COMPLETE).exists()]
+
+
+def _checkpoint_step(path: Path) -> int:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def trim_metrics(out_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl rows logged after the checkpoint a run resumes from: the resumed run logs those steps
+    again (after a kill -9 they were repeated)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
@@ -93,8 +154,8 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
     if issues and not opts.skip_bad:
         raise DataError(datalib.issues_message(opts.data, issues))
     template = datalib.use_template(tokenizer, fmt)
-    rows, lengths, overlong = [], [], 0
-    for _, record in good:
+    rows, lengths, overlong, answerless = [], [], 0, []
+    for line, record in good:
         ids, labels = datalib.tokenize(record, fmt, tokenizer)
         lengths.append(len(ids))
         if len(ids) > plan.seq_len:
@@ -104,6 +165,13 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
             ids, labels = ids[: plan.seq_len], labels[: plan.seq_len]
         if any(x != -100 for x in labels):
             rows.append({"input_ids": ids, "labels": labels})
+        else:  # the prompt filled the sequence: nothing of the answer is left to train on
+            answerless.append(line)
+    if answerless:
+        warnings.warn(f"rigplan: {len(answerless)} example(s) lost their whole answer to truncation at seq "
+                      f"{plan.seq_len} and are left out (line(s) {', '.join(map(str, answerless[:5]))}"
+                      f"{', ...' if len(answerless) > 5 else ''}); pass a longer --seq to train on them",
+                      stacklevel=2)
     if not rows:
         raise DataError(f"{opts.data}: no example left to train on after validation and --overlong {opts.overlong}")
     fraction = opts.eval_fraction
@@ -123,6 +191,7 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
         "length_p50": datalib.percentile(lengths, 50), "length_p95": datalib.percentile(lengths, 95),
         "length_max": max(lengths), "seq_len": plan.seq_len, "overlong": overlong,
         "overlong_share": round(overlong / len(lengths), 4), "overlong_action": opts.overlong,
+        "answer_truncated_away": len(answerless),
     }
     real = sum(len(r["input_ids"]) for r in train_rows)
     random_fill = non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed)
@@ -144,14 +213,23 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
 
 def dry_run_report(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     """What a run would train on (the data report, tokenized with the model's tokenizer), without training."""
-    from rigplan.trainer.engine import import_engine, model_source
+    from rigplan.trainer.engine import import_engine, model_source, require_weights
 
-    import_engine(plan.engine) if plan.engine == "unsloth" and _cuda() else None
+    require_weights(plan.model_path)
+    cuda = _cuda()
+    if plan.gpu != "cpu" and not cuda:
+        warnings.warn(f"rigplan: {no_cuda_message(plan)}", stacklevel=2)
+    import_engine(plan.engine) if plan.engine == "unsloth" and cuda else None
     from transformers import AutoTokenizer
 
     path, local = model_source(plan.model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     return {"plan": json.loads(plan.to_json()), "data_report": prepare_data(plan, tokenizer, opts).report}
+
+
+def no_cuda_message(plan: Plan) -> str:
+    return (f"this plan is for {plan.gpu}, but this machine has no CUDA GPU: its memory and speed would not "
+            f"hold; train it on a {plan.gpu}, or plan for this machine with rigplan run {plan.model} --gpu auto")
 
 
 def _cuda() -> bool:
@@ -476,9 +554,7 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
 
 def _last_checkpoint(out_dir: Path) -> str | None:
     """The newest checkpoint transformers finished writing (marked by the guard's on_save)."""
-    found = sorted((p for p in out_dir.glob("checkpoints/checkpoint-*") if (p / CHECKPOINT_COMPLETE).exists()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    return str(found[-1]) if found else None
+    return resume_point(out_dir)[0]
 
 
 def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float | None,
@@ -502,21 +578,23 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     """Run the plan with the engine it names. Returns what happened (`status`: done, interrupted, nan,
     early_stopped), where the adapter is, what was measured beside what the plan predicted, and the provenance;
     raises RigplanError for what the user must fix, before anything loads where possible."""
-    from rigplan.trainer.engine import import_engine, load, model_source, provenance
+    from rigplan.trainer.engine import import_engine, load, model_source, provenance, require_weights
 
-    check_out_dir(opts)
-    import_engine(plan.engine)  # Unsloth before transformers, peft and trl: it patches them on import
+    check_options(opts)
+    require_weights(plan.model_path)  # in a second when offline, not after a minute of retries
     import torch
-    from transformers import AutoTokenizer, EarlyStoppingCallback
 
     cuda = torch.cuda.is_available()
+    if plan.gpu != "cpu" and not cuda:
+        raise ConfigError(no_cuda_message(plan))
+    import_engine(plan.engine)  # Unsloth before transformers, peft and trl: it patches them on import
+    from transformers import AutoTokenizer, EarlyStoppingCallback
+
     out = Path(opts.out_dir)
+    checkpoint = _last_checkpoint(out) if opts.resume else None
     path, local = model_source(plan.model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     prepared = prepare_data(plan, tokenizer, opts)  # every data problem surfaces before the model loads
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
-    (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
 
     from datasets import Dataset
     from transformers import set_seed
@@ -525,6 +603,12 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     # seed first, or two runs of one plan start from different adapters.
     set_seed(plan.seed)
     model, tokenizer = load(plan)
+    # Written once the model has loaded: a run stopped before (Ctrl-C, a failed download) leaves --out as it was.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(plan.to_json() + "\n")
+    (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
+    if checkpoint:
+        trim_metrics(out, _checkpoint_step(Path(checkpoint)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     has_eval = bool(prepared.eval)
@@ -545,7 +629,6 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             sampler.start()
-        checkpoint = _last_checkpoint(out) if opts.resume else None
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         runtime = time.perf_counter() - t0
