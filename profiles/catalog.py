@@ -218,8 +218,8 @@ def _positive_int(value: Any) -> int | None:
 def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: str) -> list[str]:
     """Every reason a config.json is not one rigplan can estimate, gathered."""
     types = supported_model_types()
-    supported = (f"rigplan estimates the decoder-only model types {', '.join(types)} (rigplan models lists "
-                 "them); other mixture-of-experts models are not supported yet")
+    supported = (f"pass a model of a type rigplan estimates: {', '.join(types)} (decoder-only, dense but for "
+                 "Mixtral; rigplan models lists them; other mixture-of-experts models are not supported yet)")
     archs = [a for a in config.get("architectures") or () if isinstance(a, str)]
     if archs and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
         return [f"{archs[0]} is not a causal language model; {supported}"]
@@ -248,7 +248,8 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
     model_type = cfg.get("model_type") or config.get("model_type", "")
     problems = _config_problems(cfg, config, model_type)
     if problems:
-        raise UnknownModelError(f"{source}: {'; '.join(problems)}")
+        raise UnknownModelError(f"{source}: {'; '.join(problems)}" + ("" if "rigplan models" in problems[0]
+                                                                        else "; fix config.json"))
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     return ModelSpec(
         id=model_id,

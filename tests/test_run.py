@@ -206,6 +206,54 @@ def test_merge_writes_weights_equal_to_base_plus_adapter(model_dir, data_file, t
     assert (base(input_ids=ids).logits - tuned).abs().max() > 1.0
 
 
+def _one_architecture(model_dir: Path) -> None:
+    if "qwen" in model_dir.name:
+        pytest.skip("one architecture is enough: this is the trainer's behaviour, not the model's")
+
+
+def test_merge_writes_the_tokenizer_into_the_merged_folder(model_dir, data_file, tmp_path) -> None:
+    """AutoTokenizer on a merged folder without tokenizer files loaded a one-token tokenizer."""
+    _one_architecture(model_dir)
+    from transformers import AutoTokenizer
+
+    train(plan_for(model_dir), RunOptions(data=data_file, out_dir=tmp_path / "o", max_steps=1, merge=True))
+    merged, base = (AutoTokenizer.from_pretrained(d) for d in (tmp_path / "o" / "merged", model_dir))
+    assert len(merged) == len(base) > 1 and merged("w1 w2")["input_ids"] == base("w1 w2")["input_ids"]
+
+
+def test_resume_after_a_kill_does_not_repeat_metrics(model_dir, data_file, tmp_path, monkeypatch) -> None:
+    """A kill -9 after step 7 leaves checkpoint-5 whole and checkpoint-7 half-written: --resume takes 5, and
+    metrics.jsonl keeps each step once (the rows of steps 6 and 7 were logged twice)."""
+    _one_architecture(model_dir)
+    plan = plan_for(model_dir, epochs=1.0)
+    _interrupt_at(monkeypatch, 7)
+    train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=5))
+    monkeypatch.undo()
+    (tmp_path / "o" / "checkpoints" / "checkpoint-7" / runlib.CHECKPOINT_COMPLETE).unlink()  # as a kill leaves it
+    assert runlib.resume_point(tmp_path / "o") == (str(tmp_path / "o" / "checkpoints" / "checkpoint-5"),
+                                                   [str(tmp_path / "o" / "checkpoints" / "checkpoint-7")])
+    done = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=5, resume=True))
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "o" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, done["global_step"] + 1))
+
+
+def test_examples_whose_answer_truncation_removes_are_counted_and_warned(model_dir, tmp_path) -> None:
+    """An Alpaca record whose prompt fills the sequence has no answer token left: it is left out with a
+    warning naming its line, and the data report counts it (3 of 3,000 once vanished without a word)."""
+    _one_architecture(model_dir)
+    from transformers import AutoTokenizer
+
+    f = tmp_path / "long-prompts.jsonl"
+    rows = [{"instruction": "w1 w2", "output": "w3 w4"}] * 8 + [{"instruction": "w5 " * 200, "output": "w6"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.warns(UserWarning, match=r"1 example\(s\) lost their whole answer to truncation at seq 64 .*line"
+                                         r"\(s\) 9\); pass a longer --seq"):
+        report = runlib.prepare_data(plan_for(model_dir), AutoTokenizer.from_pretrained(model_dir),
+                                     RunOptions(data=f, out_dir=tmp_path / "o")).report
+    assert report["answer_truncated_away"] == 1 and report["examples"] == 8
+
+
 def _load_with_small_gpu(monkeypatch, too_big) -> None:
     """Models that raise CUDA's out-of-memory error on a forward whose inputs are too_big(kwargs)."""
     from rigplan.trainer import engine
