@@ -66,6 +66,9 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
     todo = jobs(models, methods, quick)  # unknown models are refused here, before any GPU work
     store.user_dir()  # and a RIGPLAN_HOME that is a file, before an hour of probes
     gpu = local_gpu()
+    from rigplan.trainer.engine import require_training_packages
+
+    require_training_packages("rigplan calibrate")  # the probes train
     n_shapes = len(todo) * len(QUICK_SHAPES if quick else SHAPES)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rigplan-calibrate-") as tmp:

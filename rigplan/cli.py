@@ -293,6 +293,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     def check_inputs() -> None:  # everything typed, before any tokenizer or model loads (--dry-run too)
         engine.require_training_packages()
         runlib.check_options(opts, lib.run_problems(changes))
+        lib.hub_id(model_or_plan)  # a known model, a readable config.json or a valid plan.json
 
     _run(check_inputs)
     if resume:

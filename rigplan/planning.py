@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,12 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
         p95 = data.percentile(lengths, 95)
         # Round the 95th percentile up to a multiple of 256: longer examples are truncated (5% at most).
         seq = seq_len or max(256, -(-p95 // 256) * 256)
-        if seq_len is None and context:  # the data's choice, never beyond what the model can read
-            seq = min(seq, context)
+        if seq_len is None and context and seq > context:  # the data's choice, never beyond the model's context
+            seq = context
+            longer = sum(n > context for n in lengths) / len(lengths)
+            warnings.warn(f"rigplan: {longer:.0%} of {data_file}'s examples are longer than the model's context "
+                          f"({context:,} tokens); they train cut to it (rigplan run --overlong drop leaves them out)",
+                          stacklevel=2)
         tokens = sum(min(n, seq) for n in lengths)
         tokens = tokens / len(lengths) * examples_  # counted lengths may be a sample of the file
         return Workload(tokens, epochs, examples_, tokens / examples_, f"{data_file} ({how})",
@@ -364,9 +369,15 @@ def read_plan(path: Path) -> Plan | None:
     if '"schema_version"' not in text:
         return None
     try:
-        return Plan.from_json(text)
+        plan = Plan.from_json(text)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{path}: not a plan this rigplan reads ({e}); make one with rigplan plan --out") from e
+    bad = [f"{k} {getattr(plan, k)}" for k in ("micro_batch", "grad_accum", "rank", "seq_len", "epochs",
+                                                "learning_rate") if input_problems({k: getattr(plan, k)})]
+    if bad:
+        raise ConfigError(f"{path}: {', '.join(bad)} out of range; fix the file or make a new plan with "
+                          "rigplan plan --out")
+    return plan
 
 
 def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: dict[str, Any],

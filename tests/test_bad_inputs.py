@@ -207,6 +207,10 @@ CASES: list[tuple[str, Case, str]] = [
      "did you mean"),
     ("run-bad-data", lambda w: ["run", "llama-3.2-1b", "--data", w.data(ALPACA, "{oops"), "--out", str(w.out)],
      "line 2: invalid JSON"),
+    ("run-plan-with-epochs-0", lambda w: ["run", w.plan(epochs=0.0, rank=-1), "--data", w.good_data(),
+                                          "--out", str(w.out)], "rank -1, epochs 0.0 out of range"),
+    ("run-bert-directory", lambda w: ["run", w.config(**BERT_CONFIG), "--data", w.good_data(), "--out", str(w.out)],
+     "BertForMaskedLM is not a causal language model"),
     ("run-corrupt-plan", lambda w: ["run", w.file("plan.json", '{"schema_version": 2, "model": 1}'),
                                     "--data", w.good_data(), "--out", str(w.out)], "not a plan this rigplan reads"),
 ]

@@ -189,3 +189,36 @@ def test_host_bound_speed_is_flagged_and_gpu_bound_is_not() -> None:
     assert "speed: host-bound" in small.output and "host-bound" not in big.output
     assert json.loads(invoke(*args, "--micro-batch", "1", "--json").output)["host_bound"] is True
     assert json.loads(invoke(*args, "--micro-batch", "4", "--json").output)["host_bound"] is False
+
+
+def test_phi4_on_rtx3060_says_it_fits_only_at_a_shorter_sequence() -> None:
+    """It printed DOES NOT FIT and then a recommended plan: the verdict now says the plan is for a shorter
+    sequence, and at which one."""
+    r = invoke("check", "phi-4", "--gpu", "rtx-3060")
+    assert r.exit_code == 0, r.output
+    verdict = r.output.splitlines()[1]
+    assert verdict.startswith("verdict: FITS ONLY AT A SHORTER SEQUENCE: at seq 2048 nothing fits; at seq ")
+    assert "DOES NOT FIT" not in r.output and "recommended" in r.output
+
+
+def test_a_qlora_verdict_states_the_memory_kept_free() -> None:
+    """"16-bit LoRA needs at least 134.8 GiB of 140.4 GiB" read as a contradiction: the 10% kept free is said."""
+    reason = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "h200", "--json").output)["reason"]
+    assert "16-bit LoRA needs at least" in reason and "GiB usable (10% of 140.4 GiB kept free)" in reason
+
+
+def test_lora_chosen_over_a_faster_qlora_says_why() -> None:
+    reason = json.loads(invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--json").output)["reason"]
+    assert "QLoRA would be faster here, but 16-bit LoRA is preferred (no quantization error" in reason
+
+
+def test_data_longer_than_the_context_plans_at_the_context(tmp_path) -> None:
+    """The data's sequence length (its 95th percentile) is capped at the model's context: a file of very long
+    records once made check refuse a --seq nobody had passed."""
+    f = tmp_path / "long.jsonl"
+    f.write_text("\n".join(json.dumps({"text": "w" * 200_000}) for _ in range(5)) + "\n")  # ~50k tokens each
+    r = invoke("check", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--data", str(f), "--json")
+    assert json.loads(r.stdout)["recommended"]["seq"] == 32_768
+    assert r.stderr.splitlines() == [f"rigplan: 100% of {f}'s examples are longer than the model's context "
+                                     "(32,768 tokens); they train cut to it (rigplan run --overlong drop leaves "
+                                     "them out)"]

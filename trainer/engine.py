@@ -44,11 +44,11 @@ TRAIN_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerat
 HUB_TIMEOUT_S = 10
 
 
-def require_training_packages() -> None:
+def require_training_packages(command: str = "rigplan run") -> None:
     """The [train] extra, or one line saying how to install it (before anything imports it)."""
     missing = [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise RigplanError(f"rigplan run needs {', '.join(missing)}, not installed here; install the training "
+        raise RigplanError(f"{command} needs {', '.join(missing)}, not installed here; install the training "
                            "extra: pip install -e \".[train]\" (\".[gpu]\" on a CUDA machine)")
 
 
