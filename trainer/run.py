@@ -17,20 +17,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rigplan import data as datalib
-from rigplan.errors import ConfigError, DataError, RigplanError, require
+from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
+from rigplan.trainer.options import (  # noqa: F401  (RunOptions and the checks are re-exported: callers import them here)
+    CHECKPOINT_COMPLETE, DEFAULT_EVAL_FRACTION, DEFAULT_PATIENCE, DEFAULT_SAVE_STEPS, EVAL_MIN_EXAMPLES, RunOptions,
+    check_options, check_out_dir, checkpoint_step, option_problems, out_dir_problems, resume_point, trim_metrics)
 
-# Hold out 5% for evaluation once a dataset has this many examples (fewer: every example trains).
-EVAL_MIN_EXAMPLES = 200
-DEFAULT_EVAL_FRACTION = 0.05
-DEFAULT_PATIENCE = 3
-DEFAULT_SAVE_STEPS = 50
-# Written into a checkpoint once transformers has saved all of it; only such checkpoints are resumed from.
-CHECKPOINT_COMPLETE = "rigplan_complete.json"
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
 # On CUDA, log about this often rather than every step: a log is a host-device sync (the loss read with .item(),
@@ -40,110 +36,10 @@ EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, 
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """How to run a plan: data, output, and what to do with bad or long examples."""
-
-    data: Path
-    """JSONL or JSON file of text, Alpaca, chat or ShareGPT records."""
-    out_dir: Path
-    """Where plan.json, reports, checkpoints, the adapter and the Modelfile go."""
-    skip_bad: bool = False
-    """Drop bad records (and say how many) instead of stopping."""
-    overlong: Literal["truncate", "drop"] = "truncate"
-    """What to do with examples longer than the plan's sequence length."""
-    overwrite: bool = False
-    """Allow writing into a non-empty output directory."""
-    resume: bool = False
-    """Continue from the last checkpoint in the output directory."""
-    eval_fraction: float | None = None
-    """Share of examples held out; None: 5% from 200 examples on, else none."""
-    patience: int = DEFAULT_PATIENCE
-    """Evaluations without improvement before early stopping."""
-    save_steps: int = DEFAULT_SAVE_STEPS
-    """Optimizer steps between checkpoints (and evaluations)."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run the plan's epochs)."""
-    merge: bool = False
-    """Also write merged 16-bit weights."""
-
-
-@dataclass(frozen=True)
 class PreparedData:
     train: list[dict[str, list[int]]]
     eval: list[dict[str, list[int]]]
     report: dict[str, Any]
-
-
-def option_problems(opts: RunOptions) -> list[str]:
-    """Every problem with how the run is asked to go, gathered: numbers out of range, and an output directory
-    that is a file, holds another run, or has nothing to resume."""
-    problems = []
-    if not Path(opts.data).is_file():
-        what = "is a directory" if Path(opts.data).is_dir() else "does not exist"
-        problems.append(f"--data {opts.data} {what}; pass a JSONL or JSON file")
-    f = opts.eval_fraction
-    if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0 <= f < 1):
-        problems.append(f"--eval-fraction {f}: pass a share from 0 up to (not including) 1, such as 0.05")
-    for flag, v in (("--patience", opts.patience), ("--save-steps", opts.save_steps)):
-        if v < 1:
-            problems.append(f"{flag} {v}: pass a whole number >= 1")
-    if opts.max_steps == 0 or opts.max_steps < -1:
-        problems.append(f"--max-steps {opts.max_steps}: pass a whole number >= 1, or -1 to run the plan's epochs")
-    return problems + out_dir_problems(opts)
-
-
-def out_dir_problems(opts: RunOptions) -> list[str]:
-    """Never overwrite a run: a non-empty output directory needs --overwrite or --resume."""
-    out = Path(opts.out_dir)
-    if out.exists() and not out.is_dir():
-        return [f"--out {out} is a file; pass a directory (created if missing)"]
-    if opts.resume and opts.overwrite:
-        return ["pass --resume (continue the run in --out) or --overwrite (replace it), not both"]
-    if opts.resume:
-        if resume_point(out)[0] is None:
-            return [f"{out}: no checkpoint to resume from; drop --resume to start a new run"]
-        return []
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        return [f"{out} is not empty; pass --resume to continue that run, --overwrite to replace it, "
-                "or --out with a new directory"]
-    return []
-
-
-def check_options(opts: RunOptions, more: list[str] | None = None) -> None:
-    """One ConfigError naming every problem with the run's options and (more) its plan overrides, before any
-    tokenizer or model loads; --dry-run included."""
-    require((more or []) + option_problems(opts))
-
-
-def check_out_dir(opts: RunOptions) -> None:
-    require(out_dir_problems(opts))
-
-
-def resume_point(out_dir: Path) -> tuple[str | None, list[str]]:
-    """The newest checkpoint transformers finished writing (marked by the guard's on_save), and the newer ones
-    a crash cut short, which are skipped."""
-    found = sorted(Path(out_dir).glob("checkpoints/checkpoint-*"), key=_checkpoint_step)
-    done = [p for p in found if (p / CHECKPOINT_COMPLETE).exists()]
-    if not done:
-        return None, [str(p) for p in found]
-    return str(done[-1]), [str(p) for p in found if _checkpoint_step(p) > _checkpoint_step(done[-1])
-                           and not (p / CHECKPOINT_COMPLETE).exists()]
-
-
-def _checkpoint_step(path: Path) -> int:
-    tail = path.name.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
-def trim_metrics(out_dir: Path, step: int) -> None:
-    """Drop metrics.jsonl rows logged after the checkpoint a run resumes from: the resumed run logs those steps
-    again (after a kill -9 they were repeated)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
@@ -581,12 +477,12 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     from rigplan.trainer.engine import import_engine, load, model_source, provenance, require_weights
 
     check_options(opts)
-    require_weights(plan.model_path)  # in a second when offline, not after a minute of retries
     import torch
 
     cuda = torch.cuda.is_available()
     if plan.gpu != "cpu" and not cuda:
         raise ConfigError(no_cuda_message(plan))
+    require_weights(plan.model_path)  # in a second when offline, not after a minute of retries
     import_engine(plan.engine)  # Unsloth before transformers, peft and trl: it patches them on import
     from transformers import AutoTokenizer, EarlyStoppingCallback
 
@@ -608,7 +504,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     (out / "plan.json").write_text(plan.to_json() + "\n")
     (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
     if checkpoint:
-        trim_metrics(out, _checkpoint_step(Path(checkpoint)))
+        trim_metrics(out, checkpoint_step(Path(checkpoint)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     has_eval = bool(prepared.eval)
