@@ -312,6 +312,18 @@ def test_a_gpu_plan_on_a_machine_without_cuda_is_refused(workspace) -> None:
     assert not workspace.out.exists()
 
 
+def test_qlora_on_a_machine_without_cuda_is_refused_before_the_data_is_tokenized(workspace, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from rigplan.trainer import run as runlib
+
+    monkeypatch.setattr(runlib, "prepare_data", lambda *_a, **_k: pytest.fail("the data was tokenized first"))
+    result = CliRunner().invoke(main, ["run", workspace.plan(method="qlora"), "--data", workspace.good_data(),
+                                       "--out", str(workspace.out)])
+    assert_refused(result, "QLoRA needs a CUDA GPU")
+
+
 def test_weights_not_on_this_machine_fail_fast_offline(workspace, monkeypatch) -> None:
     """No weights here and no network (HF_HUB_OFFLINE): one line at once, not 52 s of retries."""
     pytest.importorskip("torch")

@@ -482,6 +482,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if plan.gpu != "cpu" and not cuda:
         raise ConfigError(no_cuda_message(plan))
+    if plan.method == "qlora" and not cuda:  # said here, not once the tokenizer and data are done
+        raise ConfigError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); pass --method lora on this machine")
     require_weights(plan.model_path)  # in a second when offline, not after a minute of retries
     import_engine(plan.engine)  # Unsloth before transformers, peft and trl: it patches them on import
     from transformers import AutoTokenizer, EarlyStoppingCallback
