@@ -82,7 +82,7 @@ def validate(model: ModelSpec, setup: Setup) -> None:
     """Every problem with a setup, in one error."""
     problems = []
     if setup.micro_batch <= 0:
-        problems.append(f"batch {setup.micro_batch} must be >= 1; pass --batch 1 or more")
+        problems.append(f"micro-batch {setup.micro_batch} must be >= 1; pass --micro-batch 1 or more")
     if setup.rank <= 0:
         problems.append(f"rank {setup.rank} must be >= 1; pass --rank 8, 16, 32 or 64")
     if setup.grad_accum <= 0:
@@ -248,9 +248,12 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
         seq //= 2
     if not fitting:
         smallest = min(cands, key=lambda c: c.total_gib)
+        s = smallest.setup
+        gpus = f" per GPU ({s.parallelism} over {s.num_gpus})" if s.num_gpus > 1 else ""
         return PlanResult(False, None, [], (
-            f"does not fit: the smallest setup ({smallest.setup.method}, rank {smallest.setup.rank}, batch 1, "
-            f"seq {smallest.setup.seq_len}) needs {smallest.total_gib:.1f} GiB of {limit:.1f} GiB"), limit)
+            f"does not fit: the smallest setup ({s.method}, rank {s.rank}, micro-batch 1, seq {s.seq_len}) needs "
+            f"{smallest.total_gib:.1f} GiB{gpus}, over the {limit * (1 - SAFETY_MARGIN):.1f} GiB usable "
+            f"({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free)"), limit)
     fastest = max(c.tokens_per_s for c in fitting)
     fitting.sort(key=lambda c: _preference(c, fastest))
     best = fitting[0]

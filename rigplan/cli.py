@@ -93,7 +93,8 @@ def _render_check(d: dict[str, Any]) -> str:
     rows += [_plan_cells("alternative", a) for a in d["alternatives"]]
     title = (f"rigplan check: {d['model']} on {d['gpu_name']} ({d['gpu_memory_gib']:.1f} GiB, {d['gpu_source']})"
              + (f" x {d['num_gpus']}" if d["num_gpus"] > 1 else ""))
-    out = [title, f"verdict: {verdict}: {d['reason']}"]
+    reason = d["reason"].removeprefix("does not fit: ") if verdict == "DOES NOT FIT" else d["reason"]
+    out = [title, f"verdict: {verdict}: {reason}"]
     if rows:
         out.append(format_table("", PLAN_HEADERS, rows, {"peak GiB": 1, "total GiB": 1, "time h": 2}).lstrip("\n"))
     out.append(f"memory: peak = torch peak reserved, total = what nvidia-smi shows (CUDA context included); "

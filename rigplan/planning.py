@@ -303,7 +303,7 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
                              num_gpus, model_path, load.lengths, methods, ranks)
     if p is None or not result.fits:
-        raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU or a shorter --seq")
+        raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU, more GPUs (--gpus) or a shorter --seq")
     return dataclasses.replace(p, epochs=float(epochs))
 
 

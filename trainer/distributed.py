@@ -1,0 +1,59 @@
+"""Several GPUs on torch.distributed: who this process is, and how `rigplan run` relaunches itself under torchrun.
+
+A plan for N GPUs trains in N processes, one per GPU, as torchrun (or `accelerate launch`, or a cluster launcher
+that sets the same variables) starts them: transformers' Trainer then wraps the model in DDP and shards the
+data by rank (https://huggingface.co/docs/transformers/main/en/perf_train_gpu_many). Only rank 0 writes files
+and prints. Standard library only: the CLI asks before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+# The variables torchrun sets in every process it starts (https://pytorch.org/docs/stable/elastic/run.html).
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# NVLink multicast (NVLS) off in every process: NCCL's multicast setup failed on the machines we measured two
+# GPUs on (the device tool's KINDS.md); plain NVLink rings are what the plans assume.
+NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes outputs and prints."""
+        return self.rank == 0
+
+
+def world() -> World:
+    """From the launcher's environment; one process (rank 0 of 1) when none started this one."""
+    env = os.environ
+    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch, a cluster's) started this process."""
+    return all(v in os.environ for v in LAUNCHER_VARS)
+
+
+def relaunch_command(num_gpus: int, argv: list[str]) -> list[str]:
+    """torchrun starting `python -m rigplan` with the same arguments once per GPU on this host. Several hosts:
+    run that same command on each, with --nnodes, --node-rank and a --rdzv-endpoint they all reach (torchrun's
+    rendezvous), as docs/training.md shows."""
+    torchrun = shutil.which("torchrun")
+    head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    return [*head, "--standalone", f"--nproc-per-node={num_gpus}", "-m", "rigplan", *argv]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment the relaunched processes get: ours, with NCCL_DEFAULTS where unset."""
+    return {**NCCL_DEFAULTS, **os.environ}
