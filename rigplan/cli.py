@@ -104,6 +104,11 @@ def _render_check(d: dict[str, Any]) -> str:
         out.append(_data_speed_note(d["recommended"], d["workload"]["lengths_from_data"]))
     if d["recommended"] and d["recommended"]["host_bound"]:
         out.append(_host_bound_note(d["recommended"]))
+    if d["recommended"] and d["recommended"]["num_gpus"] > 1:
+        r = d["recommended"]
+        out.append(f"gpus: {r['parallelism']} over {r['num_gpus']}; memory per GPU, tok/s for all of them"
+                   + (f"; CPU memory for the offloaded weights: {r['cpu_memory_gib']:.1f} GiB" if r["cpu_offload"]
+                      else ""))
     out += [f"warning: {w}" for w in d["warnings"]]
     return "\n".join(out)
 
@@ -157,23 +162,41 @@ def _data_opts(f: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @click.argument("model")
 @click.option("--gpu", default="auto", show_default=True, help="GPU id/name, or auto for the local one.")
-@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True, help="GPUs, data parallel.")
+@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True,
+              help="GPUs training together (DDP, or FSDP sharding when the model does not fit one).")
 @click.option("--seq", "seq_len", type=int, help=f"Sequence length [default: {DEFAULT_SEQ_LEN}, or from --data].")
 @click.option("--effective-batch", type=int, default=DEFAULT_EFFECTIVE_BATCH, show_default=True,
               help="Examples per optimizer step, all GPUs together.")
 @click.option("--method", type=click.Choice(["lora", "qlora"]), help="Plan only this method [default: either].")
 @click.option("--rank", type=int, help="Plan only this LoRA rank [default: the fastest of 8-64].")
+@click.option("--max-seq", is_flag=True,
+              help="The longest sequence each method trains at micro-batch 1 on this GPU (rank: --rank, 16).")
 @_data_opts
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def check(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_batch: int, method: str | None,
-          rank: int | None, data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
-          as_json: bool) -> None:
+          rank: int | None, max_seq: bool, data_file: Path | None, examples: int | None, avg_tokens: float | None,
+          epochs: float, as_json: bool) -> None:
     """Does MODEL fit this GPU, with which settings, and how long will training take?"""
     from rigplan import planning as lib
 
+    if max_seq:
+        data = _run(lambda: lib.max_seq(model, gpu, rank or DEFAULT_RANK))
+        _emit(data, as_json, _render_max_seq)
+        return
     data = _run(lambda: lib.check(model, gpu, num_gpus, seq_len, data_file, examples, avg_tokens, epochs,
                                   effective_batch, method=method, rank=rank))
     _emit(data, as_json, _render_check)
+
+
+def _render_max_seq(d: dict[str, Any]) -> str:
+    rows = [[m, d["max_seq"][m]] + ([p["checkpointing"], p["peak_reserved_gib"], p["total_gib"], round(p["tokens_per_s"])]
+                                    if p else [None] * 4) for m, p in d["plans"].items()]
+    table = format_table(f"rigplan check --max-seq: {d['model']} on {d['gpu_name']} ({d['gpu_memory_gib']:.1f} GiB), "
+                         f"rank {d['rank']}, micro-batch 1",
+                         ["method", "max seq", "ckpt", "peak GiB", "total GiB", "tok/s"], rows,
+                         {"peak GiB": 1, "total GiB": 1})
+    return "\n".join([table, "max seq: the longest sequence that fits with 10% of the GPU kept free (steps of 256)",
+                      f"calibration: {d['calibration']['label']}"] + [f"warning: {w}" for w in d["warnings"]])
 
 
 @main.command()

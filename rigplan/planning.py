@@ -131,7 +131,8 @@ def resolve_target(gpu: str | None) -> tuple[Target | None, str]:
     found, why = nvml.local_gpus()
     if not found:
         return None, f"no local GPU: {why}; showing the catalogue"
-    local = found[0]
+    # Several local GPUs of different kinds: plan on the smallest, which every rank must fit.
+    local = min(found, key=lambda g: g.total_gib)
     spec = catalog.gpu_by_nvml_name(local.name)
     if spec is None:
         raise UnknownGpuError(f"local GPU {local.name!r} is not in the catalogue; pass --gpu with the "
@@ -162,7 +163,8 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,
             "tokens_per_s_band": [p.tokens_per_s_low, p.tokens_per_s_high],
             "step_s": p.step_s, "host_bound": p.host_bound, "example_tokens": p.example_tokens or None,
-            "fill": p.fill or None,
+            "fill": p.fill or None, "parallelism": p.parallelism, "num_gpus": p.num_gpus,
+            "cpu_offload": p.cpu_offload, "cpu_memory_gib": p.cpu_memory_gib or None,
             "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
             "components_gib": p.components_gib}
 
@@ -417,3 +419,24 @@ def hub_id(model_name: str) -> str:
     (a plan.json names its own)."""
     p = read_plan(Path(model_name)) if Path(model_name).suffix == ".json" else None
     return p.model_path if p else catalog.resolve_model(model_name).hub_id
+
+
+def max_seq(model_name: str, gpu: str | None, rank: int = planner.DEFAULT_RANK) -> dict[str, Any]:
+    """`rigplan check --max-seq`: the longest sequence each method trains at micro-batch 1 on the GPU (rank as
+    given), with the plan at that length; null where not even the shortest fits."""
+    require(input_problems({"rank": rank}))
+    model = catalog.resolve_model(model_name)
+    target, why = resolve_target(gpu)
+    if target is None:
+        raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to ask about a catalogue GPU")
+    coeffs, doc, here = store.for_gpu(target.spec.id)
+    engine = choose_engine(model)
+    found = {m: planner.max_seq(model, target.spec, coeffs, m, rank, target.memory_gib, engine)  # type: ignore[arg-type]
+             for m in ("lora", "qlora")}
+    load = Workload(DEFAULT_WORKLOAD_TOKENS, DEFAULT_EPOCHS, None, None, "per 1M tokens")
+    plans = {m: plan_row(planner.to_plan(model, e, target.spec, coeffs), load) if e else None
+             for m, e in found.items()}
+    return {"model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name,
+            "gpu_memory_gib": round(target.memory_gib, 2), "rank": rank,
+            "max_seq": {m: e.setup.seq_len if e else None for m, e in found.items()}, "plans": plans,
+            "calibration": calibration_info(coeffs, doc, here, target.spec), "warnings": warnings_for(model)}

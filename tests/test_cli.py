@@ -222,3 +222,22 @@ def test_data_longer_than_the_context_plans_at_the_context(tmp_path) -> None:
     assert r.stderr.splitlines() == [f"rigplan: 100% of {f}'s examples are longer than the model's context "
                                      "(32,768 tokens); they train cut to it (rigplan run --overlong drop leaves "
                                      "them out)"]
+
+
+def test_max_seq_answers_per_method_in_json() -> None:
+    d = json.loads(invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--max-seq", "--rank", "32", "--json").output)
+    assert set(d["max_seq"]) == {"lora", "qlora"} and d["max_seq"]["qlora"] > d["max_seq"]["lora"] > 0
+    assert d["plans"]["qlora"]["seq"] == d["max_seq"]["qlora"] and d["plans"]["qlora"]["micro_batch"] == 1
+    none = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "rtx-3060", "--max-seq", "--json").output)
+    assert none["max_seq"] == {"lora": None, "qlora": None}
+
+
+def test_70b_on_two_4090s_is_sharded_with_cpu_memory_said() -> None:
+    d = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "rtx-4090", "--gpus", "2", "--json").output)
+    r = d["recommended"]
+    assert d["fits"] and r["parallelism"] == "fsdp" and r["num_gpus"] == 2 and r["cpu_offload"]
+    assert r["cpu_memory_gib"] > 30 and r["total_gib"] < 21.5
+    one = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "rtx-4090", "--json").output)
+    assert not one["fits"]
+    text = invoke("check", "llama-3.1-70b", "--gpu", "rtx-4090", "--gpus", "2").output
+    assert "fsdp over 2" in text and "CPU memory for the offloaded weights" in text
