@@ -6,6 +6,7 @@ No arithmetic here. Library code raises RigplanError; this module prints its one
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -297,16 +298,21 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--batching", type=click.Choice(["packed", "padded"]),
               help="Override the plan's layout: examples packed within the token budget (default), or padded "
                    "micro-batches of --micro-batch examples.")
+@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True,
+              help="GPUs of this host to plan for and train on (one process each, under torchrun).")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
-        engine_: str | None, batching: str | None) -> None:
+        engine_: str | None, batching: str | None, num_gpus: int) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     from rigplan import planning as lib
     from rigplan import store
-    from rigplan.trainer import engine
+    from rigplan.trainer import distributed, engine
     from rigplan.trainer import run as runlib
+
+    if not distributed.world().main:  # one process per GPU: rank 0 alone prints
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
     opts = runlib.RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
                              overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
@@ -329,7 +335,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     def plan_it() -> Any:
         local = lib.local_model_dir(model_or_plan)
         counted = engine.count_tokens(local or lib.hub_id(model_or_plan), data_file, skip_bad)
-        return lib.plan_for_run(model_or_plan, gpu, data_file, changes, force, skip_bad, counted=counted)
+        return lib.plan_for_run(model_or_plan, gpu, data_file, changes, force, skip_bad, counted=counted,
+                                num_gpus=num_gpus)
 
     before = "interrupted before training started; nothing was trained"
     p = _run(plan_it, before)
@@ -341,9 +348,13 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     if dry_run:
         click.echo(json.dumps(_run(lambda: runlib.dry_run_report(p, opts), before), indent=2))
         return
+    if p.num_gpus > 1 and not distributed.launched():
+        sys.exit(_relaunch(p, opts))
     # Once training starts, Ctrl-C saves a checkpoint and the summary says 130; before or after it, _run does.
     summary = _run(lambda: runlib.train(p, opts), "interrupted outside training (loading or saving); run again, "
                    "with --resume if a checkpoint was saved")
+    if not distributed.world().main:
+        sys.exit(summary["exit_code"] if summary["status"] != "nan" else 1)
     if summary.get("measured", {}).get("peak_reserved_gib") is not None and p.gpu != "cpu":
         store.record_run(store.user_dir() / store.RUNS_LOG, summary, p.to_json())
     click.echo(f"{summary['status']} after {summary['global_step']} steps; loss {summary['first_loss']} -> "
@@ -355,6 +366,31 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         click.echo(f"rigplan: stopped by signal {summary['signal']}; checkpoint and adapter saved in {out_dir}; "
                    "continue with --resume", err=True)
         sys.exit(summary["exit_code"])
+
+
+def _relaunch(p: Any, opts: Any) -> int:
+    """This run again under torchrun, one process per GPU of the plan, each training the plan as written here
+    (none plans again); returns torchrun's exit code. Several hosts: start the same command with torchrun's
+    --nnodes/--rdzv-endpoint on each (docs/training.md)."""
+    import subprocess
+    import tempfile
+
+    from rigplan.trainer import distributed
+
+    plan_file = Path(tempfile.mkdtemp(prefix="rigplan-plan-")) / "plan.json"
+    plan_file.write_text(p.to_json() + "\n")
+    argv = ["run", str(plan_file), "--data", str(opts.data), "--out", str(opts.out_dir),
+            "--overlong", opts.overlong, "--patience", str(opts.patience), "--save-steps", str(opts.save_steps),
+            "--max-steps", str(opts.max_steps)]
+    argv += ["--eval-fraction", str(opts.eval_fraction)] if opts.eval_fraction is not None else []
+    argv += [flag for flag, on in (("--skip-bad", opts.skip_bad), ("--overwrite", opts.overwrite),
+                                   ("--resume", opts.resume), ("--merge", opts.merge)) if on]
+    cmd = distributed.relaunch_command(p.num_gpus, argv)
+    click.echo(f"launching {p.num_gpus} processes: {' '.join(cmd)}", err=True)
+    try:
+        return subprocess.call(cmd, env=distributed.launch_env())
+    except KeyboardInterrupt:  # torchrun passes Ctrl-C on to every rank, which save and stop together
+        return 130
 
 
 @main.command()

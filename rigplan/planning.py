@@ -299,7 +299,8 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
                     rank=planner.DEFAULT_RANK, micro_batch=micro, grad_accum=max(1, effective_batch // micro),
                     seq_len=seq, target_modules=model.target_modules, optimizer="adamw_torch",
                     epochs=float(epochs), calibration="none: CPU, nothing predicted", engine="transformers",
-                    token_budget=micro * seq)
+                    token_budget=micro * seq,
+                    num_gpus=num_gpus, parallelism="ddp" if num_gpus > 1 else "single")
     if target is None:
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
@@ -384,7 +385,7 @@ def read_plan(path: Path) -> Plan | None:
 
 def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: dict[str, Any],
                  force: bool = False, skip_bad: bool = False,
-                 counted: tuple[list[int], int] | None = None) -> Plan:
+                 counted: tuple[list[int], int] | None = None, num_gpus: int = 1) -> Plan:
     """The plan `rigplan run` trains: a saved plan.json, or a fresh plan (CPU plan without a GPU), with the
     user's overrides re-estimated. counted: the data's tokens per example as the model's tokenizer counts them
     (the caller counts them: the trainer's count_tokens), else estimated from characters. skip_bad (`rigplan
@@ -397,7 +398,8 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
         # (bitsandbytes 4-bit needs CUDA), with a one-line error.
         method = changes.get("method")
         base = make_plan(model_or_plan, gpu, changes.get("seq_len"), data_file, allow_cpu=True,
-                         methods=(method,) if method else ("lora", "qlora"), counted=counted, skip_bad=skip_bad)
+                         methods=(method,) if method else ("lora", "qlora"), counted=counted, skip_bad=skip_bad,
+                         num_gpus=num_gpus)
         if base.gpu != "cpu":
             changes = {k: v for k, v in changes.items() if k not in ("method", "seq_len")}
     if not {k: v for k, v in changes.items() if v is not None}:

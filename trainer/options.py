@@ -64,7 +64,10 @@ def option_problems(opts: RunOptions) -> list[str]:
             problems.append(f"{flag} {v}: pass a whole number >= 1")
     if opts.max_steps == 0 or opts.max_steps < -1:
         problems.append(f"--max-steps {opts.max_steps}: pass a whole number >= 1, or -1 to run the plan's epochs")
-    return problems + out_dir_problems(opts)
+    from rigplan.trainer.distributed import world
+
+    # Under several processes rank 0 alone checks --out: the others would see what rank 0 has begun to write.
+    return problems + (out_dir_problems(opts) if world().main else [])
 
 
 def out_dir_problems(opts: RunOptions) -> list[str]:

@@ -165,6 +165,8 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
 
     from trl import SFTConfig
 
+    from rigplan.trainer.distributed import world
+
     return SFTConfig(
         # Each dataset row is already one micro-batch within the token budget, collated by trainer/batching.py
         # (packed: position_ids restart at each example, so Unsloth attends within examples and transformers
@@ -205,6 +207,10 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
         dataloader_pin_memory=cuda,
         use_cpu=not cuda,
+        # Several processes (trainer/distributed.py): NCCL on GPUs, gloo on CPUs; every adapter gets a gradient,
+        # so DDP need not search for unused parameters each step.
+        ddp_backend=None if cuda or world().world_size == 1 else "gloo",
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -225,6 +231,10 @@ class _Guard:
         self.step_times: list[float] = []
         self.step_tokens: list[Any] = []
         self.backoffs: list[dict[str, int]] = []
+        from rigplan.trainer.distributed import world
+
+        self.world = world()
+        self.main = self.world.main  # rank 0 alone writes files
 
     def count(self, inputs: dict[str, Any]) -> None:
         """Add a micro-batch's real tokens: its attention mask's sum when padded; all of its one row when
@@ -235,6 +245,8 @@ class _Guard:
     def note_backoff(self, step: int, micro_batch: int) -> None:
         """An out-of-memory error made the trainer split micro-batches: logged to metrics.jsonl and stderr."""
         self.backoffs.append({"step": step, "micro_batch": micro_batch})
+        if not self.main:
+            return
         with (self.out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, "event": "oom_backoff", "micro_batch": micro_batch}) + "\n")
         print(f"rigplan: CUDA out of memory at step {step}: micro-batch now {micro_batch}, accumulation doubled",
@@ -259,6 +271,22 @@ class _Guard:
     def handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum  # acted on at the end of the current step: save, then stop
 
+    def stop_agreed(self) -> bool:
+        """Whether to save and stop after this step. Several processes stop together: a signal any of them got
+        (torchrun forwards Ctrl-C to each, not at the same instant) is shared with an all-reduce every step,
+        so that all save the same checkpoint and none waits on a collective the others have left."""
+        if self.world.world_size == 1:
+            return self.signal is not None
+        import torch
+        import torch.distributed as dist
+
+        got = torch.tensor([self.signal or 0], dtype=torch.int64,
+                           device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(got, op=dist.ReduceOp.MAX)
+        if got.item() and self.signal is None:
+            self.signal = int(got.item())
+        return self.signal is not None
+
     def callback(self) -> Any:
         from transformers import TrainerCallback
 
@@ -278,7 +306,7 @@ class _Guard:
                     guard.sync()
                 guard.step_times.append(time.perf_counter())
                 guard.step_tokens.append(guard.tokens)
-                if guard.signal is not None:
+                if guard.stop_agreed():
                     control.should_save = True
                     control.should_training_stop = True
                 return control
@@ -287,7 +315,7 @@ class _Guard:
                 # Called once transformers has written the whole checkpoint: mark it complete. Resume
                 # uses only marked checkpoints, so one cut short by a crash is never resumed from.
                 done = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_COMPLETE
-                if done.parent.is_dir():
+                if guard.main and done.parent.is_dir():
                     done.write_text(json.dumps({"step": state.global_step}))
                 return control
 
@@ -307,8 +335,9 @@ class _Guard:
                     if eta is not None:
                         logs["eta_s"] = round(eta, 2)
                 row = {"step": state.global_step, "epoch": state.epoch, **logs}
-                with (guard.out_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if guard.main:
+                    with (guard.out_dir / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps(row) + "\n")
                 return control
 
         return Callback()
@@ -423,6 +452,27 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             guard.count(inputs)
             return total
 
+        def _load_optimizer_and_scheduler(self, checkpoint):  # noqa: ANN001
+            # Several CPU processes: transformers maps the optimizer state to args.device, "cpu:0", which
+            # torch.load cannot restore (transformers/trainer.py _load_optimizer_and_scheduler); plain "cpu" can.
+            if checkpoint is None or torch.cuda.is_available() or self.args.world_size == 1:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            import os
+
+            self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu",
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+        def _load_rng_state(self, checkpoint):  # noqa: ANN001
+            # Several CPU processes (gloo): torch cannot map rank N's saved CPU generator state back ("don't know
+            # how to restore data location ... cpu:0"). The data order comes from the sampler's seed and epoch,
+            # and LoRA here has no dropout, so the run goes on without it, and says so.
+            try:
+                super()._load_rng_state(checkpoint)
+            except RuntimeError as e:
+                print(f"rigplan: random state of this process not restored ({str(e).splitlines()[0][:80]}); the "
+                      "data order does not depend on it", file=sys.stderr, flush=True)
+
         def floating_point_ops(self, inputs):  # noqa: ANN001
             # transformers counts the model's parameters anew for every micro-batch, walking every module and
             # parameter (transformers/trainer.py:4077-4081, modeling_utils.py:935-962): 4 ms of host time per
@@ -502,11 +552,15 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     set_seed(plan.seed)
     model, tokenizer = load(plan)
     # Written once the model has loaded: a run stopped before (Ctrl-C, a failed download) leaves --out as it was.
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
-    (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
-    if checkpoint:
-        trim_metrics(out, checkpoint_step(Path(checkpoint)))
+    from rigplan.trainer.distributed import world
+
+    main = world().main  # several processes: rank 0 alone writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.json").write_text(plan.to_json() + "\n")
+        (out / "data_report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
+        if checkpoint:
+            trim_metrics(out, checkpoint_step(Path(checkpoint)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     has_eval = bool(prepared.eval)
@@ -544,6 +598,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     status = ("interrupted" if guard.signal is not None else "nan" if guard.nan_step is not None
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
     measured = _measured(cuda, float(guard.tokens), runtime, guard.steady_tokens_per_s(), nvml_peak)
+    if world().world_size > 1:
+        measured = _all_ranks(measured, cuda)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {"status": status, "engine": plan.engine, "gpu": plan.gpu, "method": plan.method,
@@ -559,14 +615,35 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                                                             "micro_batches", "micro_batch_tokens_max")},
                "oom_backoffs": guard.backoffs, "signal": guard.signal,
                "exit_code": EXIT_SIGNAL.get(guard.signal, 0) if guard.signal else 0, "provenance": provenance()}
+    summary["world_size"] = world().world_size
     if status == "nan":
         summary["message"] = (f"loss became NaN or infinite by step {guard.nan_step}; last good checkpoint: "
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if main:
+            (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
-    summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge))
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge))
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """Several processes: tokens and tokens/s summed over the ranks, memory the largest any GPU held."""
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if cuda else "cpu"
+    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup")
+    peaks = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
+    values = torch.tensor([float(measured.get(k) or 0.0) for k in summed], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    out = {**measured, **{k: round(v, 1) for k, v in zip(summed, values.tolist()) if measured.get(k) is not None}}
+    if cuda:
+        most = torch.tensor([float(measured.get(k) or 0.0) for k in peaks], dtype=torch.float64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        out.update({k: round(v, 3) for k, v in zip(peaks, most.tolist())})
+    return out
 
 
 class MemorySampler:

@@ -1,0 +1,95 @@
+"""Several processes: `rigplan run --gpus 2` relaunches itself under torchrun, two processes on the CPU with gloo
+(as on two GPUs with NCCL), a toy model from profile facts. Rank 0 alone writes; a signal to one rank stops both
+at the same step with a checkpoint; --resume finishes the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rigplan.calibration.replica import build_replica, toy  # noqa: E402
+from rigplan.profiles.catalog import resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("ddp")
+    build_replica(toy(resolve_model("llama-3.2-1b")), d / "model", dtype="float32", init_std=0.2)
+    data = d / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"w{i} w{i + 1}", "output": " ".join(
+        f"w{i + k}" for k in range(2, 12))}) for i in range(64)) + "\n")
+    return d / "model", data
+
+
+def _run(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "rigplan", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, **kw)
+
+
+def _ranks() -> list[int]:
+    """The pids of the processes torchrun started (their command line runs the written plan.json), oldest first."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"rigplan" in cmd and any(c.endswith(b"plan.json") for c in cmd):
+            found.append(int(proc.name))
+    return sorted(found)
+
+
+def test_two_processes_train_and_rank_0_alone_writes(setup, tmp_path) -> None:
+    model, data = setup
+    out = tmp_path / "o"
+    proc = _run([str(model), "--data", str(data), "--gpus", "2", "--out", str(out), "--max-steps", "6",
+                 "--seq", "64"])
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "launching 2 processes" in log and log.count("done after 6 steps") == 1  # rank 1 prints nothing
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "done" and summary["global_step"] == 6
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # each step logged once, by rank 0
+    assert json.loads((out / "plan.json").read_text())["num_gpus"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_signal_to_one_rank_stops_both_and_resume_finishes(setup, tmp_path) -> None:
+    model, data = setup
+    out = tmp_path / "o"
+    args = [str(model), "--data", str(data), "--gpus", "2", "--out", str(out), "--max-steps", "200", "--seq", "64",
+            "--save-steps", "1000"]
+    proc = _run(args)
+    deadline = time.time() + 180
+    workers: list[int] = []
+    while time.time() < deadline:  # once training has begun, signal rank 1 alone
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 2:
+            workers = _ranks()
+            if len(workers) >= 2:
+                break
+        time.sleep(0.2)
+    assert len(workers) >= 2, "the two ranks never started training"
+    os.kill(workers[-1], signal.SIGINT)
+    proc.communicate(timeout=120)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["global_step"] < 200
+    stopped = summary["global_step"]
+    assert (out / "checkpoints" / f"checkpoint-{stopped}").is_dir()  # both ranks stopped at that step and saved
+    resumed = _run([*args[:-2], "--save-steps", "1000", "--resume", "--max-steps", str(stopped + 4)])
+    log = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    again = json.loads((out / "run_summary.json").read_text())
+    assert again["status"] == "done" and again["global_step"] == stopped + 4
