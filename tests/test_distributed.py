@@ -93,3 +93,21 @@ def test_a_signal_to_one_rank_stops_both_and_resume_finishes(setup, tmp_path) ->
     assert resumed.returncode == 0, log[-3000:]
     again = json.loads((out / "run_summary.json").read_text())
     assert again["status"] == "done" and again["global_step"] == stopped + 4
+
+
+def test_an_fsdp_plan_is_refused_before_anything_loads(setup, tmp_path) -> None:
+    """FSDP plans are estimates that rigplan run does not train yet: one line, exit 2, nothing written."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from rigplan import planning
+    from rigplan.cli import main
+
+    model, data = setup
+    plan = dataclasses.replace(planning.make_plan(str(model), None, data_file=data, allow_cpu=True),
+                               parallelism="fsdp", num_gpus=2)
+    f = tmp_path / "plan.json"
+    f.write_text(plan.to_json())
+    r = CliRunner().invoke(main, ["run", str(f), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "FSDP" in r.output and not (tmp_path / "o").exists()

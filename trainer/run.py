@@ -520,6 +520,14 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
     return out
 
 
+def check_plan(plan: Plan) -> None:
+    """What this trainer cannot train, refused before anything loads: FSDP plans are estimated (rigplan check
+    --gpus) but not yet trained; DDP is."""
+    if plan.parallelism == "fsdp":
+        raise ConfigError(f"this plan shards the model over {plan.num_gpus} GPUs (FSDP), which rigplan run does not "
+                          "train yet; pass --gpus 1, or a model that each GPU holds whole (a DDP plan)")
+
+
 def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     """Run the plan with the engine it names. Returns what happened (`status`: done, interrupted, nan,
     early_stopped), where the adapter is, what was measured beside what the plan predicted, and the provenance;
@@ -527,6 +535,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     from rigplan.trainer.engine import import_engine, load, model_source, provenance, require_weights
 
     check_options(opts)
+    check_plan(plan)
     import torch
 
     cuda = torch.cuda.is_available()
