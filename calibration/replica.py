@@ -55,6 +55,10 @@ def hf_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:
     )
     if spec.rope_theta is not None:
         facts["rope_theta"] = spec.rope_theta
+    # Mixture-of-experts facts under the config's own keys (Mixtral: num_local_experts; Qwen3-MoE: num_experts).
+    for key in ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if getattr(spec, key):
+            facts[key] = getattr(spec, key)
     if spec.model_type == "llama":
         facts["attention_bias"] = spec.attention_bias
     # Always explicit: MistralConfig defaults to sliding_window=4096, which Mistral-7B-v0.3 does not use

@@ -31,7 +31,9 @@ def base_weights_bytes(model: ModelSpec, method: str) -> int:
     if method == "lora":
         return model.params_total * BF16_BYTES
     # bitsandbytes quantizes nn.Linear layers inside the decoder; embeddings, lm_head (kept out by
-    # transformers' llm_int8_skip_modules default), norms and biases stay bf16.
+    # transformers' llm_int8_skip_modules default), norms and biases stay bf16, and so, as modelled here, do a
+    # mixture-of-experts layer's experts, which transformers 5.17 stores as fused 3-D parameters, not nn.Linear
+    # (ModelSpec.linear_shapes; not yet measured).
     linear = model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
     return int(linear * NF4_BYTES_PER_PARAM) + (model.params_total - linear) * BF16_BYTES
 
@@ -54,7 +56,7 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
 
 def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
     """Activations kept for backward: each layer's input with checkpointing, all of them without."""
-    layers, h, i = model.num_hidden_layers, model.hidden_size, model.intermediate_size
+    layers, h, i = model.num_hidden_layers, model.hidden_size, model.active_intermediate
     if setup.checkpointing == "off":
         # Without checkpointing every layer keeps its attention and MLP activations (Korthikanti et al.
         # 2022, sec. 4.1: a multiple of hidden and MLP width per token per layer).
@@ -67,7 +69,7 @@ def recompute_transient_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficien
     """One layer's activations while it is recomputed and backpropagated (checkpointing on only)."""
     if setup.checkpointing == "off":
         return 0
-    h, i = model.hidden_size, model.intermediate_size
+    h, i = model.hidden_size, model.active_intermediate
     return int(setup.tokens * (coeffs.transient_per_hidden * h + coeffs.transient_per_intermediate * i))
 
 
@@ -159,9 +161,10 @@ def ddp_bucket_bytes(model: ModelSpec, setup: Setup) -> int:
 
 
 def layer_weight_bytes(model: ModelSpec, method: str) -> int:
-    """One decoder layer's frozen projections as stored: NF4 for QLoRA, bf16 for LoRA."""
+    """One decoder layer's frozen projections as stored: NF4 for QLoRA's nn.Linear ones, bf16 otherwise."""
     linear = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
-    return int(linear * (NF4_BYTES_PER_PARAM if method == "qlora" else BF16_BYTES))
+    every = sum(n_in * n_out for _, n_in, n_out in model.weight_shapes())
+    return int(linear * (NF4_BYTES_PER_PARAM if method == "qlora" else BF16_BYTES) + (every - linear) * BF16_BYTES)
 
 
 # FSDP2 gathers a layer's full weights before it runs and prefetches the next one's (torch.distributed.fsdp

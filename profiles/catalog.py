@@ -28,7 +28,7 @@ FUSED_PROJECTIONS = {"phi3"}
 # Gemma 2/3 put a norm before and after both attention and MLP (4 per layer, modeling_gemma2.py).
 FOUR_NORMS = {"gemma2", "gemma3", "gemma3_text"}
 # Qwen3 and Gemma 3 normalise queries and keys per head (q_norm, k_norm of size head_dim).
-QK_NORM = {"qwen3", "gemma3", "gemma3_text"}
+QK_NORM = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,15 @@ class ModelSpec:
     rope_theta: float | None = None
     sliding_window: int | None = None
     num_local_experts: int = 0
+    """Experts per MoE layer, as Mixtral's config.json names them."""
+    num_experts: int = 0
+    """Experts per MoE layer, as Qwen3-MoE's config.json names them."""
     num_experts_per_tok: int = 0
+    """Experts each token is routed to."""
+    moe_intermediate_size: int = 0
+    """Each expert's MLP width where the config gives it apart from intermediate_size (Qwen3-MoE)."""
+    params_active_published: int | None = None
+    """Parameters one token computes with, as the model's publisher counts them."""
     params_published: int | None = None
     params_note: str = ""
     published_counts_lm_head: bool = False
@@ -64,31 +72,65 @@ class ModelSpec:
         """The id to download weights from: the first alias that looks like a hub id, else the id."""
         return next((a for a in self.aliases if "/" in a), self.id)
 
-    def linear_shapes(self) -> list[tuple[str, int, int]]:
-        """The per-layer linear projections LoRA targets, as (name, in_features, out_features)."""
-        h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
+    @property
+    def experts(self) -> int:
+        """Experts per MoE layer; 0 for a dense model."""
+        return self.num_local_experts or self.num_experts
+
+    @property
+    def expert_intermediate(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def active_intermediate(self) -> int:
+        """MLP units a token computes with per layer: its routed experts' together, or the dense MLP's."""
+        return self.num_experts_per_tok * self.expert_intermediate if self.experts else self.intermediate_size
+
+    def _attention_shapes(self) -> list[tuple[str, int, int]]:
+        h, hd = self.hidden_size, self.head_dim
         q_out, kv_out = self.num_attention_heads * hd, self.num_key_value_heads * hd
-        experts = max(1, self.num_local_experts)
         if self.model_type in FUSED_PROJECTIONS:
-            return [("qkv_proj", h, q_out + 2 * kv_out), ("o_proj", q_out, h),
-                    ("gate_up_proj", h, 2 * i), ("down_proj", i, h)]
-        attn = [("q_proj", h, q_out), ("k_proj", h, kv_out), ("v_proj", h, kv_out), ("o_proj", q_out, h)]
-        mlp = [("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)] * experts
-        return attn + mlp
+            return [("qkv_proj", h, q_out + 2 * kv_out), ("o_proj", q_out, h)]
+        return [("q_proj", h, q_out), ("k_proj", h, kv_out), ("v_proj", h, kv_out), ("o_proj", q_out, h)]
+
+    def _mlp_shapes(self, width: int) -> list[tuple[str, int, int]]:
+        h = self.hidden_size
+        if self.model_type in FUSED_PROJECTIONS:
+            return [("gate_up_proj", h, 2 * width), ("down_proj", width, h)]
+        return [("gate_proj", h, width), ("up_proj", h, width), ("down_proj", width, h)]
+
+    def weight_shapes(self) -> list[tuple[str, int, int]]:
+        """Every per-layer projection the layer stores, as (name, in_features, out_features): attention, and
+        the MLP, once per expert in a mixture-of-experts layer."""
+        return self._attention_shapes() + self._mlp_shapes(self.expert_intermediate) * max(1, self.experts)
+
+    def active_shapes(self) -> list[tuple[str, int, int]]:
+        """The projections one token computes through per layer: attention and its routed experts' MLPs."""
+        routed = self.num_experts_per_tok if self.experts else 1
+        return self._attention_shapes() + self._mlp_shapes(self.expert_intermediate) * routed
+
+    def linear_shapes(self) -> list[tuple[str, int, int]]:
+        """The per-layer projections LoRA targets. Dense models: all of them (Unsloth's seven, or Phi-3's fused
+        four). Mixture-of-experts: attention only, rigplan's stated default: transformers 5.17 stores each
+        layer's experts as fused 3-D parameters (MixtralExperts, Qwen3MoeExperts: gate_up_proj, down_proj),
+        which LoRA's target_modules do not match; PEFT's target_parameters would give every expert its own
+        adapter."""
+        return self._attention_shapes() if self.experts else self.weight_shapes()
 
     @property
     def target_modules(self) -> tuple[str, ...]:
         """LoRA target names: Unsloth's seven projections, or Phi-3's fused four."""
         return tuple(dict.fromkeys(name for name, _, _ in self.linear_shapes()))
 
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer: projections, their biases, norms, MoE router."""
-        linear = sum(n_in * n_out for _, n_in, n_out in self.linear_shapes())
+    def layer_params(self, active: bool = False) -> int:
+        """Parameters of one decoder layer: projections (active: only those a token is routed through), their
+        biases, norms, MoE router."""
+        linear = sum(n_in * n_out for _, n_in, n_out in (self.active_shapes() if active else self.weight_shapes()))
         hd = self.head_dim
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
         norms = (4 if self.model_type in FOUR_NORMS else 2) * self.hidden_size
         norms += 2 * hd if self.model_type in QK_NORM else 0
-        router = self.hidden_size * self.num_local_experts
+        router = self.hidden_size * self.experts
         return linear + bias + norms + router
 
     @property
@@ -105,6 +147,12 @@ class ModelSpec:
         """params_total counted the way params_published was (a stored tied lm_head counted twice)."""
         extra = self.vocab_size * self.hidden_size if self.published_counts_lm_head and self.tie_word_embeddings else 0
         return self.params_total + extra
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token computes with: as params_total, the experts it is not routed to left out."""
+        return (self.embedding_params + self.num_hidden_layers * self.layer_params(active=True)
+                + self.hidden_size + self.lm_head_params)
 
     @property
     def params_total(self) -> int:
@@ -199,7 +247,9 @@ def _gpu_key(name: str) -> str:
 
 
 # config.json keys of mixture-of-experts layers (DeepSeek's n_routed_experts, Qwen-MoE's num_experts, ...): the
-# estimator's terms describe experts only as Mixtral's profile row gives them (num_local_experts).
+# estimator's terms describe experts as Mixtral's and Qwen3-MoE's rows give them (every layer sparse, routed
+# experts of one width, no shared expert).
+MOE_TYPES = ("mixtral", "qwen3_moe")
 MOE_KEYS = ("n_routed_experts", "n_shared_experts", "num_experts", "num_local_experts", "moe_intermediate_size",
             "num_experts_per_tok")
 # config.json sizes that must be positive integers (a head count of 0 divided by zero).
@@ -219,15 +269,19 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
     """Every reason a config.json is not one rigplan can estimate, gathered."""
     types = supported_model_types()
     supported = (f"pass a model of a type rigplan estimates: {', '.join(types)} (decoder-only, dense but for "
-                 "Mixtral; rigplan models lists them; other mixture-of-experts models are not supported yet)")
+                 "Mixtral and Qwen3-MoE; rigplan models lists them; other mixture-of-experts models are not "
+                 "supported yet)")
     archs = [a for a in config.get("architectures") or () if isinstance(a, str)]
     if archs and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
         return [f"{archs[0]} is not a causal language model; {supported}"]
     if model_type not in types:
         return [f"model_type {model_type!r} is not one rigplan can estimate; {supported}"]
     moe = [k for k in MOE_KEYS if cfg.get(k)]
-    if moe and model_type != "mixtral":
+    if moe and model_type not in MOE_TYPES:
         return [f"mixture-of-experts layers ({', '.join(moe)}) are not supported yet for {model_type}; {supported}"]
+    # Qwen3-MoE configs that leave some layers dense or add a shared expert are not what the terms describe.
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers") or cfg.get("shared_expert_intermediate_size"):
+        return [f"{model_type} with dense layers among the experts or a shared expert is not supported yet; {supported}"]
     problems = [f"{k} {cfg.get(k)!r} must be a positive integer" for k in SIZE_KEYS if _positive_int(cfg.get(k)) is None]
     for k in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
         if cfg.get(k) is not None and _positive_int(cfg[k]) is None:
@@ -269,7 +323,9 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
         rope_theta=cfg.get("rope_theta"),
         sliding_window=cfg.get("sliding_window"),
         num_local_experts=int(cfg.get("num_local_experts") or 0),
+        num_experts=int(cfg.get("num_experts") or 0),
         num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
         source=source,
     )
 
