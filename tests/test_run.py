@@ -490,3 +490,21 @@ def test_skip_bad_reaches_the_plan(model_dir, tmp_path) -> None:
     r = CliRunner().invoke(main, ["run", str(model_dir), "--data", str(f), "--skip-bad", "--dry-run",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 0 and '"skipped_bad": 1' in r.output, r.output
+
+
+@pytest.mark.parametrize("model_id", ["qwen3-30b-a3b", "mixtral-8x7b", "llama-3.2-1b"])
+def test_the_estimate_counts_exactly_the_adapters_that_train(model_id, tmp_path) -> None:
+    """PEFT's trainable parameters on the loaded model equal the estimator's lora_params, for dense models and
+    for mixture-of-experts ones (attention only: transformers fuses the experts, which target_modules do not
+    match)."""
+    from rigplan.estimator.memory import lora_params
+    from rigplan.trainer.engine import load
+
+    spec = toy(resolve_model(model_id))
+    build_replica(spec, tmp_path / "m", dtype="float32")
+    plan = Plan(model=spec.id, model_path=str(tmp_path / "m"), gpu="cpu", method="lora", rank=8, micro_batch=1,
+                grad_accum=1, seq_len=64, target_modules=spec.target_modules, optimizer="adamw_torch",
+                engine="transformers")
+    model, _ = load(plan)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trained == lora_params(spec, 8) > 0
