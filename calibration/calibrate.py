@@ -9,7 +9,9 @@ probes never saw (bench/accuracy.py --calibration FILE).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from typing import Any, Callable
 
 from rigplan import store
 from rigplan.calibration import fit
+from rigplan.estimator.plan import PLAN_SCHEMA_VERSION
 from rigplan.errors import CalibrationError
 from rigplan.profiles import catalog, nvml
 
@@ -101,6 +104,9 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
                                + (f"; the probe said: {stderr.strip()[-300:]}" if rc else ""))
     coeffs, residuals = fit.fit(runs, gpu.id, source=f"rigplan calibrate on {gpu.id}, {len(runs)} probes",
                                 prior=store.reference()[0])
+    learned, n_runs = real_data_speed(_recorded_runs(), gpu)
+    if n_runs:
+        coeffs = dataclasses.replace(coeffs, real_data_speed=learned)
     prov = probes[0].get("provenance", {})
     path = out or store.user_dir() / f"{gpu.id}.json"
     store.write_calibration(path, coeffs, residuals, provenance={**prov, "date": (prov.get("date") or "")[:10]},
@@ -108,4 +114,35 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
     failed = [f"{p['model']} {p['method']} {p['batch']}x{p['seq']}: {p['err']}" for p in probes if p.get("err")]
     return {"gpu": gpu.id, "path": str(path), "probes": len(probes), "measured": len(runs), "failed": failed,
             "probe_exit_code": rc, "wall_s": round(time.perf_counter() - t0, 1),
-            "coefficients": coeffs.to_dict(), "residuals": residuals}
+            "coefficients": coeffs.to_dict(), "residuals": residuals,
+            "real_data": {"runs": n_runs, "speed_over_plan": learned}}
+
+
+def _recorded_runs() -> list[dict[str, Any]]:
+    """The user's `rigplan run` records (rigplan run appends them to runs.jsonl); unreadable lines skipped."""
+    path = store.user_dir() / store.RUNS_LOG
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def real_data_speed(rows: list[dict[str, Any]], gpu: catalog.GpuSpec) -> tuple[float, int]:
+    """The median of measured / planned tokens/s over finished runs planned for this GPU and run on it (a plan
+    for another card run here, capped, is left out), and how many: the real-data rate of this machine that the
+    probes' fixed shapes do not see; (1.0, 0) when there are none."""
+    ratios = []
+    for r in rows:
+        plan, measured, predicted = r.get("plan") or {}, r.get("measured") or {}, r.get("predicted") or {}
+        ran_on = (r.get("provenance") or {}).get("gpu")
+        if (r.get("status") == "done" and plan.get("gpu") == gpu.id and ran_on == gpu.nvml_name
+                and plan.get("schema_version") == PLAN_SCHEMA_VERSION  # planned by this estimator
+                and measured.get("tokens_per_s") and predicted.get("tokens_per_s")):
+            ratios.append(measured["tokens_per_s"] / predicted["tokens_per_s"])
+    if not ratios:
+        return 1.0, 0
+    return round(statistics.median(ratios), 4), len(ratios)

@@ -264,6 +264,9 @@ class Coefficients:
     offload_s_per_gb: float = 0.0
     """Host floor per GB of checkpoints Unsloth offloads to CPU memory and brings back (one bf16 hidden
     state per token per layer), seconds: the floor grows with tokens, not only with layers."""
+    real_data_speed: float = 1.0
+    """This machine's own `rigplan run` speeds over their plans' (runs.jsonl, the median), which scales the
+    real-data speed; 1.0 until rigplan calibrate has runs of this GPU to learn from."""
     gpu: str = ""
     """GPU id these were measured on."""
     source: str = ""

@@ -301,6 +301,11 @@ def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, 
 
 
 def _timed_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
+    """A real-data micro-batch's seconds; scaled by this machine's own runs where calibrate learned them."""
+    return _layout_s(model, timed, batching, gpu, coeffs) / coeffs.real_data_speed
+
+
+def _layout_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
     gpu_time, floor = gpu_s(model, timed, gpu, coeffs), host_floor_s(model, timed, coeffs) * REAL_DATA_HOST
     gpu_time /= {"padded": GROUPED_GPU, "packed": PACKED_GPU, "padding-free": BACK_TO_BACK_GPU}.get(batching, 1.0)
     if batching in ("packed", "padding-free"):

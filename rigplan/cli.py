@@ -428,6 +428,9 @@ def calibrate(models: tuple[str, ...], methods: str, quick: bool, as_json: bool)
         return (f"{table}\nworst: memory {d['residuals']['max_abs_peak_reserved_err']:.1%}, speed "
                 f"{d['residuals']['max_abs_tok_per_s_err']:.1%}; written to {d['path']}"
                 + f" in {d['wall_s']:.0f} s"
+                + (f"\nreal data: your {d['real_data']['runs']} rigplan run(s) on this GPU ran "
+                   f"{d['real_data']['speed_over_plan']:.2f}x their plans' speed; plans now count it"
+                   if d.get("real_data", {}).get("runs") else "")
                 + (f"\n{len(d['failed'])} shape(s) did not run: " + "; ".join(d["failed"]) if d["failed"] else ""))
 
     _emit(result, as_json, render)

@@ -50,3 +50,30 @@ def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
         # step_s is stored to 0.1 ms: a few-ms CPU step carries that rounding into the ratio
         assert r["tok_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_s"], rel=0.01 + 5e-5 / r["step_s"])
         assert r["provenance"]["packages"]["torch"] and r["trainable_params"] > 0
+
+
+def test_calibrate_learns_this_machines_real_data_speed_from_its_runs() -> None:
+    """rigplan run's records (the H200 runs of bench/results/h200-runs, real measurements) give the median of
+    measured over planned tokens/s for plans made for this GPU and run on it; RTX 4090 plans run on the H200
+    (capped) are not the 4090's speed and are left out. The learned rate scales the real-data estimate."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from rigplan import store
+    from rigplan.estimator import planner
+    from rigplan.estimator.plan import ExampleLengths, Setup
+    from rigplan.profiles import catalog
+
+    rows = [json.loads(f.read_text()) for f in (Path(__file__).parents[1] / "bench/results/h200-runs").rglob("*.json")]
+    rows = [r for r in rows if "measured" in r]
+    learned, n = calibrate.real_data_speed(rows, catalog.resolve_gpu("h200"))
+    ratios = sorted(r["measured"]["tokens_per_s"] / r["predicted"]["tokens_per_s"] for r in rows
+                    if r["plan"]["gpu"] == "h200")
+    assert n == len(ratios) >= 5 and learned == pytest.approx(ratios[len(ratios) // 2], abs=1e-3)
+    assert calibrate.real_data_speed(rows, catalog.resolve_gpu("rtx-4090")) == (1.0, 0)
+    coeffs, model, gpu = store.reference()[0], catalog.resolve_model("llama-3.1-8b"), catalog.resolve_gpu("h200")
+    setup, lengths = Setup("lora", 16, 4, 2048, checkpointing="off"), ExampleLengths.of(range(200, 1500))
+    base = planner.estimate(model, setup, gpu, coeffs, lengths=lengths)
+    slower = planner.estimate(model, setup, gpu, dataclasses.replace(coeffs, real_data_speed=0.5), lengths=lengths)
+    assert slower.tokens_per_s == pytest.approx(base.tokens_per_s * 0.5, rel=1e-6)
