@@ -286,7 +286,7 @@ def _reason(best: Estimate, cands: list[Estimate], seq: int, requested: int, lim
         if qlora_fits and max(c.tokens_per_s for c in qlora_fits) > best.tokens_per_s * (1 + SPEED_TIE):
             why += ("; QLoRA would be faster here, but 16-bit LoRA is preferred (no quantization error; "
                     "pass --method qlora for it)")
-    elif not any(c.fits for c in lora):
+    elif lora and not any(c.fits for c in lora):
         lora_min = min((c.total_gib for c in lora), default=float("nan"))
         why = (f"QLoRA ({best.total_gib:.1f} GiB): 16-bit LoRA needs at least {lora_min:.1f} GiB, over the "
                f"{room:.1f} GiB usable ({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free)")

@@ -61,6 +61,8 @@ class ModelSpec:
     """Each expert's MLP width where the config gives it apart from intermediate_size (Qwen3-MoE)."""
     params_active_published: int | None = None
     """Parameters one token computes with, as the model's publisher counts them."""
+    prequantized: bool = False
+    """Named by a pre-quantized 4-bit checkpoint (Unsloth's `...-bnb-4bit` copies): only QLoRA trains it."""
     params_published: int | None = None
     params_note: str = ""
     published_counts_lm_head: bool = False
@@ -344,15 +346,36 @@ def _model_from_path(path: Path) -> ModelSpec:
     return model_from_config(config, name, str(file))
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """A profile by id or alias (any case), else a local model directory or config.json."""
+# Unsloth's pre-quantized copies on the Hub: `unsloth/<name>-bnb-4bit` (bitsandbytes NF4) and
+# `unsloth/<name>-unsloth-bnb-4bit` (its dynamic 4-bit, which keeps some layers in 16 bits: not yet measured).
+PREQUANTIZED_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
+
+
+def _profile(name: str) -> ModelSpec | None:
     key = _key(name)
     for spec in models():
         if key == spec.id or key in (_key(a) for a in spec.aliases):
             return spec
+    return None
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """A profile by id or alias (any case); a pre-quantized 4-bit copy of one (`unsloth/...-bnb-4bit`, loaded
+    from that id); else a local model directory or config.json."""
+    for suffix in PREQUANTIZED_SUFFIXES:
+        if name.lower().endswith(suffix) and not Path(name).expanduser().exists():
+            base = name[: -len(suffix)]
+            spec = (_profile(name) or _profile(base) or _profile(base.split("/", 1)[-1])
+                    or _profile("unsloth/" + base.split("/", 1)[-1]))
+            if spec is not None:  # loaded from the id given, 4-bit
+                return dataclasses.replace(spec, aliases=(name,), prequantized=True)
+    spec = _profile(name)
+    if spec is not None:
+        return spec
     path = Path(name).expanduser()
     if path.exists():
         return _model_from_path(path)
+    key = _key(name)
     names = [m.id for m in models()] + [a for m in models() for a in m.aliases]
     close = difflib.get_close_matches(key, [_key(n) for n in names], n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""

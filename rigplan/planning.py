@@ -170,7 +170,12 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
 
 
 def warnings_for(model: ModelSpec) -> list[str]:
-    return [f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
+    notes = [f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
+    if model.prequantized:
+        notes.append(f"uncalibrated: {model.hub_id} is planned as {model.id} quantized on load; a pre-quantized "
+                     "checkpoint's loading and memory (Unsloth's dynamic 4-bit keeps some layers in 16 bits) have "
+                     "not been measured")
+    return notes
 
 
 def choose_engine(model: ModelSpec) -> Engine:
@@ -210,6 +215,17 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
     }
 
 
+def methods_for(model: ModelSpec, methods: tuple[str, ...]) -> tuple[str, ...]:
+    """The methods that can train this model: a pre-quantized 4-bit checkpoint (unsloth/...-bnb-4bit) holds no
+    16-bit weights to train LoRA on, so QLoRA only."""
+    if not model.prequantized:
+        return methods
+    if "qlora" not in methods:
+        raise ConfigError(f"{model.hub_id} holds 4-bit weights: only QLoRA trains it; pass --method qlora, or the "
+                          f"16-bit model ({model.id}) for LoRA")
+    return ("qlora",)
+
+
 def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, num_gpus: int = 1,
               model_path: str | None = None, lengths: ExampleLengths | None = None,
               methods: tuple[str, ...] = ("lora", "qlora"),
@@ -217,6 +233,7 @@ def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, 
     """The planner's answer on the target GPU with its calibration; speed for the data's example lengths
     when known."""
     coeffs, doc, here = store.for_gpu(target.spec.id)
+    methods = methods_for(model, methods)
     result = planner.plan(model, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
                           gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path,
                           lengths=lengths, methods=methods, engine=choose_engine(model),  # type: ignore[arg-type]
@@ -249,6 +266,7 @@ def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, 
     """One configuration's memory (term by term) and speed on one GPU (the local one, or H100 by default)."""
     require(input_problems({"micro_batch": batch, "seq_len": seq_len, "rank": rank, "grad_accum": grad_accum}))
     model = catalog.resolve_model(model_name)
+    methods_for(model, (method,))
     target, _ = resolve_target(gpu)
     if target is None:
         spec = catalog.resolve_gpu(store.reference()[0].gpu)

@@ -81,3 +81,18 @@ print(bad)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_prequantized_unsloth_ids_plan_qlora_from_that_id() -> None:
+    """`unsloth/...-bnb-4bit` is the profile's architecture, loaded from that id, 4-bit: QLoRA only, said."""
+    from rigplan.errors import ConfigError
+
+    spec = resolve_model("unsloth/Llama-3.1-8B-Instruct-bnb-4bit")
+    assert spec.id == "llama-3.1-8b" and spec.prequantized and spec.hub_id == "unsloth/Llama-3.1-8B-Instruct-bnb-4bit"
+    assert not resolve_model("llama-3.1-8b").prequantized
+    p = planning.make_plan("unsloth/Llama-3.1-8B-Instruct-bnb-4bit", "rtx-4090")
+    assert p.method == "qlora" and p.model_path == "unsloth/Llama-3.1-8B-Instruct-bnb-4bit"
+    d = planning.check("unsloth/Qwen2.5-7B-Instruct-unsloth-bnb-4bit", "h100-sxm")
+    assert d["recommended"]["method"] == "qlora" and any("pre-quantized" in w for w in d["warnings"])
+    with pytest.raises(ConfigError, match="only QLoRA"):
+        planning.check("unsloth/Llama-3.1-8B-bnb-4bit", "rtx-4090", method="lora")
