@@ -1,0 +1,352 @@
+"""What rigplan adds to TRL's training loop: a callback that watches every step (signals shared by all ranks,
+NaN, metrics.jsonl, real tokens, ETA), the out-of-memory backoff, and what a run measures (GPU memory sampled
+through NVML while it trains). trainer/run.py puts them together; heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rigplan.trainer.options import CHECKPOINT_COMPLETE
+
+# Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
+WARMUP_STEPS = 3
+
+
+class _Guard:
+    """Signal flag, NaN watch, metrics log and token count, as one TrainerCallback (built lazily:
+    transformers is heavy)."""
+
+    def __init__(self, out_dir: Path, sync: Any = None) -> None:
+        self.out_dir = out_dir
+        self.signal: int | None = None
+        self.nan_step: int | None = None
+        self.sync = sync  # torch.cuda.synchronize on CUDA: the clock is read when the GPU is done
+        self.t0 = time.perf_counter()
+        self.warmup, self.last_index = WARMUP_STEPS, -1  # set when training begins
+        # Real (non-padding) tokens trained, on the device until read: an int, or a tensor once a padded
+        # micro-batch has added its attention mask's sum (read on the host only when logging or at the end).
+        self.tokens: Any = 0
+        self.step_times: list[float] = []
+        self.step_tokens: list[Any] = []
+        self.backoffs: list[dict[str, int]] = []
+        from rigplan.trainer.distributed import world
+
+        self.world = world()
+        self.main = self.world.main  # rank 0 alone writes files
+
+    def count(self, inputs: dict[str, Any]) -> None:
+        """Add a micro-batch's real tokens: its attention mask's sum when padded; all of its one row when
+        padding-free (TRL's collator then sends no mask and no padding)."""
+        mask = inputs.get("attention_mask")
+        self.tokens = self.tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+
+    def note_backoff(self, step: int, micro_batch: int) -> None:
+        """An out-of-memory error made the trainer split micro-batches: logged to metrics.jsonl and stderr."""
+        self.backoffs.append({"step": step, "micro_batch": micro_batch})
+        if not self.main:
+            return
+        with (self.out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "event": "oom_backoff", "micro_batch": micro_batch}) + "\n")
+        print(f"rigplan: CUDA out of memory at step {step}: micro-batch now {micro_batch}, accumulation doubled",
+              file=sys.stderr, flush=True)
+
+    def steady_tokens_per_s(self) -> float | None:
+        """Real tokens/s after the warm-up steps (Unsloth compiles each decoder block in the first ones)."""
+        w, n = self.warmup, len(self.step_times)
+        if n - w < 2:
+            return None
+        tokens = float(self.step_tokens[-1]) - float(self.step_tokens[w])
+        return round(tokens / (self.step_times[-1] - self.step_times[w]), 1)
+
+    def eta_s(self, steps_left: int) -> float | None:
+        """Seconds left at this run's own pace since the warm-up steps (the first ones compile; the plan's
+        predicted speed is not used: host-bound speeds differ between machines)."""
+        w, n = self.warmup, len(self.step_times)
+        if n - w < 2:
+            return None
+        return steps_left * (self.step_times[-1] - self.step_times[w]) / (n - 1 - w)
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum  # acted on at the end of the current step: save, then stop
+
+    def stop_agreed(self) -> bool:
+        """Whether to save and stop after this step. Several processes stop together: a signal any of them got
+        (torchrun forwards Ctrl-C to each, not at the same instant) is shared with an all-reduce every step,
+        so that all save the same checkpoint and none waits on a collective the others have left."""
+        if self.world.world_size == 1:
+            return self.signal is not None
+        import torch
+        import torch.distributed as dist
+
+        got = torch.tensor([self.signal or 0], dtype=torch.int64,
+                           device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(got, op=dist.ReduceOp.MAX)
+        if got.item() and self.signal is None:
+            self.signal = int(got.item())
+        return self.signal is not None
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                guard.t0 = time.perf_counter()
+                steps = state.max_steps - state.global_step  # in this process (a resumed run starts later)
+                guard.warmup, guard.last_index = min(WARMUP_STEPS, steps // 4), steps - 1
+                return control
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                # The two clock readings the steady tokens/s is taken between wait for the GPU; the others
+                # are for progress only and stay asynchronous.
+                if guard.sync is not None and len(guard.step_times) in (guard.warmup, guard.last_index):
+                    guard.sync()
+                guard.step_times.append(time.perf_counter())
+                guard.step_tokens.append(guard.tokens)
+                if guard.stop_agreed():
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+                # Called once transformers has written the whole checkpoint: mark it complete. Resume
+                # uses only marked checkpoints, so one cut short by a crash is never resumed from.
+                done = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_COMPLETE
+                if guard.main and done.parent.is_dir():
+                    done.write_text(json.dumps({"step": state.global_step}))
+                return control
+
+            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+                logs = logs if logs is not None else {}
+                # The logged loss is the mean since the last log; NaN or inf in any of those steps makes it
+                # NaN (logging_nan_inf_filter=False), and a log comes before every checkpoint (logging_steps).
+                loss = logs.get("loss", logs.get("eval_loss"))
+                if loss is not None and not math.isfinite(loss):
+                    guard.nan_step = state.global_step
+                    control.should_training_stop = True
+                    control.should_save = False
+                elapsed = time.perf_counter() - guard.t0
+                if "loss" in logs and elapsed:  # shown in the progress lines (this callback runs first)
+                    logs["tokens_per_s"] = round(float(guard.tokens) / elapsed, 1)
+                    eta = guard.eta_s(state.max_steps - state.global_step)
+                    if eta is not None:
+                        logs["eta_s"] = round(eta, 2)
+                row = {"step": state.global_step, "epoch": state.epoch, **logs}
+                if guard.main:
+                    with (guard.out_dir / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                return control
+
+        return Callback()
+
+
+def _padding_free(inputs: dict[str, Any]) -> bool:
+    """A padding-free micro-batch: one row of examples back to back, position_ids restarting at 0 for each,
+    no attention mask (TRL's collator, trl/trainer/sft_trainer.py:180-206)."""
+    return "attention_mask" not in inputs and "position_ids" in inputs and inputs["input_ids"].shape[0] == 1
+
+
+def examples_in(inputs: dict[str, Any]) -> int:
+    """Examples in a collated micro-batch: its rows, or where a padding-free row's position_ids restart."""
+    if _padding_free(inputs):
+        return int((inputs["position_ids"][0] == 0).sum())
+    return int(inputs["input_ids"].shape[0])
+
+
+def split_micro_batch(inputs: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """A collated micro-batch as up to `parts` smaller ones of whole examples, for the out-of-memory backoff:
+    padded ones cut along the batch, padding-free ones between examples (where position_ids restart)."""
+    import torch
+
+    ids = inputs["input_ids"]
+    if not _padding_free(inputs):
+        n = ids.shape[0]
+        size = -(-n // parts)
+        return [{k: v[i:i + size] if torch.is_tensor(v) and v.shape[:1] == (n,) else v for k, v in inputs.items()}
+                for i in range(0, n, size)]
+    length = ids.shape[1]
+    starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist()
+    cuts = starts[::-(-len(starts) // parts)] + [length]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        part = {k: v[:, a:b] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == length else v
+                for k, v in inputs.items()}
+        if "packed_seq_lengths" in inputs:  # Unsloth's example lengths (unsloth/utils/packing.py:286-327)
+            bounds = [x for x in starts if a <= x < b] + [b]
+            old = inputs["packed_seq_lengths"]
+            part["packed_seq_lengths"] = torch.tensor([y - x for x, y in zip(bounds, bounds[1:])],
+                                                      dtype=old.dtype, device=old.device)
+        out.append(part)
+    return out
+
+
+def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
+    """TRL's SFTTrainer with rigplan's out-of-memory backoff and real-token count. The loss is the model's
+    own causal-LM loss (the override TRL documents for a custom loss) on Unsloth, whose fused cross-entropy
+    keeps the logits out of memory, and wherever TRL's chunked LM head cannot run (its kernels need Triton,
+    which CPU builds of torch lack: trl/kernels/chunked_logprob.py). TRL's head is kept for transformers +
+    PEFT on CUDA, where the model's own loss would build the full logits. TRL's head also logs entropy and
+    token accuracy, reading three numbers back from the GPU every micro-batch (trl/trainer/sft_trainer.py:
+    1638-1651): on the H100 rigplan ran 0.87x a bare Unsloth loop making the model's own loss call (padded
+    LoRA, micro-batch 2: bench/results/h100-tp3-own-lora-padded.json)."""
+    import torch
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    fused = engine != "unsloth" and getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
+
+    class RigplanSFTTrainer(SFTTrainer):
+        split = 1  # micro-batches are cut into this many parts after out-of-memory errors
+        _trainable: list[Any] | None = None
+        _flops_per_token: int | None = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
+            """On CUDA out-of-memory, halve the micro-batch (twice the accumulation) and redo this one:
+            losses are normalised by the step's token count, so the parts add up to the same gradient."""
+            if self._trainable is None:  # listed once: 2 ms for an 8B model with LoRA
+                self._trainable = [p for p in model.parameters() if p.requires_grad]
+            params = self._trainable
+            # This micro-batch accumulates into fresh gradients, apart from the sum of the step's earlier
+            # ones, so that an out-of-memory error can drop what it added. Moving references costs nothing;
+            # the clone of every LoRA gradient this replaced cost a launch per tensor (448 for an 8B model)
+            # per micro-batch.
+            earlier = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            while True:
+                parts = [inputs] if self.split == 1 else split_micro_batch(inputs, self.split)
+                try:
+                    total = None
+                    for part in parts:
+                        loss = super().training_step(model, part, num_items_in_batch)
+                        total = loss if total is None else total + loss
+                    break
+                except torch.OutOfMemoryError:
+                    for p in params:  # drop what the failed backward had accumulated
+                        p.grad = None
+                    examples = examples_in(inputs)
+                    if len(parts) >= examples:  # one example per part already
+                        for p, grad in zip(params, earlier):
+                            p.grad = grad
+                        raise
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                        # The failed attempt's high-water mark is the card's limit, not this run's peak: the
+                        # summary's measured peak (and what calibration learns from it) starts again here.
+                        torch.cuda.reset_peak_memory_stats()
+                    self.split *= 2
+                    guard.note_backoff(self.state.global_step, -(-examples // self.split))
+            # Add the earlier micro-batches back, all tensors in a few fused launches (torch._foreach_add_).
+            new, old = [], []
+            for p, grad in zip(params, earlier):
+                if grad is not None and p.grad is None:
+                    p.grad = grad
+                elif grad is not None:
+                    new.append(p.grad)
+                    old.append(grad)
+            if new:
+                torch._foreach_add_(new, old)
+            guard.count(inputs)
+            return total
+
+        def _load_optimizer_and_scheduler(self, checkpoint):  # noqa: ANN001
+            # Several CPU processes: transformers maps the optimizer state to args.device, "cpu:0", which
+            # torch.load cannot restore (transformers/trainer.py _load_optimizer_and_scheduler); plain "cpu" can.
+            if checkpoint is None or torch.cuda.is_available() or self.args.world_size == 1:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            import os
+
+            self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu",
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+        def _load_rng_state(self, checkpoint):  # noqa: ANN001
+            # Several CPU processes (gloo): torch cannot map rank N's saved CPU generator state back ("don't know
+            # how to restore data location ... cpu:0"). The data order comes from the sampler's seed and epoch,
+            # and LoRA here has no dropout, so the run goes on without it, and says so.
+            try:
+                super()._load_rng_state(checkpoint)
+            except RuntimeError as e:
+                print(f"rigplan: random state of this process not restored ({str(e).splitlines()[0][:80]}); the "
+                      "data order does not depend on it", file=sys.stderr, flush=True)
+
+        def floating_point_ops(self, inputs):  # noqa: ANN001
+            # transformers counts the model's parameters anew for every micro-batch, walking every module and
+            # parameter (transformers/trainer.py:4077-4081, modeling_utils.py:935-962): 4 ms of host time per
+            # micro-batch for Llama-3.1-8B with LoRA (2,665 modules; timed on a CPU, on the meta device). The
+            # count does not change: take it once.
+            if self._flops_per_token is None:
+                count = getattr(self.model, "num_parameters", None)
+                self._flops_per_token = 6 * count(exclude_embeddings=True) if count is not None else 0
+            ids = inputs.get("input_ids")
+            return self._flops_per_token * ids.numel() if ids is not None else 0
+
+        if not fused:
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+                # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
+                # tokens of the whole step (num_items_in_batch), as the model's own loss does when given it.
+                # No cache, as TRL's compute_loss (trl/trainer/sft_trainer.py:1562): with one, transformers
+                # skips the padding-free mask (transformers/masking_utils.py:855) and examples would attend to
+                # each other. (The Trainer sets config.use_cache = args.use_cache, False: trainer.py:620.)
+                extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+                outputs = model(**{**inputs, "use_cache": False}, **extra)
+                return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return RigplanSFTTrainer
+
+
+def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """Several processes: tokens and tokens/s summed over the ranks, memory the largest any GPU held."""
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if cuda else "cpu"
+    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup")
+    peaks = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
+    values = torch.tensor([float(measured.get(k) or 0.0) for k in summed], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    out = {**measured, **{k: round(v, 1) for k, v in zip(summed, values.tolist()) if measured.get(k) is not None}}
+    if cuda:
+        most = torch.tensor([float(measured.get(k) or 0.0) for k in peaks], dtype=torch.float64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        out.update({k: round(v, 3) for k, v in zip(peaks, most.tolist())})
+    return out
+
+
+class MemorySampler:
+    """The GPU memory in use as nvidia-smi shows it (NVML), sampled every SAMPLE_S on a thread during
+    training: read afterwards it shows only what is still held (issue 14: 16.9 GiB after a 57.3 GiB peak)."""
+
+    SAMPLE_S = 0.05
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from rigplan.profiles import nvml
+
+        while not self._stop.is_set():
+            used = nvml.used_gib()
+            if used is not None:
+                self.peak = max(self.peak or 0.0, used)
+            self._stop.wait(self.SAMPLE_S)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        return self.peak
