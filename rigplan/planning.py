@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rigplan import data, store
+from rigplan import data, store, tokens
 from rigplan.inputs import FLAGS, input_problems, plan_out_problems, run_problems, workload_problems  # noqa: F401
 from rigplan.errors import ConfigError, UnknownGpuError, require
 from rigplan.estimator import planner
@@ -91,6 +91,16 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
     return Workload(DEFAULT_WORKLOAD_TOKENS, epochs, None, None, "per 1M tokens (pass --examples or --data)"), None
 
 
+def own_token_counts(model_name: str, model: ModelSpec, data_file: Path | None,
+                     skip_bad: bool = False) -> tuple[list[int], int] | None:
+    """The data's token counts with the model's own tokenizer where its files are on this machine (a local
+    directory, or the hub cache for a profile's hub id), without torch (rigplan/tokens.py); else None."""
+    if data_file is None:
+        return None
+    local = Path(model_name).expanduser()
+    return tokens.counted_lengths(str(local) if local.is_dir() else model.hub_id, Path(data_file), skip_bad)
+
+
 def resolve_target(gpu: str | None) -> tuple[Target | None, str]:
     """A named GPU from the catalogue, or the local one ('auto' or None); (None, why) when there is none."""
     if gpu and gpu != "auto":
@@ -163,7 +173,8 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
                             "rank": rank, "epochs": epochs, "examples": examples, "avg_tokens": avg_tokens})
             + workload_problems(data_file, examples, avg_tokens))
     model = catalog.resolve_model(model_name)
-    load, data_seq = workload(data_file, examples, avg_tokens, epochs, seq_len,
+    counted = own_token_counts(model_name, model, data_file)
+    load, data_seq = workload(data_file, examples, avg_tokens, epochs, seq_len, counted,
                               context=model.max_position_embeddings)
     seq = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
     target, why = resolve_target(gpu)
@@ -275,6 +286,8 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     model = catalog.resolve_model(model_name)
     if model_path is None and Path(model_name).expanduser().is_dir():
         model_path = str(Path(model_name).expanduser().resolve())
+    if counted is None:
+        counted = own_token_counts(model_path or model_name, model, data_file, skip_bad)
     load, data_seq = workload(data_file, None, None, epochs, seq_len, counted, skip_bad,
                               context=model.max_position_embeddings)
     target, why = resolve_target(gpu)
