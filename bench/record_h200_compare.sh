@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool, carry .gpu), after bench/record_h200_runs.sh: the references issue 14 compares
 # `rigplan run` with, for the H200's own LoRA and QLoRA plans on the same 600 long-tailed examples:
-#   hf-<method>    the plain transformers + PEFT baseline (bench/train_throughput.py --parts hf-plain: padded
-#                  micro-batches, transformers' own loss), on the same data and plan settings
+#   hf-<method>    the plain transformers + PEFT baseline (bench/train_throughput.py --parts hf-plain: micro-batches
+#                  of examples in random order padded to the longest, as plain TRL trains, transformers' own loss
+#                  over full logits), on the same data and plan settings. The 2026-11-30 records used rigplan's
+#                  length-sorted groups instead (--baseline-batching padded), a faster baseline.
 #   bare-<method>  the bare Unsloth loop on fixed shapes with the plan's tokens per micro-batch and checkpointing
 #                  (calibration/probe.py: micro_batch x seq_len random ids, forward + backward + AdamW 8-bit)
 # e.g. bash bench/record_h200_compare.sh lora qlora

@@ -147,7 +147,19 @@ def part(args: argparse.Namespace) -> dict:
     import dataclasses
 
     plan = Plan.from_json(Path(args.plan).read_text())
-    plan = dataclasses.replace(plan, engine=args.engine, batching=args.batching)
+    if args.batching == "random":  # plain TRL: micro_batch examples in random order, padded to the longest
+        import random
+
+        from rigplan.trainer import batching
+
+        def random_groups(lengths: list[int], micro_batch: int) -> list[list[int]]:
+            order = list(range(len(lengths)))
+            random.Random(plan.seed).shuffle(order)
+            return [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+
+        batching.group = random_groups
+    plan = dataclasses.replace(plan, engine=args.engine,
+                               batching="padded" if args.batching == "random" else args.batching)
     kind = args.part.split("@")[0]  # rigplan@2: a second run of the same part, to see run-to-run spread
     if kind == "bare":
         return bare(plan, args)
@@ -266,10 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="in this order (the HF engine's parts, the slowest, last); hf-plain: the HF baseline, "
                         "transformers + PEFT with transformers' own loss (full logits); hf: the same with TRL "
                         "1.15's chunked LM head")
-    p.add_argument("--batching", choices=["auto", "packed", "padded"], default="auto",
+    p.add_argument("--batching", choices=["auto", "packed", "padded", "random"], default="auto",
                    help="as rigplan run --batching, in rigplan's and the bare loop's parts (auto: the plan's)")
-    p.add_argument("--baseline-batching", choices=["packed", "padded"], default="padded",
-                   help="the HF baseline's parts (hf-plain, hf): padded micro-batches, as plain TRL trains")
+    p.add_argument("--baseline-batching", choices=["random", "packed", "padded"], default="random",
+                   help="the HF baseline's parts (hf-plain, hf): random: micro-batches of examples in random order "
+                        "padded to the longest, as plain TRL trains; padded: rigplan's length-sorted groups")
     p.add_argument("--data-file", type=Path, help="train on this file instead of generating one")
     p.add_argument("--out", type=Path, default=Path("bench/throughput"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a toy-sized replica")
