@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Literal
 
 Method = Literal["lora", "qlora"]
@@ -88,7 +89,7 @@ class ExampleLengths:
 
     def mean(self, seq_len: int) -> float:
         """Mean tokens per example once each is cut to seq_len."""
-        return sum(min(n, seq_len) for n in self.tokens) / len(self.tokens)
+        return _mean_cut(self.tokens, seq_len)
 
     def longest_of(self, k: int, seq_len: int) -> float:
         """Expected longest of k examples drawn at random, each cut to seq_len: the order statistic
@@ -96,6 +97,12 @@ class ExampleLengths:
         replacement; the trainer's shuffled micro-batches draw without, a difference of 1/n)."""
         n = len(self.tokens)
         return sum(min(x, seq_len) * ((i / n) ** k - ((i - 1) / n) ** k) for i, x in enumerate(self.tokens, 1))
+
+
+@lru_cache(maxsize=1024)
+def _mean_cut(tokens: tuple[int, ...], seq_len: int) -> float:
+    """ExampleLengths.mean, cached: the planner asks it of the same lengths for every candidate and GPU."""
+    return sum(min(n, seq_len) for n in tokens) / len(tokens)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ model-FLOPs utilisation, plus fitted per-step overheads. Pure: no I/O, no torch.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+from functools import lru_cache
 
 from rigplan.estimator.memory import lora_params
 from rigplan.estimator.plan import Coefficients, ExampleLengths, Setup
@@ -220,20 +222,21 @@ def speed_band(host_bound: bool, engine: str) -> tuple[float, float]:
     return low, high
 
 
+@lru_cache(maxsize=256)
 def packing_fill(lengths: ExampleLengths, budget: int, seq_len: int) -> float:
     """Expected share of a token budget that packed examples fill: best-fit decreasing (the trainer's rule,
     trainer/batching.py) over enough copies of the length sample to make 16 micro-batches; examples longer
-    than seq_len are cut to it."""
+    than seq_len are cut to it. Cached: the planner asks for the same few budgets on every GPU."""
     sample = [min(n, seq_len) for n in lengths.tokens]
     copies = max(1, -(-16 * budget // max(1, sum(sample))))
-    free: list[int] = []  # room left in each open micro-batch
+    rooms: list[int] = []  # room left in each open micro-batch, sorted: the best fit is the first with room >= n
     for n in sorted(sample * copies, reverse=True):
-        best = min((i for i, room in enumerate(free) if room >= n), key=free.__getitem__, default=None)
-        if best is None:
-            free.append(budget - n)
+        at = bisect.bisect_left(rooms, n)
+        if at == len(rooms):
+            bisect.insort(rooms, budget - n)
         else:
-            free[best] -= n
-    return sum(sample) * copies / (len(free) * budget)
+            bisect.insort(rooms, rooms.pop(at) - n)
+    return sum(sample) * copies / (len(rooms) * budget)
 
 
 def attention_length(lengths: ExampleLengths, seq_len: int) -> float:
@@ -248,6 +251,7 @@ def attention_length(lengths: ExampleLengths, seq_len: int) -> float:
 PAD_MULTIPLE = 64
 
 
+@lru_cache(maxsize=256)
 def grouped_lengths(lengths: ExampleLengths, seq_len: int) -> dict[int, int]:
     """Padded micro-batches of length-sorted examples (trainer/batching.py): each example's micro-batch is padded
     to about its own length rounded up to PAD_MULTIPLE; as {padded length: sample points}."""
