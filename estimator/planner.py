@@ -99,11 +99,11 @@ def validate(model: ModelSpec, setup: Setup) -> None:
 def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
              gpu_memory_gib: float | None = None, lengths: ExampleLengths | None = None,
              batching: Batching = "padded", engine: Engine = "unsloth") -> Estimate:
-    """Memory and speed of one configuration (what `rigplan estimate` prints). Memory is for full micro-batches
-    (the token budget, micro_batch x seq_len: packed micro-batches reach it); speed, given the data's example
-    lengths, for the micro-batches that data makes laid out as `batching` says (speed.data_micro_batch), else
-    for full ones. On the transformers engine both are scaled by the factors measured against Unsloth
-    (memory.transformers_engine_bytes, speed.TRANSFORMERS_SPEED)."""
+    """Memory and speed of one configuration (what `rigplan estimate` prints), per GPU. Memory is for a full
+    token budget (micro_batch x seq_len), which the trainer's micro-batches reach and never pass; speed, given
+    the data's example lengths, for the micro-batches that data makes laid out as `batching` says
+    (speed.data_micro_batch), else for full ones. On the transformers engine both are scaled by the factors
+    measured against Unsloth (memory.TRANSFORMERS_STEP_MEMORY, speed.transformers_speed)."""
     validate(model, setup)
     parts = memory.components_bytes(model, setup, coeffs, engine, batching)
     total = memory.total_bytes(parts) / GIB

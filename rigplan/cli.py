@@ -296,8 +296,8 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
               help="Override the plan's engine (re-estimated) [default: unsloth, transformers + PEFT for families "
                    "Unsloth fails on].")
 @click.option("--batching", type=click.Choice(["packed", "padded"]),
-              help="Override the plan's layout: examples packed within the token budget (default), or padded "
-                   "micro-batches of --micro-batch examples.")
+              help="Override the plan's layout (the faster for your data): padded groups of --micro-batch "
+                   "examples of similar length, or whole examples packed within the token budget.")
 @click.option("--gpus", "num_gpus", type=int, default=1, show_default=True,
               help="GPUs of this host to plan for and train on (one process each, under torchrun).")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
