@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool, carry .gpu): the Unsloth probes issue 17 names, checked against the predictions
+# written before them (bench/results/predictions/issue17-h200.json: `python bench/predictions.py predict ...`):
+# reduced-depth, full-width Qwen3-30B-A3B and Mixtral-8x7B, full-depth Phi-3.5-mini, Gemma-3-12B at 8 layers,
+# LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192. One probe process per family (each loads Unsloth once).
+#   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3; default all, about 9 minutes)
+set -uo pipefail
+mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+PRED=bench/results/predictions/issue17-h200.json
+jobs_for() {
+  python3 -c "import json,sys; print(' '.join('--job ' + j for j in json.load(open('$PRED'))['jobs'] if j.startswith(sys.argv[1])))" "$1"
+}
+for family in "${@:-qwen3moe mixtral phi gemma3}"; do
+  case "$family" in
+    qwen3moe) prefix=qwen3-30b-a3b ;; mixtral) prefix=mixtral-8x7b ;; phi) prefix=phi-3.5-mini ;; gemma3) prefix=gemma-3-12b ;;
+    *) echo "unknown family $family"; continue ;;
+  esac
+  t0=$SECONDS
+  python3 -m rigplan.calibration.probe $(jobs_for $prefix) --out $OUT/probe-$family.jsonl >$OUT/probe-$family.log 2>&1
+  echo "== $family exit $? after $((SECONDS - t0)) s"
+  python3 bench/predictions.py compare $PRED $OUT/probe-$family.jsonl | grep "\"$prefix" | tee -a $OUT/compare.txt
+done
