@@ -23,7 +23,7 @@ layers = os.environ.get('LAYERS')
 build_replica(reduced(resolve_model('$MODEL'), int(layers) if layers else None), '$DIR', device='cuda')" || exit 1
 fi
 LOG=$OUT/runs.log
-python3 bench/validation_data.py --out /tmp/data.jsonl --examples 600 --seed 0 | tee -a $LOG
+python3 bench/validation_data.py --out /tmp/data.jsonl --examples ${EXAMPLES:-600} --seed ${SEED:-0} | tee -a $LOG
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 for case in "$@"; do
   gpu=${case%%-*}; method=${case#*-}; layout=
@@ -44,7 +44,7 @@ for case in "$@"; do
     python3 -c "
 import json, sys
 s = json.load(open('/tmp/run-$name/run_summary.json'))
-s['command'] = sys.argv[1]; s['data_command'] = 'python3 bench/validation_data.py --out data.jsonl --examples 600 --seed 0'
+s['command'] = sys.argv[1]; s['data_command'] = 'python3 bench/validation_data.py --out data.jsonl --examples ${EXAMPLES:-600} --seed ${SEED:-0}'
 s['plan'] = json.load(open('/tmp/run-$name/plan.json'))
 json.dump(s, open('$OUT/$name.json', 'w'), indent=2)
 m, p = s['measured'], s['predicted']
