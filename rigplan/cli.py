@@ -349,6 +349,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         click.echo(json.dumps(_run(lambda: runlib.dry_run_report(p, opts), before), indent=2))
         return
     _run(lambda: runlib.check_plan(p), before)
+    _run(lambda: distributed.check_gpu_count(p.num_gpus, p.gpu == "cpu"), before)
     if p.num_gpus > 1 and not distributed.launched():
         sys.exit(_relaunch(p, opts))
     # Once training starts, Ctrl-C saves a checkpoint and the summary says 130; before or after it, _run does.

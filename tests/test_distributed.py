@@ -111,3 +111,15 @@ def test_an_fsdp_plan_is_refused_before_anything_loads(setup, tmp_path) -> None:
     f.write_text(plan.to_json())
     r = CliRunner().invoke(main, ["run", str(f), "--data", str(data), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "FSDP" in r.output and not (tmp_path / "o").exists()
+
+
+def test_a_plan_for_more_gpus_than_the_host_has_is_refused(monkeypatch) -> None:
+    from rigplan.errors import ConfigError
+    from rigplan.profiles import nvml
+    from rigplan.trainer import distributed
+
+    monkeypatch.setattr(nvml, "local_gpus", lambda: ([], "no NVIDIA driver"))
+    with pytest.raises(ConfigError, match="has 0"):
+        distributed.check_gpu_count(2, cpu=False)
+    distributed.check_gpu_count(2, cpu=True)  # CPU processes: gloo, no GPU needed
+    distributed.check_gpu_count(1, cpu=False)

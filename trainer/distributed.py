@@ -45,6 +45,21 @@ def launched() -> bool:
     return all(v in os.environ for v in LAUNCHER_VARS)
 
 
+def check_gpu_count(num_gpus: int, cpu: bool) -> None:
+    """A plan for more GPUs than this host has is refused (several hosts start torchrun themselves, which sets
+    the launcher's variables); CPU processes (gloo) need no GPU."""
+    if cpu or num_gpus == 1 or launched():
+        return
+    from rigplan.errors import ConfigError
+    from rigplan.profiles import nvml
+
+    found, why = nvml.local_gpus()
+    if len(found) < num_gpus:
+        raise ConfigError(f"this plan trains on {num_gpus} GPUs but this machine has {len(found)}"
+                          + (f" ({why})" if not found else "") + f"; pass --gpus {max(1, len(found))}, or start "
+                          "torchrun on each host yourself (docs/training.md)")
+
+
 def relaunch_command(num_gpus: int, argv: list[str]) -> list[str]:
     """torchrun starting `python -m rigplan` with the same arguments once per GPU on this host. Several hosts:
     run that same command on each, with --nnodes, --node-rank and a --rdzv-endpoint they all reach (torchrun's
