@@ -166,9 +166,9 @@ def tokens_per_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficie
 
 # Real data: examples of varied length, which the fixed-shape probes the coefficients are fitted on do not
 # have. The trainer lays a micro-batch out in one of three ways: 'packed' (trainer/batching.py: whole examples
-# back to back in one row of at most token_budget tokens, each attending only to itself), 'padded' (micro_batch
-# examples padded to the longest) or, in runs recorded before packing, 'padding-free' (micro_batch examples back
-# to back, however many tokens they make). Each is timed as the larger of GPU time and host floor
+# back to back in one row of at most token_budget tokens, each attending only to itself) or 'padded' (micro_batch
+# length-sorted examples padded to the longest); runs recorded before this trainer padded micro_batch examples
+# drawn at random ('random-padded') or put them back to back however many tokens they made ('padding-free'). Each is timed as the larger of GPU time and host floor
 # (micro_batch_s) with factors fitted (minimax) on rigplan's trainer and the bare Unsloth loop on Llama-3.1-8B,
 # examples of 257-2001 tokens, micro-batches of 1-8, on H100 machines (bench/results/h100-tp*.json;
 # bench/data_speed.py shows each run against its estimate).
@@ -203,6 +203,8 @@ TRANSFORMERS_SPEED_BY_TYPE = {"gemma2": 0.237}
 def transformers_speed(model: ModelSpec) -> float:
     """The transformers engine's speed as a share of Unsloth's estimate, for this model family."""
     return TRANSFORMERS_SPEED_BY_TYPE.get(model.model_type, TRANSFORMERS_SPEED)
+
+
 # The band of measured / estimated speed the estimate stands behind, containing every recorded run of its kind
 # (tests/test_planner.py checks it against bench/data_speed.py's rows): GPU-bound micro-batches, and host-bound
 # ones, whose pace is the host CPU's and differs between machines with the same GPU (also the full-depth 1 x 2048
