@@ -21,6 +21,7 @@ Engine = Literal["unsloth", "transformers"]
 # length padded to the longest of them; 'packed' puts whole examples back to back in one row of at most
 # token_budget tokens (each example attends only to itself).
 Batching = Literal["padded", "packed"]
+Scheduler = Literal["linear", "cosine", "constant_with_warmup"]
 ENGINES: tuple[Engine, ...] = ("unsloth", "transformers")
 # How several GPUs share the work (torch.distributed): 'single' (one GPU), 'ddp' (each GPU holds the whole model
 # and trains its own micro-batches; gradients all-reduced) or 'fsdp' (FSDP2: weights, adapters and optimizer
@@ -135,6 +136,12 @@ class Plan:
     """Activation checkpointing: Unsloth's (recompute each layer in backward) or none."""
     learning_rate: float = 2e-4
     """Peak learning rate (Unsloth's notebooks use 2e-4 for LoRA)."""
+    lr_scheduler: Scheduler = "linear"
+    """How the learning rate falls after warm-up (transformers' lr_scheduler_type; Unsloth's notebooks: linear)."""
+    warmup_steps: int = 5
+    """Optimizer steps of linear warm-up to the peak learning rate (Unsloth's notebooks use 5)."""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay on the adapters (Unsloth's notebooks use 0.01)."""
     epochs: float = 1.0
     """Passes over the data."""
     seed: int = 3407

@@ -332,7 +332,8 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
                           f"{spec.id} ({est.gpu_memory_gib:.1f} GiB, {planner.SAFETY_MARGIN:.0%} kept free); "
                           "change it, or pass --force to try anyway")
     best = planner.to_plan(model, est, spec, coeffs, new.model_path, new.num_gpus)
-    keep = {f: getattr(new, f) for f in ("model", "learning_rate", "epochs", "seed", "lora_alpha")}
+    keep = {f: getattr(new, f) for f in ("model", "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay",
+                                         "epochs", "seed", "lora_alpha")}
     return dataclasses.replace(best, **keep)
 
 

@@ -508,3 +508,13 @@ def test_the_estimate_counts_exactly_the_adapters_that_train(model_id, tmp_path)
     model, _ = load(plan)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trained == lora_params(spec, 8) > 0
+
+
+def test_the_schedule_comes_from_the_plan(model_dir, tmp_path) -> None:
+    """Learning-rate schedule, warm-up and weight decay are the plan's, not the trainer's choices."""
+    plan = plan_for(model_dir, lr_scheduler="cosine", warmup_steps=2, weight_decay=0.1)
+    args = runlib.sft_config_from_plan(plan, tmp_path, RunOptions(data=tmp_path / "d", out_dir=tmp_path), False,
+                                       False, False)
+    assert (getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), args.warmup_steps, args.weight_decay) == (
+        "cosine", 2, 0.1)
+    assert Plan.from_json(plan.to_json()) == plan

@@ -182,9 +182,9 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         num_train_epochs=plan.epochs,
         max_steps=opts.max_steps,
         learning_rate=plan.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=5,  # Unsloth's notebooks
-        weight_decay=0.01,
+        lr_scheduler_type=plan.lr_scheduler,
+        warmup_steps=plan.warmup_steps,
+        weight_decay=plan.weight_decay,
         optim="adamw_8bit" if cuda and plan.optimizer == "adamw_8bit" else "adamw_torch",
         bf16=cuda and bf16,
         fp16=cuda and not bf16,
