@@ -79,8 +79,10 @@ PLAN_HEADERS = ["", "engine", "method", "rank", "tokens/micro", "accum", "seq", 
 
 
 def _plan_cells(label: str, r: dict[str, Any]) -> list[Any]:
+    # Checkpointing "unsloth" is Unsloth's offloaded kind; on transformers + PEFT it is PEFT's own: "on".
+    ckpt = r["checkpointing"] if r["engine"] == "unsloth" or r["checkpointing"] == "off" else "on"
     return [label, r["engine"], r["method"], r["rank"], r["token_budget"], r["grad_accum"], r["seq"],
-            r["checkpointing"], r["peak_reserved_gib"], r["total_gib"], round(r["tokens_per_s"]), r["train_hours"]]
+            ckpt, r["peak_reserved_gib"], r["total_gib"], round(r["tokens_per_s"]), r["train_hours"]]
 
 
 def _render_check(d: dict[str, Any]) -> str:
