@@ -5,6 +5,7 @@ sequence length x checkpointing for the fastest that fits with a safety margin. 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -190,22 +191,19 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
     lengths only padded (full sequences) is timed. One GPU: 'single'; several: DDP and FSDP (SHARDINGS)."""
     if lengths is None:
         batchings = ("padded",)
+    shardings = [(par, *how) for par in (("single",) if num_gpus == 1 else ("ddp", "fsdp")) for how in SHARDINGS[par]]
     out = []
-    for parallelism in (("single",) if num_gpus == 1 else ("ddp", "fsdp")):
-        for offload, only_ckpt, only_engine in SHARDINGS[parallelism]:
-            eng = only_engine or engine
-            for method in methods:
-                for rank in ranks:
-                    for ckpt in ((only_ckpt,) if only_ckpt else checkpointing):
-                        for layout in batchings:
-                            for micro in MICRO_BATCHES:
-                                accum = grad_accum_for(effective_batch, micro, seq_len, lengths, layout)
-                                setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len,
-                                              grad_accum=accum, checkpointing=ckpt, parallelism=parallelism,
-                                              num_gpus=num_gpus, cpu_offload=offload)
-                                out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, eng))
-                                if accum == 1:  # a larger budget would hold more than a step's examples
-                                    break
+    for (parallelism, offload, only_ckpt, only_engine), method, rank, ckpt, layout in itertools.product(
+            shardings, methods, ranks, checkpointing, batchings):
+        if only_ckpt and ckpt != only_ckpt:
+            continue
+        for micro in MICRO_BATCHES:
+            accum = grad_accum_for(effective_batch, micro, seq_len, lengths, layout)
+            setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len, grad_accum=accum,
+                          checkpointing=ckpt, parallelism=parallelism, num_gpus=num_gpus, cpu_offload=offload)
+            out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, only_engine or engine))
+            if accum == 1:  # a larger budget would hold more than a step's examples
+                break
     return out
 
 

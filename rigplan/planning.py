@@ -373,6 +373,9 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
     (the caller counts them: the trainer's count_tokens), else estimated from characters. skip_bad (`rigplan
     run --skip-bad`): bad records are left out of the plan too, not fatal."""
     require(run_problems(changes))
+    if counted is None:  # the same counts for the fresh plan and any override re-estimated below
+        counted = tokens.counted_lengths(local_model_dir(model_or_plan) or hub_id(model_or_plan), Path(data_file),
+                                         skip_bad)
     base = read_plan(Path(model_or_plan))
     if base is None:
         # A method asked for is planned for (its own best budget and checkpointing), not patched into the other

@@ -31,10 +31,15 @@ def padded_length(longest: int, seq_len: int) -> int:
     return min(seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
+def longest_first(lengths: list[int]) -> list[int]:
+    """Example indices, longest first; ties by index, so every layout is deterministic."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
 def group(lengths: list[int], micro_batch: int) -> list[list[int]]:
     """Indices of the examples in each padded micro-batch: longest first, micro_batch at a time, so that each
-    micro-batch's examples are of similar length. Deterministic: ties go by index."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    micro-batch's examples are of similar length."""
+    order = longest_first(lengths)
     return [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
 
 
@@ -65,14 +70,13 @@ class PaddedCollator:
 
 def pack(lengths: list[int], budget: int) -> list[list[int]]:
     """Indices of the examples in each micro-batch, longest first into the fullest micro-batch they fit
-    (best-fit decreasing), every micro-batch's lengths adding up to at most budget. Deterministic: ties go by
-    index. An example longer than the budget is an error (prepare_data cuts them to seq_len <= budget)."""
+    (best-fit decreasing), every micro-batch's lengths adding up to at most budget. An example longer than the
+    budget is an error (prepare_data cuts them to seq_len <= budget)."""
     if any(n > budget for n in lengths):
         raise ValueError(f"an example of {max(lengths)} tokens exceeds the token budget {budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     rooms: list[tuple[int, int]] = []  # (room left, bin number), sorted: the best fit is the first with room >= n
-    for i in order:
+    for i in longest_first(lengths):
         n = lengths[i]
         at = bisect.bisect_left(rooms, (n, -1))
         if at == len(rooms):

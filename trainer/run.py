@@ -92,13 +92,12 @@ def prepare_data(plan: Plan, tokenizer: Any, opts: RunOptions) -> PreparedData:
     random_fill = non_padding_share([len(r["input_ids"]) for r in train_rows], plan.micro_batch, plan.seed)
     if plan.batching == "packed":
         train_rows, eval_rows = packed_rows(train_rows, plan.budget), packed_rows(eval_rows, plan.budget)
-        computed = len(train_rows) * plan.budget  # rows are at most the budget; fill counts it whole
     else:
         train_rows = grouped_rows(train_rows, plan.micro_batch)
         eval_rows = grouped_rows(eval_rows, plan.micro_batch)
-        computed = sum(len(r["input_ids"]) * padded_length(max(map(len, r["input_ids"])), plan.seq_len)
-                       for r in train_rows)
     sizes = [batch_tokens(r, plan) for r in train_rows]
+    # Packed rows are at most the budget, and fill counts each whole (as the estimate's packing_fill does).
+    computed = len(train_rows) * plan.budget if plan.batching == "packed" else sum(sizes)
     report.update(batching=plan.batching, token_budget=plan.budget, micro_batches=len(train_rows),
                   micro_batch_tokens_max=max(sizes), fill=round(real / computed, 4),
                   examples_per_micro_batch=round(report["train_examples"] / len(train_rows), 2),
@@ -114,7 +113,8 @@ def dry_run_report(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     cuda = _cuda()
     if plan.gpu != "cpu" and not cuda:
         warnings.warn(f"rigplan: {no_cuda_message(plan)}", stacklevel=2)
-    import_engine(plan.engine) if plan.engine == "unsloth" and cuda else None
+    if plan.engine == "unsloth" and cuda:
+        import_engine(plan.engine)
     from transformers import AutoTokenizer
 
     path, local = model_source(plan.model_path)
