@@ -72,16 +72,21 @@ class ExampleLengths:
     Speed depends on them through padding: a padded micro-batch is as long as its longest example."""
 
     tokens: tuple[int, ...]
+    count: int = 0
+    """How many examples the lengths stand for (0: unknown); the trainer's length-sorted groups are tighter the
+    more examples there are (speed.padded_groups)."""
 
     @classmethod
-    def of(cls, lengths: Iterable[int], points: int = 256) -> "ExampleLengths":
-        """The lengths, or `points` evenly spaced quantiles of them: enough for the expectations below."""
+    def of(cls, lengths: Iterable[int], points: int = 256, count: int | None = None) -> "ExampleLengths":
+        """The lengths, or `points` evenly spaced quantiles of them: enough for the expectations below. count:
+        the number of examples when the lengths are a sample of them."""
         s = sorted(max(1, int(n)) for n in lengths)
         if not s:
             raise ValueError("no example lengths")
+        n = count or len(s)
         if len(s) > points:
             s = [s[round(i * (len(s) - 1) / (points - 1))] for i in range(points)]
-        return cls(tuple(s))
+        return cls(tuple(s), n)
 
     @classmethod
     def equal(cls, tokens: float) -> "ExampleLengths":

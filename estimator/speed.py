@@ -185,19 +185,22 @@ REAL_DATA_HOST = 1.3
 BACK_TO_BACK_GPU = 0.76
 BACK_TO_BACK_HOST = 2.25
 # The trainer's own layouts (trainer/batching.py), measured on real data against the fixed-shape estimate, which
-# is right there (the bare Unsloth loop at 16 x 1,280 on the H200: 16,440 and 16,301 tok/s against 16,459): padded
-# micro-batches of length-sorted examples ran at 0.83-0.90 of the GPU time their padded shapes predict (shapes
-# change from one micro-batch to the next), packed rows at 0.77-0.89 of BACK_TO_BACK_GPU's rate. Fitted (mean) on
-# the H200 runs of bench/results/h200-runs/ (Llama-3.1-8B, LoRA and QLoRA, 600 long-tailed examples, 2026-11-30).
-GROUPED_GPU = 0.866
+# is right there (the bare Unsloth loop at 16 x 1,280 on the H200: 16,440 and 16,301 tok/s against 16,459).
+# Padded micro-batches of length-sorted examples run at the GPU time of their padded shapes (padded_groups): the
+# held-out H200 runs with expandable segments (as `rigplan run` sets them), bench/results/h200-runs/heldout/
+# h200-{lora,qlora}.json, ran 1.01x and 1.01x that time's rate. (Before expandable segments the caching allocator
+# cost 13% with shapes changing from one micro-batch to the next: h200-runs/grouped/.) Packed rows ran at 0.77-0.89
+# of BACK_TO_BACK_GPU's rate, fitted (mean) on the packed H200 runs of bench/results/h200-runs/ (Llama-3.1-8B,
+# LoRA and QLoRA, 600 long-tailed examples, 2026-11-30, before expandable segments).
+GROUPED_GPU = 1.0
 PACKED_GPU = BACK_TO_BACK_GPU * 0.825
 DATA_BATCHINGS = ("packed", "padded", "random-padded", "padding-free")
 # The transformers + PEFT engine's speed as a share of Unsloth's on the same plan and data (the runs named at
 # memory.TRANSFORMERS_STEP_MEMORY; bench/engine_factors.py): their median. Gemma 2 (the family that needs this
-# engine) ran at 0.39 of that on the H200 (Gemma-2-9B at 6 layers, padded 16 x 1,280:
-# bench/results/h200-runs/final/gemma2-L6-h200-lora.json; one run, not yet checked on another).
+# engine) ran at 0.34 of that on the H200 (Gemma-2-9B at 6 layers, padded 16 x 1,280, against its padded shapes'
+# time: bench/results/h200-runs/final/gemma2-L6-h200-lora.json; one run, not yet checked on another).
 TRANSFORMERS_SPEED = 0.61
-TRANSFORMERS_SPEED_BY_TYPE = {"gemma2": 0.237}
+TRANSFORMERS_SPEED_BY_TYPE = {"gemma2": 0.205}
 
 
 def transformers_speed(model: ModelSpec) -> float:
@@ -251,24 +254,41 @@ def attention_length(lengths: ExampleLengths, seq_len: int) -> float:
 # The trainer pads a padded micro-batch to its longest example rounded up to this many tokens
 # (trainer/batching.py PAD_MULTIPLE), never past seq_len.
 PAD_MULTIPLE = 64
+# The most examples padded_groups rebuilds from the stored quantiles: with more, the trainer's groups are tighter
+# still, and the estimate's padding a little high.
+MAX_GROUPED_EXAMPLES = 20_000
 
 
 @lru_cache(maxsize=256)
-def grouped_lengths(lengths: ExampleLengths, seq_len: int) -> dict[int, int]:
-    """Padded micro-batches of length-sorted examples (trainer/batching.py): each example's micro-batch is padded
-    to about its own length rounded up to PAD_MULTIPLE; as {padded length: sample points}."""
-    out: dict[int, int] = {}
-    for n in lengths.tokens:
-        padded = min(seq_len, -(-min(n, seq_len) // PAD_MULTIPLE) * PAD_MULTIPLE)
-        out[padded] = out.get(padded, 0) + 1
+def padded_groups(lengths: ExampleLengths, seq_len: int, micro_batch: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """The trainer's padded micro-batches (trainer/batching.py group): the examples longest first, micro_batch at a
+    time, each group padded to its longest rounded up to PAD_MULTIPLE, at most seq_len. The examples are rebuilt
+    from the stored quantiles (lengths.count of them, linear between quantiles). As {(padded length, examples):
+    (micro-batches, real tokens in them)}."""
+    q, n = lengths.tokens, min(lengths.count or len(lengths.tokens), MAX_GROUPED_EXAMPLES)
+    if n == len(q) or len(q) == 1:
+        xs = list(q) if n == len(q) else [q[0]] * n
+    else:
+        xs = []
+        for j in range(n):
+            at = j * (len(q) - 1) / max(1, n - 1)
+            i = min(int(at), len(q) - 2)
+            xs.append(round(q[i] + (q[i + 1] - q[i]) * (at - i)))
+    xs = sorted((min(x, seq_len) for x in xs), reverse=True)
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    for i in range(0, len(xs), micro_batch):
+        group = xs[i:i + micro_batch]
+        key = (min(seq_len, -(-group[0] // PAD_MULTIPLE) * PAD_MULTIPLE), len(group))
+        count, real = out.get(key, (0, 0))
+        out[key] = (count + 1, real + sum(group))
     return out
 
 
 def data_micro_batch(setup: Setup, lengths: ExampleLengths, batching: str) -> tuple[Setup, float, float]:
     """The micro-batch the data makes: the shape whose time it takes (tokens computed, and the sequence length
     attention sees), the real tokens in it, and the share of its tokens that are real. packed: the budget
-    (micro_batch x seq_len) filled to packing_fill; padded: micro_batch length-sorted examples padded to about
-    their own length (grouped_lengths; timed per length in data_micro_batch_s); random-padded (runs recorded
+    (micro_batch x seq_len) filled to packing_fill; padded: the trainer's groups of micro_batch length-sorted
+    examples, each padded to its longest (padded_groups; timed per group shape in data_micro_batch_s); random-padded (runs recorded
     before grouping) and padding-free: micro_batch examples drawn at random, padded to the longest or back to
     back."""
     mean, budget = lengths.mean(setup.seq_len), setup.tokens
@@ -279,10 +299,12 @@ def data_micro_batch(setup: Setup, lengths: ExampleLengths, batching: str) -> tu
         timed = dataclasses.replace(setup, micro_batch=1, seq_len=max(1, round(attn)))
         return _with_tokens(timed, real), real, real / budget
     if batching == "padded":
-        groups = grouped_lengths(lengths, setup.seq_len)
-        padded = sum(length * k for length, k in groups.items()) / sum(groups.values())
-        timed = dataclasses.replace(setup, seq_len=max(1, round(padded)))
-        return timed, setup.micro_batch * mean, mean / padded
+        groups = padded_groups(lengths, setup.seq_len, setup.micro_batch)
+        count = sum(c for c, _ in groups.values())
+        real = sum(r for _, r in groups.values())
+        computed = sum(c * length * k for (length, k), (c, _) in groups.items())
+        timed = dataclasses.replace(setup, seq_len=max(1, round(computed / (count * setup.micro_batch))))
+        return timed, real / count, real / computed
     longest = lengths.longest_of(setup.micro_batch, setup.seq_len)
     timed = dataclasses.replace(setup, seq_len=max(1, round(longest if batching == "random-padded" else mean)))
     return timed, setup.micro_batch * mean, mean / longest
@@ -298,10 +320,10 @@ def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, 
     """Mean seconds for one micro-batch of real data, laid out as `batching` says (the factors above); padded
     micro-batches timed at each length they are padded to."""
     if batching == "padded":
-        groups = grouped_lengths(lengths, setup.seq_len)
-        total = sum(k * _timed_s(model, dataclasses.replace(setup, seq_len=length), batching, gpu, coeffs)
-                    for length, k in groups.items())
-        return total / sum(groups.values())
+        groups = padded_groups(lengths, setup.seq_len, setup.micro_batch)
+        total = sum(c * _timed_s(model, dataclasses.replace(setup, micro_batch=k, seq_len=length), batching, gpu,
+                                 coeffs) for (length, k), (c, _) in groups.items())
+        return total / sum(c for c, _ in groups.values())
     timed, _, _ = data_micro_batch(setup, lengths, batching)
     return _timed_s(model, timed, batching, gpu, coeffs)
 

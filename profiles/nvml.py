@@ -45,14 +45,18 @@ def local_gpus() -> tuple[list[LocalGpu], str]:
         pynvml.nvmlShutdown()
 
 
-def used_gib(index: int = 0) -> float | None:
-    """One GPU's used memory as nvidia-smi shows it (CUDA contexts included), or None without a driver."""
+def used_gib(index: int = 0, uuid: str | None = None) -> float | None:
+    """One GPU's used memory as nvidia-smi shows it (CUDA contexts included), or None without a driver. uuid
+    (NVML's "GPU-..." id) names the GPU where NVML's index may not be CUDA's (CUDA_VISIBLE_DEVICES, one process
+    per GPU)."""
     try:
         import pynvml
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used / GIB
+        handle = (pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid is not None
+                  else pynvml.nvmlDeviceGetHandleByIndex(index))
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / GIB
     except pynvml.NVMLError:
         return None

@@ -84,7 +84,7 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
         tokens = sum(min(n, seq) for n in lengths)
         tokens = tokens / len(lengths) * examples_  # counted lengths may be a sample of the file
         return Workload(tokens, epochs, examples_, tokens / examples_, f"{data_file} ({how})",
-                        ExampleLengths.of(lengths), lengths_from_data=True), seq
+                        ExampleLengths.of(lengths, count=examples_), lengths_from_data=True), seq
     if examples is not None and avg_tokens is not None:
         return Workload(examples * avg_tokens, epochs, examples, avg_tokens, "--examples --avg-tokens",
                         ExampleLengths.equal(avg_tokens)), None
@@ -389,7 +389,8 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
             changes = {k: v for k, v in changes.items() if k not in ("method", "seq_len")}
     if not {k: v for k, v in changes.items() if v is not None}:
         return base
-    lengths = ExampleLengths.of(counted[0] if counted else data.estimated_lengths(Path(data_file), skip_bad))
+    lengths = (ExampleLengths.of(counted[0], count=counted[1]) if counted
+               else ExampleLengths.of(data.estimated_lengths(Path(data_file), skip_bad)))
     return override(base, changes, force, lengths)
 
 

@@ -31,6 +31,14 @@ def _runs() -> list[tuple[str, dict]]:
             if "measured" in json.loads(f.read_text())]
 
 
+def _data_args(command: str) -> tuple[int, int]:
+    """The examples and seed bench/validation_data.py made the run's data with (600 and 0 unless the recorded
+    command says otherwise)."""
+    words = command.split()
+    get = lambda flag, default: int(words[words.index(flag) + 1]) if flag in words else default  # noqa: E731
+    return get("--examples", 600), get("--seed", 0)
+
+
 def _estimate(name: str, run: dict) -> planner.Estimate:
     p = run["plan"]
     model = resolve_model("gemma-2-9b" if "gemma2" in name else "llama-3.1-8b")
@@ -38,7 +46,8 @@ def _estimate(name: str, run: dict) -> planner.Estimate:
         model = dataclasses.replace(model, num_hidden_layers=6)
     # the data's lengths as the runs tokenized them: each example's words (one token each with the replica's
     # tokenizer) plus the chat template's tokens, which the plan's counted mean gives
-    words = validation_data.word_counts(600, seed=0)
+    examples, seed = _data_args(run.get("data_command", ""))
+    words = validation_data.word_counts(examples, seed=seed)
     extra = p["example_tokens"] - sum(min(w, p["seq_len"]) for w in words) / len(words)
     lengths = ExampleLengths.of([w + round(extra) for w in words])
     setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"],

@@ -148,7 +148,7 @@ def test_grouped_and_packed_micro_batches_fill_the_budget_random_ones_do_not(coe
     from rigplan.estimator import speed
 
     gpu = resolve_gpu("h100-sxm")
-    skewed = ExampleLengths.of([100] * 9 + [2000])
+    skewed = ExampleLengths.of([120] * 9 + [2000], count=1000)  # quantiles of 1,000 examples
     setup = Setup("lora", 16, 8, 2048, checkpointing="off")
     packed, grouped, random_ = (planner.estimate(LLAMA8B, setup, gpu, coeffs, lengths=skewed, batching=b)
                                 for b in ("packed", "padded", "random-padded"))
@@ -159,6 +159,10 @@ def test_grouped_and_packed_micro_batches_fill_the_budget_random_ones_do_not(coe
     plan_ = planner.plan(LLAMA8B, gpu, coeffs, seq_len=2048, lengths=skewed).best
     assert plan_.batching in ("padded", "packed") and plan_.token_budget == plan_.micro_batch * plan_.seq_len
     assert 0.9 < plan_.fill <= 1
+    # Ten examples alone: the longest shares its group of 8 with seven short ones, all padded to 2,048.
+    few = planner.estimate(LLAMA8B, setup, gpu, coeffs, lengths=ExampleLengths.of([120] * 9 + [2000]),
+                           batching="padded")
+    assert few.fill == pytest.approx((9 * 120 + 2000) / (8 * 2048 + 2 * 128))
 
 
 def test_packing_fill_and_attention_length() -> None:

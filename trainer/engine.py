@@ -159,7 +159,9 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
     if cuda:
-        kwargs["device_map"] = {"": 0}
+        from rigplan.trainer.distributed import world
+
+        kwargs["device_map"] = {"": world().local_rank}  # each process its own GPU (torchrun's LOCAL_RANK)
         kwargs["attn_implementation"] = "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)

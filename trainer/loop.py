@@ -320,6 +320,15 @@ def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:
     return out
 
 
+def cuda_uuid() -> str | None:
+    """NVML's id of this process's CUDA device (the one torch allocates on), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+
+
 class MemorySampler:
     """The GPU memory in use as nvidia-smi shows it (NVML), sampled every SAMPLE_S on a thread during
     training: read afterwards it shows only what is still held (issue 14: 16.9 GiB after a 57.3 GiB peak)."""
@@ -330,6 +339,7 @@ class MemorySampler:
         import threading
 
         self.peak: float | None = None
+        self.uuid = cuda_uuid()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -337,7 +347,7 @@ class MemorySampler:
         from rigplan.profiles import nvml
 
         while not self._stop.is_set():
-            used = nvml.used_gib()
+            used = nvml.used_gib(uuid=self.uuid)
             if used is not None:
                 self.peak = max(self.peak or 0.0, used)
             self._stop.wait(self.SAMPLE_S)

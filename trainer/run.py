@@ -23,7 +23,7 @@ from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
 from rigplan.trainer.loop import (  # noqa: F401  (re-exported: tests and bench import them from here)
-    WARMUP_STEPS, MemorySampler, _all_ranks, _Guard, _trainer_class, examples_in, split_micro_batch)
+    WARMUP_STEPS, MemorySampler, _all_ranks, _Guard, _trainer_class, cuda_uuid, examples_in, split_micro_batch)
 from rigplan.trainer.options import (  # noqa: F401  (RunOptions and the checks are re-exported: callers import them here)
     CHECKPOINT_COMPLETE, DEFAULT_EVAL_FRACTION, DEFAULT_PATIENCE, DEFAULT_SAVE_STEPS, EVAL_MIN_EXAMPLES, RunOptions,
     check_options, check_out_dir, checkpoint_step, option_problems, out_dir_problems, resume_point, trim_metrics)
@@ -231,7 +231,7 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
         out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / gib, 3),
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 3),
                    nvml_peak_used_gib=round(nvml_peak, 3) if nvml_peak is not None else None,
-                   nvml_used_after_gib=nvml.used_gib())
+                   nvml_used_after_gib=nvml.used_gib(uuid=cuda_uuid()))
     return out
 
 

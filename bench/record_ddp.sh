@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# On the GPU machine with two H200s (device kind nvidia-h200-x2, carry .gpu): issue 16's DDP runs. For each method,
+# `rigplan run --gpus 2` on a full-depth Llama-3.1-8B replica (the plan rigplan makes for two H200s), then the same
+# per-GPU plan (micro-batch, accumulation, seq) on one GPU through `rigplan run --gpus 1 --micro-batch --grad-accum`,
+# one after the other, nothing else running. Data: bench/validation_data.py --examples ${EXAMPLES:-900} --seed
+# ${SEED:-2} (data no earlier run saw). Predictions written before: bench/results/predictions/issue16-h200x2.json.
+# e.g. bash bench/record_ddp.sh lora qlora
+set -uo pipefail
+mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+DIR=/tmp/replica-llama-3.1-8b
+[ -f $DIR/config.json ] || python3 -c "
+from rigplan.calibration.replica import build_replica
+from rigplan.profiles.catalog import resolve_model
+build_replica(resolve_model('llama-3.1-8b'), '$DIR', device='cuda')" || exit 1
+LOG=$OUT/runs.log
+DATA="--examples ${EXAMPLES:-900} --seed ${SEED:-2}"
+python3 bench/validation_data.py --out /tmp/data.jsonl $DATA | tee -a $LOG
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
+nvidia-smi topo -m >>$LOG 2>&1
+keep() {  # the run's summary with its plan, command and data command, as $OUT/$1.json
+  python3 -c "
+import json, sys
+s = json.load(open('/tmp/run-$1/run_summary.json'))
+s['command'] = sys.argv[1]; s['data_command'] = 'python3 bench/validation_data.py --out data.jsonl $DATA'
+s['plan'] = json.load(open('/tmp/run-$1/plan.json'))
+json.dump(s, open('$OUT/$1.json', 'w'), indent=2)
+m, p = s['measured'], s['predicted']
+print('$1', 'reserved', m['peak_reserved_gib'], 'vs', p['peak_reserved_gib'], 'tok/s', m['tokens_per_s'], 'vs', p['tokens_per_s'])
+" "$2" | tee -a $LOG
+}
+for method in "$@"; do
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method --out /tmp/run-ddp-$method --eval-fraction 0 --save-steps 10000"
+  echo "== ddp-$method: $cmd" >>$LOG; t0=$SECONDS
+  $cmd >>$LOG 2>&1
+  echo "== ddp-$method exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+  [ -f /tmp/run-ddp-$method/run_summary.json ] || continue
+  keep ddp-$method "$cmd"
+  mb=$(python3 -c "import json; p=json.load(open('/tmp/run-ddp-$method/plan.json')); print(p['micro_batch'], p['grad_accum'])")
+  read -r mbs ga <<< "$mb"
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --out /tmp/run-one-$method --eval-fraction 0 --save-steps 10000"
+  echo "== one-$method: $cmd" >>$LOG; t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 $cmd >>$LOG 2>&1
+  echo "== one-$method exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+  [ -f /tmp/run-one-$method/run_summary.json ] && keep one-$method "$cmd"
+done
+python3 - <<PY | tee -a $LOG
+import json, os
+for m in ("lora", "qlora"):
+    try:
+        d, o = (json.load(open(f"{os.environ['OUT']}/{k}-{m}.json"))["measured"] for k in ("ddp", "one"))
+        print(m, "ddp / one GPU tokens/s:", round(d["tokens_per_s"] / o["tokens_per_s"], 3))
+    except (OSError, KeyError) as e:
+        print(m, "no pair:", e)
+PY
