@@ -61,7 +61,8 @@ def predict_runs(cases: list[str], examples: int, seed: int, model: str = "llama
     folder = Path(tempfile.mkdtemp())
     data = folder / "data.jsonl"
     validation_data.write(data, examples, seed)
-    hf_config(resolve_model(model)).save_pretrained(folder / "model")  # config and tokenizer: no weights needed
+    name, _, layers = model.partition("@")  # MODEL@LAYERS: a reduced-depth replica, as bench/record_h200_runs.sh LAYERS
+    hf_config(reduced(resolve_model(name), int(layers) if layers else None)).save_pretrained(folder / "model")  # config and tokenizer: no weights needed
     make_tokenizer().save_pretrained(folder / "model")
     plans = {}
     for case in cases:

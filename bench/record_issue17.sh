@@ -5,9 +5,10 @@
 # LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192. One probe process per family (each loads Unsloth once).
 #   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3; default all, about 9 minutes)
 set -uo pipefail
-mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
+[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
+  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
 PRED=bench/results/predictions/issue17-h200.json
 jobs_for() {
   python3 -c "import json,sys; print(' '.join('--job ' + j for j in json.load(open('$PRED'))['jobs'] if j.startswith(sys.argv[1])))" "$1"

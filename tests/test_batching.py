@@ -62,3 +62,27 @@ def test_grouped_micro_batches_are_within_the_budget_and_of_similar_length() -> 
     batch = PaddedCollator(pad_token_id=0, seq_len=seq)(grouped_rows(rows, 3))
     assert batch["input_ids"].shape == (3, 2 * PAD_MULTIPLE) and batch["attention_mask"].sum() == 78
     assert (batch["labels"] == IGNORE).sum() == 3 * 128 - 78
+
+
+def test_block_sampler_gives_each_gpu_micro_batches_of_similar_length_at_every_step() -> None:
+    """Rows come longest first; under DDP accelerate deals them to the processes in turn, so the sampler keeps each
+    block of world-size consecutive rows together: at every micro-step the GPUs' micro-batches are neighbours in
+    length order. The order is the seed's and the epoch's alone (what --resume replays), and every row comes once."""
+    pytest.importorskip("accelerate")
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from rigplan.trainer.batching import BlockSampler
+
+    sampler = BlockSampler(101, 4, seed=3)
+    first = sampler.order()
+    assert sorted(first) == list(range(101)) and first != list(range(101))
+    assert first == BlockSampler(101, 4, seed=3).order()
+    sampler.set_epoch(1)
+    assert sampler.order() != first and sorted(sampler.order()) == list(range(101))
+    sampler.set_epoch(0)
+    shards = [[b[0] for b in BatchSamplerShard(BatchSampler(sampler, 1, False), 4, rank)] for rank in range(4)]
+    steps = list(zip(*shards))[:25]  # the 25 full blocks; the last short block is dealt after them
+    assert all(max(step) - min(step) == 3 and min(step) % 4 == 0 for step in steps)
+    one = BlockSampler(10, 1, seed=0).order()
+    assert sorted(one) == list(range(10)) and one != list(range(10))  # one process: a plain seeded shuffle

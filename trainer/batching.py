@@ -9,8 +9,8 @@
   (attention within each example), and the first token of each example carries no label, so no loss term
   predicts one example from another's last token. Unsloth runs these uncompiled.
 
-Each dataset row is one micro-batch, made once and deterministically; the Trainer's seeded sampler shuffles the
-micro-batches each epoch, which `--resume` replays. Imports torch only inside the collators.
+Each dataset row is one micro-batch, made once and deterministically; BlockSampler shuffles them each epoch with the
+seed, which `--resume` replays. Imports torch only inside the collators.
 """
 
 from __future__ import annotations
@@ -128,3 +128,32 @@ class PackedCollator:
             positions += [p for n in f["seq_lengths"] for p in range(n)]
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions])}
+
+
+class BlockSampler:
+    """The order of the micro-batches (dataset rows, longest first as laid out above) in an epoch: blocks of `block`
+    consecutive rows, one row per process, the full blocks shuffled with the seed and the epoch, a last short block
+    kept last. accelerate deals the rows to the processes in turn (accelerate/data_loader.py BatchSamplerShard), so at
+    every micro-step the GPUs get micro-batches of about the same length and none waits at the gradient all-reduce
+    for another's longer one: with rows in random order two H200s ran 1.38x one (bench/results/h200-runs/ddp/).
+    One process: a seeded shuffle of the rows. The Trainer calls set_epoch (through accelerate) every epoch."""
+
+    def __init__(self, rows: int, block: int, seed: int) -> None:
+        self.rows, self.block, self.seed, self.epoch = rows, max(1, block), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def order(self) -> list[int]:
+        import random
+
+        full = self.rows - self.rows % self.block
+        blocks = [list(range(i, i + self.block)) for i in range(0, full, self.block)]
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(blocks)
+        return [i for b in blocks for i in b] + list(range(full, self.rows))
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.order())

@@ -256,6 +256,13 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             guard.count(inputs)
             return total
 
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001
+            """Micro-batches of similar length reach the GPUs together (trainer/batching.py BlockSampler)."""
+            from rigplan.trainer.batching import BlockSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return BlockSampler(len(dataset), guard.world.world_size, self.args.data_seed or self.args.seed)
+
         def _load_optimizer_and_scheduler(self, checkpoint):  # noqa: ANN001
             # Several CPU processes: transformers maps the optimizer state to args.device, "cpu:0", which
             # torch.load cannot restore (transformers/trainer.py _load_optimizer_and_scheduler); plain "cpu" can.
