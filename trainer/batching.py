@@ -135,7 +135,7 @@ class BlockSampler:
     consecutive rows, one row per process, the full blocks shuffled with the seed and the epoch, a last short block
     kept last. accelerate deals the rows to the processes in turn (accelerate/data_loader.py BatchSamplerShard), so at
     every micro-step the GPUs get micro-batches of about the same length and none waits at the gradient all-reduce
-    for another's longer one: with rows in random order two H200s ran 1.38x one (bench/results/h200-runs/ddp/).
+    for another's longer one: with rows in random order two H200s ran 1.38x one (bench/results/h200-runs/ddp/random-order/).
     One process: a seeded shuffle of the rows. The Trainer calls set_epoch (through accelerate) every epoch."""
 
     def __init__(self, rows: int, block: int, seed: int) -> None:
