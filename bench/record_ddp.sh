@@ -4,7 +4,7 @@
 # per-GPU plan (micro-batch, accumulation, seq) on one GPU through `rigplan run --gpus 1 --micro-batch --grad-accum`,
 # one after the other, nothing else running. Data: bench/validation_data.py --examples ${EXAMPLES:-900} --seed
 # ${SEED:-2} (data no earlier run saw). Predictions written before: bench/results/predictions/issue16-h200x2.json.
-# e.g. bash bench/record_ddp.sh lora qlora
+# EPOCHS (default 1): passes over the data in each run. e.g. EPOCHS=2 bash bench/record_ddp.sh lora qlora
 set -uo pipefail
 [ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -33,7 +33,7 @@ print('$1', 'reserved', m['peak_reserved_gib'], 'vs', p['peak_reserved_gib'], 't
 " "$2" | tee -a $LOG
 }
 for method in "$@"; do
-  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method --out /tmp/run-ddp-$method --eval-fraction 0 --save-steps 10000"
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method --epochs ${EPOCHS:-1} --out /tmp/run-ddp-$method --eval-fraction 0 --save-steps 10000"
   echo "== ddp-$method: $cmd" >>$LOG; t0=$SECONDS
   $cmd >>$LOG 2>&1
   echo "== ddp-$method exit $? after $((SECONDS - t0)) s" | tee -a $LOG
@@ -41,7 +41,7 @@ for method in "$@"; do
   keep ddp-$method "$cmd"
   mb=$(python3 -c "import json; p=json.load(open('/tmp/run-ddp-$method/plan.json')); print(p['micro_batch'], p['grad_accum'])")
   read -r mbs ga <<< "$mb"
-  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --out /tmp/run-one-$method --eval-fraction 0 --save-steps 10000"
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --epochs ${EPOCHS:-1} --out /tmp/run-one-$method --eval-fraction 0 --save-steps 10000"
   echo "== one-$method: $cmd" >>$LOG; t0=$SECONDS
   CUDA_VISIBLE_DEVICES=0 $cmd >>$LOG 2>&1
   echo "== one-$method exit $? after $((SECONDS - t0)) s" | tee -a $LOG

@@ -122,7 +122,7 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     if setup.num_gpus > 1:
         tps *= speed.DATA_PARALLEL_EFFICIENCY
     bound = speed.host_bound(model, timed, gpu, coeffs)
-    low, high = speed.speed_band(bound, engine)
+    low, high = speed.speed_band(bound, engine, model.model_type)
     return Estimate(
         setup=setup, components_bytes=parts,
         peak_allocated_gib=memory.peak_allocated_bytes(parts) / GIB,
@@ -138,10 +138,11 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     )
 
 
-def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients, model_path: str | None = None,
-            num_gpus: int = 1) -> Plan:
-    """The Plan that carries an estimate to the trainer."""
+def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients, model_path: str | None = None) -> Plan:
+    """The Plan that carries an estimate to the trainer: its GPUs and parallelism are the estimate's setup's, its
+    tokens/s those of all its GPUs."""
     s = est.setup
+    num_gpus = s.num_gpus
     return Plan(model=model.id, model_path=model_path or model.hub_id, gpu=gpu.id, method=s.method, rank=s.rank,
                 micro_batch=s.micro_batch, grad_accum=s.grad_accum, seq_len=s.seq_len,
                 target_modules=model.target_modules, optimizer=s.optimizer, checkpointing=s.checkpointing,
@@ -255,7 +256,7 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     fastest = max(c.tokens_per_s for c in fitting)
     fitting.sort(key=lambda c: _preference(c, fastest))
     best = fitting[0]
-    plans = [to_plan(model, e, gpu, coeffs, model_path, num_gpus) for e in _runners_up(fitting, alternatives)]
+    plans = [to_plan(model, e, gpu, coeffs, model_path) for e in _runners_up(fitting, alternatives)]
     return PlanResult(seq == seq_len, plans[0], plans[1:], _reason(best, cands, seq, seq_len, limit, num_gpus),
                       limit)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -17,9 +19,10 @@ from typing import Any, Literal
 from rigplan.errors import DataError
 
 Format = Literal["text", "alpaca", "chat", "sharegpt"]
-# Without the model's tokenizer (check downloads nothing), lengths are estimated from characters. About 4
-# characters per token is the usual figure for English BPE vocabularies (OpenAI's tokenizer guide); rigplan
-# run measures real token counts with the model's tokenizer.
+# Without the model's tokenizer (check downloads nothing), lengths are estimated from characters, counted by
+# script and divided by each script's characters per token as measured with real tokenizers on real text
+# (profiles/token_rates.json, written by bench/token_rates.py); rigplan run counts with the model's tokenizer.
+# CHARS_PER_TOKEN, the flat figure estimates once used, now only sizes MAX_RECORD_CHARS below.
 CHARS_PER_TOKEN = 4.0
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -135,7 +138,10 @@ def validate(path: Path) -> tuple[Format, list[tuple[int, dict[str, Any]]], list
     that check and run read a mixed file the same way."""
     records = read_records(path)
     found = [(line, detect_format(r)) for line, r in records if isinstance(r, dict)]
-    counts = {f: sum(1 for _, g in found if g == f) for _, f in found if f}
+    counts: dict[str, int] = {}  # formats in first-seen order, with how many records have each
+    for _, f in found:
+        if f:
+            counts[f] = counts.get(f, 0) + 1
     if not counts:
         raise DataError(f"{path}: no record has text, instruction/output, messages or conversations; "
                         "use one of those formats")
@@ -174,19 +180,120 @@ def record_text(record: dict[str, Any], fmt: Format) -> str:
     return "\n".join(t[text_key] for t in record[key])
 
 
-def estimated_lengths(path: Path, skip_bad: bool = False) -> list[int]:
-    """Estimated tokens per example (characters / CHARS_PER_TOKEN), for planning without a tokenizer. A file
-    is read once per process while it is unchanged (`rigplan run` with overrides plans, then re-estimates)."""
+# Script classes the estimate counts characters in (profiles/token_rates.json gives each its characters per
+# token, per tokenizer family). Ranges are Unicode blocks; what no range names goes by its Unicode category.
+SCRIPTS = ("latin", "latin_ext", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai", "han", "kana",
+           "hangul", "digit", "space", "newline", "punct", "cjk_punct", "symbol", "other")
+_SCRIPT_RANGES = (  # (first, last, class); no two overlap
+    (0x00C0, 0x024F, "latin_ext"), (0x0250, 0x02AF, "latin_ext"), (0x0300, 0x036F, "latin_ext"),
+    (0x0370, 0x03FF, "greek"), (0x0400, 0x052F, "cyrillic"), (0x0590, 0x05FF, "hebrew"),
+    (0x0600, 0x06FF, "arabic"), (0x0750, 0x077F, "arabic"), (0x0870, 0x08FF, "arabic"),
+    (0x0900, 0x097F, "devanagari"), (0x0E00, 0x0E7F, "thai"), (0x1100, 0x11FF, "hangul"),
+    (0x1C80, 0x1C8F, "cyrillic"), (0x1E00, 0x1EFF, "latin_ext"), (0x1F00, 0x1FFF, "greek"),
+    (0x2DE0, 0x2DFF, "cyrillic"), (0x2E80, 0x2FDF, "han"), (0x3000, 0x303F, "cjk_punct"),
+    (0x3040, 0x30FF, "kana"), (0x3130, 0x318F, "hangul"), (0x31F0, 0x31FF, "kana"), (0x3400, 0x4DBF, "han"),
+    (0x4E00, 0x9FFF, "han"), (0xA640, 0xA69F, "cyrillic"), (0xA960, 0xA97F, "hangul"), (0xAC00, 0xD7FF, "hangul"),
+    (0xF900, 0xFAFF, "han"), (0xFB1D, 0xFB4F, "hebrew"), (0xFB50, 0xFDFF, "arabic"), (0xFE30, 0xFE4F, "cjk_punct"),
+    (0xFE70, 0xFEFF, "arabic"), (0xFF00, 0xFF65, "cjk_punct"), (0xFF66, 0xFF9F, "kana"), (0xFFA0, 0xFFDC, "hangul"),
+    (0xFFE0, 0xFFEF, "cjk_punct"), (0x20000, 0x3FFFF, "han"),
+)
+_CODE = {name: chr(ord("a") + i) for i, name in enumerate(SCRIPTS)}  # one letter per class, for str.count
+
+
+def _script_of(cp: int) -> str:
+    """The script class of one code point."""
+    if cp < 128:
+        ch = chr(cp)
+        return ("latin" if ch.isalpha() else "digit" if ch.isdigit() else "space" if ch == " " else
+                "newline" if ch.isspace() or cp < 32 or cp == 127 else "punct")
+    for first, last, name in _SCRIPT_RANGES:
+        if first <= cp <= last:
+            return "symbol" if name == "latin_ext" and cp in (0xD7, 0xF7) else name
+    category = unicodedata.category(chr(cp))
+    if category == "Nd":
+        return "digit"
+    if category == "Zs":
+        return "space"
+    if category[0] in "CZ":
+        return "newline"
+    if category[0] in "PS" and cp < 0x1F000:  # emoji and the planes above go to "other", as byte sequences
+        return "symbol"
+    return "other"
+
+
+class _ScriptMap(dict):
+    """Code point -> class letter for str.translate, filled as code points are first met."""
+
+    def __missing__(self, cp: int) -> str:
+        self[cp] = code = _CODE[_script_of(cp)]
+        return code
+
+
+_SCRIPT_MAP = _ScriptMap()
+_ASCII_TABLE = bytes(ord(_CODE[_script_of(b)]) for b in range(128)) + b"r" * 128
+
+
+def script_counts(text: str) -> dict[str, int]:
+    """Characters of each script class in text (classes with none are left out)."""
+    coded = (text.encode("ascii").translate(_ASCII_TABLE).decode("ascii") if text.isascii()
+             else text.translate(_SCRIPT_MAP))
+    counts = {name: coded.count(code) for name, code in _CODE.items()}
+    return {name: n for name, n in counts.items() if n}
+
+
+@lru_cache(maxsize=1)
+def token_rates() -> dict[str, Any]:
+    """profiles/token_rates.json: measured characters per token by script, per tokenizer family."""
+    from rigplan import profiles
+
+    return json.loads((Path(profiles.__file__).resolve().parent / "token_rates.json").read_text())
+
+
+@lru_cache(maxsize=16)
+def _tokens_per_char(family: str | None) -> tuple[float, ...]:
+    """Tokens per character of each class in SCRIPTS for a family ("default" where it has no row); a class
+    the row leaves out takes the default row's rate, and a rate of null means the class costs no token."""
+    families = token_rates()["families"]
+    default = families["default"]["chars_per_token"]
+    row = families.get(family or "default", families["default"])["chars_per_token"]
+    rates = [row[s] if s in row else default.get(s, CHARS_PER_TOKEN) for s in SCRIPTS]
+    return tuple(0.0 if r is None else 1.0 / r for r in rates)
+
+
+def token_family(model: str) -> str:
+    """The token_rates.json family whose tokenizer a catalogue model id (or hub id) uses; "default" if none."""
+    name = model.lower().rsplit("/", 1)[-1]
+    for family, row in token_rates()["families"].items():
+        if any(fnmatch(name, pattern) for pattern in row.get("applies_to", ())):
+            return family
+    return "default"
+
+
+def estimate_tokens(text: str, family: str | None = None) -> float:
+    """Tokens text is estimated to take in a family's tokenizer (no special tokens, no template)."""
+    per_char = _tokens_per_char(family)
+    coded = (text.encode("ascii").translate(_ASCII_TABLE).decode("ascii") if text.isascii()
+             else text.translate(_SCRIPT_MAP))
+    return sum(coded.count(code) * rate for code, rate in zip(_CODE.values(), per_char) if rate)
+
+
+def estimated_lengths(path: Path, skip_bad: bool = False, family: str | None = None) -> list[int]:
+    """Estimated tokens per example, for planning without a tokenizer: characters counted by script, each
+    script at its measured characters per token for the tokenizer family (token_rates.json; an unknown or no
+    family takes the "default" row). A file is read once per process while it is unchanged (`rigplan run`
+    with overrides plans, then re-estimates)."""
     st = require_file(path).stat()
-    return list(_estimated_lengths(Path(path), str(Path(path).resolve()), st.st_mtime_ns, st.st_size, skip_bad))
+    return list(_estimated_lengths(Path(path), str(Path(path).resolve()), st.st_mtime_ns, st.st_size, skip_bad,
+                                   family))
 
 
 @lru_cache(maxsize=4)
-def _estimated_lengths(path: Path, _where: str, _mtime_ns: int, _size: int, skip_bad: bool) -> tuple[int, ...]:
+def _estimated_lengths(path: Path, _where: str, _mtime_ns: int, _size: int, skip_bad: bool,
+                       family: str | None = None) -> tuple[int, ...]:
     fmt, good, issues = validate(path)
     if issues and not skip_bad:
         raise DataError(issues_message(path, issues))
-    return tuple(max(1, round(len(record_text(r, fmt)) / CHARS_PER_TOKEN)) for _, r in good)
+    return tuple(max(1, round(estimate_tokens(record_text(r, fmt), family))) for _, r in good)
 
 
 def use_template(tokenizer: Any, fmt: Format) -> str:

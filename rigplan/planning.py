@@ -61,17 +61,19 @@ class Target:
 
 def workload(data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
              seq_len: int | None, counted: tuple[list[int], int] | None = None,
-             skip_bad: bool = False, context: int | None = None) -> tuple[Workload, int | None]:
+             skip_bad: bool = False, context: int | None = None, family: str | None = None) -> tuple[Workload, int | None]:
     """The workload, and the sequence length the data asks for (its 95th percentile, at most the model's
     context; or None). The data's lengths are estimated from characters unless counted with the model's
-    tokenizer (counted: a sample of them and the number of examples, from counted_lengths). skip_bad: bad
+    tokenizer (counted: a sample of them and the number of examples, from counted_lengths), by script at the
+    rates measured for the model's tokenizer family (family: rigplan/data.py token_family). skip_bad: bad
     records are left out, not fatal."""
     require(input_problems({"epochs": epochs, "examples": examples, "avg_tokens": avg_tokens, "seq_len": seq_len})
             + workload_problems(data_file, examples, avg_tokens))
     if data_file is not None:
-        lengths = counted[0] if counted else data.estimated_lengths(Path(data_file), skip_bad)
+        lengths = counted[0] if counted else data.estimated_lengths(Path(data_file), skip_bad, family=family)
         examples_ = counted[1] if counted else len(lengths)
-        how = "tokenized with the model's tokenizer" if counted else "lengths estimated from characters"
+        how = ("tokenized with the model's tokenizer" if counted
+               else f"lengths estimated from characters by script, {family or 'default'} tokenizer rates")
         p95 = data.percentile(lengths, 95)
         # Round the 95th percentile up to a multiple of 256: longer examples are truncated (5% at most).
         seq = seq_len or max(256, -(-p95 // 256) * 256)
@@ -89,6 +91,15 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
         return Workload(examples * avg_tokens, epochs, examples, avg_tokens, "--examples --avg-tokens",
                         ExampleLengths.equal(avg_tokens)), None
     return Workload(DEFAULT_WORKLOAD_TOKENS, epochs, None, None, "per 1M tokens (pass --examples or --data)"), None
+
+
+def token_family(model: ModelSpec | str) -> str:
+    """The tokenizer family whose measured characters per token estimate this model's data without its tokenizer
+    (profiles/token_rates.json): by catalogue id, else hub id."""
+    if isinstance(model, str):
+        return data.token_family(model)
+    family = data.token_family(model.id)
+    return family if family != "default" or not model.hub_id else data.token_family(model.hub_id)
 
 
 def own_token_counts(model_name: str, model: ModelSpec, data_file: Path | None,
@@ -175,7 +186,7 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
     model = catalog.resolve_model(model_name)
     counted = own_token_counts(model_name, model, data_file)
     load, data_seq = workload(data_file, examples, avg_tokens, epochs, seq_len, counted,
-                              context=model.max_position_embeddings)
+                              context=model.max_position_embeddings, family=token_family(model))
     seq = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
     target, why = resolve_target(gpu)
     methods = (method,) if method else ("lora", "qlora")
@@ -289,7 +300,7 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     if counted is None:
         counted = own_token_counts(model_path or model_name, model, data_file, skip_bad)
     load, data_seq = workload(data_file, None, None, epochs, seq_len, counted, skip_bad,
-                              context=model.max_position_embeddings)
+                              context=model.max_position_embeddings, family=token_family(model))
     target, why = resolve_target(gpu)
     if target is None and allow_cpu:
         seq = min(seq_len or data_seq or planner.DEFAULT_SEQ_LEN, model.max_position_embeddings)
@@ -325,13 +336,14 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     spec = catalog.resolve_gpu(new.gpu)
     coeffs, doc, _ = store.for_gpu(spec.id)
     setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
-                  grad_accum=new.grad_accum, optimizer=new.optimizer, checkpointing=new.checkpointing)
+                  grad_accum=new.grad_accum, optimizer=new.optimizer, checkpointing=new.checkpointing,
+                  parallelism=new.parallelism, num_gpus=new.num_gpus, cpu_offload=new.cpu_offload)
     est = planner.estimate(model, setup, spec, coeffs, lengths=lengths, batching=new.batching, engine=new.engine)
     if not est.fits and not force:
         raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in changes.items())} needs {est.total_gib:.1f} GiB on "
                           f"{spec.id} ({est.gpu_memory_gib:.1f} GiB, {planner.SAFETY_MARGIN:.0%} kept free); "
                           "change it, or pass --force to try anyway")
-    best = planner.to_plan(model, est, spec, coeffs, new.model_path, new.num_gpus)
+    best = planner.to_plan(model, est, spec, coeffs, new.model_path)
     keep = {f: getattr(new, f) for f in ("model", "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay",
                                          "epochs", "seed", "lora_alpha")}
     return dataclasses.replace(best, **keep)
@@ -390,7 +402,8 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
     if not {k: v for k, v in changes.items() if v is not None}:
         return base
     lengths = (ExampleLengths.of(counted[0], count=counted[1]) if counted
-               else ExampleLengths.of(data.estimated_lengths(Path(data_file), skip_bad)))
+               else ExampleLengths.of(data.estimated_lengths(Path(data_file), skip_bad,
+                                                             family=token_family(base.model))))
     return override(base, changes, force, lengths)
 
 

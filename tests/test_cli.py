@@ -115,7 +115,7 @@ def test_run_with_method_plans_that_method(tmp_path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"text": "word " * 300}) for _ in range(50)))
     p = check.plan_for_run("llama-3.1-8b", "h100-sxm", f, {"method": "qlora"})
-    load, seq = check.workload(f, None, None, 1.0, None)
+    load, seq = check.workload(f, None, None, 1.0, None, family=check.token_family("llama-3.1-8b"))
     want = planner.plan(resolve_model("llama-3.1-8b"), resolve_gpu("h100-sxm"), store.for_gpu("h100-sxm")[0],
                         seq_len=seq, methods=("qlora",), lengths=load.lengths).best
     assert (p.method, p.micro_batch, p.checkpointing, p.tokens_per_s) == \

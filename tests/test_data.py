@@ -49,4 +49,6 @@ def test_json_array_and_percentile(tmp_path) -> None:
     f = tmp_path / "d.json"
     f.write_text(json.dumps([{"text": "x" * (4 * n)} for n in range(1, 101)]))
     lengths = data.estimated_lengths(f)
-    assert data.percentile(lengths, 95) == 95 and data.percentile(lengths, 50) == 50
+    assert len(lengths) == 100 and lengths == sorted(lengths)  # a JSON array, read in order
+    assert data.percentile(list(range(1, 101)), 95) == 95 and data.percentile(list(range(1, 101)), 50) == 50
+    assert data.percentile(lengths, 95) == lengths[94] and data.percentile(lengths, 50) == lengths[49]

@@ -14,7 +14,6 @@ import pytest
 from rigplan import store
 from rigplan.estimator import planner
 from rigplan.estimator.plan import ExampleLengths, Setup
-from rigplan.estimator.speed import GPU_BOUND_BAND, HOST_BOUND_BAND
 from rigplan.profiles.catalog import resolve_gpu, resolve_model
 
 RUNS = Path(__file__).parents[1] / "bench" / "results" / "h200-runs"
@@ -24,11 +23,14 @@ import validation_data  # noqa: E402
 # with changing shapes is not what the estimate (and today's trainer) hold.
 BEFORE_EXPANDABLE = {"grouped/4090-qlora.json", "grouped/4090-lora.json", "grouped/h200-lora.json",
                      "grouped/h200-qlora.json"}
+# DDP runs before the trainer dealt micro-batches in length blocks (trainer/batching.py BlockSampler): each step
+# waited for the GPU with the longer micro-batch, which today's trainer avoids.
+BEFORE_BLOCK_ORDER = {"ddp/random-order/ddp-lora.json", "ddp/random-order/ddp-qlora.json"}
 
 
 def _runs() -> list[tuple[str, dict]]:
     return [(str(f.relative_to(RUNS)), json.loads(f.read_text())) for f in sorted(RUNS.rglob("*.json"))
-            if "measured" in json.loads(f.read_text())]
+            if "measured" in json.loads(f.read_text()) and "plan" in json.loads(f.read_text())]
 
 
 def _data_args(command: str) -> tuple[int, int]:
@@ -51,7 +53,8 @@ def _estimate(name: str, run: dict) -> planner.Estimate:
     extra = p["example_tokens"] - sum(min(w, p["seq_len"]) for w in words) / len(words)
     lengths = ExampleLengths.of([w + round(extra) for w in words])
     setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"],
-                  checkpointing=p["checkpointing"])
+                  checkpointing=p["checkpointing"], parallelism=p.get("parallelism", "single"),
+                  num_gpus=p.get("num_gpus", 1))
     return planner.estimate(model, setup, resolve_gpu("h200"), store.reference()[0], lengths=lengths,
                             batching=p["batching"], engine=p["engine"])
 
@@ -69,6 +72,8 @@ def test_h200_run_memory_is_within_5_percent_of_its_estimate(name, run) -> None:
 @pytest.mark.parametrize("name,run", _runs(), ids=[n for n, _ in _runs()])
 def test_h200_run_speed_is_within_the_estimates_band(name, run) -> None:
     est = _estimate(name, run)
-    low, high = HOST_BOUND_BAND if est.host_bound else GPU_BOUND_BAND
-    ratio = run["measured"]["tokens_per_s"] / est.tokens_per_s
+    if name in BEFORE_BLOCK_ORDER:
+        pytest.skip("DDP before length blocks: not what the trainer does now")
+    low, high = (est.tokens_per_s_band[0] / est.tokens_per_s, est.tokens_per_s_band[1] / est.tokens_per_s)
+    ratio = run["measured"]["tokens_per_s"] / (est.tokens_per_s * est.setup.num_gpus)  # all GPUs' tokens/s
     assert low <= ratio <= high, ratio

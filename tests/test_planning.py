@@ -96,3 +96,24 @@ def test_prequantized_unsloth_ids_plan_qlora_from_that_id() -> None:
     assert d["recommended"]["method"] == "qlora" and any("pre-quantized" in w for w in d["warnings"])
     with pytest.raises(ConfigError, match="only QLoRA"):
         planning.check("unsloth/Llama-3.1-8B-bnb-4bit", "rtx-4090", method="lora")
+
+
+def test_an_override_of_a_multi_gpu_plan_keeps_its_gpus(tmp_path) -> None:
+    """`rigplan run --gpus 2 --micro-batch 8` on the two-H200 machine once trained on one GPU while printing two
+    GPUs' speed: the re-estimated override had dropped the plan's GPUs and parallelism. An override keeps them, and
+    its speed is the DDP estimate of the same per-GPU setup."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * (50 + 7 * i)}) + "\n" for i in range(200)))
+    fresh = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "lora"}, num_gpus=2)
+    assert (fresh.num_gpus, fresh.parallelism) == (2, "ddp")
+    changed = planning.plan_for_run("llama-3.1-8b", "h200", data,
+                                    {"method": "lora", "micro_batch": fresh.micro_batch // 2,
+                                     "grad_accum": fresh.grad_accum * 2}, num_gpus=2)
+    assert (changed.num_gpus, changed.parallelism, changed.micro_batch) == (2, "ddp", fresh.micro_batch // 2)
+    one = planning.plan_for_run("llama-3.1-8b", "h200", data,
+                                {"method": "lora", "micro_batch": fresh.micro_batch // 2,
+                                 "grad_accum": fresh.grad_accum * 2}, num_gpus=1)
+    from rigplan.estimator.speed import DATA_PARALLEL_EFFICIENCY
+
+    assert one.num_gpus == 1
+    assert changed.tokens_per_s / one.tokens_per_s == pytest.approx(2 * DATA_PARALLEL_EFFICIENCY, rel=0.03)

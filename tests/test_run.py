@@ -322,6 +322,8 @@ def test_packed_micro_batches_train_as_padding_would(model_dir, varied_file, tmp
     assert packed["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-4)
     assert packed["final_loss"] == pytest.approx(padded["final_loss"], rel=1e-3)
     assert packed["measured"]["tokens"] == padded["measured"]["tokens"] == 2 * report["tokens"]
+    steps = packed["measured"]["step_seconds"]  # one per optimizer step, from training's start
+    assert len(steps) == 2 and all(0 < t < packed["train_runtime_s"] for t in steps)
 
 
 def test_packed_micro_batch_gives_each_example_its_own_loss(model_dir) -> None:

@@ -64,6 +64,11 @@ class _Guard:
         tokens = float(self.step_tokens[-1]) - float(self.step_tokens[w])
         return round(tokens / (self.step_times[-1] - self.step_times[w]), 1)
 
+    def step_seconds(self) -> list[float]:
+        """Seconds each optimizer step took, from training's start."""
+        times = [self.t0, *self.step_times]
+        return [round(b - a, 3) for a, b in zip(times, times[1:])]
+
     def eta_s(self, steps_left: int) -> float | None:
         """Seconds left at this run's own pace since the warm-up steps (the first ones compile; the plan's
         predicted speed is not used: host-bound speeds differ between machines)."""

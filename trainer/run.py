@@ -322,6 +322,9 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     status = ("interrupted" if guard.signal is not None else "nan" if guard.nan_step is not None
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
     measured = _measured(cuda, float(guard.tokens), runtime, guard.steady_tokens_per_s(), nvml_peak)
+    # Each optimizer step's seconds (this process's clock; only the warm-up's end and the last are synchronised
+    # with the GPU): where compiling a new shape or a slow GPU stalled the run.
+    measured["step_seconds"] = guard.step_seconds()
     if world().world_size > 1:
         measured = _all_ranks(measured, cuda)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
