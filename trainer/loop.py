@@ -16,6 +16,8 @@ from rigplan.trainer.options import CHECKPOINT_COMPLETE
 
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
+# Several processes act on a signal this many optimizer steps after the step it was shared in (_Guard.stop_agreed).
+STOP_LAG_STEPS = 2
 
 
 class _Guard:
@@ -35,6 +37,7 @@ class _Guard:
         self.step_times: list[float] = []
         self.step_tokens: list[Any] = []
         self.backoffs: list[dict[str, int]] = []
+        self.pending: list[tuple[Any, Any]] = []  # several processes: each step's all-reduced signal, and its wait
         from rigplan.trainer.distributed import world
 
         self.world = world()
@@ -81,20 +84,37 @@ class _Guard:
         self.signal = signum  # acted on at the end of the current step: save, then stop
 
     def stop_agreed(self) -> bool:
-        """Whether to save and stop after this step. Several processes stop together: a signal any of them got
-        (torchrun forwards Ctrl-C to each, not at the same instant) is shared with an all-reduce every step,
-        so that all save the same checkpoint and none waits on a collective the others have left."""
+        """Whether to save and stop after this step. Several processes stop together: each step every process adds
+        the signal it got (torchrun forwards Ctrl-C to each, not at the same instant) to an all-reduce, and all
+        act on that step's result STOP_LAG_STEPS steps later, the same step everywhere, so that all save the same
+        checkpoint and none waits on a collective the others have left. Read at once, the result made each step
+        wait for the GPU before the next could be queued; STOP_LAG_STEPS later it is long done (on CUDA it is
+        copied to pinned memory behind the collective and read when that copy's event has passed)."""
         if self.world.world_size == 1:
             return self.signal is not None
         import torch
         import torch.distributed as dist
 
-        got = torch.tensor([self.signal or 0], dtype=torch.int64,
-                           device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(got, op=dist.ReduceOp.MAX)
-        if got.item() and self.signal is None:
-            self.signal = int(got.item())
-        return self.signal is not None
+        cuda = torch.cuda.is_available()
+        flag = torch.tensor([self.signal or 0], dtype=torch.int64, device="cuda" if cuda else "cpu")
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if cuda:
+            work.wait()  # NCCL: the stream waits for the collective, the host does not
+            host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            self.pending.append((host, ready.synchronize))
+        else:
+            self.pending.append((flag, work.wait))
+        if len(self.pending) <= STOP_LAG_STEPS:
+            return False
+        value, wait = self.pending.pop(0)
+        wait()
+        agreed = int(value.item())
+        if agreed and self.signal is None:
+            self.signal = agreed
+        return bool(agreed)
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
