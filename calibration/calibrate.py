@@ -21,8 +21,9 @@ from typing import Any, Callable
 
 from rigplan import store
 from rigplan.calibration import fit
-from rigplan.estimator.plan import PLAN_SCHEMA_VERSION
-from rigplan.errors import CalibrationError
+from rigplan.estimator import planner
+from rigplan.estimator.plan import PLAN_SCHEMA_VERSION, Coefficients, ExampleLengths, Plan, Setup
+from rigplan.errors import CalibrationError, RigplanError
 from rigplan.profiles import catalog, nvml
 
 DEFAULT_MODELS = ("llama-3.1-8b",)
@@ -104,7 +105,7 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
                                + (f"; the probe said: {stderr.strip()[-300:]}" if rc else ""))
     coeffs, residuals = fit.fit(runs, gpu.id, source=f"rigplan calibrate on {gpu.id}, {len(runs)} probes",
                                 prior=store.reference()[0])
-    learned, n_runs = real_data_speed(_recorded_runs(), gpu)
+    learned, n_runs = real_data_speed(_recorded_runs(), gpu, coeffs)
     if n_runs:
         coeffs = dataclasses.replace(coeffs, real_data_speed=learned)
     prov = probes[0].get("provenance", {})
@@ -116,6 +117,26 @@ def calibrate(models: tuple[str, ...] = DEFAULT_MODELS, methods: tuple[str, ...]
             "probe_exit_code": rc, "wall_s": round(time.perf_counter() - t0, 1),
             "coefficients": coeffs.to_dict(), "residuals": residuals,
             "real_data": {"runs": n_runs, "speed_over_plan": learned}}
+
+
+def _estimated_again(row: dict[str, Any], gpu: catalog.GpuSpec, coeffs: Coefficients) -> float | None:
+    """A recorded run's tokens/s (all its GPUs) as this estimator plans it for its data's lengths, without any
+    learned real-data rate; None where the record lacks the lengths or its model is not known here."""
+    lengths = row.get("lengths")
+    if not lengths or not lengths.get("quantiles"):
+        return None
+    try:
+        p = Plan.from_json(json.dumps(row["plan"]))
+        model = catalog.resolve_model(p.model_path if Path(p.model_path).expanduser().is_dir() else p.model)
+    except (RigplanError, ValueError, KeyError, TypeError):  # a plan of another rigplan, or a model not here
+        return None
+    setup = Setup(p.method, p.rank, p.micro_batch, p.seq_len, p.grad_accum, optimizer=p.optimizer,
+                  checkpointing=p.checkpointing, parallelism=p.parallelism, num_gpus=p.num_gpus,
+                  cpu_offload=p.cpu_offload)
+    est = planner.estimate(model, setup, gpu, dataclasses.replace(coeffs, real_data_speed=1.0),
+                           lengths=ExampleLengths(tuple(lengths["quantiles"]), int(lengths.get("count") or 0)),
+                           batching=p.batching, engine=p.engine)
+    return est.tokens_per_s * p.num_gpus
 
 
 def _recorded_runs() -> list[dict[str, Any]]:
@@ -131,10 +152,14 @@ def _recorded_runs() -> list[dict[str, Any]]:
     return rows
 
 
-def real_data_speed(rows: list[dict[str, Any]], gpu: catalog.GpuSpec) -> tuple[float, int]:
+def real_data_speed(rows: list[dict[str, Any]], gpu: catalog.GpuSpec,
+                    coeffs: Coefficients | None = None) -> tuple[float, int]:
     """The median of measured / planned tokens/s over finished runs planned for this GPU and run on it (a plan
     for another card run here, capped, is left out), and how many: the real-data rate of this machine that the
-    probes' fixed shapes do not see; (1.0, 0) when there are none."""
+    probes' fixed shapes do not see; (1.0, 0) when there are none. With coeffs (the calibration being made), a
+    run that kept its data's lengths is estimated again by this estimator with them, so that an estimate
+    changed since the run (a rigplan upgrade, a new calibration) is not learned twice; others keep the
+    prediction they printed."""
     ratios = []
     for r in rows:
         plan, measured, predicted = r.get("plan") or {}, r.get("measured") or {}, r.get("predicted") or {}
@@ -142,7 +167,8 @@ def real_data_speed(rows: list[dict[str, Any]], gpu: catalog.GpuSpec) -> tuple[f
         if (r.get("status") == "done" and plan.get("gpu") == gpu.id and ran_on == gpu.nvml_name
                 and plan.get("schema_version") == PLAN_SCHEMA_VERSION  # planned by this estimator
                 and measured.get("tokens_per_s") and predicted.get("tokens_per_s")):
-            ratios.append(measured["tokens_per_s"] / predicted["tokens_per_s"])
+            planned = _estimated_again(r, gpu, coeffs) if coeffs is not None else None
+            ratios.append(measured["tokens_per_s"] / (planned or predicted["tokens_per_s"]))
     if not ratios:
         return 1.0, 0
     return round(statistics.median(ratios), 4), len(ratios)

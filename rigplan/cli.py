@@ -334,9 +334,11 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
                                                      "it short)" if skipped else ""))
     engine.configure_allocator()  # before anything touches CUDA
 
+    counts: dict[str, Any] = {}
+
     def plan_it() -> Any:
         local = lib.local_model_dir(model_or_plan)
-        counted = engine.count_tokens(local or lib.hub_id(model_or_plan), data_file, skip_bad)
+        counted = counts["lengths"] = engine.count_tokens(local or lib.hub_id(model_or_plan), data_file, skip_bad)
         return lib.plan_for_run(model_or_plan, gpu, data_file, changes, force, skip_bad, counted=counted,
                                 num_gpus=num_gpus)
 
@@ -360,7 +362,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     if not distributed.world().main:
         sys.exit(summary["exit_code"] if summary["status"] != "nan" else 1)
     if summary.get("measured", {}).get("peak_reserved_gib") is not None and p.gpu != "cpu":
-        store.record_run(store.user_dir() / store.RUNS_LOG, summary, p.to_json())
+        store.record_run(store.user_dir() / store.RUNS_LOG, summary, p.to_json(), counts.get("lengths"))
     click.echo(f"{summary['status']} after {summary['global_step']} steps; loss {summary['first_loss']} -> "
                f"{summary['final_loss']}; measured {summary['measured']}; adapter: {summary.get('adapter')}")
     if summary["status"] == "nan":

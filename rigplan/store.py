@@ -121,11 +121,19 @@ def for_gpu(gpu_id: str) -> tuple[Coefficients, dict[str, Any], bool]:
 RUNS_LOG = "runs.jsonl"
 
 
-def record_run(path: Path, summary: dict[str, Any], plan_json: str) -> dict[str, Any]:
-    """Append one line: a whole line in one write, so a crash leaves earlier lines readable."""
+def record_run(path: Path, summary: dict[str, Any], plan_json: str,
+               lengths: tuple[list[int], int] | None = None) -> dict[str, Any]:
+    """Append one line: a whole line in one write, so a crash leaves earlier lines readable. lengths: the data's
+    tokens per example as the plan counted them (a sample, and the number of examples), kept as the quantiles the
+    estimate uses, so that `rigplan calibrate` can estimate the run again with the estimator it runs."""
+    from rigplan.estimator.plan import ExampleLengths
+
     row = {"plan": json.loads(plan_json),
            **{k: summary.get(k) for k in ("status", "engine", "gpu", "method", "global_step", "measured",
                                           "predicted", "data", "oom_backoffs", "provenance")}}
+    if lengths is not None and lengths[0]:
+        q = ExampleLengths.of(lengths[0], count=lengths[1])
+        row["lengths"] = {"quantiles": list(q.tokens), "count": q.count}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")

@@ -41,17 +41,22 @@ def _data_args(command: str) -> tuple[int, int]:
     return get("--examples", 600), get("--seed", 0)
 
 
+def data_lengths(run: dict) -> ExampleLengths:
+    """The run's data lengths as it tokenized them: each example's words (one token each with the replica's
+    tokenizer) plus the chat template's tokens, which the plan's counted mean gives."""
+    p = run["plan"]
+    examples, seed = _data_args(run.get("data_command", ""))
+    words = validation_data.word_counts(examples, seed=seed)
+    extra = p["example_tokens"] - sum(min(w, p["seq_len"]) for w in words) / len(words)
+    return ExampleLengths.of([w + round(extra) for w in words])
+
+
 def _estimate(name: str, run: dict) -> planner.Estimate:
     p = run["plan"]
     model = resolve_model("gemma-2-9b" if "gemma2" in name else "llama-3.1-8b")
     if "gemma2-L6" in name:
         model = dataclasses.replace(model, num_hidden_layers=6)
-    # the data's lengths as the runs tokenized them: each example's words (one token each with the replica's
-    # tokenizer) plus the chat template's tokens, which the plan's counted mean gives
-    examples, seed = _data_args(run.get("data_command", ""))
-    words = validation_data.word_counts(examples, seed=seed)
-    extra = p["example_tokens"] - sum(min(w, p["seq_len"]) for w in words) / len(words)
-    lengths = ExampleLengths.of([w + round(extra) for w in words])
+    lengths = data_lengths(run)
     setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"],
                   checkpointing=p["checkpointing"], parallelism=p.get("parallelism", "single"),
                   num_gpus=p.get("num_gpus", 1))

@@ -407,10 +407,11 @@ def test_a_finished_run_is_logged_for_calibration(model_dir, data_file, tmp_path
     plan = plan_for(model_dir, epochs=1.0)
     summary = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "run", max_steps=2))
     log = tmp_path / "home" / store.RUNS_LOG
-    for _ in range(2):
-        store.record_run(log, summary, plan.to_json())
+    store.record_run(log, summary, plan.to_json())
+    store.record_run(log, summary, plan.to_json(), ([30, 10, 20], 3000))  # the counted lengths: a sample, how many
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 2 and Plan.from_json(json.dumps(rows[0]["plan"])) == plan
+    assert "lengths" not in rows[0] and rows[1]["lengths"] == {"quantiles": [10, 20, 30], "count": 3000}
     assert rows[0]["measured"]["tokens"] == summary["measured"]["tokens"] > 0
     assert rows[0]["data"]["examples"] == 96 and rows[0]["provenance"]["packages"]["torch"]
 
