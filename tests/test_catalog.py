@@ -154,3 +154,88 @@ def test_mixture_of_experts_speed_counts_active_experts_and_memory_all() -> None
     q = catalog.resolve_model("qwen3-30b-a3b")
     assert q.active_intermediate == 8 * 768 and planner.estimate(q, setup, gpu, coeffs).components_bytes[
         "base_weights"] > 2 * q.params_total * 0.9  # experts stay bf16 under QLoRA (fused 3-D parameters)
+
+
+# Issue 17: the 8-16 GB cards people start with. NVIDIA's GeForce product and compare pages give a card's tensor
+# rate only as "AI TOPS" (sparse, lowest precision); the dense 16-bit rate with FP32 accumulate that training runs at
+# is AI TOPS / 8 on Ada (FP8 with sparsity) and AI TOPS / 16 on GeForce Blackwell (FP4 with sparsity). The ratios are
+# those of cards whose architecture whitepaper gives both figures:
+ADA_WHITEPAPER = "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf"
+BLACKWELL_WHITEPAPER = ("https://images.nvidia.com/aem-dam/Solutions/geforce/blackwell/"
+                        "nvidia-rtx-blackwell-gpu-architecture.pdf")
+# RTX 4090, Appendix A: Peak FP8 Tensor TFLOPS with FP16 Accumulate 660.6/1321.2 (dense/sparse), Peak FP16 and BF16
+# Tensor TFLOPS with FP32 Accumulate 165.2/330.4. RTX 5090, Appendix A: Peak FP4 Tensor TFLOPS (FP4 AI TOPS)
+# 1676/3352, Peak FP16 and BF16 Tensor TFLOPS with FP32 Accumulate 209.5/419.
+AI_TOPS_PER_DENSE_TFLOPS = {"Ada Lovelace": 1321.2 / 165.2, "Blackwell": 3352 / 209.5}
+# "Tensor Cores (AI)" row of NVIDIA's compare page (COMPARE) and each card's product page (its row's source).
+COMPARE = "https://www.nvidia.com/en-gb/geforce/graphics-cards/compare/"
+PUBLISHED_AI_TOPS = {
+    # cards added for issue 17
+    "rtx-4060": 242, "rtx-4070": 466, "rtx-4070-super": 568, "rtx-5060-ti-16gb": 759,
+    # rows already in the catalogue: the rule must reproduce them, whitepaper-sourced (4080, 4090, 50 series) or not
+    "rtx-4060-ti-16gb": 353, "rtx-4070-ti-super": 706, "rtx-4080": 780, "rtx-4080-super": 836, "rtx-4090": 1321,
+    "rtx-5070": 988, "rtx-5070-ti": 1406, "rtx-5080": 1801, "rtx-5090": 3352,
+}
+# (memory GiB, bandwidth GB/s, PCIe generation, lanes, NVML name, spellings that must resolve to the row)
+ISSUE17_GPUS = {
+    "rtx-4060": (8, 272, 4, 8, "NVIDIA GeForce RTX 4060", ["4060", "RTX 4060", "rtx4060", "4060 8GB", "GeForce RTX 4060"]),
+    "rtx-4070": (12, 504, 4, 16, "NVIDIA GeForce RTX 4070", ["4070", "RTX 4070", "rtx-4070", "4070 12GB"]),
+    "rtx-4070-super": (12, 504, 4, 16, "NVIDIA GeForce RTX 4070 SUPER",
+                       ["4070 Super", "4070s", "RTX 4070 SUPER", "rtx4070super"]),
+    "rtx-5060-ti-16gb": (16, 448, 5, 8, "NVIDIA GeForce RTX 5060 Ti",
+                         ["5060 Ti", "5060ti", "RTX 5060 Ti", "5060 Ti 16GB", "rtx5060ti"]),
+}
+
+
+def test_whitepaper_ratios_are_the_sparsity_and_precision_steps() -> None:
+    """Ada: FP8 sparse -> dense (/2) -> FP16 (/2) -> FP32 accumulate on GeForce (/2); Blackwell adds FP4 (/2)."""
+    assert AI_TOPS_PER_DENSE_TFLOPS["Ada Lovelace"] == pytest.approx(8, abs=0.01)
+    assert AI_TOPS_PER_DENSE_TFLOPS["Blackwell"] == pytest.approx(16, abs=0.01)
+
+
+@pytest.mark.parametrize("gpu_id", sorted(PUBLISHED_AI_TOPS))
+def test_dense_rate_is_published_ai_tops_over_the_whitepaper_ratio(gpu_id: str) -> None:
+    gpu = catalog.resolve_gpu(gpu_id)
+    ratio = round(AI_TOPS_PER_DENSE_TFLOPS[gpu.architecture])
+    assert gpu.bf16_dense_tflops == pytest.approx(PUBLISHED_AI_TOPS[gpu_id] / ratio, abs=0.1)
+    assert gpu.fp16_dense_tflops == gpu.bf16_dense_tflops == gpu.tensor_tflops
+
+
+@pytest.mark.parametrize("gpu_id", sorted(ISSUE17_GPUS))
+def test_issue17_gpus_resolve_and_carry_their_published_figures(gpu_id: str) -> None:
+    memory, bandwidth, gen, lanes, nvml_name, spellings = ISSUE17_GPUS[gpu_id]
+    gpu = catalog.resolve_gpu(gpu_id)
+    assert gpu.id == gpu_id and gpu.nvml_name == nvml_name
+    assert catalog.gpu_by_nvml_name(nvml_name) is gpu
+    for spelling in [*spellings, *gpu.aliases]:
+        assert catalog.resolve_gpu(spelling) is gpu, spelling
+    assert (gpu.memory_gib, gpu.bandwidth_gb_s, gpu.pcie_gen, gpu.pcie_lanes) == (memory, bandwidth, gen, lanes)
+    assert gpu.bf16 and gpu.compute_capability == ("12.0" if gpu.architecture == "Blackwell" else "8.9")
+    assert gpu.source.startswith("https://www.nvidia.com/") and gpu.source_2 and "nvidia." in gpu.source_2
+    assert gpu.price_usd is None  # no NVIDIA text for the launch price was readable here: left blank, not guessed
+
+
+def test_issue17_aliases_do_not_shadow_neighbouring_cards() -> None:
+    """`4070` is not the 4070 SUPER or Ti SUPER, `4060` is not the 4060 Ti, `5060 Ti` is not the 5070."""
+    assert catalog.resolve_gpu("4060 Ti").id == "rtx-4060-ti-16gb"
+    assert catalog.resolve_gpu("4070 Ti Super").id == "rtx-4070-ti-super"
+    assert catalog.resolve_gpu("5070").id == "rtx-5070"
+    assert catalog.resolve_gpu("NVIDIA GeForce RTX 4070 Ti SUPER").id == "rtx-4070-ti-super"
+    ids = [g.id for g in GPUS]
+    assert len(ids) == len(set(ids))
+    spellings = {}
+    for g in GPUS:
+        for s in {catalog._gpu_key(x) for x in (g.id, g.name, g.nvml_name, *g.aliases)}:
+            assert spellings.setdefault(s, g.id) == g.id, (s, g.id, spellings[s])
+
+
+def test_issue17_check_runs_on_an_8gb_card(tmp_path, monkeypatch) -> None:
+    """`rigplan check llama-3.1-8b --gpu 4060` plans on the 8 GB card and exits 0 with its verdict."""
+    from click.testing import CliRunner
+
+    from rigplan.cli import main
+
+    monkeypatch.setenv("RIGPLAN_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["check", "llama-3.1-8b", "--gpu", "4060"])
+    assert result.exit_code == 0, result.output
+    assert "on GeForce RTX 4060 (8.0 GiB, catalogue)" in result.output and "verdict:" in result.output
