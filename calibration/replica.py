@@ -59,8 +59,13 @@ def hf_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:
     for key in ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         if getattr(spec, key):
             facts[key] = getattr(spec, key)
-    if spec.model_type == "llama":
+    if spec.model_type in ("llama", "gpt_oss"):
         facts["attention_bias"] = spec.attention_bias
+    if spec.layer_types:
+        # The profile's per-layer attention (gpt-oss: sliding_attention, full_attention, ...), cut to the replica's
+        # depth (reduced(), toy()) and repeated past the profile's where a replica is deeper.
+        n, kinds = spec.num_hidden_layers, spec.layer_types
+        facts["layer_types"] = [kinds[i % len(kinds)] for i in range(n)]
     # Always explicit: MistralConfig defaults to sliding_window=4096, which Mistral-7B-v0.3 does not use
     # (a replica with it ran 37% slower at 2 x 8192 on the H100).
     facts["sliding_window"] = spec.sliding_window

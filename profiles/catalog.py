@@ -22,13 +22,38 @@ PROFILES_DIR = Path(__file__).resolve().parent
 # Defaults are those of each transformers config class (LlamaConfig, Qwen2Config, Gemma2Config, ...).
 TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 # Qwen2's attention always has q/k/v bias (modeling_qwen2.py hard-codes bias=True); its config has no key.
-BIAS_BY_DEFAULT = {"qwen2"}
+# GptOssConfig defaults attention_bias to True (configuration_gpt_oss.py, transformers 5.17).
+BIAS_BY_DEFAULT = {"qwen2", "gpt_oss"}
 # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (modeling_phi3.py).
 FUSED_PROJECTIONS = {"phi3"}
 # Gemma 2/3 put a norm before and after both attention and MLP (4 per layer, modeling_gemma2.py).
 FOUR_NORMS = {"gemma2", "gemma3", "gemma3_text"}
 # Qwen3 and Gemma 3 normalise queries and keys per head (q_norm, k_norm of size head_dim).
 QK_NORM = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}
+# gpt-oss (transformers 5.17 models/gpt_oss/modeling_gpt_oss.py) beyond the Mixtral-like terms:
+# - GptOssAttention: q/k/v/o_proj nn.Linear(..., bias=config.attention_bias), o_proj's bias included, and
+#   `self.sinks = nn.Parameter(torch.empty(config.num_attention_heads))`, one learned sink per head per layer;
+# - GptOssTopKRouter: weight [num_local_experts, hidden] and bias [num_local_experts];
+# - GptOssExperts: fused 3-D parameters gate_up_proj [E, hidden, 2 x intermediate] + gate_up_proj_bias
+#   [E, 2 x intermediate], down_proj [E, intermediate, hidden] + down_proj_bias [E, hidden];
+# - layers alternate sliding_attention (window config.sliding_window) and full_attention (config.layer_types).
+# The checkpoint stores the experts in MXFP4 (quantization_config quant_method "mxfp4"); training holds them as
+# follows, and the estimate counts them in bf16 for LoRA and for QLoRA alike (estimator/memory.py: only
+# linear_shapes() go to NF4):
+# - transformers 5.17 quantizers/quantizer_mxfp4.py, Mxfp4HfQuantizer.is_trainable: "MXFP4 quantization don't
+#   support training, please consider dequantizing the model first by passing
+#   quantization_config=Mxfp4Config(dequantize=True)", and validate_environment sets dequantize = True (bf16)
+#   on CPU or without the triton kernels: 16-bit LoRA holds bf16 experts, as counted.
+# - Unsloth 2026.10.9: unsloth_zoo temporary_patches/gpt_oss.py patch_gpt_oss sets is_trainable to True and
+#   keeps MXFP4 experts where triton_kernels imports (bf16 otherwise: "MXFP4 GPT OSS weights will be
+#   dequantized to bf16"); for 4-bit loads unsloth/models/mapper.py maps openai/gpt-oss-20b to
+#   unsloth/gpt-oss-20b-unsloth-bnb-4bit, whose experts are per-expert nn.Linear (GptOssExpertsBnb4bit,
+#   "ModuleLists of nn.Linear ... so BitsAndBytes can quantize them"): Unsloth's QLoRA holds the experts in
+#   NF4, which this estimate (experts in bf16, like transformers + bitsandbytes on the fused parameters) does
+#   not count yet: it over-counts Unsloth's QLoRA by about 1.5 bytes per expert weight. Not measured.
+GPT_OSS = {"gpt_oss"}
+GPT_OSS_SLIDING_WINDOW = 128  # GptOssConfig's default sliding_window
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -67,6 +92,12 @@ class ModelSpec:
     params_note: str = ""
     published_counts_lm_head: bool = False
     """The published total counts an lm_head the checkpoint stores although the config ties it."""
+    published_active_excludes_embedding: bool = False
+    """The published active count leaves the input embedding out (gpt-oss's model card, Table 1: "Unembedding
+    parameters are counted towards active, but not embeddings")."""
+    layer_types: tuple[str, ...] = ()
+    """Each decoder layer's attention, as config.json's layer_types gives it (full_attention or
+    sliding_attention, the latter over the last sliding_window tokens); empty: every layer full."""
     source: str = ""
 
     @property
@@ -97,7 +128,7 @@ class ModelSpec:
 
     def _mlp_shapes(self, width: int) -> list[tuple[str, int, int]]:
         h = self.hidden_size
-        if self.model_type in FUSED_PROJECTIONS:
+        if self.model_type in FUSED_PROJECTIONS or self.model_type in GPT_OSS:
             return [("gate_up_proj", h, 2 * width), ("down_proj", width, h)]
         return [("gate_proj", h, width), ("up_proj", h, width), ("down_proj", width, h)]
 
@@ -126,14 +157,21 @@ class ModelSpec:
 
     def layer_params(self, active: bool = False) -> int:
         """Parameters of one decoder layer: projections (active: only those a token is routed through), their
-        biases, norms, MoE router."""
+        biases, norms, MoE router; gpt-oss's attention sinks, router bias and expert biases."""
         linear = sum(n_in * n_out for _, n_in, n_out in (self.active_shapes() if active else self.weight_shapes()))
         hd = self.head_dim
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
         norms = (4 if self.model_type in FOUR_NORMS else 2) * self.hidden_size
         norms += 2 * hd if self.model_type in QK_NORM else 0
         router = self.hidden_size * self.experts
-        return linear + bias + norms + router
+        sinks = 0
+        if self.model_type in GPT_OSS:
+            bias += self.hidden_size if self.attention_bias else 0  # o_proj's bias
+            routed = self.num_experts_per_tok if active else self.experts
+            bias += routed * (2 * self.expert_intermediate + self.hidden_size)  # gate_up_proj_bias, down_proj_bias
+            router += self.experts  # the router's bias
+            sinks = self.num_attention_heads  # one logit per head, added to the attention softmax's denominator
+        return linear + bias + norms + router + sinks
 
     @property
     def embedding_params(self) -> int:
@@ -149,6 +187,12 @@ class ModelSpec:
         """params_total counted the way params_published was (a stored tied lm_head counted twice)."""
         extra = self.vocab_size * self.hidden_size if self.published_counts_lm_head and self.tie_word_embeddings else 0
         return self.params_total + extra
+
+    @property
+    def params_active_as_published(self) -> int:
+        """params_active counted the way params_active_published was (the input embedding left out where the
+        publisher leaves it out)."""
+        return self.params_active - (self.embedding_params if self.published_active_excludes_embedding else 0)
 
     @property
     def params_active(self) -> int:
@@ -249,9 +293,9 @@ def _gpu_key(name: str) -> str:
 
 
 # config.json keys of mixture-of-experts layers (DeepSeek's n_routed_experts, Qwen-MoE's num_experts, ...): the
-# estimator's terms describe experts as Mixtral's and Qwen3-MoE's rows give them (every layer sparse, routed
-# experts of one width, no shared expert).
-MOE_TYPES = ("mixtral", "qwen3_moe")
+# estimator's terms describe experts as Mixtral's, Qwen3-MoE's and gpt-oss's rows give them (every layer sparse,
+# routed experts of one width, no shared expert; gpt-oss's biases and sinks as ModelSpec.layer_params counts them).
+MOE_TYPES = ("mixtral", "qwen3_moe", "gpt_oss")
 MOE_KEYS = ("n_routed_experts", "n_shared_experts", "num_experts", "num_local_experts", "moe_intermediate_size",
             "num_experts_per_tok")
 # config.json sizes that must be positive integers (a head count of 0 divided by zero).
@@ -271,8 +315,8 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
     """Every reason a config.json is not one rigplan can estimate, gathered."""
     types = supported_model_types()
     supported = (f"pass a model of a type rigplan estimates: {', '.join(types)} (decoder-only, dense but for "
-                 "Mixtral and Qwen3-MoE; rigplan models lists them; other mixture-of-experts models are not "
-                 "supported yet)")
+                 "Mixtral, Qwen3-MoE and gpt-oss; rigplan models lists them; other mixture-of-experts models are "
+                 "not supported yet)")
     archs = [a for a in config.get("architectures") or () if isinstance(a, str)]
     if archs and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
         return [f"{archs[0]} is not a causal language model; {supported}"]
@@ -294,7 +338,46 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
     hidden = _positive_int(cfg.get("hidden_size"))
     if heads and hidden and cfg.get("head_dim") is None and hidden % heads:
         problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} (and no head_dim)")
+    if model_type in MOE_TYPES:
+        problems += _expert_problems(cfg, model_type)
+    return problems + _layer_type_problems(cfg)
+
+
+def _expert_problems(cfg: dict[str, Any], model_type: str) -> list[str]:
+    """A mixture-of-experts config must say how many experts there are and how many a token uses (the model
+    classes' defaults, GptOssConfig's 128 and 4 for instance, are not the checkpoint's)."""
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    per_token = cfg.get("num_experts_per_tok")
+    if _positive_int(experts) is None or _positive_int(per_token) is None:
+        return [f"{model_type} config.json must give num_local_experts (or num_experts) and num_experts_per_tok as "
+                f"positive integers, not {experts!r} and {per_token!r}"]
+    return [f"num_experts_per_tok {per_token} exceeds the {experts} experts"] if per_token > experts else []
+
+
+def _layer_type_problems(cfg: dict[str, Any]) -> list[str]:
+    """layer_types (gpt-oss alternates sliding_attention and full_attention): one known type per layer, and a
+    window for the sliding ones."""
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        return []
+    layers = _positive_int(cfg.get("num_hidden_layers"))
+    if not isinstance(kinds, list) or any(k not in LAYER_TYPES for k in kinds):
+        return [f"layer_types {kinds!r} must list {' or '.join(LAYER_TYPES)} per layer (other attention types are "
+                "not supported yet)"]
+    problems = []
+    if layers and len(kinds) != layers:
+        problems.append(f"layer_types gives {len(kinds)} layers, num_hidden_layers {layers}")
+    if "sliding_attention" in kinds and _positive_int(cfg.get("sliding_window")) is None:
+        problems.append(f"sliding_attention layers need a positive sliding_window, not {cfg.get('sliding_window')!r}")
     return problems
+
+
+def default_layer_types(model_type: str, layers: int) -> tuple[str, ...]:
+    """layer_types where config.json leaves them out: GptOssConfig.__post_init__ alternates sliding_attention
+    (even layers) and full_attention (odd); other families attend to the full sequence in every layer."""
+    if model_type in GPT_OSS:
+        return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers))
+    return ()
 
 
 def model_from_config(config: dict[str, Any], model_id: str, source: str) -> ModelSpec:
@@ -323,7 +406,8 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
         attention_bias=bool(cfg.get("attention_bias", model_type in BIAS_BY_DEFAULT)),
         architectures=tuple(config.get("architectures") or ()),
         rope_theta=cfg.get("rope_theta"),
-        sliding_window=cfg.get("sliding_window"),
+        sliding_window=cfg.get("sliding_window", GPT_OSS_SLIDING_WINDOW if model_type in GPT_OSS else None),
+        layer_types=tuple(cfg.get("layer_types") or default_layer_types(model_type, cfg["num_hidden_layers"])),
         num_local_experts=int(cfg.get("num_local_experts") or 0),
         num_experts=int(cfg.get("num_experts") or 0),
         num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),

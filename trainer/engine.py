@@ -140,6 +140,10 @@ def load_unsloth(plan: Plan) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+# Model types transformers 5.17 gives no SDPA attention (models/gpt_oss/modeling_gpt_oss.py: attention sinks).
+EAGER_ATTENTION = ("gpt_oss",)
+
+
 def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
     """Plain transformers + PEFT (bitsandbytes NF4 for QLoRA): the baseline, and the CPU path."""
     import torch
@@ -159,10 +163,15 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
     if cuda:
+        from transformers import AutoConfig
+
         from rigplan.trainer.distributed import world
 
         kwargs["device_map"] = {"": world().local_rank}  # each process its own GPU (torchrun's LOCAL_RANK)
-        kwargs["attn_implementation"] = "sdpa"
+        # SDPA where the model has it; gpt-oss's attention sinks have no SDPA kernel in transformers 5.17 (it
+        # raises ValueError for "sdpa"), so it keeps its own eager attention.
+        config = AutoConfig.from_pretrained(path, local_files_only=local)
+        kwargs["attn_implementation"] = "eager" if config.model_type in EAGER_ATTENTION else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     if plan.checkpointing == "unsloth":
