@@ -116,6 +116,12 @@ class _Guard:
             self.signal = agreed
         return bool(agreed)
 
+    def drain(self) -> None:
+        """Wait for the stop agreement's last all-reduces: a process that exits with one in flight aborts
+        ("terminate called without an active exception", seen with gloo)."""
+        while self.pending:
+            self.pending.pop(0)[1]()
+
     def callback(self) -> Any:
         from transformers import TrainerCallback
 
@@ -138,6 +144,10 @@ class _Guard:
                 if guard.stop_agreed():
                     control.should_save = True
                     control.should_training_stop = True
+                return control
+
+            def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                guard.drain()
                 return control
 
             def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
