@@ -174,6 +174,21 @@ def choose_engine(model: ModelSpec) -> Engine:
     return "transformers" if fails else "unsloth"
 
 
+def batchings_for(model: ModelSpec) -> tuple[str, ...]:
+    """The layouts the trainer may use for this model: padded only where profiles/known_issues.json says its
+    engine cannot keep examples laid back to back apart ("batching": "padded")."""
+    if any(i.get("batching") == "padded" for i in catalog.issues_for(model)):
+        return ("padded",)
+    return ("padded", "packed")
+
+
+def require_batching(model: ModelSpec, batching: str | None) -> None:
+    """A layout asked for (rigplan run --batching) that this model's engine cannot train, refused in one line."""
+    if batching is not None and batching not in batchings_for(model):
+        raise ConfigError(f"--batching {batching}: {model.id} trains padded micro-batches only (its engine cannot "
+                          "keep examples laid back to back apart: profiles/known_issues.json); use --batching padded")
+
+
 def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: int | None = None,
           data_file: Path | None = None, examples: int | None = None, avg_tokens: float | None = None,
           epochs: float = DEFAULT_EPOCHS, effective_batch: int = planner.DEFAULT_EFFECTIVE_BATCH,
@@ -227,7 +242,7 @@ def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, 
     result = planner.plan(model, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
                           gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path,
                           lengths=lengths, methods=methods, engine=choose_engine(model),  # type: ignore[arg-type]
-                          ranks=ranks or planner.RANKS)
+                          ranks=ranks or planner.RANKS, batchings=batchings_for(model))  # type: ignore[arg-type]
     return result, result.best, calibration_info(coeffs, doc, here, target.spec)
 
 
@@ -333,6 +348,7 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     if new.gpu == "cpu":
         return new
     model = catalog.resolve_model(new.model_path if Path(new.model_path).expanduser().is_dir() else new.model)
+    require_batching(model, changes.get("batching"))
     spec = catalog.resolve_gpu(new.gpu)
     coeffs, doc, _ = store.for_gpu(spec.id)
     setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
@@ -413,6 +429,14 @@ def local_model_dir(model_or_plan: str) -> str | None:
     where = p.model_path if p else model_or_plan
     local = Path(where).expanduser()
     return str(local.resolve()) if local.is_dir() else None
+
+
+def model_of(model_or_plan: str) -> ModelSpec:
+    """The architecture a model name, local directory or saved plan.json trains."""
+    p = read_plan(Path(model_or_plan)) if Path(model_or_plan).suffix == ".json" else None
+    if p is None:
+        return catalog.resolve_model(model_or_plan)
+    return catalog.resolve_model(p.model_path if Path(p.model_path).expanduser().is_dir() else p.model)
 
 
 def hub_id(model_name: str) -> str:

@@ -180,6 +180,8 @@ CASES: list[tuple[str, Case, str]] = [
     ("calibrate-bad-method", lambda w: ["calibrate", "--methods", "lora,dora"], "--methods lora,dora"),
     ("calibrate-unknown-model", lambda w: ["calibrate", "--model", "lama-3.1-8b"], "did you mean"),
     # --- run: refused before any tokenizer or model loads
+    ("run-gpt-oss-packed", lambda w: ["run", "gpt-oss-20b", "--data", w.good_data(), "--out", str(w.out),
+                                      "--batching", "packed"], "gpt-oss-20b trains padded micro-batches only"),
     ("run-out-is-a-file", lambda w: ["run", "llama-3.2-1b", "--data", w.good_data(), "--out", w.file("o.txt")],
      "is a file"),
     ("run-rank-0", lambda w: run_(w, "--rank", "0"), "--rank 0"),

@@ -210,3 +210,22 @@ def test_rigplan_trains_a_gpt_oss_replica_on_cpu(toy_dir, tmp_path) -> None:
     assert (adapter / "adapter_model.safetensors").exists()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_gpt_oss_plans_padded_micro_batches_only(tmp_path) -> None:
+    """Unsloth refuses examples back to back for gpt-oss (unsloth/trainer.py PADDING_FREE_BLOCKLIST): its plans
+    are padded, even for data whose lengths would make packing faster, and asking for packed is refused."""
+    import json
+
+    from rigplan import planning
+    from rigplan.errors import ConfigError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * (5 if i % 10 else 900)}) + "\n" for i in range(300)))
+    gpt = planning.make_plan("gpt-oss-20b", "h200", data_file=data)
+    assert planning.batchings_for(catalog.resolve_model("gpt-oss-20b")) == ("padded",)
+    assert gpt.batching == "padded"
+    assert planning.batchings_for(catalog.resolve_model("llama-3.1-8b")) == ("padded", "packed")
+    assert planning.make_plan("llama-3.1-8b", "h200", data_file=data).batching == "packed"  # what this data favours
+    with pytest.raises(ConfigError, match="padded micro-batches only"):
+        planning.plan_for_run("gpt-oss-20b", "h200", data, {"batching": "packed"})
