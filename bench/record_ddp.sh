@@ -22,15 +22,7 @@ python3 bench/validation_data.py --out /tmp/data.jsonl $DATA | tee -a $LOG
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 nvidia-smi topo -m >>$LOG 2>&1
 keep() {  # the run's summary with its plan, command and data command, as $OUT/$1.json
-  python3 -c "
-import json, sys
-s = json.load(open('/tmp/run-$1/run_summary.json'))
-s['command'] = sys.argv[1]; s['data_command'] = 'python3 bench/validation_data.py --out data.jsonl $DATA'
-s['plan'] = json.load(open('/tmp/run-$1/plan.json'))
-json.dump(s, open('$OUT/$1.json', 'w'), indent=2)
-m, p = s['measured'], s['predicted']
-print('$1', 'reserved', m['peak_reserved_gib'], 'vs', p['peak_reserved_gib'], 'tok/s', m['tokens_per_s'], 'vs', p['tokens_per_s'])
-" "$2" | tee -a $LOG
+  python3 bench/keep_run.py /tmp/run-$1 $OUT/$1.json "$2" "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
 }
 for method in "$@"; do
   cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method --epochs ${EPOCHS:-1} --out /tmp/run-ddp-$method --eval-fraction 0 --save-steps 10000"

@@ -42,14 +42,7 @@ for case in "$@"; do
   "${cmd[@]}" >>$LOG 2>&1
   echo "== $case exit $? after $((SECONDS - t0)) s" | tee -a $LOG
   if [ -f /tmp/run-$name/run_summary.json ]; then
-    python3 -c "
-import json, sys
-s = json.load(open('/tmp/run-$name/run_summary.json'))
-s['command'] = sys.argv[1]; s['data_command'] = 'python3 bench/validation_data.py --out data.jsonl --examples ${EXAMPLES:-600} --seed ${SEED:-0}'
-s['plan'] = json.load(open('/tmp/run-$name/plan.json'))
-json.dump(s, open('$OUT/$name.json', 'w'), indent=2)
-m, p = s['measured'], s['predicted']
-print('$case', 'reserved', m['peak_reserved_gib'], 'vs', p['peak_reserved_gib'], 'tok/s', m['tokens_per_s'], 'vs', p['tokens_per_s'], 'nvml peak', m.get('nvml_peak_used_gib'))
-" "${cmd[*]}" | tee -a $LOG
+    python3 bench/keep_run.py /tmp/run-$name $OUT/$name.json "${cmd[*]}" \
+      "python3 bench/validation_data.py --out data.jsonl --examples ${EXAMPLES:-600} --seed ${SEED:-0}" | tee -a $LOG
   fi
 done
