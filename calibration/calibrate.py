@@ -53,7 +53,7 @@ def local_gpu() -> catalog.GpuSpec:
     if not found:
         raise CalibrationError(f"rigplan calibrate needs an NVIDIA GPU ({why}); rigplan check uses the shipped "
                                "H100 reference elsewhere")
-    spec = catalog.gpu_by_nvml_name(found[0].name)
+    spec = catalog.gpu_by_nvml_name(found[0].name, found[0].total_gib)
     if spec is None:
         raise CalibrationError(f"GPU {found[0].name!r} is not in the catalogue; add its row to profiles/gpus.json")
     return spec

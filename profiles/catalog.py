@@ -495,8 +495,13 @@ def unsloth_generic_path(model: ModelSpec) -> bool:
     return any(i.get("unsloth_path") == "generic" for i in issues_for(model))
 
 
-def gpu_by_nvml_name(nvml_name: str) -> GpuSpec | None:
-    """The catalogue row NVML's name belongs to, or None for a card we have no row for."""
+def gpu_by_nvml_name(nvml_name: str, memory_gib: float | None = None) -> GpuSpec | None:
+    """The catalogue row NVML's name belongs to, or None for a card we have no row for. Cards sold with two
+    memory sizes under one NVML name (the RTX 4060 Ti, 8 and 16 GB) are told apart by the memory NVML reports."""
+    key = _gpu_key(nvml_name)
+    named = [g for g in gpus() if _gpu_key(g.nvml_name) == key]
+    if len(named) > 1 and memory_gib is not None:
+        return min(named, key=lambda g: abs(g.memory_gib - memory_gib))
     try:
         return resolve_gpu(nvml_name)
     except UnknownGpuError:

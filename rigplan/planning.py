@@ -122,7 +122,7 @@ def resolve_target(gpu: str | None) -> tuple[Target | None, str]:
         return None, f"no local GPU: {why}; showing the catalogue"
     # Several local GPUs of different kinds: plan on the smallest, which every rank must fit.
     local = min(found, key=lambda g: g.total_gib)
-    spec = catalog.gpu_by_nvml_name(local.name)
+    spec = catalog.gpu_by_nvml_name(local.name, local.total_gib)
     if spec is None:
         raise UnknownGpuError(f"local GPU {local.name!r} is not in the catalogue; pass --gpu with the "
                               "closest card (rigplan gpus lists all)")

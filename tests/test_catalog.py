@@ -53,7 +53,7 @@ def test_gpu_row_is_complete(gpu: catalog.GpuSpec) -> None:
     assert re.fullmatch(r"\d+\.\d", gpu.compute_capability)
     assert gpu.bf16 == (float(gpu.compute_capability) >= 8.0)
     assert gpu.source.startswith("http") and gpu.nvml_name
-    assert catalog.resolve_gpu(gpu.nvml_name) == gpu and catalog.resolve_gpu(gpu.id) == gpu
+    assert catalog.gpu_by_nvml_name(gpu.nvml_name, gpu.memory_gib) == gpu and catalog.resolve_gpu(gpu.id) == gpu
 
 
 @pytest.mark.parametrize("spelling", ["rtx-4090", "4090", "RTX 4090", "NVIDIA GeForce RTX 4090", "rtx4090"])
@@ -225,8 +225,25 @@ def test_issue17_aliases_do_not_shadow_neighbouring_cards() -> None:
     assert len(ids) == len(set(ids))
     spellings = {}
     for g in GPUS:
-        for s in {catalog._gpu_key(x) for x in (g.id, g.name, g.nvml_name, *g.aliases)}:
+        for s in {catalog._gpu_key(x) for x in (g.id, g.name, *g.aliases)}:
             assert spellings.setdefault(s, g.id) == g.id, (s, g.id, spellings[s])
+    # NVML names are shared only by one card's memory sizes, which NVML's memory tells apart
+    by_nvml: dict[str, list[catalog.GpuSpec]] = {}
+    for g in GPUS:
+        by_nvml.setdefault(catalog._gpu_key(g.nvml_name), []).append(g)
+    for same in by_nvml.values():
+        assert len({g.memory_gib for g in same}) == len(same), [g.id for g in same]
+
+
+def test_the_4060_ti_is_told_apart_by_its_memory() -> None:
+    """NVML names both 4060 Ti cards "NVIDIA GeForce RTX 4060 Ti": a local card is matched by the memory NVML
+    reports; by name, "4060 Ti" is the 16 GB card and "4060 Ti 8GB" the 8 GB one (same chip, same rates)."""
+    eight, sixteen = catalog.resolve_gpu("4060 Ti 8GB"), catalog.resolve_gpu("4060 Ti")
+    assert (eight.id, sixteen.id) == ("rtx-4060-ti-8gb", "rtx-4060-ti-16gb")
+    assert catalog.resolve_gpu("RTX 4060 Ti") is catalog.resolve_gpu("NVIDIA GeForce RTX 4060 Ti") is sixteen
+    assert catalog.gpu_by_nvml_name("NVIDIA GeForce RTX 4060 Ti", 7.6) is eight
+    assert catalog.gpu_by_nvml_name("NVIDIA GeForce RTX 4060 Ti", 15.6) is sixteen
+    assert (eight.bf16_dense_tflops, eight.bandwidth_gb_s) == (sixteen.bf16_dense_tflops, sixteen.bandwidth_gb_s)
 
 
 def test_issue17_check_runs_on_an_8gb_card(tmp_path, monkeypatch) -> None:
