@@ -29,11 +29,23 @@ def matmul_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     return FLOPS_PER_MAC * (passes(setup) * decoder + 2 * head) + 3 * FLOPS_PER_MAC * lora_params(model, setup.rank)
 
 
+def attended_keys(model: ModelSpec, seq_len: int) -> float:
+    """Keys a query attends to, summed over the layers: seq_len causal-halved in a full-attention layer; in a
+    sliding-window layer (config.json layer_types, gpt-oss) at most the window, W - W^2 / 2L once the sequence
+    is longer than it."""
+    full = seq_len * CAUSAL_FRACTION
+    window = model.sliding_window
+    if not model.layer_types or not window:
+        return full * model.num_hidden_layers
+    sliding = full if seq_len <= window else window - window * window / (2 * seq_len)
+    return sum(sliding if kind == "sliding_attention" else full for kind in model.layer_types)
+
+
 def attention_flops_per_token(model: ModelSpec, setup: Setup) -> float:
-    """Attention's sequence-dependent FLOPs per token: QK^T and AV, 2 x 2 x seq x heads x head_dim per layer
-    in forward, causal-halved; backward twice that, and once more when recomputed."""
-    fwd = 2 * FLOPS_PER_MAC * setup.seq_len * model.num_attention_heads * model.head_dim * model.num_hidden_layers
-    return fwd * CAUSAL_FRACTION * (1 + 2 + (passes(setup) - 2))
+    """Attention's sequence-dependent FLOPs per token: QK^T and AV, 2 x 2 x heads x head_dim per attended key
+    per layer in forward (attended_keys); backward twice that, and once more when recomputed."""
+    fwd = 2 * FLOPS_PER_MAC * model.num_attention_heads * model.head_dim * attended_keys(model, setup.seq_len)
+    return fwd * (1 + 2 + (passes(setup) - 2))
 
 
 def flops_per_token(model: ModelSpec, setup: Setup) -> float:

@@ -229,3 +229,16 @@ def test_gpt_oss_plans_padded_micro_batches_only(tmp_path) -> None:
     assert planning.make_plan("llama-3.1-8b", "h200", data_file=data).batching == "packed"  # what this data favours
     with pytest.raises(ConfigError, match="padded micro-batches only"):
         planning.plan_for_run("gpt-oss-20b", "h200", data, {"batching": "packed"})
+
+
+def test_sliding_window_layers_attend_over_their_window_only() -> None:
+    """gpt-oss alternates full layers and 128-token windows (layer_types): at 8,192 tokens its attention costs
+    about half of what every layer attending causally would; models without layer_types are unchanged."""
+    from rigplan.estimator import speed
+
+    gpt = catalog.resolve_model("gpt-oss-20b")
+    full = 8192 * speed.CAUSAL_FRACTION
+    assert speed.attended_keys(gpt, 8192) == pytest.approx(12 * full + 12 * (128 - 128 * 128 / (2 * 8192)))
+    assert speed.attended_keys(gpt, 64) == pytest.approx(24 * 64 * speed.CAUSAL_FRACTION)  # inside the window
+    llama = catalog.resolve_model("llama-3.1-8b")
+    assert speed.attended_keys(llama, 8192) == 32 * full
