@@ -108,7 +108,7 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
 # 13,525 estimated for one (bench/results/h200-runs/ddp/block-order/ddp-lora.json; one run, not yet checked on
 # another). The bare loop at fixed shapes scaled about 2x on the same machines (issue 16): what real data adds
 # under DDP is not yet taken apart (each GPU takes half the steps, so shapes met for the first time after
-# warm-up weigh double).
+# warm-up weigh double). FSDP plans take the same share until one is measured.
 DATA_PARALLEL_EFFICIENCY = 0.714
 
 
