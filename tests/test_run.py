@@ -521,3 +521,17 @@ def test_the_schedule_comes_from_the_plan(model_dir, tmp_path) -> None:
     assert (getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), args.warmup_steps, args.weight_decay) == (
         "cosine", 2, 0.1)
     assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_the_trainer_orders_micro_batches_with_the_block_sampler(tmp_path) -> None:
+    """The Trainer's sampler is rigplan's: blocks as wide as the world (one process here: a seeded shuffle of the
+    micro-batches), with the data seed, so that several GPUs get micro-batches of similar length together."""
+    from types import SimpleNamespace
+
+    from rigplan.trainer.batching import BlockSampler
+
+    cls = runlib._trainer_class(runlib._Guard(tmp_path), "transformers")
+    fake = SimpleNamespace(train_dataset=list(range(40)), args=SimpleNamespace(data_seed=7, seed=3))
+    sampler = cls._get_train_sampler(fake)
+    assert isinstance(sampler, BlockSampler) and (sampler.rows, sampler.block, sampler.seed) == (40, 1, 7)
+    assert sampler.order() == BlockSampler(40, 1, 7).order() != list(range(40))
