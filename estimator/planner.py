@@ -316,7 +316,8 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
                "optimizer sharded"
                + (", frozen weights offloaded to CPU memory" if s.cpu_offload else "")
                + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model)"))
-    measured = ("DDP speed from one two-H200 run (0.71 of one GPU's per GPU)" if s.parallelism == "ddp"
+    measured = (f"DDP speed from one two-H200 run ({speed.DATA_PARALLEL_EFFICIENCY:.2f} of one GPU's per GPU)"
+                if s.parallelism == "ddp"
                 else "FSDP speed estimated, not yet measured")
     return f"{why}; {measured}"
 
