@@ -368,7 +368,10 @@ def cuda_uuid() -> str | None:
 
     if not torch.cuda.is_available():
         return None
-    return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+    try:
+        return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+    except (AttributeError, RuntimeError):  # a build without the field: NVML's first GPU is read instead
+        return None
 
 
 class MemorySampler:
