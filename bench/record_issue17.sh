@@ -3,7 +3,10 @@
 # written before them (bench/results/predictions/issue17-h200.json: `python bench/predictions.py predict ...`):
 # reduced-depth, full-width Qwen3-30B-A3B and Mixtral-8x7B, full-depth Phi-3.5-mini, Gemma-3-12B at 8 layers,
 # LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192. One probe process per family (each loads Unsloth once).
-#   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3; default all, about 9 minutes)
+# gptoss: gpt-oss-20b at 4 layers, its own predictions (bench/results/predictions/issue17-gpt-oss-h200.json): does
+# Unsloth 2026.10.9 train it at all, and how far is the unmeasured estimate.
+#   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3 gptoss; default the first four,
+#   about 9 minutes)
 set -uo pipefail
 [ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -16,6 +19,7 @@ jobs_for() {
 for family in "${@:-qwen3moe mixtral phi gemma3}"; do
   case "$family" in
     qwen3moe) prefix=qwen3-30b-a3b ;; mixtral) prefix=mixtral-8x7b ;; phi) prefix=phi-3.5-mini ;; gemma3) prefix=gemma-3-12b ;;
+    gptoss) prefix=gpt-oss-20b; PRED=bench/results/predictions/issue17-gpt-oss-h200.json ;;
     *) echo "unknown family $family"; continue ;;
   esac
   t0=$SECONDS

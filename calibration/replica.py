@@ -22,7 +22,8 @@ def reduced(spec: ModelSpec, num_layers: int | None) -> ModelSpec:
     """The same architecture with fewer decoder layers (None: full depth)."""
     if num_layers is None or num_layers == spec.num_hidden_layers:
         return spec
-    return dataclasses.replace(spec, id=f"{spec.id}-L{num_layers}", num_hidden_layers=num_layers)
+    return dataclasses.replace(spec, id=f"{spec.id}-L{num_layers}", num_hidden_layers=num_layers,
+                               layer_types=spec.layer_types[:num_layers])  # the first layers' attention kinds
 
 
 # Toy widths for CPU tests and smoke runs: the profile's architecture (model type, bias, tying) kept, sizes
@@ -34,7 +35,8 @@ TOY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 
 def toy(spec: ModelSpec) -> ModelSpec:
     """The same architecture at toy size, for CPU tests."""
-    return dataclasses.replace(spec, id=f"tiny-{spec.id}", **TOY_SIZES)
+    return dataclasses.replace(spec, id=f"tiny-{spec.id}", layer_types=spec.layer_types[:TOY_SIZES["num_hidden_layers"]],
+                               **TOY_SIZES)
 
 
 def hf_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:

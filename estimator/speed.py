@@ -38,7 +38,9 @@ def attended_keys(model: ModelSpec, seq_len: int) -> float:
     if not model.layer_types or not window:
         return full * model.num_hidden_layers
     sliding = full if seq_len <= window else window - window * window / (2 * seq_len)
-    return sum(sliding if kind == "sliding_attention" else full for kind in model.layer_types)
+    kinds = model.layer_types
+    return sum(sliding if kinds[i % len(kinds)] == "sliding_attention" else full
+               for i in range(model.num_hidden_layers))  # a reduced-depth copy: its first layers' kinds
 
 
 def attention_flops_per_token(model: ModelSpec, setup: Setup) -> float:

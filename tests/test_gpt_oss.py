@@ -242,3 +242,15 @@ def test_sliding_window_layers_attend_over_their_window_only() -> None:
     assert speed.attended_keys(gpt, 64) == pytest.approx(24 * 64 * speed.CAUSAL_FRACTION)  # inside the window
     llama = catalog.resolve_model("llama-3.1-8b")
     assert speed.attended_keys(llama, 8192) == 32 * full
+
+
+def test_a_reduced_depth_copy_keeps_its_first_layers_attention_kinds() -> None:
+    """The 4-layer replica the probes build is two sliding and two full layers, and its attention is counted
+    for those four, not for the full model's 24."""
+    from rigplan.calibration.replica import reduced
+    from rigplan.estimator import speed
+
+    four = reduced(catalog.resolve_model("gpt-oss-20b"), 4)
+    assert four.layer_types == ("sliding_attention", "full_attention") * 2
+    assert speed.attended_keys(four, 8192) == pytest.approx(
+        speed.attended_keys(catalog.resolve_model("gpt-oss-20b"), 8192) * 4 / 24)
