@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rigplan import store
+from rigplan import planning, store
 from rigplan.calibration import fit
 from rigplan.estimator import planner
-from rigplan.estimator.plan import PLAN_SCHEMA_VERSION, Coefficients, ExampleLengths, Plan, Setup
+from rigplan.estimator.plan import PLAN_SCHEMA_VERSION, Coefficients, ExampleLengths, Plan
 from rigplan.errors import CalibrationError, RigplanError
 from rigplan.profiles import catalog, nvml
 
@@ -127,13 +127,10 @@ def _estimated_again(row: dict[str, Any], gpu: catalog.GpuSpec, coeffs: Coeffici
         return None
     try:
         p = Plan.from_json(json.dumps(row["plan"]))
-        model = catalog.resolve_model(p.model_path if Path(p.model_path).expanduser().is_dir() else p.model)
+        model = planning.plan_model(p)
     except (RigplanError, ValueError, KeyError, TypeError):  # a plan of another rigplan, or a model not here
         return None
-    setup = Setup(p.method, p.rank, p.micro_batch, p.seq_len, p.grad_accum, optimizer=p.optimizer,
-                  checkpointing=p.checkpointing, parallelism=p.parallelism, num_gpus=p.num_gpus,
-                  cpu_offload=p.cpu_offload)
-    est = planner.estimate(model, setup, gpu, dataclasses.replace(coeffs, real_data_speed=1.0),
+    est = planner.estimate(model, p.setup, gpu, dataclasses.replace(coeffs, real_data_speed=1.0),
                            lengths=ExampleLengths(tuple(lengths["quantiles"]), int(lengths.get("count") or 0)),
                            batching=p.batching, engine=p.engine)
     return est.tokens_per_s * p.num_gpus

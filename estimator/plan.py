@@ -202,6 +202,14 @@ class Plan:
         return self.micro_batch * self.grad_accum
 
     @property
+    def setup(self) -> Setup:
+        """The training choices this plan makes, as the estimator takes them (re-estimating an override or a
+        recorded run): GPUs and parallelism included."""
+        return Setup(method=self.method, rank=self.rank, micro_batch=self.micro_batch, seq_len=self.seq_len,
+                     grad_accum=self.grad_accum, optimizer=self.optimizer, checkpointing=self.checkpointing,
+                     parallelism=self.parallelism, num_gpus=self.num_gpus, cpu_offload=self.cpu_offload)
+
+    @property
     def budget(self) -> int:
         """Tokens per micro-batch the trainer keeps within (token_budget, or micro_batch x seq_len)."""
         return self.token_budget or self.micro_batch * self.seq_len

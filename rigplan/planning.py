@@ -347,14 +347,11 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
         new = dataclasses.replace(new, token_budget=new.micro_batch * new.seq_len)
     if new.gpu == "cpu":
         return new
-    model = catalog.resolve_model(new.model_path if Path(new.model_path).expanduser().is_dir() else new.model)
+    model = plan_model(new)
     require_batching(model, changes.get("batching"))
     spec = catalog.resolve_gpu(new.gpu)
     coeffs, doc, _ = store.for_gpu(spec.id)
-    setup = Setup(method=new.method, rank=new.rank, micro_batch=new.micro_batch, seq_len=new.seq_len,
-                  grad_accum=new.grad_accum, optimizer=new.optimizer, checkpointing=new.checkpointing,
-                  parallelism=new.parallelism, num_gpus=new.num_gpus, cpu_offload=new.cpu_offload)
-    est = planner.estimate(model, setup, spec, coeffs, lengths=lengths, batching=new.batching, engine=new.engine)
+    est = planner.estimate(model, new.setup, spec, coeffs, lengths=lengths, batching=new.batching, engine=new.engine)
     if not est.fits and not force:
         raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in changes.items())} needs {est.total_gib:.1f} GiB on "
                           f"{spec.id} ({est.gpu_memory_gib:.1f} GiB, {planner.SAFETY_MARGIN:.0%} kept free); "
@@ -431,12 +428,16 @@ def local_model_dir(model_or_plan: str) -> str | None:
     return str(local.resolve()) if local.is_dir() else None
 
 
+def plan_model(p: Plan) -> ModelSpec:
+    """The architecture a plan trains: its local weights' config.json where they are on this machine, else its
+    profile."""
+    return catalog.resolve_model(p.model_path if Path(p.model_path).expanduser().is_dir() else p.model)
+
+
 def model_of(model_or_plan: str) -> ModelSpec:
     """The architecture a model name, local directory or saved plan.json trains."""
     p = read_plan(Path(model_or_plan)) if Path(model_or_plan).suffix == ".json" else None
-    if p is None:
-        return catalog.resolve_model(model_or_plan)
-    return catalog.resolve_model(p.model_path if Path(p.model_path).expanduser().is_dir() else p.model)
+    return catalog.resolve_model(model_or_plan) if p is None else plan_model(p)
 
 
 def hub_id(model_name: str) -> str:
