@@ -233,10 +233,15 @@ _SCRIPT_MAP = _ScriptMap()
 _ASCII_TABLE = bytes(ord(_CODE[_script_of(b)]) for b in range(128)) + b"r" * 128
 
 
+def _coded(text: str) -> str:
+    """text with each character replaced by its script class's letter (_CODE), for str.count."""
+    return (text.encode("ascii").translate(_ASCII_TABLE).decode("ascii") if text.isascii()
+            else text.translate(_SCRIPT_MAP))
+
+
 def script_counts(text: str) -> dict[str, int]:
     """Characters of each script class in text (classes with none are left out)."""
-    coded = (text.encode("ascii").translate(_ASCII_TABLE).decode("ascii") if text.isascii()
-             else text.translate(_SCRIPT_MAP))
+    coded = _coded(text)
     counts = {name: coded.count(code) for name, code in _CODE.items()}
     return {name: n for name, n in counts.items() if n}
 
@@ -271,9 +276,7 @@ def token_family(model: str) -> str:
 
 def estimate_tokens(text: str, family: str | None = None) -> float:
     """Tokens text is estimated to take in a family's tokenizer (no special tokens, no template)."""
-    per_char = _tokens_per_char(family)
-    coded = (text.encode("ascii").translate(_ASCII_TABLE).decode("ascii") if text.isascii()
-             else text.translate(_SCRIPT_MAP))
+    per_char, coded = _tokens_per_char(family), _coded(text)
     return sum(coded.count(code) * rate for code, rate in zip(_CODE.values(), per_char) if rate)
 
 
