@@ -14,6 +14,13 @@ FP32_BYTES = 4
 # bitsandbytes NF4 with double quantization (QLoRA, Dettmers et al. 2023, sec. 2): 4-bit weights, one
 # 8-bit absmax per 64 weights, one fp32 second-level absmax per 256 of those (bnb blocksize 64 / 256).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + FP32_BYTES / (64 * 256)
+# bitsandbytes NF4 without double quantization: 4-bit weights and one fp32 absmax per 64. Unsloth quantizes a
+# mixture-of-experts layer's fused expert stacks itself (unsloth_zoo 2026.10 temporary_patches/moe_utils_bnb4bit.py:
+# "transformers' bnb integration only quantizes nn.Linear ... These patches teach it to recognize and quantize those
+# parameters"), and stacks too large for one bitsandbytes call keep flat absmax (compress_statistics=False there).
+# Counted flat for every stack: the H200 runs' after-load memory was within +0.5% (Qwen3-30B-A3B) and +2.6%
+# (Mixtral-8x7B) of this (bench/results/h200-issue17/).
+NF4_FLAT_BYTES_PER_PARAM = 0.5 + FP32_BYTES / 64
 # bitsandbytes AdamW8bit: two 8-bit moments per parameter plus one fp32 absmax per 256-value block
 # (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", sec. 2; bnb blocksize 256).
 ADAM8BIT_BYTES_PER_PARAM = 2 * (1 + FP32_BYTES / 256)
@@ -26,16 +33,28 @@ def lora_params(model: ModelSpec, rank: int) -> int:
     return model.num_hidden_layers * sum(rank * (n_in + n_out) for _, n_in, n_out in model.linear_shapes())
 
 
-def base_weights_bytes(model: ModelSpec, method: str) -> int:
+def expert_params(model: ModelSpec) -> int:
+    """The experts' MLP weights of every layer (0 for a dense model): what a layer stores beyond the projections
+    LoRA targets, which for a mixture-of-experts model are the attention ones (ModelSpec.linear_shapes)."""
+    if not model.experts:
+        return 0
+    every = sum(n_in * n_out for _, n_in, n_out in model.weight_shapes())
+    targeted = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    return model.num_hidden_layers * (every - targeted)
+
+
+def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -> int:
     """Frozen weights: all 16-bit for LoRA; for QLoRA the decoder projections in NF4, the rest 16-bit."""
     if method == "lora":
         return model.params_total * BF16_BYTES
     # bitsandbytes quantizes nn.Linear layers inside the decoder; embeddings, lm_head (kept out by
-    # transformers' llm_int8_skip_modules default), norms and biases stay bf16, and so, as modelled here, do a
-    # mixture-of-experts layer's experts, which transformers 5.17 stores as fused 3-D parameters, not nn.Linear
-    # (ModelSpec.linear_shapes; not yet measured).
+    # transformers' llm_int8_skip_modules default), norms and biases stay bf16. A mixture-of-experts layer's
+    # experts (fused 3-D parameters in transformers 5.17) are NF4 under Unsloth (NF4_FLAT_BYTES_PER_PARAM) and
+    # stay bf16 under transformers + bitsandbytes, whose integration skips them (not measured).
     linear = model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
-    return int(linear * NF4_BYTES_PER_PARAM) + (model.params_total - linear) * BF16_BYTES
+    experts = expert_params(model) if engine == "unsloth" else 0
+    return (int(linear * NF4_BYTES_PER_PARAM) + int(experts * NF4_FLAT_BYTES_PER_PARAM)
+            + (model.params_total - linear - experts) * BF16_BYTES)
 
 
 def lora_weights_bytes(model: ModelSpec, rank: int) -> int:
@@ -70,12 +89,34 @@ def recompute_transient_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficien
     if setup.checkpointing == "off":
         return 0
     h, i = model.hidden_size, model.active_intermediate
-    return int(setup.tokens * (coeffs.transient_per_hidden * h + coeffs.transient_per_intermediate * i))
+    return int(setup.tokens * (coeffs.transient_per_hidden * h + coeffs.transient_per_intermediate * i)
+               + routed_copy_bytes(model, setup))
 
 
-def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
+def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
+    """Mixture-of-experts: the layer's hidden states gathered once per routed expert, sorted by expert for the
+    grouped matmul (bf16, tokens x experts per token x hidden; unsloth_zoo temporary_patches/moe_utils.py,
+    forward_native_grouped_mm). Qwen3-30B-A3B (8 per token) at 8,192 tokens: 0.25 GiB, what its runs held above
+    the dense terms (bench/results/h200-issue17/)."""
+    return setup.tokens * model.num_experts_per_tok * model.hidden_size * BF16_BYTES if model.experts else 0
+
+
+# Families whose Unsloth 2026.10.9 path computes the whole logits tensor for the loss instead of the fused loss's
+# tiles, bytes per logit alive at the backward's peak: Gemma 3 (12B at 8 layers, 262k vocabulary) held 3.07-3.09
+# bytes per logit above the other terms on its three LoRA runs (1 x 2048, 4 x 2048, 1 x 8192; H200, 2026-11-30,
+# bench/results/h200-issue17/); its three QLoRA runs, not used for the figure, 3.02-3.04. Phi-3.5-mini's smaller
+# excesses (0.08-0.20 GiB at a 32k vocabulary: two 8-layer H100 runs in profiles/calibrations/h100-runs/
+# h100-heldout.jsonl and one full-depth H200 run) fit the same figure within 0.06 GiB.
+MATERIALISED_LOGITS_BYTES = 3.08
+MATERIALISED_LOGITS_TYPES = frozenset({"gemma3", "gemma3_text", "phi3"})
+
+
+def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: str = "unsloth") -> int:
     # lm_head output and its gradient, vocab-wide per token: large for 128k-256k vocabularies.
-    return int(setup.tokens * model.vocab_size * coeffs.logits_per_vocab)
+    per_logit = coeffs.logits_per_vocab
+    if engine == "unsloth" and model.model_type in MATERIALISED_LOGITS_TYPES:
+        per_logit += MATERIALISED_LOGITS_BYTES
+    return int(setup.tokens * model.vocab_size * per_logit)
 
 
 def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -87,6 +128,22 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
     if setup.method != "qlora":
         return 0
     return BF16_BYTES * max(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+
+
+def expert_dequant_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], engine: str) -> int:
+    """QLoRA on a mixture-of-experts model under Unsloth: while a layer's experts run, their NF4 stack is
+    dequantized to bf16 for the grouped matmul (unsloth_zoo temporary_patches/moe_utils_bnb4bit.py
+    forward_moe_backend_bnb4bit), the gate_up stack the larger at 2 x experts x expert width x hidden weights,
+    beside the block's routed tensors (per token and routed expert: the gathered input and the down output,
+    hidden wide, and the gate_up output and activation, 3 x expert width; bf16). The step's other tensors stay,
+    one layer's recompute transient excepted. 0 where no such phase happens. Written from the source, then
+    checked on the six H200 QLoRA runs of Qwen3-30B-A3B and Mixtral-8x7B (bench/results/h200-issue17/)."""
+    if setup.method != "qlora" or not model.experts or engine != "unsloth":
+        return 0
+    h, width, k = model.hidden_size, model.expert_intermediate, model.num_experts_per_tok
+    stack = BF16_BYTES * model.experts * h * 2 * width
+    routed = setup.tokens * k * (2 * h + 3 * width) * BF16_BYTES
+    return backward_phase_bytes(parts) - parts["recompute_transient"] + stack + routed
 
 
 # Unsloth's loss (unsloth_zoo 2026.10 fused_losses/fused_linear.py, the default fused linear cross-entropy)
@@ -114,7 +171,7 @@ def loss_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], coef
 
 def backward_phase_bytes(parts: dict[str, int]) -> int:
     """The step's bytes during the backward pass, as the other step terms give them."""
-    return sum(parts[k] for k in STEP_TERMS if k != "loss_over_backward")
+    return sum(parts[k] for k in STEP_TERMS if k not in ("loss_over_backward", "expert_dequant"))
 
 
 def loss_sets_peak(parts: dict[str, int]) -> bool:
@@ -184,7 +241,8 @@ def sharded(nbytes: int, setup: Setup) -> int:
 
 def cpu_offload_bytes(model: ModelSpec, setup: Setup) -> int:
     """CPU memory the offloaded shards take, all GPUs together: the frozen weights (FSDP with cpu_offload)."""
-    return base_weights_bytes(model, setup.method) if setup.parallelism == "fsdp" and setup.cpu_offload else 0
+    # FSDP trains on transformers + PEFT (Unsloth has no FSDP), so mixture-of-experts experts stay bf16 there.
+    return base_weights_bytes(model, setup.method, "transformers") if setup.parallelism == "fsdp" and setup.cpu_offload else 0
 
 
 def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
@@ -192,7 +250,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     """Every memory term of one configuration, per GPU; the one place they are added up."""
     offloaded = setup.parallelism == "fsdp" and setup.cpu_offload
     parts = {
-        "base_weights": 0 if offloaded else sharded(base_weights_bytes(model, setup.method), setup),
+        "base_weights": 0 if offloaded else sharded(base_weights_bytes(model, setup.method, engine), setup),
         "lora_weights": sharded(lora_weights_bytes(model, setup.rank), setup),
         "lora_grads": sharded(lora_grads_bytes(model, setup.rank), setup),
         "optimizer_state": sharded(optimizer_state_bytes(model, setup.rank, setup.optimizer), setup),
@@ -200,7 +258,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         "step_overhead": int(coeffs.step_fixed_bytes),
         "activations_kept": checkpoint_bytes(model, setup, coeffs),
         "recompute_transient": recompute_transient_bytes(model, setup, coeffs),
-        "logits_loss": logits_bytes(model, setup, coeffs),
+        "logits_loss": logits_bytes(model, setup, coeffs, engine),
         "dequant_buffer": dequant_buffer_bytes(model, setup),
         "packed_uncompiled": packed_uncompiled_bytes(model, setup, batching) if engine == "unsloth" else 0,
         "ddp_buckets": ddp_bucket_bytes(model, setup),
@@ -208,6 +266,9 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     }
     # The peak is the larger of the two phases; this term is how far the loss's exceeds the backward's.
     parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts, coeffs) - backward_phase_bytes(parts))
+    parts["expert_dequant"] = 0
+    dequant = expert_dequant_phase_bytes(model, setup, parts, engine)
+    parts["expert_dequant"] = max(0, dequant - backward_phase_bytes(parts) - parts["loss_over_backward"])
     parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs))
     if engine == "transformers":
         factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
@@ -220,7 +281,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
 # Allocated during a step and freed after it; the rest is loaded once (weights and adapters).
 STEP_TERMS = ("lora_grads", "optimizer_state", "step_overhead", "activations_kept", "recompute_transient",
               "logits_loss", "dequant_buffer", "packed_uncompiled", "ddp_buckets", "fsdp_gather",
-              "loss_over_backward")
+              "loss_over_backward", "expert_dequant")
 
 
 def step_bytes(parts: dict[str, int]) -> int:
@@ -237,7 +298,7 @@ def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
 
 ALLOCATED_TERMS = ("base_weights", "lora_weights", "lora_grads", "optimizer_state", "loaded_overhead",
                    "step_overhead", "activations_kept", "recompute_transient", "logits_loss", "dequant_buffer",
-                   "packed_uncompiled", "ddp_buckets", "fsdp_gather", "loss_over_backward")
+                   "packed_uncompiled", "ddp_buckets", "fsdp_gather", "loss_over_backward", "expert_dequant")
 
 
 def peak_allocated_bytes(parts: dict[str, int]) -> int:

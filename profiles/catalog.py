@@ -38,8 +38,8 @@ QK_NORM = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}
 #   [E, 2 x intermediate], down_proj [E, intermediate, hidden] + down_proj_bias [E, hidden];
 # - layers alternate sliding_attention (window config.sliding_window) and full_attention (config.layer_types).
 # The checkpoint stores the experts in MXFP4 (quantization_config quant_method "mxfp4"); training holds them as
-# follows, and the estimate counts them in bf16 for LoRA and for QLoRA alike (estimator/memory.py: only
-# linear_shapes() go to NF4):
+# follows, and the estimate counts them in bf16 for LoRA, and in NF4 for Unsloth's QLoRA (estimator/memory.py
+# base_weights_bytes, as measured for Mixtral's and Qwen3-MoE's fused experts):
 # - transformers 5.17 quantizers/quantizer_mxfp4.py, Mxfp4HfQuantizer.is_trainable: "MXFP4 quantization don't
 #   support training, please consider dequantizing the model first by passing
 #   quantization_config=Mxfp4Config(dequantize=True)", and validate_environment sets dequantize = True (bf16)
@@ -49,8 +49,7 @@ QK_NORM = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}
 #   dequantized to bf16"); for 4-bit loads unsloth/models/mapper.py maps openai/gpt-oss-20b to
 #   unsloth/gpt-oss-20b-unsloth-bnb-4bit, whose experts are per-expert nn.Linear (GptOssExpertsBnb4bit,
 #   "ModuleLists of nn.Linear ... so BitsAndBytes can quantize them"): Unsloth's QLoRA holds the experts in
-#   NF4, which this estimate (experts in bf16, like transformers + bitsandbytes on the fused parameters) does
-#   not count yet: it over-counts Unsloth's QLoRA by about 1.5 bytes per expert weight. Not measured.
+#   NF4, as counted. Not measured for gpt-oss.
 GPT_OSS = {"gpt_oss"}
 GPT_OSS_SLIDING_WINDOW = 128  # GptOssConfig's default sliding_window
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -222,10 +222,10 @@ def estimate(model: str, method: str, batch: int, seq_len: int, rank: int, grad_
     data = _run(lambda: lib.estimate(model, method, batch, seq_len, rank, gpu, grad_accum, checkpointing, optimizer))
 
     def render(d: dict[str, Any]) -> str:
-        rows = [[k, v] for k, v in d["components"].items()]
+        rows = [[k, v] for k, v in d["components"].items() if v]  # a term of 0 says nothing here; --json lists all
         title = (f"rigplan estimate: {d['model']} {d['method']} r{d['rank']} micro-batch {d['micro_batch']} x seq "
                  f"{d['seq']} on {d['gpu']} ({d['gpu_memory_gib']:.1f} GiB, {d['engine']})")
-        out = [format_table(title, ["memory term", "GiB"], rows, {"GiB": 3})]
+        out = [format_table(title, ["memory term (not 0)", "GiB"], rows, {"GiB": 3})]
         out.append(f"peak allocated {d['peak_allocated_gib']:.2f} GiB, peak reserved {d['peak_reserved_gib']:.2f} GiB, "
                    f"total (nvidia-smi) {d['total_gib']:.2f} GiB: {'fits' if d['fits'] else 'DOES NOT FIT'}")
         out.append(f"speed {d['tokens_per_s']:,.0f} tok/s, {d['step_s']:.3f} s per step; calibration: {d['calibration']['label']}")

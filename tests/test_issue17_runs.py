@@ -1,0 +1,74 @@
+"""Unsloth probes of the mixture-of-experts and generic-path families on the H200 (bench/results/h200-issue17/,
+2026-11-30; provenance in every row): Qwen3-30B-A3B and Mixtral-8x7B at 4 layers, Gemma-3-12B at 8, full-depth
+Phi-3.5-mini; LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192 (Phi: one shape before the call's time ran out).
+Each row against today's estimate of its shape on the H200. The predictions written before the runs are in
+bench/results/predictions/issue17-h200.json; the terms the runs led to (experts in 4-bit under Unsloth's QLoRA,
+their dequantized stack, the routed copies, Gemma 3's and Phi-3's whole logits, Qwen3-MoE's slower experts) are
+in estimator/memory.py and speed.py, each with what it was checked on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rigplan import store
+from rigplan.calibration.replica import reduced
+from rigplan.estimator import planner
+from rigplan.estimator.plan import Setup
+from rigplan.profiles.catalog import resolve_gpu, resolve_model
+
+RUNS = Path(__file__).parents[1] / "bench" / "results" / "h200-issue17"
+ROWS = [json.loads(line) for f in sorted(RUNS.glob("probe-*.jsonl")) for line in f.read_text().splitlines() if line]
+IDS = [f"{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for r in ROWS]
+# Reserved memory further from the estimate than 5%, as recorded (the estimate holds their allocated memory):
+# Qwen3-MoE's QLoRA kept 0.5-0.8 GiB of allocator slack beyond it, Gemma 3's QLoRA at 1 x 8192 1.8 GiB; Mixtral's
+# QLoRA sits 5.2% under the estimate.
+RESERVED_BOUND = {"qwen3-30b-a3b-L4-qlora-1x2048": 0.20, "qwen3-30b-a3b-L4-qlora-4x2048": 0.12,
+                  "qwen3-30b-a3b-L4-qlora-1x8192": 0.12, "gemma-3-12b-L8-qlora-1x8192": 0.08,
+                  "mixtral-8x7b-L4-qlora-4x2048": 0.06, "mixtral-8x7b-L4-qlora-1x8192": 0.06}
+# GPU-bound speed further than 15%, as recorded: Gemma 3's LoRA ran 16-18% below the estimate (its QLoRA 7-10%).
+SPEED_BOUND = {"gemma-3-12b-L8-lora-4x2048": 0.20, "gemma-3-12b-L8-lora-1x8192": 0.20}
+
+
+def _estimate(row: dict) -> planner.Estimate:
+    model = reduced(resolve_model(row["model"].split("-L")[0]), row["layers"])
+    setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
+    return planner.estimate(model, setup, resolve_gpu("h200"), store.reference()[0])
+
+
+def test_every_family_was_measured() -> None:
+    assert {r["model"] for r in ROWS} == {"qwen3-30b-a3b-L4", "mixtral-8x7b-L4", "gemma-3-12b-L8", "phi-3.5-mini"}
+    assert all(r["provenance"]["gpu"] == "NVIDIA H200" and not r["err"] for r in ROWS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=IDS)
+def test_allocated_memory_is_within_5_percent(row: dict) -> None:
+    est = _estimate(row)
+    assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.05
+
+
+@pytest.mark.parametrize("row,name", zip(ROWS, IDS), ids=IDS)
+def test_reserved_memory_is_within_its_bound(row: dict, name: str) -> None:
+    est = _estimate(row)
+    assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= RESERVED_BOUND.get(name, 0.05)
+
+
+@pytest.mark.parametrize("row,name", zip(ROWS, IDS), ids=IDS)
+def test_speed_is_within_its_bound(row: dict, name: str) -> None:
+    est = _estimate(row)
+    if est.host_bound:  # the host's pace: the estimate stands behind its band only
+        low, high = est.tokens_per_s_band
+        assert low <= row["tok_per_s"] <= high
+    else:
+        assert abs(row["tok_per_s"] / est.tokens_per_s - 1) <= SPEED_BOUND.get(name, 0.15)
+
+
+def test_unsloth_qlora_holds_experts_in_4_bit() -> None:
+    """The after-load memory of the two mixture-of-experts QLoRA replicas: 2.5 and 3.5 GiB, where bf16 experts
+    would have held 5.7 and 11.1 (the estimate before these runs)."""
+    for r in (r for r in ROWS if r["method"] == "qlora" and r["model"] in ("qwen3-30b-a3b-L4", "mixtral-8x7b-L4")):
+        est = _estimate(r).components_bytes
+        loaded = (est["base_weights"] + est["lora_weights"] + est["loaded_overhead"]) / 2**30
+        assert abs(r["after_load_gib"] / loaded - 1) <= 0.03
