@@ -1,6 +1,7 @@
 """Run a rigplan command in a process held to a smaller card's memory, to test that card's plan on a big GPU:
 
     python bench/capped.py 24 run MODEL --data FILE --gpu rtx-4090 ...
+    python bench/capped.py 24 -m rigplan.calibration.probe --job ... --out F.jsonl   (any module, as python -m)
 
 torch.cuda.set_per_process_memory_fraction(GiB / the GPU's total) before the first allocation: the caching
 allocator then raises out-of-memory past it. torch first is fine for Unsloth, which warns
@@ -22,6 +23,12 @@ def main() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, 0)
     print(f"capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
+    if sys.argv[2] == "-m":
+        import runpy
+
+        sys.argv = [sys.argv[3], *sys.argv[4:]]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+        return
     from rigplan.cli import main as cli
 
     sys.argv = ["rigplan", *sys.argv[2:]]

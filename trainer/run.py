@@ -348,10 +348,22 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
         if main:
             (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _leave_process_group()
         return summary
     if main:
         summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge))
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _leave_process_group()
     return summary
+
+
+def _leave_process_group() -> None:
+    """Leave the process group the Trainer joined once training is over (every collective, the stop agreement's
+    included, has been waited for by then): without it torch warns at exit that destroy_process_group() was not
+    called and may leak resources (seen on every two-H200 run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
