@@ -2,6 +2,7 @@
 
     python bench/capped.py 24 run MODEL --data FILE --gpu rtx-4090 ...
     python bench/capped.py 24 -m rigplan.calibration.probe --job ... --out F.jsonl   (any module, as python -m)
+    torchrun --nproc-per-node 2 bench/capped.py 24 run PLAN.json ...   (each process caps its own GPU)
 
 torch.cuda.set_per_process_memory_fraction(GiB / the GPU's total) before the first allocation: the caching
 allocator then raises out-of-memory past it. torch first is fine for Unsloth, which warns
@@ -19,10 +20,13 @@ def main() -> None:
     configure_allocator()  # as rigplan run does, before torch touches CUDA
     import torch
 
+    import os
+
     cap_gib = float(sys.argv[1])
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, 0)
-    print(f"capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
+    device = int(os.environ.get("LOCAL_RANK", 0))  # under torchrun: this process's own GPU
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
+    print(f"GPU {device} capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
     if sys.argv[2] == "-m":
         import runpy
 

@@ -7,7 +7,8 @@
 
 `runs` writes down the plans `rigplan run` makes for bench/validation_data.py's data on a full-depth replica
 (tokens counted with the replica's code-made tokenizer, as on the GPU machine), before the runs: a CASE is
-NAME=GPU:METHOD:GPUS[:MICRO_BATCH:GRAD_ACCUM] (the last two as `rigplan run --micro-batch --grad-accum`).
+NAME=GPU:METHOD:GPUS[:MICRO_BATCH:GRAD_ACCUM][:ddp|fsdp] (as `rigplan run --micro-batch --grad-accum
+--parallelism`).
 A JOB is calibration/probe.py's MODEL[@LAYERS]:METHOD:RANK:BxS,...[:checkpointing=off]. `predict` records, per
 shape, the estimator's peak reserved memory and tokens/s for the GPU with the shipped calibration, the git
 commit and the date; `compare` reads the probe's rows (python -m rigplan.calibration.probe --job ... --out
@@ -69,6 +70,8 @@ def predict_runs(cases: list[str], examples: int, seed: int, model: str = "llama
         name, spec = case.split("=")
         gpu, method, gpus, *batch = spec.split(":")
         changes = {"method": method}
+        if batch and batch[-1] in ("ddp", "fsdp"):  # :fsdp, as rigplan run --parallelism
+            changes["parallelism"] = batch.pop()
         if batch:
             changes.update(micro_batch=int(batch[0]), grad_accum=int(batch[1]))
         p = planning.plan_for_run(str(folder / "model"), gpu, data, changes, num_gpus=int(gpus))
@@ -77,7 +80,8 @@ def predict_runs(cases: list[str], examples: int, seed: int, model: str = "llama
                        "grad_accum": p.grad_accum, "checkpointing": p.checkpointing,
                        "peak_reserved_gib": round(p.peak_reserved_gib, 3), "tokens_per_s": round(p.tokens_per_s, 1),
                        "tokens_per_s_low": round(p.tokens_per_s_low, 1), "tokens_per_s_high": round(p.tokens_per_s_high, 1),
-                       "host_bound": p.host_bound, "fill": p.fill}
+                       "host_bound": p.host_bound, "fill": p.fill, "engine": p.engine, "cpu_offload": p.cpu_offload,
+                       "peak_allocated_gib": round(p.peak_allocated_gib, 3)}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
             "model": model, "data": f"python3 bench/validation_data.py --examples {examples} --seed {seed}",

@@ -239,6 +239,26 @@ def sharded(nbytes: int, setup: Setup) -> int:
     return -(-nbytes // setup.num_gpus) if setup.parallelism == "fsdp" else nbytes
 
 
+def quantized_load_bytes(model: ModelSpec, setup: Setup) -> int:
+    """FSDP with QLoRA: transformers 5.17 loads a quantized model whole onto every process's GPU (bitsandbytes
+    quantizes on the GPU, and its rank-0-only loading skips quantized models: modeling_utils.py, `is_fsdp_enabled()
+    and not is_local_dist_rank_0() and not is_quantized`) before FSDP shards it: the run's peak is at least the
+    whole 4-bit model, whatever the sharding saves later. 0 for other plans."""
+    if setup.parallelism != "fsdp" or setup.method != "qlora":
+        return 0
+    return base_weights_bytes(model, "qlora", "transformers")
+
+
+def cpu_memory_bytes(model: ModelSpec, setup: Setup) -> int:
+    """CPU memory a sharded plan needs, all processes of the host together: the offloaded weights while training,
+    or, if more, what loading takes. 16-bit weights load through rank 0 (cpu_ram_efficient_loading), but
+    transformers 5.17 gives every other process full-size zero tensors on the CPU to receive them
+    (modeling_utils.py, `torch.zeros_like(param, device="cpu")`): a whole 16-bit copy per process. QLoRA loads
+    onto each GPU instead (quantized_load_bytes)."""
+    load = setup.num_gpus * base_weights_bytes(model, "lora") if setup.parallelism == "fsdp" and setup.method == "lora" else 0
+    return max(cpu_offload_bytes(model, setup), load)
+
+
 def cpu_offload_bytes(model: ModelSpec, setup: Setup) -> int:
     """CPU memory the offloaded shards take, all GPUs together: the frozen weights (FSDP with cpu_offload)."""
     # FSDP trains on transformers + PEFT (Unsloth has no FSDP), so mixture-of-experts experts stay bf16 there.
@@ -269,6 +289,8 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     parts["expert_dequant"] = 0
     dequant = expert_dequant_phase_bytes(model, setup, parts, engine)
     parts["expert_dequant"] = max(0, dequant - backward_phase_bytes(parts) - parts["loss_over_backward"])
+    parts["quantized_load"] = 0
+    parts["quantized_load"] = max(0, quantized_load_bytes(model, setup) - peak_allocated_bytes(parts))
     parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs))
     if engine == "transformers":
         factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
@@ -298,7 +320,8 @@ def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
 
 ALLOCATED_TERMS = ("base_weights", "lora_weights", "lora_grads", "optimizer_state", "loaded_overhead",
                    "step_overhead", "activations_kept", "recompute_transient", "logits_loss", "dequant_buffer",
-                   "packed_uncompiled", "ddp_buckets", "fsdp_gather", "loss_over_backward", "expert_dequant")
+                   "packed_uncompiled", "ddp_buckets", "fsdp_gather", "loss_over_backward", "expert_dequant",
+                   "quantized_load")
 
 
 def peak_allocated_bytes(parts: dict[str, int]) -> int:

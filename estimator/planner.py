@@ -156,7 +156,7 @@ def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients,
                 components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
                 calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=s.num_gpus,
                 parallelism=s.parallelism, cpu_offload=s.cpu_offload,
-                cpu_memory_gib=round(memory.cpu_offload_bytes(model, s) / GIB, 3))
+                cpu_memory_gib=round(memory.cpu_memory_bytes(model, s) / GIB, 3))
 
 
 def grad_accum_for(effective_batch: int, micro_batch: int, seq_len: int, lengths: ExampleLengths | None,
@@ -316,6 +316,13 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
                "optimizer sharded"
                + (", frozen weights offloaded to CPU memory" if s.cpu_offload else "")
                + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model)"))
+        held = [c for c in cands if c.setup.parallelism == "fsdp" and c.setup.method == "qlora" and not c.fits
+                and c.components_bytes.get("quantized_load")]
+        if s.method == "lora" and held:  # why not QLoRA, which would need less once sharded
+            why += ("; sharded QLoRA does not fit: every process loads the whole 4-bit model onto its GPU before "
+                    "FSDP shards it (transformers 5.17)")
+        if s.parallelism == "fsdp" and s.method == "lora":
+            why += "; loading takes a 16-bit copy of the weights in CPU memory per process"
     measured = (f"DDP speed from one two-H200 run ({speed.DATA_PARALLEL_EFFICIENCY:.2f} of one GPU's per GPU)"
                 if s.parallelism == "ddp"
                 else "FSDP speed estimated, not yet measured")

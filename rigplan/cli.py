@@ -110,7 +110,7 @@ def _render_check(d: dict[str, Any]) -> str:
     if d["recommended"] and d["recommended"]["num_gpus"] > 1:
         r = d["recommended"]
         out.append(f"gpus: {r['parallelism']} over {r['num_gpus']}; memory per GPU, tok/s for all of them"
-                   + (f"; CPU memory for the offloaded weights: {r['cpu_memory_gib']:.1f} GiB" if r["cpu_offload"]
+                   + (f"; CPU memory to load and offload the weights: {r['cpu_memory_gib']:.1f} GiB" if r["cpu_memory_gib"]
                       else ""))
     out += [f"warning: {w}" for w in d["warnings"]]
     return "\n".join(out)
@@ -302,11 +302,14 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
                    "examples of similar length, or whole examples packed within the token budget.")
 @click.option("--gpus", "num_gpus", type=int, default=1, show_default=True,
               help="GPUs of this host to plan for and train on (one process each, under torchrun).")
+@click.option("--parallelism", type=click.Choice(["ddp", "fsdp"]),
+              help="Override how the plan spreads over --gpus (re-estimated): each GPU holds the model (ddp), or "
+                   "the model is sharded over them (fsdp: FSDP2 on transformers + PEFT).")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
-        engine_: str | None, batching: str | None, num_gpus: int) -> None:
+        engine_: str | None, batching: str | None, num_gpus: int, parallelism: str | None) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     from rigplan import planning as lib
     from rigplan import store
@@ -321,7 +324,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
                              save_steps=save_steps, max_steps=max_steps, merge=merge)
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
                "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine_,
-               "batching": batching}
+               "batching": batching, "parallelism": parallelism}
     def check_inputs() -> None:  # everything typed, before any tokenizer or model loads (--dry-run too)
         engine.require_training_packages()
         runlib.check_options(opts, lib.run_problems(changes))

@@ -342,7 +342,14 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         return p
+    if changes.get("parallelism") and p.num_gpus == 1:
+        raise ConfigError(f"--parallelism {changes['parallelism']} spreads a plan over several GPUs; pass --gpus N too")
+    if changes.get("parallelism") == "fsdp" and changes.get("engine") == "unsloth":
+        raise ConfigError("--parallelism fsdp trains on transformers + PEFT (Unsloth does not shard a model); "
+                          "leave out --engine unsloth, or use --parallelism ddp")
     new = dataclasses.replace(p, **changes)
+    if new.parallelism == "fsdp" and new.engine == "unsloth":  # the planner's FSDP plans are transformers + PEFT
+        new = dataclasses.replace(new, engine="transformers")
     if "micro_batch" in changes or "seq_len" in changes:
         new = dataclasses.replace(new, token_budget=new.micro_batch * new.seq_len)
     if new.gpu == "cpu":

@@ -95,8 +95,9 @@ def test_a_signal_to_one_rank_stops_both_and_resume_finishes(setup, tmp_path) ->
     assert again["status"] == "done" and again["global_step"] == stopped + 4
 
 
-def test_an_fsdp_plan_is_refused_before_anything_loads(setup, tmp_path) -> None:
-    """FSDP plans are estimates that rigplan run does not train yet: one line, exit 2, nothing written."""
+def test_an_fsdp_plan_on_cpu_processes_is_refused_before_anything_loads(setup, tmp_path) -> None:
+    """accelerate shards a model over GPU processes only (CPU ones would silently train DDP): one line, exit 2,
+    nothing written. The sharded path's own pieces are tested in tests/test_fsdp.py."""
     import dataclasses
 
     from click.testing import CliRunner

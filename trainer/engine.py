@@ -152,6 +152,7 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
+    sharded = plan.parallelism == "fsdp"
     path, local = model_source(plan.model_path)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local}
     if plan.method == "qlora":
@@ -159,22 +160,29 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
             raise RigplanError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); pass --method lora on this machine")
         from transformers import BitsAndBytesConfig
 
+        # Sharded (FSDP): the 4-bit weights stored as bf16 elements, so that FSDP shards them like the bf16 ones
+        # (PEFT's FSDP + QLoRA guide, https://huggingface.co/docs/peft/accelerate/fsdp, bnb_4bit_quant_storage).
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16 if sharded else torch.uint8)
     if cuda:
         from transformers import AutoConfig
 
         from rigplan.trainer.distributed import world
 
-        kwargs["device_map"] = {"": world().local_rank}  # each process its own GPU (torchrun's LOCAL_RANK)
+        torch.cuda.set_device(world().local_rank)
+        # Each process its own GPU (torchrun's LOCAL_RANK). Sharded 16-bit weights are placed by FSDP from rank 0's
+        # copy (no device_map); 4-bit ones are quantized on each GPU first (estimator/memory.py quantized_load_bytes).
+        if not sharded or plan.method == "qlora":
+            kwargs["device_map"] = {"": world().local_rank}
         # SDPA where the model has it; gpt-oss's attention sinks have no SDPA kernel in transformers 5.17 (it
         # raises ValueError for "sdpa"), so it keeps its own eager attention.
         config = AutoConfig.from_pretrained(path, local_files_only=local)
         kwargs["attn_implementation"] = "eager" if config.model_type in EAGER_ATTENTION else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-    if plan.checkpointing == "unsloth":
+    if plan.checkpointing == "unsloth" and not sharded:  # sharded: FSDP's own (trainer/run.py fsdp_arguments)
         # PEFT's own checkpointing: non-reentrant, inputs made to require grad so the frozen base backprops.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -76,10 +76,23 @@ def merge_and_save(plan: Plan, adapter_dir: Path, out_dir: Path, tokenizer: Any)
     return out_dir
 
 
+def full_adapter_state(model: Any) -> dict[str, Any]:
+    """The adapter's weights whole, on the CPU, from a model FSDP has sharded (its parameters DTensors, each
+    process holding a slice): every process must call this, in the same order, since gathering a DTensor
+    (full_tensor) is a collective. Only the trainable (LoRA) parameters are gathered, never the frozen base."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
+            state[name.replace("_fsdp_wrapped_module.", "")] = whole.detach().cpu()
+    return state
+
+
 def write_outputs(model: Any, tokenizer: Any, plan: Plan, out: Path, report: dict[str, Any],
-                  summary: dict[str, Any], merge: bool) -> dict[str, Any]:
+                  summary: dict[str, Any], merge: bool, adapter_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """adapter_state: the adapter gathered from a sharded model (full_adapter_state), else the model's own."""
     adapter = out / "adapter"
-    model.save_pretrained(adapter)
+    model.save_pretrained(adapter, **({"state_dict": adapter_state} if adapter_state is not None else {}))
     tokenizer.save_pretrained(adapter)
     (out / "Modelfile").write_text(modelfile(plan))
     (out / "README.md").write_text(run_readme(plan, report, summary))

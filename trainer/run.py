@@ -210,7 +210,25 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         # so DDP need not search for unused parameters each step.
         ddp_backend=None if cuda or world().world_size == 1 else "gloo",
         ddp_find_unused_parameters=False,
+        **fsdp_arguments(plan, cuda),
     )
+
+
+def fsdp_arguments(plan: Plan, cuda: bool) -> dict[str, Any]:
+    """A sharded plan's FSDP2 settings for transformers' Trainer (through accelerate; TrainingArguments
+    `fsdp_config`, https://huggingface.co/docs/transformers/main/en/fsdp): each decoder layer its own shard unit
+    (the model's _no_split_modules), resharded after its forward pass (estimator/memory.py FSDP_GATHERED_LAYERS),
+    the plan's checkpointing as FSDP's activation checkpointing (transformers: "prefer activation_checkpointing
+    ... over gradient_checkpointing"), parameters offloaded to CPU where the plan offloads, the weights read by
+    rank 0 alone and sent to the others on GPUs (cpu_ram_efficient_loading: one copy in CPU memory, not one per
+    process), and checkpoints sharded, one file per process, so no process gathers the whole model to save.
+    Empty for one GPU or DDP."""
+    if plan.parallelism != "fsdp":
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "activation_checkpointing": plan.checkpointing != "off", "cpu_offload": plan.cpu_offload,
+        "cpu_ram_efficient_loading": cuda, "state_dict_type": "SHARDED_STATE_DICT"}}
 
 
 def _last_checkpoint(out_dir: Path) -> str | None:
@@ -236,11 +254,14 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
 
 
 def check_plan(plan: Plan) -> None:
-    """What this trainer cannot train, refused before anything loads: FSDP plans are estimated (rigplan check
-    --gpus) but not yet trained; DDP is."""
-    if plan.parallelism == "fsdp":
-        raise ConfigError(f"this plan shards the model over {plan.num_gpus} GPUs (FSDP), which rigplan run does not "
-                          "train yet; pass --gpus 1, or a model that each GPU holds whole (a DDP plan)")
+    """What this trainer cannot train, refused before anything loads: a sharded plan on Unsloth, which has no
+    FSDP (the planner's FSDP plans are transformers + PEFT)."""
+    if plan.parallelism == "fsdp" and plan.engine == "unsloth":
+        raise ConfigError(f"this plan shards the model over {plan.num_gpus} GPUs (FSDP) on Unsloth, which does not "
+                          "shard models; pass --engine transformers, or --parallelism ddp")
+    if plan.parallelism == "fsdp" and plan.gpu == "cpu":  # accelerate/state.py: FSDP for GPU processes only
+        raise ConfigError("FSDP shards a model over GPUs (accelerate turns it on for GPU processes only); on CPU "
+                          "processes pass --parallelism ddp")
 
 
 def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
@@ -274,6 +295,10 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     # PEFT draws the adapters' initial weights from the global RNG at load time, before the Trainer seeds:
     # seed first, or two runs of one plan start from different adapters.
     set_seed(plan.seed)
+    has_eval = bool(prepared.eval)
+    args = None
+    if plan.parallelism == "fsdp":  # before loading: the Trainer's arguments tell transformers to load through rank 0
+        args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported())
     model, tokenizer = load(plan)
     # Written once the model has loaded: a run stopped before (Ctrl-C, a failed download) leaves --out as it was.
     from rigplan.trainer.distributed import world
@@ -287,8 +312,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
             trim_metrics(out, checkpoint_step(Path(checkpoint)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    has_eval = bool(prepared.eval)
-    args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported())
+    if args is None:
+        args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported())
     guard = _Guard(out, torch.cuda.synchronize if cuda else None)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
     collator = (PackedCollator(tokenizer.pad_token_id) if plan.batching == "packed"
@@ -317,7 +342,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    from rigplan.trainer.export import write_outputs
+    from rigplan.trainer.export import full_adapter_state, write_outputs
 
     status = ("interrupted" if guard.signal is not None else "nan" if guard.nan_step is not None
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
@@ -343,27 +368,19 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                "oom_backoffs": guard.backoffs, "signal": guard.signal,
                "exit_code": EXIT_SIGNAL.get(guard.signal, 0) if guard.signal else 0, "provenance": provenance()}
     summary["world_size"] = world().world_size
+    # What ran, not what was asked: the Trainer's FSDP wrapping, if any (accelerate's plugin)
+    summary["parallelism"] = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
+                              else "ddp" if world().world_size > 1 else "single")
     if status == "nan":
         summary["message"] = (f"loss became NaN or infinite by step {guard.nan_step}; last good checkpoint: "
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
         if main:
             (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _leave_process_group()
         return summary
+    # Sharded: every process takes part in gathering the adapter; rank 0 writes it.
+    adapter_state = full_adapter_state(trainer.model) if plan.parallelism == "fsdp" else None
     if main:
-        summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge))
+        summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge,
+                                     adapter_state))
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _leave_process_group()
     return summary
-
-
-def _leave_process_group() -> None:
-    """Leave the process group the Trainer joined once training is over (every collective, the stop agreement's
-    included, has been waited for by then): without it torch warns at exit that destroy_process_group() was not
-    called and may leak resources (seen on every two-H200 run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-

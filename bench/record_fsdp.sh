@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the GPU machine with two H200s (device kind nvidia-h200-x2, carry .gpu): issue 16's sharded run. The
+# Llama-3.1-70B architecture at full width and LAYERS (default 8) layers, random weights, QLoRA sharded over the two
+# GPUs with FSDP2 (transformers + PEFT + bitsandbytes, quant storage bf16), each process capped at 24 GiB
+# (bench/capped.py, torch.cuda.set_per_process_memory_fraction) to stand for two RTX 4090s. The plan is the one
+# rigplan makes for two RTX 4090s (`rigplan plan --gpu rtx-4090 --gpus 2`) with the sharding asked for
+# (--parallelism fsdp: at reduced depth each GPU could hold the model whole), trained under torchrun; MAX_STEPS
+# (default 10) optimizer steps. Two depths check the per-layer terms: LAYERS=8 and LAYERS=16.
+# Predictions written before: bench/results/predictions/fsdp-70b-4090x2.json.
+#   LAYERS=8 bash bench/record_fsdp.sh qlora lora; LAYERS=16 bash bench/record_fsdp.sh qlora lora
+set -uo pipefail
+[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
+[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
+  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
+LAYERS=${LAYERS:-8}
+DIR=/tmp/replica-llama-3.1-70b-L$LAYERS
+[ -f $DIR/config.json ] || python3 -c "
+from rigplan.calibration.replica import build_replica, reduced
+from rigplan.profiles.catalog import resolve_model
+build_replica(reduced(resolve_model('llama-3.1-70b'), $LAYERS), '$DIR', device='cuda')" || exit 1
+LOG=$OUT/fsdp.log
+DATA="--examples ${EXAMPLES:-300} --seed ${SEED:-5}"
+python3 bench/validation_data.py --out /tmp/data-fsdp.jsonl $DATA | tee -a $LOG
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
+for method in "${@:-qlora}"; do
+  name=fsdp-L$LAYERS-$method
+  out=/tmp/run-$name
+  rm -rf $out
+  # The plan for two RTX 4090s; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.
+  python3 -m rigplan plan $DIR --data /tmp/data-fsdp.jsonl --gpu rtx-4090 --gpus 2 --method $method \
+    --out /tmp/plan-$name.json >>$LOG 2>&1 || { tail -5 $LOG; continue; }
+  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py 24 run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000"
+  echo "== $name: $cmd" >>$LOG; t0=$SECONDS
+  $cmd >>$LOG 2>&1
+  echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+  [ -f $out/run_summary.json ] && python3 bench/keep_run.py $out $OUT/$name.json "$cmd" \
+    "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
+done
+tail -c 4000 $LOG

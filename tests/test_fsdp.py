@@ -1,0 +1,82 @@
+"""Sharded training (FSDP2 through transformers' Trainer and accelerate) as far as a CPU can show it: accelerate
+turns FSDP on for GPU processes only, so the run itself is measured on GPUs (bench/record_fsdp.sh). Here: the
+plan's FSDP settings become accelerate's plugin arguments; the adapter of a sharded model is gathered whole and
+written so that PEFT loads it back (two processes, gloo); the CLI's --parallelism override and refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from click.testing import CliRunner  # noqa: E402
+
+from rigplan import planning  # noqa: E402
+from rigplan.calibration.replica import build_replica, toy  # noqa: E402
+from rigplan.cli import main  # noqa: E402
+from rigplan.profiles.catalog import resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("fsdp")
+    build_replica(toy(resolve_model("llama-3.2-1b")), d / "model", dtype="float32", init_std=0.2)
+    data = d / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"w{i} w{i + 1}", "output": " ".join(
+        f"w{i + k}" for k in range(2, 12))}) for i in range(32)) + "\n")
+    return d / "model", data
+
+
+def test_a_sharded_plan_becomes_accelerates_fsdp2_plugin(setup, tmp_path) -> None:
+    from rigplan.trainer.options import RunOptions
+    from rigplan.trainer.run import sft_config_from_plan
+
+    model, data = setup
+    plan = dataclasses.replace(planning.make_plan(str(model), None, data_file=data, allow_cpu=True),
+                               parallelism="fsdp", num_gpus=2, cpu_offload=True, checkpointing="unsloth")
+    args = sft_config_from_plan(plan, tmp_path, RunOptions(data=data, out_dir=tmp_path), has_eval=False, cuda=False,
+                                bf16=False)
+    assert args.fsdp_plugin_args == {
+        "fsdp_version": 2, "cpu_offload": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_ram_efficient_loading": False, "state_dict_type": "SHARDED_STATE_DICT", "activation_checkpointing": True,
+        "reshard_after_forward": True}
+    assert not args.gradient_checkpointing  # FSDP's activation checkpointing instead (both at once is an error)
+    ddp = dataclasses.replace(plan, parallelism="ddp")
+    args = sft_config_from_plan(ddp, tmp_path, RunOptions(data=data, out_dir=tmp_path), has_eval=False, cuda=False,
+                                bf16=False)
+    assert args.fsdp_plugin_args is None
+
+
+def test_a_sharded_adapter_is_gathered_whole_and_loads_back(setup, tmp_path) -> None:
+    model, _ = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).parent / "fsdp_worker.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(worker), str(model), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result == {"sharded": True, "same": True, "reloaded": True, "tensors": result["tensors"]}
+    assert result["tensors"] == 2 * 2 * resolve_model(str(model)).num_hidden_layers  # A and B, q and v, per layer
+
+
+def test_parallelism_override_and_its_refusals(setup, tmp_path) -> None:
+    model, data = setup
+    base = dataclasses.replace(planning.make_plan(str(model), None, data_file=data, allow_cpu=True), num_gpus=2,
+                               parallelism="ddp", engine="unsloth")
+    sharded = planning.override(base, {"parallelism": "fsdp"})
+    assert (sharded.parallelism, sharded.engine) == ("fsdp", "transformers")  # Unsloth does not shard
+    runner = CliRunner()
+    r = runner.invoke(main, ["run", str(model), "--data", str(data), "--parallelism", "fsdp", "--out",
+                             str(tmp_path / "a")])
+    assert r.exit_code == 2 and "--gpus" in r.output and not (tmp_path / "a").exists()
+    r = runner.invoke(main, ["run", str(model), "--data", str(data), "--gpus", "2", "--parallelism", "fsdp",
+                             "--engine", "unsloth", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "Unsloth does not shard" in r.output and not (tmp_path / "b").exists()
