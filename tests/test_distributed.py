@@ -16,18 +16,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rigplan.calibration.replica import build_replica, toy  # noqa: E402
 from rigplan.profiles.catalog import resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("ddp")
-    build_replica(toy(resolve_model("llama-3.2-1b")), d / "model", dtype="float32", init_std=0.2)
-    data = d / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"instruction": f"w{i} w{i + 1}", "output": " ".join(
-        f"w{i + k}" for k in range(2, 12))}) for i in range(64)) + "\n")
-    return d / "model", data
+def setup(tmp_path_factory, toy_llama_and_data) -> tuple[Path, Path]:
+    return toy_llama_and_data(tmp_path_factory.mktemp("ddp"), 64)
 
 
 def _run(args: list[str], **kw) -> subprocess.Popen:

@@ -20,19 +20,13 @@ pytest.importorskip("trl")
 from click.testing import CliRunner  # noqa: E402
 
 from rigplan import planning  # noqa: E402
-from rigplan.calibration.replica import build_replica, toy  # noqa: E402
 from rigplan.cli import main  # noqa: E402
 from rigplan.profiles.catalog import resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("fsdp")
-    build_replica(toy(resolve_model("llama-3.2-1b")), d / "model", dtype="float32", init_std=0.2)
-    data = d / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"instruction": f"w{i} w{i + 1}", "output": " ".join(
-        f"w{i + k}" for k in range(2, 12))}) for i in range(32)) + "\n")
-    return d / "model", data
+def setup(tmp_path_factory, toy_llama_and_data) -> tuple[Path, Path]:
+    return toy_llama_and_data(tmp_path_factory.mktemp("fsdp"), 32)
 
 
 def test_a_sharded_plan_becomes_accelerates_fsdp2_plugin(setup, tmp_path) -> None:
