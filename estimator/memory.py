@@ -255,14 +255,16 @@ def cpu_memory_bytes(model: ModelSpec, setup: Setup) -> int:
     transformers 5.17 gives every other process full-size zero tensors on the CPU to receive them
     (modeling_utils.py, `torch.zeros_like(param, device="cpu")`): a whole 16-bit copy per process. QLoRA loads
     onto each GPU instead (quantized_load_bytes)."""
-    load = setup.num_gpus * base_weights_bytes(model, "lora") if setup.parallelism == "fsdp" and setup.method == "lora" else 0
+    sharded_16_bit = setup.parallelism == "fsdp" and setup.method == "lora"
+    load = setup.num_gpus * base_weights_bytes(model, "lora") if sharded_16_bit else 0
     return max(cpu_offload_bytes(model, setup), load)
 
 
 def cpu_offload_bytes(model: ModelSpec, setup: Setup) -> int:
     """CPU memory the offloaded shards take, all GPUs together: the frozen weights (FSDP with cpu_offload)."""
     # FSDP trains on transformers + PEFT (Unsloth has no FSDP), so mixture-of-experts experts stay bf16 there.
-    return base_weights_bytes(model, setup.method, "transformers") if setup.parallelism == "fsdp" and setup.cpu_offload else 0
+    offloaded = setup.parallelism == "fsdp" and setup.cpu_offload
+    return base_weights_bytes(model, setup.method, "transformers") if offloaded else 0
 
 
 def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,

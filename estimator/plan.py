@@ -175,6 +175,9 @@ class Plan:
     fill: float = 0.0
     """Expected share of the token budget that real tokens fill (packing leaves gaps; padding pads); 0: no data
     known, speed for full micro-batches."""
+    pad_multiple: int = 64
+    """'padded': each micro-batch is padded to its longest example rounded up to this many tokens (the estimate's
+    groups are made the same way, estimator/speed.py PAD_MULTIPLE)."""
     engine: Engine = "unsloth"
     """'unsloth' or 'transformers' (transformers + PEFT): the library the trainer loads the model with."""
     tokens_per_s_low: float = 0.0

@@ -291,8 +291,8 @@ def attention_length(lengths: ExampleLengths, seq_len: int) -> float:
     return sum(n * n for n in cut) / sum(cut)
 
 
-# The trainer pads a padded micro-batch to its longest example rounded up to this many tokens
-# (trainer/batching.py PAD_MULTIPLE), never past seq_len.
+# A padded micro-batch is padded to its longest example rounded up to this many tokens, never past seq_len: the
+# planner writes it into every plan (Plan.pad_multiple), which the trainer pads to (trainer/batching.py).
 PAD_MULTIPLE = 64
 # The most examples padded_groups rebuilds from the stored quantiles: with more, the trainer's groups are tighter
 # still, and the estimate's padding a little high.

@@ -49,17 +49,18 @@ def test_packed_rows_restart_positions_and_mask_each_first_label() -> None:
 
 
 def test_grouped_micro_batches_are_within_the_budget_and_of_similar_length() -> None:
-    from rigplan.trainer.batching import PAD_MULTIPLE, PaddedCollator, group, grouped_rows, padded_length
+    from rigplan.estimator.speed import PAD_MULTIPLE  # what plans carry (Plan.pad_multiple)
+    from rigplan.trainer.batching import PaddedCollator, group, grouped_rows, padded_length
 
     lengths = _lengths(1000, 3)
     micro, seq = 4, 2048
     groups = group(lengths, micro)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    assert all(len(g) * padded_length(max(lengths[i] for i in g), seq) <= micro * seq for g in groups)
-    padded = sum(len(g) * padded_length(max(lengths[i] for i in g), seq) for g in groups)
+    assert all(len(g) * padded_length(max(lengths[i] for i in g), seq, PAD_MULTIPLE) <= micro * seq for g in groups)
+    padded = sum(len(g) * padded_length(max(lengths[i] for i in g), seq, PAD_MULTIPLE) for g in groups)
     assert sum(lengths) / padded > 0.9  # similar lengths together: little padding
     rows = [{"input_ids": [7] * n, "labels": [7] * n} for n in (5, 70, 3)]
-    batch = PaddedCollator(pad_token_id=0, seq_len=seq)(grouped_rows(rows, 3))
+    batch = PaddedCollator(pad_token_id=0, seq_len=seq, pad_multiple=PAD_MULTIPLE)(grouped_rows(rows, 3))
     assert batch["input_ids"].shape == (3, 2 * PAD_MULTIPLE) and batch["attention_mask"].sum() == 78
     assert (batch["labels"] == IGNORE).sum() == 3 * 128 - 78
 

@@ -1,7 +1,7 @@
 """Micro-batches within the plan's token budget (Plan.budget, micro_batch x seq_len), laid out two ways.
 
 - 'padded': micro_batch examples of similar length (sorted by length, then cut into groups), padded to the
-  longest of them rounded up to PAD_MULTIPLE. Shapes repeat, so Unsloth runs its compiled decoder blocks
+  longest of them rounded up to the plan's pad_multiple. Shapes repeat, so Unsloth runs its compiled decoder blocks
   (it compiles them only for padded micro-batches: unsloth/models/_block_compile.py), and the group of the
   longest examples reaches the budget, so the plan's peak is one the run reaches.
 - 'packed': whole examples back to back in one row of at most the budget (best-fit decreasing, as TRL's "bfd"),
@@ -20,15 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE = -100  # transformers' ignore_index for labels that carry no loss
-# Padded micro-batches are padded to a multiple of this many tokens (as TRL's pad_to_multiple_of): fewer
-# distinct shapes for compiled kernels to specialise on, for a few per cent of padding at most.
-PAD_MULTIPLE = 64
-
-
-def padded_length(longest: int, seq_len: int) -> int:
-    """The length a padded micro-batch is padded to: its longest example rounded up to PAD_MULTIPLE, at most
-    seq_len (every example is cut to seq_len first)."""
-    return min(seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+def padded_length(longest: int, seq_len: int, multiple: int) -> int:
+    """The length a padded micro-batch is padded to: its longest example rounded up to the plan's pad_multiple (as
+    TRL's pad_to_multiple_of: fewer distinct shapes for compiled kernels), at most seq_len (every example is cut to
+    seq_len first)."""
+    return min(seq_len, -(-longest // multiple) * multiple)
 
 
 def longest_first(lengths: list[int]) -> list[int]:
@@ -52,17 +48,19 @@ def grouped_rows(rows: list[dict[str, list[int]]], micro_batch: int) -> list[dic
 @dataclass
 class PaddedCollator:
     """Collates one grouped row (per_device_train_batch_size 1) into [k, L] tensors: input_ids padded on the
-    right with pad_token_id, labels with IGNORE, and the attention mask; L = padded_length(longest, seq_len)."""
+    right with pad_token_id, labels with IGNORE, and the attention mask;
+    L = padded_length(longest, seq_len, pad_multiple)."""
 
     pad_token_id: int
     seq_len: int
+    pad_multiple: int
 
     def __call__(self, features: list[dict[str, list[list[int]]]]) -> dict[str, Any]:
         import torch
 
         ids = [x for f in features for x in f["input_ids"]]
         labels = [x for f in features for x in f["labels"]]
-        length = padded_length(max(len(x) for x in ids), self.seq_len)
+        length = padded_length(max(len(x) for x in ids), self.seq_len, self.pad_multiple)
         return {"input_ids": torch.tensor([x + [self.pad_token_id] * (length - len(x)) for x in ids]),
                 "labels": torch.tensor([x + [IGNORE] * (length - len(x)) for x in labels]),
                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in ids])}

@@ -137,7 +137,7 @@ def batch_tokens(row: dict[str, Any], plan: Plan) -> int:
     """Tokens a micro-batch computes, padding included: at most the plan's token budget."""
     if plan.batching == "packed":
         return len(row["input_ids"])
-    return len(row["input_ids"]) * padded_length(max(map(len, row["input_ids"])), plan.seq_len)
+    return len(row["input_ids"]) * padded_length(max(map(len, row["input_ids"])), plan.seq_len, plan.pad_multiple)
 
 
 def non_padding_share(lengths: list[int], micro_batch: int, seed: int) -> float:
@@ -317,7 +317,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     guard = _Guard(out, torch.cuda.synchronize if cuda else None)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
     collator = (PackedCollator(tokenizer.pad_token_id) if plan.batching == "packed"
-                else PaddedCollator(tokenizer.pad_token_id, plan.seq_len))
+                else PaddedCollator(tokenizer.pad_token_id, plan.seq_len, plan.pad_multiple))
     trainer = _trainer_class(guard, plan.engine)(
         model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
         eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None, processing_class=tokenizer,
