@@ -219,10 +219,10 @@ def fsdp_arguments(plan: Plan, cuda: bool) -> dict[str, Any]:
     `fsdp_config`, https://huggingface.co/docs/transformers/main/en/fsdp): each decoder layer its own shard unit
     (the model's _no_split_modules), resharded after its forward pass (estimator/memory.py FSDP_GATHERED_LAYERS),
     the plan's checkpointing as FSDP's activation checkpointing (transformers: "prefer activation_checkpointing
-    ... over gradient_checkpointing"), parameters offloaded to CPU where the plan offloads, the weights read by
-    rank 0 alone and sent to the others on GPUs (cpu_ram_efficient_loading: one copy in CPU memory, not one per
-    process), and checkpoints sharded, one file per process, so no process gathers the whole model to save.
-    Empty for one GPU or DDP."""
+    ... over gradient_checkpointing"), parameters offloaded to CPU where the plan offloads, the weights read
+    from disk by rank 0 alone and broadcast to the others on GPUs (cpu_ram_efficient_loading; the others still
+    hold full-size zeros in CPU memory to receive them: estimator/memory.py cpu_memory_bytes), and checkpoints
+    sharded, one file per process, so no process gathers the whole model to save. Empty for one GPU or DDP."""
     if plan.parallelism != "fsdp":
         return {}
     return {"fsdp": True, "fsdp_config": {
