@@ -7,6 +7,7 @@
 #   4090-lora, 4090-qlora      the plan it makes for an RTX 4090, run with the process capped at 24 GiB
 #                              (bench/capped.py: torch.cuda.set_per_process_memory_fraction)
 #   h200-lora+packed           a case with a layout override (rigplan run --batching packed)
+# Env: EXAMPLES, SEED (the data), STEPS_4090, EXTRA (more rigplan run flags, e.g. "--epochs 2"), BARE=1 (below)
 # e.g. bash bench/record_h200_runs.sh h200-lora h200-qlora 4090-lora 4090-qlora
 set -uo pipefail
 [ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
@@ -46,3 +47,11 @@ for case in "$@"; do
       "python3 bench/validation_data.py --out data.jsonl --examples ${EXAMPLES:-600} --seed ${SEED:-0}" | tee -a $LOG
   fi
 done
+# BARE=1: then the bare Unsloth loop (calibration/probe.py) at the H200 LoRA plan's shape, in the same call, as the
+# reference issue 14 compares the run with (the same tokens per micro-batch and checkpointing).
+if [ "${BARE:-0}" = 1 ] && [ -f /tmp/run-${TAG:-}h200-lora/plan.json ]; then
+  shape=$(python3 -c "import json; p=json.load(open('/tmp/run-${TAG:-}h200-lora/plan.json')); print(f\"{p['micro_batch']}x{p['seq_len']}:checkpointing={p['checkpointing']}\")")
+  t0=$SECONDS
+  python3 -m rigplan.calibration.probe --job "$MODEL:lora:16:$shape" --out $OUT/bare-lora.jsonl >$OUT/bare.log 2>&1
+  echo "== bare-lora ($shape) exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+fi
