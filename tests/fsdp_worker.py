@@ -27,7 +27,7 @@ def lora(model_dir: str) -> torch.nn.Module:
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
-    whole = {k: v.clone() for k, v in lora(model_dir).named_parameters() if v.requires_grad}
+    whole = {k: v.detach().clone() for k, v in lora(model_dir).named_parameters() if v.requires_grad}
     model = lora(model_dir)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
@@ -41,7 +41,8 @@ def main() -> None:
         loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
         reloaded = {k: v for k, v in loaded.named_parameters() if "lora_" in k}
         back = sorted(reloaded) == sorted(whole) and all(torch.equal(reloaded[k], whole[k]) for k in whole)
-        (out / "result.json").write_text(json.dumps({"sharded": sharded, "same": same, "reloaded": back,
+        extra = sorted(set(state) ^ set(whole))
+        (out / "result.json").write_text(json.dumps({"sharded": sharded, "same": same, "reloaded": back, "extra": extra,
                                                      "tensors": len(state)}))
     dist.barrier()
     dist.destroy_process_group()

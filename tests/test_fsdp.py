@@ -57,7 +57,7 @@ def test_a_sharded_adapter_is_gathered_whole_and_loads_back(setup, tmp_path) -> 
                         str(worker), str(model), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result == {"sharded": True, "same": True, "reloaded": True, "tensors": result["tensors"]}
+    assert result == {"sharded": True, "same": True, "reloaded": True, "extra": [], "tensors": result["tensors"]}
     assert result["tensors"] == 2 * 2 * resolve_model(str(model)).num_hidden_layers  # A and B, q and v, per layer
 
 

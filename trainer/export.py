@@ -78,14 +78,16 @@ def merge_and_save(plan: Plan, adapter_dir: Path, out_dir: Path, tokenizer: Any)
 
 def full_adapter_state(model: Any) -> dict[str, Any]:
     """The adapter's weights whole, on the CPU, from a model FSDP has sharded (its parameters DTensors, each
-    process holding a slice): every process must call this, in the same order, since gathering a DTensor
-    (full_tensor) is a collective. Only the trainable (LoRA) parameters are gathered, never the frozen base."""
-    state = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
-            state[name.replace("_fsdp_wrapped_module.", "")] = whole.detach().cpu()
-    return state
+    process holding a slice, on the CPU too where the plan offloads): every process must call this, since the
+    gathering is a collective. Only the trainable (LoRA) parameters are gathered, never the frozen base
+    (torch.distributed.checkpoint's get_model_state_dict: full_state_dict, ignore_frozen_params); rank 0 gets
+    them (cpu_offload), the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}  # a tied embedding comes along; the adapter alone
 
 
 def write_outputs(model: Any, tokenizer: Any, plan: Plan, out: Path, report: dict[str, Any],
