@@ -84,8 +84,11 @@ def full_adapter_state(model: Any) -> dict[str, Any]:
     them (cpu_offload), the others an empty dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    import torch.distributed as dist
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = get_model_state_dict(model, options=options)
+    dist.barrier()  # no process goes on (and maybe exits) with a piece of the gathering still in flight
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     return {k: v for k, v in state.items() if k in trainable}  # a tied embedding comes along; the adapter alone
 
