@@ -211,8 +211,8 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
 
 def _preference(est: Estimate, fastest: float) -> tuple[bool, bool, bool, int, bool, float, float]:
     """Order among fitting estimates: no CPU offload (it needs the host's memory and its PCIe link) where
-    anything else fits, then DDP over FSDP where DDP fits (DDP's speed is measured and rigplan run trains it;
-    FSDP's is an estimate and its training is not built yet), then 16-bit LoRA (no quantization error), then
+    anything else fits, then DDP over FSDP where DDP fits (DDP's speed is measured on GPUs; FSDP's is an estimate
+    and its training has not run on GPUs yet), then 16-bit LoRA (no quantization error), then
     speed (ties within SPEED_TIE), then GPU-bound over host-bound (whose speed varies with the host's CPU), then
     the rank nearest the default, then the smaller memory."""
     s = est.setup
