@@ -2,11 +2,9 @@
 # `rigplan calibrate` on the GPU machine (device tool), timed, then `rigplan check` using what it wrote.
 #   bash bench/record_calibrate.sh [JOB...]   extra probe jobs (calibration/probe.py form) run afterwards,
 #                                             rows in $OUT/runs_extra.jsonl
-# Needs .gpu/site_bundle.tgz carried (bash ../shared/gpu/make-bundle.sh builds it).
 set -uo pipefail
-mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 RIGPLAN_HOME="$OUT/home"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
+export RIGPLAN_HOME="$OUT/home"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
 start=$SECONDS
 python3 -m rigplan calibrate >"$OUT/calibrate.txt" 2>"$OUT/calibrate.err"

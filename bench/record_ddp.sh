@@ -6,11 +6,7 @@
 # ${SEED:-2} (data no earlier run saw). Predictions written before: bench/results/predictions/issue16-h200x2.json.
 # EPOCHS (default 1): passes over the data in each run. e.g. EPOCHS=2 bash bench/record_ddp.sh lora qlora
 set -uo pipefail
-[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
-[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
-  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 DIR=/tmp/replica-llama-3.1-8b
 [ -f $DIR/config.json ] || python3 -c "
 from rigplan.calibration.replica import build_replica

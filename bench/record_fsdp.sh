@@ -9,11 +9,7 @@
 # Predictions written before: bench/results/predictions/fsdp-70b-4090x2.json.
 #   LAYERS=8 bash bench/record_fsdp.sh qlora lora; LAYERS=16 bash bench/record_fsdp.sh qlora lora
 set -uo pipefail
-[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
-[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
-  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 LAYERS=${LAYERS:-8}
 DIR=/tmp/replica-llama-3.1-70b-L$LAYERS
 [ -f $DIR/config.json ] || python3 -c "

@@ -11,10 +11,7 @@
 # reuses a full-depth replica already built (bench/record_h200_runs.sh's /tmp/replica-llama-3.1-8b).
 # e.g. bash bench/record_h200_compare.sh lora qlora
 set -uo pipefail
-[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
-  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 python3 bench/validation_data.py --out /tmp/data-compare.jsonl --examples ${EXAMPLES:-600} --seed ${SEED:-0} >/dev/null
 LOG=$OUT/compare.log
 for method in "$@"; do

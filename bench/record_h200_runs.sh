@@ -10,10 +10,7 @@
 # Env: EXAMPLES, SEED (the data), STEPS_4090, EXTRA (more rigplan run flags, e.g. "--epochs 2"), BARE=1 (below)
 # e.g. bash bench/record_h200_runs.sh h200-lora h200-qlora 4090-lora 4090-qlora
 set -uo pipefail
-[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
-  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 MODEL=${MODEL:-llama-3.1-8b}
 DIR=/tmp/replica-$MODEL
 if [ ! -f $DIR/config.json ]; then

@@ -8,10 +8,7 @@
 #   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3 gptoss; default the first four,
 #   about 9 minutes)
 set -uo pipefail
-[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
-  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 PRED=${PRED:-bench/results/predictions/issue17-h200.json}  # PRED=.../issue17-heldout-h200.json: the shapes no term was written from
 jobs_for() {
   python3 -c "import json,sys; print(' '.join('--job ' + j for j in json.load(open('$PRED'))['jobs'] if j.startswith(sys.argv[1])))" "$1"

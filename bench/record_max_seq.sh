@@ -6,10 +6,7 @@
 # Predictions written before: bench/results/predictions/max-seq-h200.json (the same check JSON, with commit and date).
 #   bash bench/record_max_seq.sh [CARD ...]   (rtx-4090 = 24 GB, rtx-a6000 = 48 GB; default both)
 set -uo pipefail
-[ -d /tmp/site/unsloth ] || { mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site; }  # once per machine
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ -f /tmp/.rigplan-installed ] || { python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 \
-  && touch /tmp/.rigplan-installed; } || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 for card in "${@:-rtx-4090 rtx-a6000}"; do
   python3 -m rigplan check llama-3.1-8b --gpu $card --max-seq --rank 32 --json > $OUT/check-$card.json || exit 1
   for method in lora qlora; do

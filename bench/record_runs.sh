@@ -3,13 +3,10 @@
 # a job run after another in the same process starts with 0.1-0.7 GiB the earlier one left allocated.
 #   bash bench/record_runs.sh GROUP...      (groups below; rows land in $OUT/runs_GROUP.jsonl)
 #   MIN_TIMED_S=20 bash bench/record_runs.sh hostbound   (time each shape at least 20 s after warm-up)
-# Needs .gpu/site_bundle.tgz carried (bash ../shared/gpu/make-bundle.sh builds it).
 # Unsloth compiles each decoder block; a new batch size costs 15-40 s in its warm-up step, batch 1 is its
 # own specialisation, so shapes are ordered to recompile once.
 set -uo pipefail
-mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
 declare -A JOBS
 JOBS[small]="llama-3.2-1b:qlora:64:2x2048,8x2048,4x4096

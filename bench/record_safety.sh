@@ -10,9 +10,7 @@
 # memorises), and re-scores the adapter it left with plain transformers + PEFT on the held-out rows.
 # Logs, metrics and summaries go to $OUT (8 files at most come back).
 set -uo pipefail
-mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+source bench/gpu_setup.sh
 if [ "${1:-all}" = earlystop ]; then
   python3 - <<'PY'
 import json, random

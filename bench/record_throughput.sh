@@ -27,14 +27,11 @@
 # Big files (replica, adapters) stay in /tmp; JSON and logs go to $OUT. The JSON is rewritten after every part
 # (rigplan, bare, then the slowest, hf), so a timeout keeps the parts that ran.
 set -uo pipefail
-mkdir -p /tmp/site && tar xzf .gpu/site_bundle.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+source bench/gpu_setup.sh
 # torch.compile's recompiles show in each part's log: Unsloth compiles every decoder block, and the trainer's
 # path marks batch dims static (unsloth_zoo/loss_utils.py:660-672) where the bare loop does not; a recompile
 # limit hit falls back to eager blocks (unsloth/models/_utils.py:5981), one suspect for micro-batch 1's gap.
 export TORCH_LOGS=recompiles
-# pip's log stays in /tmp: $OUT brings back 8 files at most
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
 run() {  # name, seconds (cut to what is left of the call's 575 s), args...
   local name=$1 secs=$2; shift 2
   [ $secs -gt $((575 - SECONDS)) ] && secs=$((575 - SECONDS))
