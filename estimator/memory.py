@@ -288,10 +288,9 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     }
     # The peak is the larger of the two phases; this term is how far the loss's exceeds the backward's.
     parts["loss_over_backward"] = max(0, loss_phase_bytes(model, setup, parts, coeffs) - backward_phase_bytes(parts))
-    parts["expert_dequant"] = 0
     dequant = expert_dequant_phase_bytes(model, setup, parts, engine)
     parts["expert_dequant"] = max(0, dequant - backward_phase_bytes(parts) - parts["loss_over_backward"])
-    parts["quantized_load"] = 0
+    parts["quantized_load"] = 0  # the step's peak without it first
     parts["quantized_load"] = max(0, quantized_load_bytes(model, setup) - peak_allocated_bytes(parts))
     parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs))
     if engine == "transformers":

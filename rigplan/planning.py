@@ -57,8 +57,6 @@ class Target:
     local: bool
 
 
-
-
 def workload(data_file: Path | None, examples: int | None, avg_tokens: float | None, epochs: float,
              seq_len: int | None, counted: tuple[list[int], int] | None = None,
              skip_bad: bool = False, context: int | None = None, family: str | None = None) -> tuple[Workload, int | None]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE = -100  # transformers' ignore_index for labels that carry no loss
+
+
 def padded_length(longest: int, seq_len: int, multiple: int) -> int:
     """The length a padded micro-batch is padded to: its longest example rounded up to the plan's pad_multiple (as
     TRL's pad_to_multiple_of: fewer distinct shapes for compiled kernels), at most seq_len (every example is cut to

@@ -82,9 +82,8 @@ def full_adapter_state(model: Any) -> dict[str, Any]:
     gathering is a collective. Only the trainable (LoRA) parameters are gathered, never the frozen base
     (torch.distributed.checkpoint's get_model_state_dict: full_state_dict, ignore_frozen_params); rank 0 gets
     them (cpu_offload), the others an empty dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = get_model_state_dict(model, options=options)

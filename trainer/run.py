@@ -295,10 +295,10 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     # PEFT draws the adapters' initial weights from the global RNG at load time, before the Trainer seeds:
     # seed first, or two runs of one plan start from different adapters.
     set_seed(plan.seed)
-    has_eval = bool(prepared.eval)
+    has_eval, bf16 = bool(prepared.eval), cuda and torch.cuda.is_bf16_supported()
     args = None
     if plan.parallelism == "fsdp":  # before loading: the Trainer's arguments tell transformers to load through rank 0
-        args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported())
+        args = sft_config_from_plan(plan, out, opts, has_eval, cuda, bf16)
     model, tokenizer = load(plan)
     # Written once the model has loaded: a run stopped before (Ctrl-C, a failed download) leaves --out as it was.
     from rigplan.trainer.distributed import world
@@ -313,7 +313,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if args is None:
-        args = sft_config_from_plan(plan, out, opts, has_eval, cuda, cuda and torch.cuda.is_bf16_supported())
+        args = sft_config_from_plan(plan, out, opts, has_eval, cuda, bf16)
     guard = _Guard(out, torch.cuda.synchronize if cuda else None)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
     collator = (PackedCollator(tokenizer.pad_token_id) if plan.batching == "packed"
