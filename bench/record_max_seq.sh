@@ -7,7 +7,8 @@
 #   bash bench/record_max_seq.sh [CARD ...]   (rtx-4090 = 24 GB, rtx-a6000 = 48 GB; default both)
 set -uo pipefail
 source bench/gpu_setup.sh
-for card in "${@:-rtx-4090 rtx-a6000}"; do
+cards=("$@"); [ $# -gt 0 ] || cards=(rtx-4090 rtx-a6000)
+for card in "${cards[@]}"; do
   python3 -m rigplan check llama-3.1-8b --gpu $card --max-seq --rank 32 --json > $OUT/check-$card.json || exit 1
   for method in lora qlora; do
     read -r seq ckpt cap < <(python3 -c "

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from rigplan.errors import ConfigError
 from rigplan.estimator import memory, speed
-from rigplan.estimator.plan import (Batching, Checkpointing, Coefficients, Engine, ExampleLengths, Method, Parallelism,
-                                    Plan, Setup)
+from rigplan.estimator.plan import (Batching, Checkpointing, Coefficients, Engine, ExampleLengths, Method,
+                                    Optimizer, Parallelism, Plan, Setup)
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
 GIB = 2**30
@@ -183,6 +183,13 @@ SHARDINGS: dict[Parallelism, tuple[tuple[bool, Checkpointing | None, Engine | No
 }
 
 
+def optimizer_for(parallelism: Parallelism) -> Optimizer:
+    """AdamW with 8-bit state (bitsandbytes) everywhere but FSDP, whose DTensor shards bitsandbytes' 8-bit
+    optimizers cannot step: there torch's AdamW, as Unsloth 2026.10.9 itself switches to when handed the 8-bit one
+    under FSDP2 (unsloth/models/fsdp2_native.py; it did on both sharded H200 runs, bench/results/h200x2-fsdp/)."""
+    return "adamw_torch" if parallelism == "fsdp" else "adamw_8bit"
+
+
 def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
                 methods: tuple[Method, ...], ranks: tuple[int, ...], checkpointing: tuple[Checkpointing, ...],
                 limit: float, lengths: ExampleLengths | None = None,
@@ -202,7 +209,8 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
         for micro in MICRO_BATCHES:
             accum = grad_accum_for(effective_batch, micro, seq_len, lengths, layout)
             setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len, grad_accum=accum,
-                          checkpointing=ckpt, parallelism=parallelism, num_gpus=num_gpus, cpu_offload=offload)
+                          optimizer=optimizer_for(parallelism), checkpointing=ckpt, parallelism=parallelism,
+                          num_gpus=num_gpus, cpu_offload=offload)
             out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, only_engine or engine))
             if accum == 1:  # a larger budget would hold more than a step's examples
                 break
@@ -211,8 +219,8 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
 
 def _preference(est: Estimate, fastest: float) -> tuple[bool, bool, bool, int, bool, float, float]:
     """Order among fitting estimates: no CPU offload (it needs the host's memory and its PCIe link) where
-    anything else fits, then DDP over FSDP where DDP fits (DDP's speed is measured on GPUs; FSDP's is an estimate
-    and its training has not run on GPUs yet), then 16-bit LoRA (no quantization error), then
+    anything else fits, then DDP over FSDP where DDP fits (DDP's speed is measured on full-depth runs; FSDP's
+    only on reduced-depth QLoRA), then 16-bit LoRA (no quantization error), then
     speed (ties within SPEED_TIE), then GPU-bound over host-bound (whose speed varies with the host's CPU), then
     the rank nearest the default, then the smaller memory."""
     s = est.setup
@@ -324,9 +332,9 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
                     "FSDP shards it (transformers 5.17)")
         if s.parallelism == "fsdp" and s.method == "lora":
             why += "; loading takes a 16-bit copy of the weights in CPU memory per process"
-    measured = (f"DDP speed from one two-H200 run ({speed.DATA_PARALLEL_EFFICIENCY:.2f} of one GPU's per GPU)"
+    measured = (f"DDP speed from two-H200 runs ({speed.DATA_PARALLEL_EFFICIENCY:.2f} of one GPU's per GPU)"
                 if s.parallelism == "ddp"
-                else "FSDP speed estimated, not yet measured")
+                else "FSDP speed estimated (QLoRA measured at reduced depth only)")
     return f"{why}; {measured}"
 
 

@@ -72,3 +72,34 @@ def test_unsloth_qlora_holds_experts_in_4_bit() -> None:
         est = _estimate(r).components_bytes
         loaded = (est["base_weights"] + est["lora_weights"] + est["loaded_overhead"]) / 2**30
         assert abs(r["after_load_gib"] / loaded - 1) <= 0.03
+
+
+MAX_SEQ = Path(__file__).parents[1] / "bench" / "results" / "max-seq-h200"
+
+
+def _max_seq_rows() -> list[tuple[str, str, dict, dict]]:
+    """(card, method, the check JSON the record script trained from, the probe's row) for each trained answer."""
+    rows = []
+    for check in sorted(MAX_SEQ.glob("check-*.json")):
+        card = check.stem.removeprefix("check-")
+        for method in ("lora", "qlora"):
+            probe = MAX_SEQ / f"maxseq-{card}-{method}.jsonl"
+            if probe.exists():
+                rows.append((card, method, json.loads(check.read_text()),
+                             json.loads(probe.read_text().splitlines()[-1])))
+    return rows
+
+
+def test_max_seq_answers_train_within_5_percent_of_their_plan() -> None:
+    """`rigplan check llama-3.1-8b --max-seq --rank 32` for a 24 GB and a 48 GB card, trained at that length on
+    the H200 with the process capped to the card's memory (bench/record_max_seq.sh): each trained, and its peak
+    reserved memory is within 5% of today's estimate of that shape on that card, which fits."""
+    rows = _max_seq_rows()
+    assert {(c, m) for c, m, _, _ in rows} >= {("rtx-4090", "lora"), ("rtx-4090", "qlora"), ("rtx-a6000", "lora")}
+    for card, method, check, row in rows:
+        assert row["err"] is None and row["provenance"]["gpu"] == "NVIDIA H200"
+        assert (row["batch"], row["seq"], row["rank"]) == (1, check["max_seq"][method], 32)
+        setup = Setup(method, 32, 1, row["seq"], checkpointing=row["checkpointing"])
+        est = planner.estimate(resolve_model("llama-3.1-8b"), setup, resolve_gpu(card), store.reference()[0])
+        assert est.fits, (card, method)
+        assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05, (card, method)

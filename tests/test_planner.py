@@ -271,7 +271,10 @@ def test_fsdp_shards_weights_and_offload_moves_them_to_cpu_memory(coeffs) -> Non
     offload = Setup("qlora", 16, 1, 2048, parallelism="fsdp", num_gpus=2, cpu_offload=True)
     assert memory.components_bytes(model, offload, coeffs)["base_weights"] == 0
     assert memory.cpu_offload_bytes(model, offload) == base
+    assert memory.components_bytes(model, offload, coeffs)["fsdp_pool"] > 0  # reserved beyond the allocated peak
     assert not planner.plan(model, gpu, coeffs).fits
+    assert not planner.plan(model, gpu, coeffs, num_gpus=2).fits  # FSDP2's buffers as measured: 24 GiB is too little
+    gpu = resolve_gpu("rtx-a6000")
     two = planner.plan(model, gpu, coeffs, num_gpus=2)
     p = two.best
     assert two.fits and p.parallelism == "fsdp" and p.method == "lora" and p.cpu_offload
