@@ -8,9 +8,12 @@
 # (default 10) optimizer steps. Two depths check the per-layer terms: LAYERS=8 and LAYERS=16.
 # Predictions written before: bench/results/predictions/fsdp-70b-4090x2.json.
 #   LAYERS=8 bash bench/record_fsdp.sh qlora lora; LAYERS=16 bash bench/record_fsdp.sh qlora lora
+# GPU and CAP (GiB) plan for and stand for another card, e.g. GPU=rtx-a6000 CAP=48 (predictions/fsdp-lora-a6000x2.json).
 set -uo pipefail
 source bench/gpu_setup.sh
 LAYERS=${LAYERS:-8}
+GPU=${GPU:-rtx-4090}
+CAP=${CAP:-24}
 DIR=/tmp/replica-llama-3.1-70b-L$LAYERS
 [ -f $DIR/config.json ] || python3 -c "
 from rigplan.calibration.replica import build_replica, reduced
@@ -22,12 +25,13 @@ python3 bench/validation_data.py --out /tmp/data-fsdp.jsonl $DATA | tee -a $LOG
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 for method in "${@:-qlora}"; do
   name=fsdp-L$LAYERS-$method
+  [ "$GPU" = rtx-4090 ] || name=$name-$GPU
   out=/tmp/run-$name
   rm -rf $out
-  # The plan for two RTX 4090s; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.
-  python3 -m rigplan plan $DIR --data /tmp/data-fsdp.jsonl --gpu rtx-4090 --gpus 2 --method $method \
+  # The plan for two of the card; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.
+  python3 -m rigplan plan $DIR --data /tmp/data-fsdp.jsonl --gpu $GPU --gpus 2 --method $method \
     --out /tmp/plan-$name.json >>$LOG 2>&1 || { tail -5 $LOG; continue; }
-  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py 24 run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000"
+  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000"
   echo "== $name: $cmd" >>$LOG; t0=$SECONDS
   $cmd >>$LOG 2>&1
   echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG

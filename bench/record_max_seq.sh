@@ -4,13 +4,14 @@
 # shape (full depth, calibration/probe.py through Unsloth, the plan's checkpointing) in a process capped to the
 # card's memory (bench/capped.py: torch.cuda.set_per_process_memory_fraction), and prints measured against planned.
 # Predictions written before: bench/results/predictions/max-seq-h200.json (the same check JSON, with commit and date).
-#   bash bench/record_max_seq.sh [CARD ...]   (rtx-4090 = 24 GB, rtx-a6000 = 48 GB; default both)
+#   bash bench/record_max_seq.sh [CARD ...]   (rtx-4090 = 24 GB, rtx-a6000 = 48 GB; default both; METHODS="qlora"
+#   for one method)
 set -uo pipefail
 source bench/gpu_setup.sh
 cards=("$@"); [ $# -gt 0 ] || cards=(rtx-4090 rtx-a6000)
 for card in "${cards[@]}"; do
   python3 -m rigplan check llama-3.1-8b --gpu $card --max-seq --rank 32 --json > $OUT/check-$card.json || exit 1
-  for method in lora qlora; do
+  for method in ${METHODS:-lora qlora}; do
     read -r seq ckpt cap < <(python3 -c "
 import json; d = json.load(open('$OUT/check-$card.json')); p = d['plans']['$method']
 print(d['max_seq']['$method'], p['checkpointing'], d['gpu_memory_gib'])")

@@ -88,7 +88,7 @@ def test_plan_json_round_trips_exactly(coeffs) -> None:
 def test_multi_gpu_splits_the_effective_batch(coeffs) -> None:
     one = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs).best
     two = planner.plan(LLAMA8B, resolve_gpu("rtx-4090"), coeffs, num_gpus=2)
-    assert two.best.effective_batch * 2 == one.effective_batch and "from one two-H200 run" in two.reason
+    assert two.best.effective_batch * 2 == one.effective_batch and "DDP speed from two-H200 runs" in two.reason
 
 
 def test_speed_follows_the_datas_examples_memory_the_full_sequence(coeffs) -> None:

@@ -67,6 +67,8 @@ def test_learns_the_synthetic_task(model_dir, data_file, tmp_path) -> None:
     assert len(lines) >= 48 and json.loads(lines[0])["tokens_per_s"] > 0
     etas = [r["eta_s"] for r in map(json.loads, lines) if "eta_s" in r]  # the run's own pace after warm-up
     assert len(etas) > 40 and etas[-1] == 0.0 and etas[0] > etas[-1]
+    m = s["measured"]  # the rate of compiled shapes leaves out steps that met a new one, at least the first
+    assert m["compile_steps"] >= 1 and m["tokens_per_s_compiled"] > 0
 
 
 def _interrupt_at(monkeypatch, step: int) -> None:
@@ -535,3 +537,36 @@ def test_the_trainer_orders_micro_batches_with_the_block_sampler(tmp_path) -> No
     sampler = cls._get_train_sampler(fake)
     assert isinstance(sampler, BlockSampler) and (sampler.rows, sampler.block, sampler.seed) == (40, 1, 7)
     assert sampler.order() == BlockSampler(40, 1, 7).order() != list(range(40))
+
+
+def test_compiled_rate_leaves_out_steps_that_meet_a_new_shape(tmp_path, monkeypatch) -> None:
+    """tokens_per_s_compiled: after the warm-up, each step from the first micro-batch of a shape not run before to
+    the step's end (Unsloth compiles it) is left out, time and tokens; the rest is the rate a fixed-shape loop's
+    steady rate compares with. A fake clock: steps of 1 s, and 9 s more in the step that meets a new shape."""
+    from rigplan.trainer import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    guard = runlib._Guard(tmp_path)
+    cb = guard.callback()
+    guard.warmup = 1
+    shapes = [(4, 64), (4, 64), (4, 64), (8, 32), (4, 64), (4, 64), (8, 32)]  # 256 tokens each
+
+    class Ids:  # what meet() and count() read of a padding-free micro-batch's input ids
+        def __init__(self, shape: tuple[int, int]) -> None:
+            self.shape = shape
+
+        def numel(self) -> int:
+            return self.shape[0] * self.shape[1]
+
+    for shape in shapes:
+        batch = {"input_ids": Ids(shape)}
+        new = shape not in guard.shapes
+        guard.meet(batch)
+        clock[0] += 10.0 if new else 1.0
+        guard.count(batch)
+        cb.on_step_end(None, None, type("Control", (), {})())
+    # after the warm-up step 0: step 3 met (8, 32) first and is left out; steps 2, 4, 5, 6 took 1 s each
+    assert [i for i, _, _ in guard.compiling] == [0, 3]
+    assert guard.compiled_tokens_per_s() == pytest.approx(256 / 1.0)
+    assert guard.steady_tokens_per_s() == pytest.approx(5 * 256 / 14.0, abs=0.1)  # the compiling step counted

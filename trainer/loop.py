@@ -36,12 +36,29 @@ class _Guard:
         self.tokens: Any = 0
         self.step_times: list[float] = []
         self.step_tokens: list[Any] = []
+        # Micro-batch shapes run so far; a step that meets a new one compiles it (Unsloth's compiled decoder
+        # blocks): from that micro-batch to the step's end, (step index, seconds, tokens before it).
+        self.shapes: set[tuple[int, ...]] = set()
+        self.new_shape_from: tuple[float, Any] | None = None
+        self.compiling: list[tuple[int, float, Any]] = []
         self.backoffs: list[dict[str, int]] = []
         self.pending: list[tuple[Any, Any]] = []  # several processes: each step's all-reduced signal, and its wait
         from rigplan.trainer.distributed import world
 
         self.world = world()
         self.main = self.world.main  # rank 0 alone writes files
+
+    def meet(self, inputs: dict[str, Any]) -> None:
+        """Before a micro-batch runs: if its shape is new, the clock is read with the GPU done so far, so that
+        the compiling it starts is timed apart from the steps before it."""
+        shape = tuple(inputs["input_ids"].shape)
+        if shape in self.shapes:
+            return
+        self.shapes.add(shape)
+        if self.new_shape_from is None:
+            if self.sync is not None:
+                self.sync()
+            self.new_shape_from = (time.perf_counter(), self.tokens)
 
     def count(self, inputs: dict[str, Any]) -> None:
         """Add a micro-batch's real tokens: its attention mask's sum when padded; all of its one row when
@@ -66,6 +83,21 @@ class _Guard:
             return None
         tokens = float(self.step_tokens[-1]) - float(self.step_tokens[w])
         return round(tokens / (self.step_times[-1] - self.step_times[w]), 1)
+
+    def compiled_tokens_per_s(self) -> float | None:
+        """Real tokens/s after the warm-up steps, leaving out each step from the first micro-batch of a shape not
+        run before to its end (compiling): the rate of shapes already compiled, which a fixed-shape loop's
+        steady rate (bench/train_throughput.py, calibration/probe.py: first step left out) compares with."""
+        w, n = self.warmup, len(self.step_times)
+        if n - w < 2:
+            return None
+        seconds = self.step_times[-1] - self.step_times[w]
+        tokens = float(self.step_tokens[-1]) - float(self.step_tokens[w])
+        for i, spent, before in self.compiling:
+            if i > w:
+                seconds -= spent
+                tokens -= float(self.step_tokens[i]) - float(before)
+        return round(tokens / seconds, 1) if seconds > 0 and tokens > 0 else None
 
     def step_seconds(self) -> list[float]:
         """Seconds each optimizer step took, from training's start."""
@@ -137,10 +169,16 @@ class _Guard:
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
                 # The two clock readings the steady tokens/s is taken between wait for the GPU; the others
                 # are for progress only and stay asynchronous.
-                if guard.sync is not None and len(guard.step_times) in (guard.warmup, guard.last_index):
+                new_shape = guard.new_shape_from is not None
+                if guard.sync is not None and (new_shape or len(guard.step_times) in (guard.warmup, guard.last_index)):
                     guard.sync()
-                guard.step_times.append(time.perf_counter())
+                now = time.perf_counter()
+                guard.step_times.append(now)
                 guard.step_tokens.append(guard.tokens)
+                if new_shape:
+                    guard.compiling.append((len(guard.step_times) - 1, now - guard.new_shape_from[0],
+                                            guard.new_shape_from[1]))
+                    guard.new_shape_from = None
                 if guard.stop_agreed():
                     control.should_save = True
                     control.should_training_stop = True
@@ -260,6 +298,7 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
                 try:
                     total = None
                     for part in parts:
+                        guard.meet(part)
                         loss = super().training_step(model, part, num_items_in_batch)
                         total = loss if total is None else total + loss
                     break
@@ -350,7 +389,7 @@ def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:
     import torch.distributed as dist
 
     device = "cuda" if cuda else "cpu"
-    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup")
+    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup", "tokens_per_s_compiled")
     peaks = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
     values = torch.tensor([float(measured.get(k) or 0.0) for k in summed], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)

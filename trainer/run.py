@@ -237,11 +237,13 @@ def _last_checkpoint(out_dir: Path) -> str | None:
 
 
 def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float | None,
-              nvml_peak: float | None = None) -> dict[str, Any]:
+              nvml_peak: float | None = None, compiled: float | None = None,
+              compile_steps: int | None = None) -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {"tokens": round(trained_tokens), "tokens_per_s": steady, "tokens_per_s_with_warmup":
-                           round(trained_tokens / runtime_s, 1) if runtime_s else None}
+                           round(trained_tokens / runtime_s, 1) if runtime_s else None,
+                           "tokens_per_s_compiled": compiled, "compile_steps": compile_steps}
     if cuda:
         from rigplan.profiles import nvml
 
@@ -346,7 +348,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
 
     status = ("interrupted" if guard.signal is not None else "nan" if guard.nan_step is not None
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
-    measured = _measured(cuda, float(guard.tokens), runtime, guard.steady_tokens_per_s(), nvml_peak)
+    measured = _measured(cuda, float(guard.tokens), runtime, guard.steady_tokens_per_s(), nvml_peak,
+                         guard.compiled_tokens_per_s(), len(guard.compiling))
     # Each optimizer step's seconds (this process's clock; only the warm-up's end and the last are synchronised
     # with the GPU): where compiling a new shape or a slow GPU stalled the run.
     measured["step_seconds"] = guard.step_seconds()
