@@ -552,15 +552,15 @@ def test_compiled_rate_leaves_out_steps_that_meet_a_new_shape(tmp_path, monkeypa
     guard.warmup = 1
     shapes = [(4, 64), (4, 64), (4, 64), (8, 32), (4, 64), (4, 64), (8, 32)]  # 256 tokens each
 
-    class Ids:  # what meet() and count() read of a padding-free micro-batch's input ids
+    class Ids:  # what meet() and count() read of a padded micro-batch: its ids' shape, its mask's sum
         def __init__(self, shape: tuple[int, int]) -> None:
             self.shape = shape
 
-        def numel(self) -> int:
+        def sum(self) -> int:
             return self.shape[0] * self.shape[1]
 
     for shape in shapes:
-        batch = {"input_ids": Ids(shape)}
+        batch = {"input_ids": Ids(shape), "attention_mask": Ids(shape)}
         new = shape not in guard.shapes
         guard.meet(batch)
         clock[0] += 10.0 if new else 1.0
@@ -570,3 +570,5 @@ def test_compiled_rate_leaves_out_steps_that_meet_a_new_shape(tmp_path, monkeypa
     assert [i for i, _, _ in guard.compiling] == [0, 3]
     assert guard.compiled_tokens_per_s() == pytest.approx(256 / 1.0)
     assert guard.steady_tokens_per_s() == pytest.approx(5 * 256 / 14.0, abs=0.1)  # the compiling step counted
+    guard.meet({"input_ids": Ids((1, 999))})  # padding-free: a new length each time, not tracked
+    assert guard.new_shape_from is None and (1, 999) not in guard.shapes

@@ -49,10 +49,11 @@ class _Guard:
         self.main = self.world.main  # rank 0 alone writes files
 
     def meet(self, inputs: dict[str, Any]) -> None:
-        """Before a micro-batch runs: if its shape is new, the clock is read with the GPU done so far, so that
-        the compiling it starts is timed apart from the steps before it."""
+        """Before a padded micro-batch runs: if its shape is new, the clock is read with the GPU done so far, so
+        that the compiling it starts is timed apart from the steps before it. Padding-free rows (no attention
+        mask) differ in length every time and run uncompiled: not tracked."""
         shape = tuple(inputs["input_ids"].shape)
-        if shape in self.shapes:
+        if "attention_mask" not in inputs or shape in self.shapes:
             return
         self.shapes.add(shape)
         if self.new_shape_from is None:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import signal
 import time
 import warnings
@@ -336,8 +337,11 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         runtime = time.perf_counter() - t0
     except torch.OutOfMemoryError as e:  # even one example per micro-batch does not fit
+        asked = re.search(r"Tried to allocate [\d.]+ [KMG]iB", str(e))
+        held = (f"{asked.group(0).lower() if asked else 'ran out'} with {torch.cuda.max_memory_reserved() / 2**30:.1f}"
+                f" GiB reserved, the plan {plan.peak_reserved_gib:.1f}") if cuda else "ran out"
         raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} with one example per "
-                           f"micro-batch; resume with --resume --seq {plan.seq_len // 2} or --method qlora "
+                           f"micro-batch ({held}); resume with --resume --seq {plan.seq_len // 2} or --method qlora "
                            f"(last checkpoint: {_last_checkpoint(out)})") from e
     finally:
         nvml_peak = sampler.stop() if sampler else None
@@ -350,8 +354,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
     measured = _measured(cuda, float(guard.tokens), runtime, guard.steady_tokens_per_s(), nvml_peak,
                          guard.compiled_tokens_per_s(), len(guard.compiling))
-    # Each optimizer step's seconds (this process's clock; only the warm-up's end and the last are synchronised
-    # with the GPU): where compiling a new shape or a slow GPU stalled the run.
+    # Each optimizer step's seconds (this process's clock; only the warm-up's end, the last and those that met a new
+    # shape are synchronised with the GPU): where compiling a new shape or a slow GPU stalled the run.
     measured["step_seconds"] = guard.step_seconds()
     if world().world_size > 1:
         measured = _all_ranks(measured, cuda)
