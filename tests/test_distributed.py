@@ -58,6 +58,21 @@ def test_two_processes_train_and_rank_0_alone_writes(setup, tmp_path) -> None:
     assert steps == sorted(set(steps)) and steps[-1] == 6  # each step logged once, by rank 0
     assert json.loads((out / "plan.json").read_text())["num_gpus"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert summary["ranks_agree"] is True
+
+
+def test_accumulated_micro_batches_are_all_reduced(setup, tmp_path) -> None:
+    """Two micro-batches per step on each of two processes: every one's gradient reaches the all-reduce, so both
+    processes end with the same adapter (DDP all-reduces each parameter's whole .grad at the step's last backward)."""
+    model, data = setup
+    out = tmp_path / "o"
+    proc = _run([str(model), "--data", str(data), "--gpus", "2", "--out", str(out), "--max-steps", "4",
+                 "--seq", "64", "--micro-batch", "2", "--grad-accum", "2"])
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, log[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["grad_accum"] == 2
+    assert summary["global_step"] == 4 and summary["ranks_agree"] is True
 
 
 def test_a_signal_to_one_rank_stops_both_and_resume_finishes(setup, tmp_path) -> None:

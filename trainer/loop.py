@@ -283,7 +283,17 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
 
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
             """On CUDA out-of-memory, halve the micro-batch (twice the accumulation) and redo this one:
-            losses are normalised by the step's token count, so the parts add up to the same gradient."""
+            losses are normalised by the step's token count, so the parts add up to the same gradient.
+            Several processes: no backoff (below)."""
+            if guard.world.world_size > 1:
+                # DDP all-reduces each parameter's whole .grad, which moving the step's earlier gradients aside
+                # leaves out (two CPU processes ended with different adapters: tests/test_distributed.py), and a
+                # micro-batch split on one GPU alone would all-reduce more often there than on the others. An
+                # out-of-memory error stops the run instead (torchrun then stops every process).
+                guard.meet(inputs)
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                guard.count(inputs)
+                return loss
             if self._trainable is None:  # listed once: 2 ms for an 8B model with LoRA
                 self._trainable = [p for p in model.parameters() if p.requires_grad]
             params = self._trainable

@@ -256,6 +256,21 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
     return out
 
 
+def ranks_agree(model: Any) -> bool:
+    """Whether every process holds the same trainable weights (DDP): the sum and the sum of squares of each
+    process's adapter, compared across processes. DDP keeps replicas equal only if every gradient is all-reduced;
+    a run where they drift has trained something no process holds whole."""
+    import torch
+    import torch.distributed as dist
+
+    params = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
+    both = torch.cat([local, -local]).to("cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # the largest of each, and of its negation: the smallest
+    dist.barrier()  # nothing of it still in flight when a process goes on to exit (gloo aborts then)
+    return bool(torch.allclose(both[:2], -both[2:], rtol=1e-9, atol=1e-12))
+
+
 def check_plan(plan: Plan) -> None:
     """What this trainer cannot train, refused before anything loads: a sharded plan on Unsloth, which has no
     FSDP (the planner's FSDP plans are transformers + PEFT)."""
@@ -340,8 +355,10 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         asked = re.search(r"Tried to allocate [\d.]+ [KMG]iB", str(e))
         held = (f"{asked.group(0).lower() if asked else 'ran out'} with {torch.cuda.max_memory_reserved() / 2**30:.1f}"
                 f" GiB reserved, the plan {plan.peak_reserved_gib:.1f}") if cuda else "ran out"
-        raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} with one example per "
-                           f"micro-batch ({held}); resume with --resume --seq {plan.seq_len // 2} or --method qlora "
+        where = ("with one example per micro-batch" if world().world_size == 1 else
+                 f"on process {world().rank} (several processes do not split micro-batches in step)")
+        raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} {where} ({held}); resume with "
+                           f"--resume --seq {plan.seq_len // 2} or --method qlora "
                            f"(last checkpoint: {_last_checkpoint(out)})") from e
     finally:
         nvml_peak = sampler.stop() if sampler else None
@@ -378,6 +395,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     # What ran, not what was asked: the Trainer's FSDP wrapping, if any (accelerate's plugin)
     summary["parallelism"] = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
                               else "ddp" if world().world_size > 1 else "single")
+    if summary["parallelism"] == "ddp":  # every process must end with the same adapter, or the run is wrong
+        summary["ranks_agree"] = ranks_agree(trainer.model)
     if status == "nan":
         summary["message"] = (f"loss became NaN or infinite by step {guard.nan_step}; last good checkpoint: "
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
