@@ -310,6 +310,23 @@ def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def bnb_4bit(config: dict[str, Any]) -> bool:
+    """A checkpoint stored in bitsandbytes 4-bit (Unsloth's `-bnb-4bit` copies saved locally): its config.json's
+    quantization_config, as transformers' BitsAndBytesConfig.to_dict() writes it."""
+    quant = config.get("quantization_config") or {}
+    return quant.get("quant_method") == "bitsandbytes" and bool(quant.get("load_in_4bit") or quant.get("_load_in_4bit"))
+
+
+def _quantization_problems(config: dict[str, Any], model_type: str) -> list[str]:
+    """Checkpoints stored quantized other than bitsandbytes 4-bit (QLoRA's own) or gpt-oss's MXFP4 experts: their
+    weights load as neither 16-bit LoRA nor QLoRA counts them."""
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method is None or bnb_4bit(config) or (method == "mxfp4" and model_type in GPT_OSS):
+        return []
+    return [f"its weights are stored quantized (quantization_config quant_method {method!r}); rigplan trains 16-bit "
+            "checkpoints (LoRA, QLoRA) and bitsandbytes 4-bit ones (QLoRA): pass the 16-bit model"]
+
+
 def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: str) -> list[str]:
     """Every reason a config.json is not one rigplan can estimate, gathered."""
     types = supported_model_types()
@@ -339,7 +356,7 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
         problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} (and no head_dim)")
     if model_type in MOE_TYPES:
         problems += _expert_problems(cfg, model_type)
-    return problems + _layer_type_problems(cfg)
+    return problems + _layer_type_problems(cfg) + _quantization_problems(config, model_type)
 
 
 def _expert_problems(cfg: dict[str, Any], model_type: str) -> list[str]:
@@ -412,6 +429,7 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
         num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
         source=source,
+        prequantized=bnb_4bit(config),
     )
 
 

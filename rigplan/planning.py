@@ -159,7 +159,8 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
 def warnings_for(model: ModelSpec) -> list[str]:
     notes = [f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
     if model.prequantized:
-        notes.append(f"uncalibrated: {model.hub_id} is planned as {model.id} quantized on load; a pre-quantized "
+        planned = f"{model.id} quantized on load" if model.hub_id != model.id else "its architecture quantized on load"
+        notes.append(f"uncalibrated: {model.hub_id} is pre-quantized (4-bit), planned as {planned}; a pre-quantized "
                      "checkpoint's loading and memory (Unsloth's dynamic 4-bit keeps some layers in 16 bits) have "
                      "not been measured")
     return notes

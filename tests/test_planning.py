@@ -98,6 +98,32 @@ def test_prequantized_unsloth_ids_plan_qlora_from_that_id() -> None:
         planning.check("unsloth/Llama-3.1-8B-bnb-4bit", "rtx-4090", method="lora")
 
 
+def test_a_local_4_bit_checkpoint_plans_qlora_and_other_quantized_ones_are_refused(tmp_path) -> None:
+    """A local copy of a `-bnb-4bit` checkpoint (its config.json's quantization_config, as transformers writes it)
+    is pre-quantized whatever its folder's name: QLoRA only. Weights stored in another quantized format (GPTQ,
+    8-bit) are neither what LoRA nor what QLoRA counts: refused, in one line, before anything loads."""
+    from rigplan.errors import ConfigError
+    from rigplan.profiles.catalog import UnknownModelError
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+              "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "vocab_size": 128256, "max_position_embeddings": 131072}  # Llama-3.2-1B's sizes
+    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True, "_load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    for name, quant in (("my-model", bnb), ("gptq", {"quant_method": "gptq", "bits": 4}),
+                        ("int8", {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    spec = resolve_model(str(tmp_path / "my-model"))
+    assert spec.prequantized
+    assert planning.make_plan(str(tmp_path / "my-model"), "rtx-4090").method == "qlora"
+    with pytest.raises(ConfigError, match="only QLoRA"):
+        planning.check(str(tmp_path / "my-model"), "rtx-4090", method="lora")
+    for name in ("gptq", "int8"):
+        with pytest.raises(UnknownModelError, match="stored quantized.*pass the 16-bit model"):
+            resolve_model(str(tmp_path / name))
+    assert not resolve_model("llama-3.2-1b").prequantized
+
+
 def test_an_override_of_a_multi_gpu_plan_keeps_its_gpus(tmp_path) -> None:
     """`rigplan run --gpus 2 --micro-batch 8` on the two-H200 machine once trained on one GPU while printing two
     GPUs' speed: the re-estimated override had dropped the plan's GPUs and parallelism. An override keeps them, and
