@@ -141,7 +141,8 @@ def _render_catalogue(d: dict[str, Any]) -> str:
                      g["price_usd"] and round(g["price_usd"]), g.get("tokens_per_s_per_kusd")])
     headers = ["gpu", "memory GiB", "fits", "method", "rank", "tokens/micro", "total GiB", "tok/s", "time h", "price $",
                "tok/s per k$"]
-    table = format_table(f"rigplan check: {d['model']} on catalogue GPUs (seq {d['seq']})", headers, rows,
+    each = f" x {d['num_gpus']} of each (memory per GPU, tok/s and price for all)" if d.get("num_gpus", 1) > 1 else ""
+    table = format_table(f"rigplan check: {d['model']} on catalogue GPUs{each} (seq {d['seq']})", headers, rows,
                          {"memory GiB": 0, "total GiB": 1, "time h": 2, "tok/s per k$": 1})
     notes = [d.get("note", ""), f"smallest card that fits: {d['smallest_fitting']}; fastest per dollar: {d['best_per_dollar']}",
              f"time: {d['workload']['source']}; speeds scale the H100 reference calibration by each GPU's spec sheet"]

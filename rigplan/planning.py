@@ -206,7 +206,7 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
     methods = (method,) if method else ("lora", "qlora")
     ranks = (rank,) if rank is not None else None
     if target is None:
-        return {**catalogue(model, seq, load, effective_batch), "note": why}
+        return {**catalogue(model, seq, load, effective_batch, num_gpus, methods, ranks), "note": why}
     result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, lengths=load.lengths,
                                     methods=methods, ranks=ranks)
     return {
@@ -245,22 +245,24 @@ def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, 
     return result, result.best, calibration_info(coeffs, doc, here, target.spec)
 
 
-def catalogue(model: ModelSpec, seq: int, load: Workload, effective_batch: int) -> dict[str, Any]:
-    """Every catalogue GPU's best plan for the model; the smallest card that fits and the best per dollar."""
+def catalogue(model: ModelSpec, seq: int, load: Workload, effective_batch: int, num_gpus: int = 1,
+              methods: tuple[str, ...] = ("lora", "qlora"), ranks: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Every catalogue GPU's best plan for the model (num_gpus of each card: speed for all of them, price for
+    all of them); the smallest card that fits and the best per dollar."""
     rows = []
     for spec in catalog.gpus():
         result, p, _ = best_plan(model, Target(spec, planner.usable_gib(spec), False), seq, effective_batch,
-                                 lengths=load.lengths)
+                                 num_gpus, lengths=load.lengths, methods=methods, ranks=ranks)
         row = {"gpu": spec.id, "name": spec.name, "memory_gib": spec.memory_gib, "price_usd": spec.price_usd,
                "fits": result.fits, "recommended": plan_row(p, load) if p and result.fits else None}
         if row["recommended"] and spec.price_usd:
-            row["tokens_per_s_per_kusd"] = round(p.tokens_per_s / spec.price_usd * 1000, 1)
+            row["tokens_per_s_per_kusd"] = round(p.tokens_per_s / (spec.price_usd * num_gpus) * 1000, 1)
         rows.append(row)
     fitting = [r for r in rows if r["fits"]]
     smallest = min(fitting, key=lambda r: (r["memory_gib"], r["price_usd"] or 1e12), default=None)
     priced = [r for r in fitting if r.get("tokens_per_s_per_kusd")]
     per_dollar = max(priced, key=lambda r: r["tokens_per_s_per_kusd"], default=None)
-    return {"model": model.id, "gpu": None, "seq": seq, "gpus": rows, "workload": load.to_dict(),
+    return {"model": model.id, "gpu": None, "num_gpus": num_gpus, "seq": seq, "gpus": rows, "workload": load.to_dict(),
             "smallest_fitting": smallest and smallest["gpu"], "best_per_dollar": per_dollar and per_dollar["gpu"],
             "warnings": warnings_for(model)}
 

@@ -232,6 +232,22 @@ def test_max_seq_answers_per_method_in_json() -> None:
     assert none["max_seq"] == {"lora": None, "qlora": None}
 
 
+def test_the_catalogue_plans_for_the_gpus_asked_for() -> None:
+    """With no GPU named, `--gpus 2` plans two of each catalogue card (it once planned one of each and showed it
+    under --gpus 2), and `--method` holds there too."""
+    d = json.loads(invoke("check", "llama-3.1-70b", "--gpus", "2", "--json").output)
+    rows = {r["gpu"]: r for r in d["gpus"]}
+    assert d["num_gpus"] == 2 and not rows["rtx-4090"]["fits"]
+    a6000 = rows["rtx-a6000"]["recommended"]
+    assert a6000["num_gpus"] == 2 and a6000["parallelism"] == "fsdp"
+    assert rows["rtx-a6000"]["tokens_per_s_per_kusd"] == pytest.approx(
+        a6000["tokens_per_s"] / (2 * rows["rtx-a6000"]["price_usd"]) * 1000, abs=0.1)
+    one = json.loads(invoke("check", "llama-3.1-70b", "--method", "qlora", "--json").output)
+    assert all(r["recommended"]["method"] == "qlora" for r in one["gpus"] if r["fits"])
+    assert {r["gpu"] for r in one["gpus"] if r["fits"]} >= {"rtx-a6000", "h100-sxm"}
+    assert "x 2 of each" in invoke("check", "llama-3.1-70b", "--gpus", "2").output
+
+
 def test_70b_on_two_cards_is_sharded_with_cpu_memory_said() -> None:
     """Two 48 GB cards: 16-bit LoRA sharded with the frozen weights offloaded, and the CPU memory said. Two 24 GB
     cards: FSDP2's buffers as measured (bench/results/h200x2-fsdp/) leave no sharded setup inside 24 GiB."""
