@@ -7,6 +7,11 @@
 torch.cuda.set_per_process_memory_fraction(GiB / the GPU's total) before the first allocation: the caching
 allocator then raises out-of-memory past it. torch first is fine for Unsloth, which warns
 only when transformers, peft or trl came before it.
+
+QLORA_CPU_LOAD=1 (an experiment for sharded QLoRA, issue 16): a 4-bit model is loaded and quantized in CPU memory
+(device_map {"": "cpu"}, which transformers 5.17's bitsandbytes quantizer accepts when every module is on the CPU)
+instead of whole onto each process's GPU, so that FSDP moves only each process's shard to its GPU; the GPU memory
+right after loading is printed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ def main() -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
     print(f"GPU {device} capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
+    if os.environ.get("QLORA_CPU_LOAD") == "1":
+        load_4_bit_on_cpu(torch)
     if sys.argv[2] == "-m":
         import runpy
 
@@ -37,6 +44,26 @@ def main() -> None:
 
     sys.argv = ["rigplan", *sys.argv[2:]]
     cli()
+
+
+def load_4_bit_on_cpu(torch) -> None:  # noqa: ANN001
+    try:
+        import unsloth  # noqa: F401  (before transformers, as rigplan run imports them)
+    except ImportError:
+        pass
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):  # noqa: ANN001, ANN202
+        if kwargs.get("quantization_config") is not None:
+            kwargs["device_map"] = {"": "cpu"}
+        model = original(cls, *args, **kwargs)
+        print(f"QLORA_CPU_LOAD: loaded on the CPU; GPU allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB",
+              flush=True)
+        return model
+
+    AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 # Predictions written before: bench/results/predictions/fsdp-70b-4090x2.json.
 #   LAYERS=8 bash bench/record_fsdp.sh qlora lora; LAYERS=16 bash bench/record_fsdp.sh qlora lora
 # GPU and CAP (GiB) plan for and stand for another card, e.g. GPU=rtx-a6000 CAP=48 (predictions/fsdp-lora-a6000x2.json).
+# QLORA_CPU_LOAD=1: the 4-bit model loaded in CPU memory rather than whole onto each GPU (bench/capped.py).
 set -uo pipefail
 source bench/gpu_setup.sh
 LAYERS=${LAYERS:-8}
@@ -26,6 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 for method in "${@:-qlora}"; do
   name=fsdp-L$LAYERS-$method
   [ "$GPU" = rtx-4090 ] || name=$name-$GPU
+  [ "${QLORA_CPU_LOAD:-0}" = 1 ] && name=$name-cpuload  # bench/capped.py: 4-bit weights loaded in CPU memory
   out=/tmp/run-$name
   rm -rf $out
   # The plan for two of the card; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.
