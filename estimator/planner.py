@@ -259,10 +259,17 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
         smallest = min(cands, key=lambda c: c.total_gib)
         s = smallest.setup
         gpus = f" per GPU ({s.parallelism} over {s.num_gpus})" if s.num_gpus > 1 else ""
-        return PlanResult(False, None, [], (
-            f"does not fit: the smallest setup ({s.method}, rank {s.rank}, micro-batch 1, seq {s.seq_len}) needs "
-            f"{smallest.total_gib:.1f} GiB{gpus}, over the {limit * (1 - SAFETY_MARGIN):.1f} GiB usable "
-            f"({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free)"), limit)
+        offload = ", frozen weights offloaded to CPU memory" if s.cpu_offload else ""
+        largest = sorted(smallest.components_bytes.items(), key=lambda kv: -kv[1])[:2]
+        why = (f"does not fit: the smallest setup ({s.method}, rank {s.rank}, micro-batch 1, seq {s.seq_len}{offload}) "
+               f"needs {smallest.total_gib:.1f} GiB{gpus}, over the {limit * (1 - SAFETY_MARGIN):.1f} GiB usable "
+               f"({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free); the largest terms: "
+               + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in largest))
+        if any(c.setup.parallelism == "fsdp" and c.setup.method == "qlora" for c in cands):
+            whole = memory.quantized_load_bytes(model, dataclasses.replace(s, method="qlora", parallelism="fsdp"))
+            why += (f"; sharded QLoRA: every process first loads the whole 4-bit model ({whole / GIB:.1f} GiB) onto "
+                    "its GPU (transformers 5.17)")
+        return PlanResult(False, None, [], why, limit)
     fastest = max(c.tokens_per_s for c in fitting)
     fitting.sort(key=lambda c: _preference(c, fastest))
     best = fitting[0]

@@ -262,3 +262,4 @@ def test_70b_on_two_cards_is_sharded_with_cpu_memory_said() -> None:
     assert "sharded QLoRA does not fit" in text
     small = invoke("check", "llama-3.1-70b", "--gpu", "rtx-4090", "--gpus", "2")
     assert "DOES NOT FIT" in small.output and "per GPU (fsdp over 2)" in small.output
+    assert "the largest terms: fsdp_pool" in small.output and "loads the whole 4-bit model" in small.output
