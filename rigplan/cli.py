@@ -301,6 +301,9 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--batching", type=click.Choice(["packed", "padded"]),
               help="Override the plan's layout (the faster for your data): padded groups of --micro-batch "
                    "examples of similar length, or whole examples packed within the token budget.")
+@click.option("--checkpointing", type=click.Choice(["unsloth", "off"]),
+              help="Override the plan's gradient checkpointing (re-estimated): unsloth (activations recomputed, "
+                   "offloaded to CPU memory under Unsloth) or off.")
 @click.option("--gpus", "num_gpus", type=int, default=1, show_default=True,
               help="GPUs of this host to plan for and train on (one process each, under torchrun).")
 @click.option("--parallelism", type=click.Choice(["ddp", "fsdp"]),
@@ -310,7 +313,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
-        engine_: str | None, batching: str | None, num_gpus: int, parallelism: str | None) -> None:
+        engine_: str | None, batching: str | None, checkpointing: str | None, num_gpus: int,
+        parallelism: str | None) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     from rigplan import planning as lib
     from rigplan import store
@@ -325,7 +329,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
                              save_steps=save_steps, max_steps=max_steps, merge=merge)
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
                "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine_,
-               "batching": batching, "parallelism": parallelism}
+               "batching": batching, "checkpointing": checkpointing, "parallelism": parallelism}
     def check_inputs() -> None:  # everything typed, before any tokenizer or model loads (--dry-run too)
         engine.require_training_packages()
         runlib.check_options(opts, lib.run_problems(changes))

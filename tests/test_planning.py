@@ -143,3 +143,21 @@ def test_an_override_of_a_multi_gpu_plan_keeps_its_gpus(tmp_path) -> None:
 
     assert one.num_gpus == 1
     assert changed.tokens_per_s / one.tokens_per_s == pytest.approx(2 * DATA_PARALLEL_EFFICIENCY, rel=0.03)
+
+
+def test_checkpointing_override_is_re_estimated(tmp_path) -> None:
+    """`rigplan run --checkpointing`: the plan keeps the user's choice with its own memory, or refuses it with the
+    estimate when it cannot fit."""
+    from rigplan.errors import ConfigError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * (400 + 9 * i)}) + "\n" for i in range(200)))
+    fresh = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "lora"})
+    assert fresh.checkpointing == "off"
+    on = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "lora", "checkpointing": "unsloth"})
+    assert on.checkpointing == "unsloth" and on.peak_reserved_gib < fresh.peak_reserved_gib
+    assert (on.micro_batch, on.seq_len) == (fresh.micro_batch, fresh.seq_len)
+    small = planning.plan_for_run("llama-3.1-8b", "rtx-4090", data, {"method": "lora"})
+    assert small.checkpointing == "unsloth"
+    with pytest.raises(ConfigError, match="checkpointing=off needs"):
+        planning.plan_for_run("llama-3.1-8b", "rtx-4090", data, {"method": "lora", "checkpointing": "off"})

@@ -153,6 +153,9 @@ def test_dry_run_prints_plan_and_data_report(model_dir, data_file, tmp_path) -> 
     report = json.loads(r.output[r.output.index("{"):])["data_report"]
     assert report["examples"] == 96 and report["seq_len"] == 32 and report["format"] == "alpaca"
     assert not (tmp_path / "o" / "adapter").exists()
+    r = CliRunner().invoke(main, ["run", str(model_dir), "--data", str(data_file), "--out", str(tmp_path / "p"),
+                                  "--dry-run", "--seq", "32", "--checkpointing", "off"])
+    assert r.exit_code == 0 and json.loads(r.output[r.output.index("{"):])["plan"]["checkpointing"] == "off"
 
 
 def test_gradient_accumulation_keeps_the_loss_scale(model_dir, data_file, tmp_path) -> None:
