@@ -196,38 +196,43 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
                 batchings: tuple[Batching, ...] = ("padded", "packed"),
                 engine: Engine = "unsloth", num_gpus: int = 1) -> list[Estimate]:
     """Every parallelism x method x rank x checkpointing x layout x token budget (micro_batch sequences of
-    seq_len) up to the one that holds the effective batch's examples in one micro-batch. Without the data's
-    lengths only padded (full sequences) is timed. One GPU: 'single'; several: DDP and FSDP (SHARDINGS)."""
+    seq_len) up to the one that holds the effective batch's examples (all GPUs together) in one micro-batch.
+    Without the data's lengths only padded (full sequences) is timed. One GPU: 'single'; several: one of them
+    alone, DDP and FSDP (SHARDINGS)."""
     if lengths is None:
         batchings = ("padded",)
-    shardings = [(par, *how) for par in (("single",) if num_gpus == 1 else ("ddp", "fsdp")) for how in SHARDINGS[par]]
+    kinds = ("single",) if num_gpus == 1 else ("single", "ddp", "fsdp")
+    shardings = [(par, *how) for par in kinds for how in SHARDINGS[par]]
     out = []
     for (parallelism, offload, only_ckpt, only_engine), method, rank, ckpt, layout in itertools.product(
             shardings, methods, ranks, checkpointing, batchings):
         if only_ckpt and ckpt != only_ckpt:
             continue
+        gpus = 1 if parallelism == "single" else num_gpus
         for micro in MICRO_BATCHES:
-            accum = grad_accum_for(effective_batch, micro, seq_len, lengths, layout)
+            accum = grad_accum_for(max(1, effective_batch // gpus), micro, seq_len, lengths, layout)
             setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len, grad_accum=accum,
                           optimizer=optimizer_for(parallelism), checkpointing=ckpt, parallelism=parallelism,
-                          num_gpus=num_gpus, cpu_offload=offload)
+                          num_gpus=gpus, cpu_offload=offload)
             out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, only_engine or engine))
             if accum == 1:  # a larger budget would hold more than a step's examples
                 break
     return out
 
 
-def _preference(est: Estimate, fastest: float) -> tuple[bool, bool, bool, int, bool, float, float]:
+def _preference(est: Estimate, fastest: float, num_gpus: int = 1) -> tuple[bool, bool, bool, bool, int, bool, float,
+                                                                         float]:
     """Order among fitting estimates: no CPU offload (it needs the host's memory and its PCIe link) where
-    anything else fits, then DDP over FSDP where DDP fits (DDP's speed is measured on full-depth runs; FSDP's
-    only on reduced-depth QLoRA), then 16-bit LoRA (no quantization error), then
-    speed (ties within SPEED_TIE), then GPU-bound over host-bound (whose speed varies with the host's CPU), then
-    the rank nearest the default, then the smaller memory."""
+    anything else fits, then all the GPUs asked for over one of them, then DDP over FSDP where DDP fits (DDP's
+    speed is measured on full-depth runs; FSDP's only on reduced-depth QLoRA), then 16-bit LoRA (no quantization
+    error), then speed (ties within SPEED_TIE), then GPU-bound over host-bound (whose speed varies with the host's
+    CPU), then the rank nearest the default, then the smaller memory."""
     s = est.setup
     speed_bucket = math.floor((1 - est.tokens_per_s / fastest) / SPEED_TIE) if fastest else 0
     # Offloaded, QLoRA's 4-bit weights need a quarter of 16-bit LoRA's CPU memory: QLoRA first there.
-    return (s.cpu_offload, s.parallelism == "fsdp", s.method != ("qlora" if s.cpu_offload else "lora"),
-            speed_bucket, est.host_bound, abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
+    return (s.cpu_offload, s.num_gpus < num_gpus, s.parallelism == "fsdp",
+            s.method != ("qlora" if s.cpu_offload else "lora"), speed_bucket, est.host_bound,
+            abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
 
 
 def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DEFAULT_SEQ_LEN,
@@ -246,10 +251,9 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
         raise ConfigError(f"--gpus {num_gpus} must be >= 1")
     validate(model, Setup(method=methods[0], rank=min(ranks), micro_batch=1, seq_len=seq_len))
     limit = usable_gib(gpu, gpu_memory_gib)
-    per_gpu_batch = max(1, effective_batch // num_gpus)
     seq = seq_len
     while True:
-        cands = _candidates(model, gpu, coeffs, seq, per_gpu_batch, methods, ranks, checkpointing, limit,
+        cands = _candidates(model, gpu, coeffs, seq, effective_batch, methods, ranks, checkpointing, limit,
                             lengths, batchings, engine, num_gpus)
         fitting = [c for c in cands if c.fits]
         if fitting or seq // 2 < MIN_SEQ_LEN:
@@ -271,7 +275,7 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
                     "its GPU (transformers 5.17)")
         return PlanResult(False, None, [], why, limit)
     fastest = max(c.tokens_per_s for c in fitting)
-    fitting.sort(key=lambda c: _preference(c, fastest))
+    fitting.sort(key=lambda c: _preference(c, fastest, num_gpus))
     best = fitting[0]
     plans = [to_plan(model, e, gpu, coeffs, model_path) for e in _runners_up(fitting, alternatives)]
     return PlanResult(seq == seq_len, plans[0], plans[1:], _reason(best, cands, seq, seq_len, limit, num_gpus),
@@ -325,6 +329,11 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
     """Which of DDP and FSDP fit on these GPUs, which is chosen, and what is not measured."""
     s = best.setup
     ddp_fits = any(c.fits and c.setup.parallelism == "ddp" for c in cands)
+    if s.num_gpus == 1:  # preferred only where the ways of using them all do not fit, or offload to CPU memory
+        sharded = [c for c in cands if c.fits and c.setup.num_gpus > 1]
+        return (f"one GPU of the {num_gpus}: " + ("neither DDP (each GPU holds the whole model) nor FSDP fits"
+                if not sharded else "using them all fits only with FSDP and the frozen weights offloaded to CPU "
+                "memory, slower and needing the host's memory (rigplan run --parallelism fsdp trains that)"))
     if s.parallelism == "ddp":
         why = f"DDP over {num_gpus} GPUs: each holds the whole model"
     else:

@@ -359,6 +359,9 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
                + (f": {p.peak_reserved_gib:.1f} GiB peak reserved, {p.tokens_per_s:,.0f} tok/s predicted"
                   + (f" (examples of {p.example_tokens:,.0f} tokens)" if p.example_tokens else "")
                   if p.total_gib else ""))
+    if num_gpus > 1 and p.num_gpus == 1 and p.gpu != "cpu":
+        click.echo(f"rigplan: the plan trains on one of the {num_gpus} GPUs (`rigplan check --gpus {num_gpus}` says "
+                   "why); --parallelism ddp or fsdp spreads it over them", err=True)
     if dry_run:
         click.echo(json.dumps(_run(lambda: runlib.dry_run_report(p, opts), before), indent=2))
         return

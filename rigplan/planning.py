@@ -343,7 +343,7 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         return p
-    if changes.get("parallelism") and p.num_gpus == 1:
+    if changes.get("parallelism") and changes.get("num_gpus", p.num_gpus) == 1:
         raise ConfigError(f"--parallelism {changes['parallelism']} spreads a plan over several GPUs; pass --gpus N too")
     if changes.get("parallelism") == "fsdp" and changes.get("engine") == "unsloth":
         raise ConfigError("--parallelism fsdp trains on transformers + PEFT (Unsloth does not shard a model); "
@@ -424,6 +424,8 @@ def plan_for_run(model_or_plan: str, gpu: str | None, data_file: Path, changes: 
             changes = {k: v for k, v in changes.items() if k not in ("method", "seq_len")}
     if not {k: v for k, v in changes.items() if v is not None}:
         return base
+    if changes.get("parallelism") and num_gpus > 1 and base.num_gpus == 1:  # a one-of-N plan, spread as asked
+        changes = {**changes, "num_gpus": num_gpus}
     lengths = (ExampleLengths.of(counted[0], count=counted[1]) if counted
                else ExampleLengths.of(data.estimated_lengths(Path(data_file), skip_bad,
                                                              family=token_family(base.model))))

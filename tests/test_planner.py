@@ -274,7 +274,11 @@ def test_fsdp_shards_weights_and_offload_moves_them_to_cpu_memory(coeffs) -> Non
     assert memory.components_bytes(model, offload, coeffs)["fsdp_pool"] > 0  # reserved beyond the allocated peak
     assert not planner.plan(model, gpu, coeffs).fits
     assert not planner.plan(model, gpu, coeffs, num_gpus=2).fits  # FSDP2's buffers as measured: 24 GiB is too little
-    gpu = resolve_gpu("rtx-a6000")
+    # two 48 GB cards: one of them holds it in 4-bit, which beats sharding with the weights in CPU memory
+    one_of_two = planner.plan(model, resolve_gpu("rtx-a6000"), coeffs, num_gpus=2)
+    assert one_of_two.best.num_gpus == 1 and one_of_two.best.parallelism == "single"
+    assert one_of_two.best.method == "qlora" and "one GPU of the 2" in one_of_two.reason
+    gpu = resolve_gpu("rtx-5090")  # two 32 GB cards: neither one alone nor DDP, sharded 16-bit LoRA offloaded
     two = planner.plan(model, gpu, coeffs, num_gpus=2)
     p = two.best
     assert two.fits and p.parallelism == "fsdp" and p.method == "lora" and p.cpu_offload
