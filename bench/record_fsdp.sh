@@ -33,7 +33,7 @@ for method in "${@:-qlora}"; do
   # The plan for two of the card; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.
   python3 -m rigplan plan $DIR --data /tmp/data-fsdp.jsonl --gpu $GPU --gpus 2 --method $method \
     --out /tmp/plan-$name.json >>$LOG 2>&1 || { tail -5 $LOG; continue; }
-  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000"
+  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --gpus 2 --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000"
   echo "== $name: $cmd" >>$LOG; t0=$SECONDS
   $cmd >>$LOG 2>&1
   echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG
