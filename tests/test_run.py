@@ -575,3 +575,15 @@ def test_compiled_rate_leaves_out_steps_that_meet_a_new_shape(tmp_path, monkeypa
     assert guard.steady_tokens_per_s() == pytest.approx(5 * 256 / 14.0, abs=0.1)  # the compiling step counted
     guard.meet({"input_ids": Ids((1, 999))})  # padding-free: a new length each time, not tracked
     assert guard.new_shape_from is None and (1, 999) not in guard.shapes
+
+
+def test_the_process_count_must_match_the_plans_gpus(model_dir, data_file, tmp_path, monkeypatch) -> None:
+    """A plan for two GPUs trained in one process, or a one-GPU plan under a launcher that started two, is refused
+    before anything loads (both processes would otherwise train, each thinking it is alone or in DDP)."""
+    with pytest.raises(ConfigError, match="trains on 2 GPUs"):
+        train(plan_for(model_dir, num_gpus=2, parallelism="ddp"), RunOptions(data=data_file, out_dir=tmp_path / "a"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="2 processes were started for a plan that trains on 1 GPU"):
+        runlib.check_plan(plan_for(model_dir))
+    assert not (tmp_path / "a").exists()

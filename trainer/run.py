@@ -23,6 +23,7 @@ from rigplan import data as datalib
 from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
+from rigplan.trainer.distributed import world
 from rigplan.trainer.loop import (  # noqa: F401  (re-exported: tests and bench import them from here)
     WARMUP_STEPS, MemorySampler, _all_ranks, _Guard, _trainer_class, cuda_uuid, examples_in, split_micro_batch)
 from rigplan.trainer.options import (  # noqa: F401  (RunOptions and the checks are re-exported: callers import them here)
@@ -165,8 +166,6 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
 
     from trl import SFTConfig
 
-    from rigplan.trainer.distributed import world
-
     return SFTConfig(
         # Each dataset row is already one micro-batch within the token budget, collated by trainer/batching.py
         # (packed: position_ids restart at each example, so Unsloth attends within examples and transformers
@@ -280,6 +279,10 @@ def check_plan(plan: Plan) -> None:
     if plan.parallelism == "fsdp" and plan.gpu == "cpu":  # accelerate/state.py: FSDP for GPU processes only
         raise ConfigError("FSDP shards a model over GPUs (accelerate turns it on for GPU processes only); on CPU "
                           "processes pass --parallelism ddp")
+    processes = world().world_size
+    if processes > 1 and processes != plan.num_gpus:  # started under a launcher with another count
+        raise ConfigError(f"{processes} processes were started for a plan that trains on {plan.num_gpus} GPU(s); "
+                          f"pass --gpus {processes} (the plan is made again for them), or start {plan.num_gpus}")
 
 
 def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
@@ -290,6 +293,9 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
 
     check_options(opts)
     check_plan(plan)
+    if world().world_size != plan.num_gpus:  # rigplan run starts one process per GPU (cli.py _relaunch)
+        raise ConfigError(f"this plan trains on {plan.num_gpus} GPUs: start it with rigplan run (one process per "
+                          "GPU under torchrun), or pass --gpus 1")
     import torch
 
     cuda = torch.cuda.is_available()
@@ -319,8 +325,6 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         args = sft_config_from_plan(plan, out, opts, has_eval, cuda, bf16)
     model, tokenizer = load(plan)
     # Written once the model has loaded: a run stopped before (Ctrl-C, a failed download) leaves --out as it was.
-    from rigplan.trainer.distributed import world
-
     main = world().main  # several processes: rank 0 alone writes
     if main:
         out.mkdir(parents=True, exist_ok=True)
