@@ -304,8 +304,9 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--checkpointing", type=click.Choice(["unsloth", "off"]),
               help="Override the plan's gradient checkpointing (re-estimated): unsloth (activations recomputed, "
                    "offloaded to CPU memory under Unsloth) or off.")
-@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True,
-              help="GPUs of this host to plan for and train on (one process each, under torchrun).")
+@click.option("--gpus", "num_gpus", type=int,
+              help="GPUs to plan for and train on (one process each, under torchrun) [default: the processes a "
+                   "launcher such as torchrun started, else 1].")
 @click.option("--parallelism", type=click.Choice(["ddp", "fsdp"]),
               help="Override how the plan spreads over --gpus (re-estimated): each GPU holds the model (ddp), or "
                    "the model is sharded over them (fsdp: FSDP2 on transformers + PEFT).")
@@ -313,13 +314,16 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
-        engine_: str | None, batching: str | None, checkpointing: str | None, num_gpus: int,
+        engine_: str | None, batching: str | None, checkpointing: str | None, num_gpus: int | None,
         parallelism: str | None) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     from rigplan import planning as lib
     from rigplan import store
     from rigplan.trainer import distributed, engine
     from rigplan.trainer import run as runlib
+
+    if num_gpus is None:  # started under torchrun, accelerate launch or a cluster's launcher: one GPU per process
+        num_gpus = distributed.world().world_size if distributed.launched() else 1
 
     if not distributed.world().main:  # one process per GPU: rank 0 alone prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115

@@ -104,6 +104,22 @@ def test_a_signal_to_one_rank_stops_both_and_resume_finishes(setup, tmp_path) ->
     assert again["status"] == "done" and again["global_step"] == stopped + 4
 
 
+def test_started_under_torchrun_the_plan_is_for_its_processes(setup, tmp_path) -> None:
+    """`torchrun --nproc-per-node 2 -m rigplan run MODEL` without --gpus: the plan is made for the two processes
+    the launcher started (DDP over 2), not for one GPU trained twice."""
+    model, data = setup
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "rigplan", "run", str(model), "--data", str(data), "--out", str(out), "--max-steps", "3",
+                        "--seq", "64"], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["num_gpus"], summary["world_size"], summary["parallelism"]) == (2, 2, "ddp")
+    assert summary["ranks_agree"] is True
+
+
 def test_an_fsdp_plan_on_cpu_processes_is_refused_before_anything_loads(setup, tmp_path) -> None:
     """accelerate shards a model over GPU processes only (CPU ones would silently train DDP): one line, exit 2,
     nothing written. The sharded path's own pieces are tested in tests/test_fsdp.py."""

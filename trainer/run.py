@@ -281,8 +281,10 @@ def check_plan(plan: Plan) -> None:
                           "processes pass --parallelism ddp")
     processes = world().world_size
     if processes > 1 and processes != plan.num_gpus:  # started under a launcher with another count
+        fix = ("pass --parallelism ddp or fsdp to spread it over them, or start one process" if plan.num_gpus == 1
+               else f"start {plan.num_gpus}, or make the plan for {processes} (rigplan plan --gpus {processes})")
         raise ConfigError(f"{processes} processes were started for a plan that trains on {plan.num_gpus} GPU(s); "
-                          f"pass --gpus {processes} (the plan is made again for them), or start {plan.num_gpus}")
+                          + fix)
 
 
 def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
