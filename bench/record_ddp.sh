@@ -5,6 +5,8 @@
 # one after the other, nothing else running. Data: bench/validation_data.py --examples ${EXAMPLES:-900} --seed
 # ${SEED:-2} (data no earlier run saw). Predictions written before: bench/results/predictions/issue16-h200x2.json.
 # EPOCHS (default 1): passes over the data in each run. e.g. EPOCHS=2 bash bench/record_ddp.sh lora qlora
+# EXTRA: more `rigplan run` flags for both runs of a pair (e.g. EXTRA="--micro-batch 4 --grad-accum 2", or
+# "--checkpointing unsloth"); TAG names the pair's files apart.
 set -uo pipefail
 source bench/gpu_setup.sh
 DIR=/tmp/replica-llama-3.1-8b
@@ -21,25 +23,26 @@ keep() {  # the run's summary with its plan, command and data command, as $OUT/$
   python3 bench/keep_run.py /tmp/run-$1 $OUT/$1.json "$2" "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
 }
 for method in "$@"; do
-  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method --epochs ${EPOCHS:-1} --out /tmp/run-ddp-$method --eval-fraction 0 --save-steps 10000"
-  echo "== ddp-$method: $cmd" >>$LOG; t0=$SECONDS
+  ddp=${TAG:-}ddp-$method one=${TAG:-}one-$method
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method --epochs ${EPOCHS:-1} --out /tmp/run-$ddp --eval-fraction 0 --save-steps 10000 ${EXTRA:-}"
+  echo "== $ddp: $cmd" >>$LOG; t0=$SECONDS
   $cmd >>$LOG 2>&1
-  echo "== ddp-$method exit $? after $((SECONDS - t0)) s" | tee -a $LOG
-  [ -f /tmp/run-ddp-$method/run_summary.json ] || continue
-  keep ddp-$method "$cmd"
-  mb=$(python3 -c "import json; p=json.load(open('/tmp/run-ddp-$method/plan.json')); print(p['micro_batch'], p['grad_accum'])")
-  read -r mbs ga <<< "$mb"
-  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --epochs ${EPOCHS:-1} --out /tmp/run-one-$method --eval-fraction 0 --save-steps 10000"
-  echo "== one-$method: $cmd" >>$LOG; t0=$SECONDS
+  echo "== $ddp exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+  [ -f /tmp/run-$ddp/run_summary.json ] || continue
+  keep $ddp "$cmd"
+  mb=$(python3 -c "import json; p=json.load(open('/tmp/run-$ddp/plan.json')); print(p['micro_batch'], p['grad_accum'], p['checkpointing'])")
+  read -r mbs ga ckpt <<< "$mb"
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --checkpointing $ckpt --epochs ${EPOCHS:-1} --out /tmp/run-$one --eval-fraction 0 --save-steps 10000"
+  echo "== $one: $cmd" >>$LOG; t0=$SECONDS
   CUDA_VISIBLE_DEVICES=0 $cmd >>$LOG 2>&1
-  echo "== one-$method exit $? after $((SECONDS - t0)) s" | tee -a $LOG
-  [ -f /tmp/run-one-$method/run_summary.json ] && keep one-$method "$cmd"
+  echo "== $one exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+  [ -f /tmp/run-$one/run_summary.json ] && keep $one "$cmd"
 done
 python3 - <<PY | tee -a $LOG
 import json, os
 for m in ("lora", "qlora"):
     try:
-        d, o = (json.load(open(f"{os.environ['OUT']}/{k}-{m}.json"))["measured"] for k in ("ddp", "one"))
+        d, o = (json.load(open(f"{os.environ['OUT']}/${TAG:-}{k}-{m}.json"))["measured"] for k in ("ddp", "one"))
         print(m, "ddp / one GPU tokens/s:", round(d["tokens_per_s"] / o["tokens_per_s"], 3))
     except (OSError, KeyError) as e:
         print(m, "no pair:", e)
