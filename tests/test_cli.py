@@ -230,6 +230,8 @@ def test_max_seq_answers_per_method_in_json() -> None:
     assert d["plans"]["qlora"]["seq"] == d["max_seq"]["qlora"] and d["plans"]["qlora"]["micro_batch"] == 1
     none = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "rtx-3060", "--max-seq", "--json").output)
     assert none["max_seq"] == {"lora": None, "qlora": None}
+    several = invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "2", "--max-seq")
+    assert several.exit_code == 2 and "one GPU" in several.output  # the search is one GPU's
 
 
 def test_the_catalogue_plans_for_the_gpus_asked_for() -> None:
