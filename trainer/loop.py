@@ -168,8 +168,9 @@ class _Guard:
                 return control
 
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-                # The two clock readings the steady tokens/s is taken between wait for the GPU; the others
-                # are for progress only and stay asynchronous.
+                # The clock readings the steady and compiled rates are taken between wait for the GPU (the warm-up's
+                # end, the last step, a step that met a new shape); the others are for progress only and stay
+                # asynchronous.
                 new_shape = guard.new_shape_from is not None
                 if guard.sync is not None and (new_shape or len(guard.step_times) in (guard.warmup, guard.last_index)):
                     guard.sync()
