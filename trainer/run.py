@@ -403,6 +403,9 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                               else "ddp" if world().world_size > 1 else "single")
     if summary["parallelism"] == "ddp":  # every process must end with the same adapter, or the run is wrong
         summary["ranks_agree"] = ranks_agree(trainer.model)
+        if not summary["ranks_agree"] and main:
+            warnings.warn("rigplan: the processes ended with different adapters (DDP should keep them equal); the "
+                          "adapter written is process 0's: train on one GPU to compare", stacklevel=1)
     if status == "nan":
         summary["message"] = (f"loss became NaN or infinite by step {guard.nan_step}; last good checkpoint: "
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
