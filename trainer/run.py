@@ -402,8 +402,12 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     summary["parallelism"] = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
                               else "ddp" if world().world_size > 1 else "single")
     if summary["parallelism"] == "ddp":  # every process must end with the same adapter, or the run is wrong
-        summary["ranks_agree"] = ranks_agree(trainer.model)
-        if not summary["ranks_agree"] and main:
+        try:
+            summary["ranks_agree"] = ranks_agree(trainer.model)
+        except Exception as e:  # noqa: BLE001  (a check must not cost the trained adapter, written below)
+            summary["ranks_agree"] = None
+            warnings.warn(f"rigplan: could not compare the processes' adapters ({e})", stacklevel=1)
+        if summary["ranks_agree"] is False and main:
             warnings.warn("rigplan: the processes ended with different adapters (DDP should keep them equal); the "
                           "adapter written is process 0's: train on one GPU to compare", stacklevel=1)
     if status == "nan":
