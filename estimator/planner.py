@@ -269,8 +269,9 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
                f"needs {smallest.total_gib:.1f} GiB{gpus}, over the {limit * (1 - SAFETY_MARGIN):.1f} GiB usable "
                f"({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free); the largest terms: "
                + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in largest))
-        if any(c.setup.parallelism == "fsdp" and c.setup.method == "qlora" for c in cands):
-            whole = memory.quantized_load_bytes(model, dataclasses.replace(s, method="qlora", parallelism="fsdp"))
+        held = _held_by_quantized_load(cands)
+        if held:
+            whole = memory.quantized_load_bytes(model, held[0].setup)
             why += (f"; sharded QLoRA: every process first loads the whole 4-bit model ({whole / GIB:.1f} GiB) onto "
                     "its GPU (transformers 5.17)")
         return PlanResult(False, None, [], why, limit)
@@ -325,6 +326,13 @@ def _reason(best: Estimate, cands: list[Estimate], seq: int, requested: int, lim
     return why
 
 
+def _held_by_quantized_load(cands: list[Estimate]) -> list[Estimate]:
+    """Sharded QLoRA setups that do not fit because every process loads the whole 4-bit model first
+    (memory.quantized_load_bytes above the step's own peak)."""
+    return [c for c in cands if c.setup.parallelism == "fsdp" and c.setup.method == "qlora" and not c.fits
+            and c.components_bytes.get("quantized_load")]
+
+
 def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> str:
     """Which of DDP and FSDP fit on these GPUs, which is chosen, and what is not measured."""
     s = best.setup
@@ -341,9 +349,7 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
                "optimizer sharded"
                + (", frozen weights offloaded to CPU memory" if s.cpu_offload else "")
                + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model)"))
-        held = [c for c in cands if c.setup.parallelism == "fsdp" and c.setup.method == "qlora" and not c.fits
-                and c.components_bytes.get("quantized_load")]
-        if s.method == "lora" and held:  # why not QLoRA, which would need less once sharded
+        if s.method == "lora" and _held_by_quantized_load(cands):  # why not QLoRA, which would need less once sharded
             why += ("; sharded QLoRA does not fit: every process loads the whole 4-bit model onto its GPU before "
                     "FSDP shards it (transformers 5.17)")
         if s.parallelism == "fsdp" and s.method == "lora":
