@@ -4,7 +4,6 @@ sequence length x checkpointing for the fastest that fits with a safety margin. 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
