@@ -403,7 +403,8 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
     model_type = cfg.get("model_type") or config.get("model_type", "")
     problems = _config_problems(cfg, config, model_type)
     if problems:
-        raise UnknownModelError(f"{source}: {'; '.join(problems)}" + ("" if "rigplan models" in problems[0]
+        # A problem that already says what to pass instead (another model) needs no "fix config.json".
+        raise UnknownModelError(f"{source}: {'; '.join(problems)}" + ("" if "pass " in problems[0]
                                                                         else "; fix config.json"))
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     return ModelSpec(

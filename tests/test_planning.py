@@ -119,8 +119,9 @@ def test_a_local_4_bit_checkpoint_plans_qlora_and_other_quantized_ones_are_refus
     with pytest.raises(ConfigError, match="only QLoRA"):
         planning.check(str(tmp_path / "my-model"), "rtx-4090", method="lora")
     for name in ("gptq", "int8"):
-        with pytest.raises(UnknownModelError, match="stored quantized.*pass the 16-bit model"):
+        with pytest.raises(UnknownModelError, match="stored quantized.*pass the 16-bit model") as refused:
             resolve_model(str(tmp_path / name))
+        assert "fix config.json" not in str(refused.value)  # nothing to fix there: another model to pass
     assert not resolve_model("llama-3.2-1b").prequantized
 
 
