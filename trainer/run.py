@@ -266,8 +266,17 @@ def ranks_agree(model: Any) -> bool:
     local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
     both = torch.cat([local, -local]).to("cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(both, op=dist.ReduceOp.MAX)  # the largest of each, and of its negation: the smallest
-    dist.barrier()  # nothing of it still in flight when a process goes on to exit (gloo aborts then)
     return bool(torch.allclose(both[:2], -both[2:], rtol=1e-9, atol=1e-12))
+
+
+def _ranks_agree_or_none(model: Any) -> bool | None:
+    """ranks_agree, or None (with a warning) where the comparison itself fails: a check must not cost the
+    trained adapter, which is written after it."""
+    try:
+        return ranks_agree(model)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"rigplan: could not compare the processes' adapters ({e})", stacklevel=1)
+        return None
 
 
 def check_plan(plan: Plan) -> None:
@@ -380,7 +389,11 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     # Each optimizer step's seconds (this process's clock; only the warm-up's end, the last and those that met a new
     # shape are synchronised with the GPU): where compiling a new shape or a slow GPU stalled the run.
     measured["step_seconds"] = guard.step_seconds()
-    if world().world_size > 1:
+    # What ran, not what was asked: the Trainer's FSDP wrapping, if any (accelerate's plugin)
+    parallelism = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
+                   else "ddp" if world().world_size > 1 else "single")
+    agree = _ranks_agree_or_none(trainer.model) if parallelism == "ddp" else None
+    if world().world_size > 1:  # after the comparison: the last collective, so that none is in flight at exit
         measured = _all_ranks(measured, cuda)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -398,16 +411,10 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                "oom_backoffs": guard.backoffs, "signal": guard.signal,
                "exit_code": EXIT_SIGNAL.get(guard.signal, 0) if guard.signal else 0, "provenance": provenance()}
     summary["world_size"] = world().world_size
-    # What ran, not what was asked: the Trainer's FSDP wrapping, if any (accelerate's plugin)
-    summary["parallelism"] = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
-                              else "ddp" if world().world_size > 1 else "single")
-    if summary["parallelism"] == "ddp":  # every process must end with the same adapter, or the run is wrong
-        try:
-            summary["ranks_agree"] = ranks_agree(trainer.model)
-        except Exception as e:  # noqa: BLE001  (a check must not cost the trained adapter, written below)
-            summary["ranks_agree"] = None
-            warnings.warn(f"rigplan: could not compare the processes' adapters ({e})", stacklevel=1)
-        if summary["ranks_agree"] is False and main:
+    summary["parallelism"] = parallelism
+    if parallelism == "ddp":  # every process must end with the same adapter, or the run is wrong
+        summary["ranks_agree"] = agree
+        if agree is False and main:
             warnings.warn("rigplan: the processes ended with different adapters (DDP should keep them equal); the "
                           "adapter written is process 0's: train on one GPU to compare", stacklevel=1)
     if status == "nan":
