@@ -129,7 +129,9 @@ class _Guard:
         import torch.distributed as dist
 
         cuda = torch.cuda.is_available()
-        flag = torch.tensor([self.signal or 0], dtype=torch.int64, device="cuda" if cuda else "cpu")
+        # torch.full, not torch.tensor: a list copied to the GPU is a blocking copy, which made the host wait for the
+        # step's whole GPU work at every step's end (the next micro-batch then collated with the GPU idle).
+        flag = torch.full((1,), self.signal or 0, dtype=torch.int64, device="cuda" if cuda else "cpu")
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         if cuda:
             work.wait()  # NCCL: the stream waits for the collective, the host does not

@@ -205,6 +205,10 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         data_seed=plan.seed,
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
         dataloader_pin_memory=cuda,
+        # Micro-batches copied to the GPU from pinned memory without the host waiting for the copy (accelerate's
+        # default waits, and with it for every kernel queued before it: each step's host work then ran with the
+        # GPU idle).
+        accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda,
         # Several processes (trainer/distributed.py): NCCL on GPUs, gloo on CPUs; every adapter gets a gradient,
         # so DDP need not search for unused parameters each step.
