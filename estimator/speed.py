@@ -130,14 +130,14 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
 
 
 # Several GPUs under DDP, each GPU's speed against one GPU alone on the same per-GPU plan: rigplan run --gpus 2 on
-# two H200s (NVLink), full-depth Llama-3.1-8B LoRA, one epoch of 900 long-tailed examples, padded 8 x 1,280
-# micro-batches dealt in length blocks (trainer/batching.py BlockSampler): 19,307 tok/s for both GPUs against
-# 13,525 estimated for one (bench/results/h200-runs/ddp/block-order/ddp-lora.json). Checked on a run it did not
-# see, two epochs of other data (ddp/two-epochs-seed2/; tests/test_h200_runs.py): 1.60x the same plan on one GPU in
-# the same call. In that run's second epoch, all shapes compiled, a DDP step took 1.10x one GPU's
-# (median 0.294 against 0.266 s): the rest of the gap is compiling, which each GPU does for half the steps.
-# FSDP plans take the same share (reduced-depth QLoRA runs: tests/test_fsdp_runs.py).
-DATA_PARALLEL_EFFICIENCY = 0.714
+# two H200s (NVLink), full-depth Llama-3.1-8B LoRA, two epochs of 900 long-tailed examples, padded 8 x 1,280
+# micro-batches dealt in length blocks (trainer/batching.py BlockSampler), the host no longer waiting for the GPU at
+# each step's end: 22,462 tok/s for both GPUs against 13,525 estimated for one
+# (bench/results/h200-runs/ddp/nosync-seed2/ddp-lora.json, fitted there). Checked on QLoRA, which it did not see
+# (ddp/qlora-seed2-500/; tests/test_h200_runs.py). The bare fixed-shape step under DDP takes 1.02x one GPU's
+# (bench/ddp_overhead.py): the rest is each GPU compiling every shape it meets in half the steps, and what the
+# trainer's loop adds per step. FSDP plans take the same share (reduced-depth QLoRA runs: tests/test_fsdp_runs.py).
+DATA_PARALLEL_EFFICIENCY = 0.830
 
 
 def gradient_sync_s(model: ModelSpec, setup: Setup, gpu: GpuSpec) -> float:

@@ -75,6 +75,22 @@ def test_accumulated_micro_batches_are_all_reduced(setup, tmp_path) -> None:
     assert summary["global_step"] == 4 and summary["ranks_agree"] is True
 
 
+def test_the_loss_is_one_gpus_loss_on_the_same_tokens(setup, tmp_path) -> None:
+    """Each process's loss is normalised by every process's tokens, and DDP averages the gradients: the trainer
+    multiplies by the number of processes, as transformers' own compute_loss does. Without it the two-process run
+    logged (and stepped) half the loss of one process on the same untrained model."""
+    model, data = setup
+    losses = []
+    for gpus in (1, 2):
+        out = tmp_path / f"o{gpus}"
+        proc = _run([str(model), "--data", str(data), "--gpus", str(gpus), "--out", str(out), "--max-steps", "1",
+                     "--seq", "64", "--micro-batch", "4", "--grad-accum", "1"])
+        log = proc.communicate(timeout=240)[0]
+        assert proc.returncode == 0, log[-3000:]
+        losses.append(json.loads((out / "run_summary.json").read_text())["first_loss"])
+    assert 0.85 < losses[1] / losses[0] < 1.15, losses
+
+
 def test_a_signal_to_one_rank_stops_both_and_resume_finishes(setup, tmp_path) -> None:
     model, data = setup
     out = tmp_path / "o"

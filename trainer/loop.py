@@ -383,8 +383,25 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             ids = inputs.get("input_ids")
             return self._flops_per_token * ids.numel() if ids is not None else 0
 
-        if not fused:
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        def get_batch_samples(self, epoch_iterator, num_batches, device=None):  # noqa: ANN001
+            """The step's micro-batches and the token count its losses are normalised by. Several processes: every
+            process's count summed on the devices (TrainingArguments average_tokens_across_devices is off, see
+            trainer/run.py), never read back to the host: Unsloth's own sum reads flags back after its gather
+            (unsloth_zoo/loss_utils.py _unsloth_get_batch_samples), which made the host of every process wait at
+            each step's start for every GPU's previous step, a wait the bare DDP loop does not have
+            (bench/ddp_overhead.py; bench/results/README.md)."""
+            batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if guard.world.world_size > 1 and torch.is_tensor(items):
+                import torch.distributed as dist
+
+                items = items.clone()
+                dist.all_reduce(items)
+            return batches, items
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            if fused:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
                 # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
                 # tokens of the whole step (num_items_in_batch), as the model's own loss does when given it.
                 # No cache, as TRL's compute_loss (trl/trainer/sft_trainer.py:1562): with one, transformers
@@ -392,7 +409,15 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
                 # each other. (The Trainer sets config.use_cache = args.use_cache, False: trainer.py:620.)
                 extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
                 outputs = model(**{**inputs, "use_cache": False}, **extra)
-                return (outputs.loss, outputs) if return_outputs else outputs.loss
+                result = (outputs.loss, outputs) if return_outputs else outputs.loss
+            if guard.world.world_size > 1 and num_items_in_batch is not None:
+                # Normalised by every process's tokens, then averaged by DDP over the processes: times their
+                # number, as transformers' own compute_loss does (trainer.py, average_tokens_across_devices), so
+                # that the gradient and the logged loss are those of one GPU on the same tokens (without it
+                # both were halved on two GPUs).
+                scale = guard.world.world_size
+                result = (result[0] * scale, result[1]) if return_outputs else result * scale
+            return result
 
     return RigplanSFTTrainer
 
