@@ -391,10 +391,13 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             each step's start for every GPU's previous step, a wait the bare DDP loop does not have
             (bench/ddp_overhead.py; bench/results/README.md)."""
             batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            if guard.world.world_size > 1 and torch.is_tensor(items):
+            if guard.world.world_size > 1 and items is not None:
                 import torch.distributed as dist
 
-                items = items.clone()
+                if torch.is_tensor(items):
+                    items = items.clone()
+                else:  # a count the host already holds: onto the device by a fill kernel, not a blocking copy
+                    items = torch.full((), int(items), dtype=torch.int64, device=batches[0]["input_ids"].device)
                 dist.all_reduce(items)
             return batches, items
 
