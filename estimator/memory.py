@@ -238,9 +238,8 @@ def fsdp_gather_bytes(model: ModelSpec, setup: Setup) -> int:
 # copy-in buffers come from their own CUDA streams, whose cached blocks the compute stream cannot reuse): measured,
 # the Llama-3.1-70B architecture at full width, QLoRA over two H200s capped at 24 GiB each, 8 layers: reserved 3.32
 # GiB above the estimate without this term, 8.1 layers' weights (fitted there); checked on the same at 16 layers,
-# which it did not see (bench/results/h200x2-fsdp/, tests/test_fsdp_runs.py). The unit is not settled: both runs
-# have one layer size. A weights-of-a-layer unit says 16-bit LoRA at 8 layers (four times QLoRA's layer bytes) needs
-# more than a 24 GiB card; a constant would have said it fits, and it ran out of memory at step 0 (fsdp-L8.log).
+# and on 16-bit LoRA at 8 layers over two H200s capped at 48 GiB (layers four times QLoRA's bytes, where a constant
+# pool and this one part ways), neither seen by the fit (bench/results/h200x2-fsdp/, tests/test_fsdp_runs.py).
 FSDP_POOL_LAYERS = 8
 
 
