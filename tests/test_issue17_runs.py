@@ -104,3 +104,28 @@ def test_max_seq_answers_train_within_5_percent_of_their_plan() -> None:
         est = planner.estimate(resolve_model("llama-3.1-8b"), setup, resolve_gpu(card), store.reference()[0])
         assert est.fits, (card, method)
         assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05, (card, method)
+
+
+PREQUANTIZED = Path(__file__).parents[1] / "bench" / "results" / "prequantized-h200"
+
+
+def test_a_pre_quantized_checkpoint_trains_as_quantizing_on_load_does() -> None:
+    """QLoRA from a bitsandbytes 4-bit copy of the 8B replica (as Unsloth's `-bnb-4bit` ones are saved) and from the
+    16-bit folder, the same plan, one after the other on one H200 (bench/record_prequantized.sh; predictions
+    written before: predictions/prequantized-h200.json). The estimate counts the two alike: each peak is within 5%
+    of it, the two within 1% of each other, and, once shapes are compiled, their speeds within 5%."""
+    from .test_h200_runs import data_lengths
+
+    pre, fly = (json.loads((PREQUANTIZED / f"{n}.json").read_text()) for n in ("prequantized", "quantized-on-load"))
+    assert pre["plan"]["model_path"].endswith("-bnb-4bit") and not fly["plan"]["model_path"].endswith("-bnb-4bit")
+    for run in (pre, fly):
+        assert run["status"] == "done" and run["provenance"]["gpu"] == "NVIDIA H200"
+        p = run["plan"]
+        setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"],
+                      checkpointing=p["checkpointing"])
+        est = planner.estimate(resolve_model("llama-3.1-8b"), setup, resolve_gpu("h200"), store.reference()[0],
+                               lengths=data_lengths(run), batching=p["batching"], engine=p["engine"])
+        assert abs(run["measured"]["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05
+    a, b = pre["measured"], fly["measured"]
+    assert abs(a["peak_reserved_gib"] / b["peak_reserved_gib"] - 1) <= 0.01
+    assert abs(a["tokens_per_s_compiled"] / b["tokens_per_s_compiled"] - 1) <= 0.05
