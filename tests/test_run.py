@@ -398,10 +398,10 @@ def test_unsloth_trains_on_the_models_own_loss_hf_on_cuda_on_trls_head(tmp_path,
 
     guard = runlib._Guard(tmp_path)
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", object(), raising=False)  # as on a CUDA machine
-    assert "compute_loss" in runlib._trainer_class(guard, "unsloth").__dict__
-    assert "compute_loss" not in runlib._trainer_class(guard, "transformers").__dict__
+    assert runlib._trainer_class(guard, "unsloth").own_loss
+    assert not runlib._trainer_class(guard, "transformers").own_loss
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", None)  # no Triton (CPU builds of torch)
-    assert "compute_loss" in runlib._trainer_class(guard, "transformers").__dict__
+    assert runlib._trainer_class(guard, "transformers").own_loss
 
 
 def test_a_finished_run_is_logged_for_calibration(model_dir, data_file, tmp_path) -> None:

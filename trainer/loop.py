@@ -281,6 +281,7 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
 
     class RigplanSFTTrainer(SFTTrainer):
         split = 1  # micro-batches are cut into this many parts after out-of-memory errors
+        own_loss = not fused  # the model's own loss (compute_loss below), else TRL's chunked LM head
         _trainable: list[Any] | None = None
         _flops_per_token: int | None = None
 
@@ -402,7 +403,7 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             return batches, items
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            if fused:
+            if not self.own_loss:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             else:
                 # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
