@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -180,7 +181,8 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
         head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
                 "rank": job.rank, "engine": engine, "optimizer": optimizer, "checkpointing": job.checkpointing,
                 "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
-                "load_s": round(load_s, 1), "after_load_gib": after_load, **start}
+                "load_s": round(load_s, 1), "after_load_gib": after_load, **start,
+                "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
         for batch, seq in job.shapes:
             row = {**head, "batch": batch, "seq": seq, "err": None}
             try:
@@ -207,11 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-timed-s", type=float, default=MIN_TIMED_S,
                         help="time each shape at least this long after its warm-up step")
     args = parser.parse_args(argv)
+    from rigplan.trainer.engine import configure_allocator, import_engine
+
+    # The allocator `rigplan run` trains with (expandable segments), set before CUDA's first allocation: the slack
+    # the fit learns from the probes is then the runs' own. (Earlier probes ran under torch's default allocator;
+    # each row says which: alloc_conf.)
+    configure_allocator()
     import torch
 
     import importlib.util
-
-    from rigplan.trainer.engine import import_engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = args.engine or ("unsloth" if device == "cuda" and importlib.util.find_spec("unsloth") else "transformers")
