@@ -10,6 +10,9 @@
 #   LAYERS=8 bash bench/record_fsdp.sh qlora lora; LAYERS=16 bash bench/record_fsdp.sh qlora lora
 # GPU and CAP (GiB) plan for and stand for another card, e.g. GPU=rtx-a6000 CAP=48 (predictions/fsdp-lora-a6000x2.json).
 # QLORA_CPU_LOAD=1: the 4-bit model loaded in CPU memory rather than whole onto each GPU (bench/capped.py).
+# PREQUANTIZED=1: the replica saved in bitsandbytes 4-bit first (NF4, storage bf16 so that FSDP shards it), so that
+# loading it on the CPU (with QLORA_CPU_LOAD=1) reads 4-bit weights instead of quantizing on the CPU, which took
+# 2.5-10 s a weight under torchrun (bench/results/README.md, the fifth session).
 set -uo pipefail
 source bench/gpu_setup.sh
 LAYERS=${LAYERS:-8}
@@ -20,6 +23,17 @@ DIR=/tmp/replica-llama-3.1-70b-L$LAYERS
 from rigplan.calibration.replica import build_replica, reduced
 from rigplan.profiles.catalog import resolve_model
 build_replica(reduced(resolve_model('llama-3.1-70b'), $LAYERS), '$DIR', device='cuda')" || exit 1
+if [ "${PREQUANTIZED:-0}" = 1 ]; then
+  [ -f $DIR-bnb-4bit/config.json ] || python3 -c "
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
+                       bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained('$DIR', quantization_config=q, dtype=torch.bfloat16, device_map={'': 0})
+model.save_pretrained('$DIR-bnb-4bit')
+AutoTokenizer.from_pretrained('$DIR').save_pretrained('$DIR-bnb-4bit')" || exit 1
+  DIR=$DIR-bnb-4bit
+fi
 LOG=$OUT/fsdp.log
 DATA="--examples ${EXAMPLES:-300} --seed ${SEED:-5}"
 python3 bench/validation_data.py --out /tmp/data-fsdp.jsonl $DATA | tee -a $LOG
@@ -28,6 +42,7 @@ for method in "${@:-qlora}"; do
   name=fsdp-L$LAYERS-$method
   [ "$GPU" = rtx-4090 ] || name=$name-$GPU
   [ "${QLORA_CPU_LOAD:-0}" = 1 ] && name=$name-cpuload  # bench/capped.py: 4-bit weights loaded in CPU memory
+  [ "${PREQUANTIZED:-0}" = 1 ] && name=$name-prequantized
   out=/tmp/run-$name
   rm -rf $out
   # The plan for two of the card; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.

@@ -158,11 +158,14 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
 
 def warnings_for(model: ModelSpec) -> list[str]:
     notes = [f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
-    if model.prequantized:
+    # A plain bitsandbytes NF4 copy trained as quantizing on load does, memory within 0.1%
+    # (bench/results/prequantized-h200/); Unsloth's dynamic 4-bit copies (`-unsloth-bnb-4bit`) keep some layers in
+    # 16 bits, which the estimate does not count.
+    if model.prequantized and "unsloth-bnb-4bit" in model.hub_id.lower():
         planned = f"{model.id} quantized on load" if model.hub_id != model.id else "its architecture quantized on load"
-        notes.append(f"uncalibrated: {model.hub_id} is pre-quantized (4-bit), planned as {planned}; a pre-quantized "
-                     "checkpoint's loading and memory (Unsloth's dynamic 4-bit keeps some layers in 16 bits) have "
-                     "not been measured")
+        notes.append(f"uncalibrated: {model.hub_id} is Unsloth's dynamic 4-bit, planned as {planned}; the layers it "
+                     "keeps in 16 bits are not counted (a plain bitsandbytes 4-bit copy measured as quantizing on "
+                     "load)")
     return notes
 
 

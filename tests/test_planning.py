@@ -93,7 +93,9 @@ def test_prequantized_unsloth_ids_plan_qlora_from_that_id() -> None:
     p = planning.make_plan("unsloth/Llama-3.1-8B-Instruct-bnb-4bit", "rtx-4090")
     assert p.method == "qlora" and p.model_path == "unsloth/Llama-3.1-8B-Instruct-bnb-4bit"
     d = planning.check("unsloth/Qwen2.5-7B-Instruct-unsloth-bnb-4bit", "h100-sxm")
-    assert d["recommended"]["method"] == "qlora" and any("pre-quantized" in w for w in d["warnings"])
+    assert d["recommended"]["method"] == "qlora" and any("dynamic 4-bit" in w for w in d["warnings"])
+    plain = planning.check("unsloth/Llama-3.1-8B-Instruct-bnb-4bit", "h100-sxm")  # measured: no warning
+    assert not any("4-bit" in w for w in plain["warnings"])
     with pytest.raises(ConfigError, match="only QLoRA"):
         planning.check("unsloth/Llama-3.1-8B-bnb-4bit", "rtx-4090", method="lora")
 
