@@ -277,11 +277,11 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
     from trl import SFTTrainer
     from trl.trainer import utils as trl_utils
 
-    fused = engine != "unsloth" and getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
+    own = engine == "unsloth" or getattr(trl_utils, "_ChunkedLogProbFunction", None) is None
 
     class RigplanSFTTrainer(SFTTrainer):
         split = 1  # micro-batches are cut into this many parts after out-of-memory errors
-        own_loss = not fused  # the model's own loss (compute_loss below), else TRL's chunked LM head
+        own_loss = own  # the model's own loss (compute_loss below), else TRL's chunked LM head
         _trainable: list[Any] | None = None
         _flops_per_token: int | None = None
 
@@ -385,27 +385,34 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             return self._flops_per_token * ids.numel() if ids is not None else 0
 
         def get_batch_samples(self, epoch_iterator, num_batches, device=None):  # noqa: ANN001
-            """The step's micro-batches and the token count its losses are normalised by. Several processes: every
-            process's count summed on the devices (TrainingArguments average_tokens_across_devices is off, see
-            trainer/run.py), never read back to the host: Unsloth's own sum reads flags back after its gather
-            (unsloth_zoo/loss_utils.py _unsloth_get_batch_samples), which made the host of every process wait at
-            each step's start for every GPU's previous step, a wait the bare DDP loop does not have
-            (bench/ddp_overhead.py; bench/results/README.md)."""
-            batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            if guard.world.world_size > 1 and items is not None:
-                import torch.distributed as dist
+            """The step's micro-batches and the targets its losses are normalised by (transformers'
+            num_items_in_batch). Several processes: every process's count summed on the devices and never read back
+            to the host. Unsloth's version (which replaces transformers' whenever Unsloth is imported) reads flags
+            back after its gather (unsloth_zoo/loss_utils.py _unsloth_get_batch_samples), which made every process's
+            host wait at each step's start for every GPU's previous step, a wait the bare DDP loop does not have
+            (bench/ddp_overhead.py; bench/results/README.md). The count is theirs: labels after the first position
+            (the loss shifts them) that are not ignored; padding and each packed example's first label already are
+            (trainer/batching.py)."""
+            if guard.world.world_size == 1:
+                return super().get_batch_samples(epoch_iterator, num_batches, device)
+            import torch.distributed as dist
 
-                if torch.is_tensor(items):
-                    items = items.clone()
-                else:  # a count the host already holds: onto the device by a fill kernel, not a blocking copy
-                    items = torch.full((), int(items), dtype=torch.int64, device=batches[0]["input_ids"].device)
-                dist.all_reduce(items)
-            return batches, items
+            batches = []
+            for _ in range(num_batches):
+                try:
+                    batches.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            if not batches or not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+                return batches, None
+            from rigplan.trainer.batching import IGNORE
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            if not self.own_loss:
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            else:
+            count = sum((b["labels"][..., 1:] != IGNORE).sum() for b in batches).to(device or self.args.device)
+            dist.all_reduce(count)
+            return batches, count
+
+        if own:
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
                 # The Trainer sums micro-batch losses over accumulation and expects each normalised by the
                 # tokens of the whole step (num_items_in_batch), as the model's own loss does when given it.
                 # No cache, as TRL's compute_loss (trl/trainer/sft_trainer.py:1562): with one, transformers
@@ -413,15 +420,14 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
                 # each other. (The Trainer sets config.use_cache = args.use_cache, False: trainer.py:620.)
                 extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
                 outputs = model(**{**inputs, "use_cache": False}, **extra)
-                result = (outputs.loss, outputs) if return_outputs else outputs.loss
-            if guard.world.world_size > 1 and num_items_in_batch is not None:
-                # Normalised by every process's tokens, then averaged by DDP over the processes: times their
-                # number, as transformers' own compute_loss does (trainer.py, average_tokens_across_devices), so
-                # that the gradient and the logged loss are those of one GPU on the same tokens (without it
-                # both were halved on two GPUs).
-                scale = guard.world.world_size
-                result = (result[0] * scale, result[1]) if return_outputs else result * scale
-            return result
+                loss = outputs.loss
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    # Several processes: normalised by all of their targets, then averaged by DDP (or FSDP) over
+                    # the processes; times their number, as transformers' and TRL's compute_loss do
+                    # (transformers/trainer.py, trl/trainer/sft_trainer.py), so that the gradient and the logged
+                    # loss are one GPU's on the same tokens (without it both were halved on two GPUs).
+                    loss = loss * self.accelerator.num_processes
+                return (loss, outputs) if return_outputs else loss
 
     return RigplanSFTTrainer
 

@@ -214,9 +214,6 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         # so DDP need not search for unused parameters each step.
         ddp_backend=None if cuda or world().world_size == 1 else "gloo",
         ddp_find_unused_parameters=False,
-        # Several processes: the step's token count is summed over them by the trainer itself, on the devices
-        # (trainer/loop.py get_batch_samples), rather than gathered and read back every step.
-        average_tokens_across_devices=world().world_size == 1,
         **fsdp_arguments(plan, cuda),
     )
 
