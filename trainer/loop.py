@@ -385,31 +385,29 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             return self._flops_per_token * ids.numel() if ids is not None else 0
 
         def get_batch_samples(self, epoch_iterator, num_batches, device=None):  # noqa: ANN001
-            """The step's micro-batches and the targets its losses are normalised by (transformers'
-            num_items_in_batch). Several processes: every process's count summed on the devices and never read back
-            to the host. Unsloth's version (which replaces transformers' whenever Unsloth is imported) reads flags
-            back after its gather (unsloth_zoo/loss_utils.py _unsloth_get_batch_samples), which made every process's
-            host wait at each step's start for every GPU's previous step, a wait the bare DDP loop does not have
-            (bench/ddp_overhead.py; bench/results/README.md). The count is theirs: labels after the first position
-            (the loss shifts them) that are not ignored; padding and each packed example's first label already are
-            (trainer/batching.py)."""
-            if guard.world.world_size == 1:
+            """The step's micro-batches and the targets its losses are normalised by (num_items_in_batch).
+            Several processes: each counts its own, as transformers or Unsloth counts them (Unsloth's version
+            replaces transformers' whenever Unsloth is imported, and marks the shapes' dynamic dimensions for its
+            compiled blocks), and the counts are summed here on the devices, never read back to the host: asked
+            to sum them itself, Unsloth's reads flags back after its gather (unsloth_zoo/loss_utils.py
+            _unsloth_get_batch_samples), which made every process's host wait at each step's start for every
+            GPU's previous step, a wait the bare DDP loop does not have (bench/ddp_overhead.py)."""
+            if guard.world.world_size == 1 or not self.args.average_tokens_across_devices:
                 return super().get_batch_samples(epoch_iterator, num_batches, device)
             import torch.distributed as dist
 
-            batches = []
-            for _ in range(num_batches):
-                try:
-                    batches.append(next(epoch_iterator))
-                except StopIteration:
-                    break
-            if not batches or not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
-                return batches, None
-            from rigplan.trainer.batching import IGNORE
-
-            count = sum((b["labels"][..., 1:] != IGNORE).sum() for b in batches).to(device or self.args.device)
-            dist.all_reduce(count)
-            return batches, count
+            self.args.average_tokens_across_devices = False  # this process's count only, for the moment
+            try:
+                batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            finally:
+                self.args.average_tokens_across_devices = True
+            if items is not None:
+                if torch.is_tensor(items):
+                    items = items.to(device or self.args.device).clone()
+                else:  # a count the host holds: onto the device by a fill kernel, not a blocking copy
+                    items = torch.full((), int(items), dtype=torch.int64, device=device or self.args.device)
+                dist.all_reduce(items)
+            return batches, items
 
         if own:
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
