@@ -136,6 +136,31 @@ def test_started_under_torchrun_the_plan_is_for_its_processes(setup, tmp_path) -
     assert summary["ranks_agree"] is True
 
 
+def test_two_hosts_through_torchruns_rendezvous(setup, tmp_path) -> None:
+    """The several-host command docs/training.md gives, with two "hosts" on this machine: the same torchrun
+    command on each (--nnodes 2, one --rdzv-id, one c10d --rdzv-endpoint), one process each. They meet, train DDP
+    over both, end with the same adapter, and only global rank 0 (whichever process the rendezvous makes it)
+    prints."""
+    import socket
+
+    model, data = setup
+    out = tmp_path / "o"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-id",
+               "rigplan-test", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "rigplan", "run",
+               str(model), "--data", str(data), "--out", str(out), "--max-steps", "3", "--seq", "64"]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert sum("done after 3 steps" in log for log in logs) == 1 and sum("done after" in log for log in logs) == 1
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert (summary["world_size"], summary["parallelism"], summary["ranks_agree"]) == (2, "ddp", True)
+
+
 def test_an_fsdp_plan_on_cpu_processes_is_refused_before_anything_loads(setup, tmp_path) -> None:
     """accelerate shards a model over GPU processes only (CPU ones would silently train DDP): one line, exit 2,
     nothing written. The sharded path's own pieces are tested in tests/test_fsdp.py."""

@@ -62,8 +62,8 @@ def check_gpu_count(num_gpus: int, cpu: bool) -> None:
 
 def relaunch_command(num_gpus: int, argv: list[str]) -> list[str]:
     """torchrun starting `python -m rigplan` with the same arguments once per GPU on this host. Several hosts:
-    run that same command on each, with --nnodes, --node-rank and a --rdzv-endpoint they all reach (torchrun's
-    rendezvous), as docs/training.md shows."""
+    run that same command on each, with --nnodes, an --rdzv-id and a --rdzv-endpoint they all reach (torchrun's
+    c10d rendezvous), as docs/training.md shows."""
     torchrun = shutil.which("torchrun")
     head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     return [*head, "--standalone", f"--nproc-per-node={num_gpus}", "-m", "rigplan", *argv]
