@@ -42,8 +42,12 @@ python3 - <<PY | tee -a $LOG
 import json, os
 for m in ("lora", "qlora"):
     try:
-        d, o = (json.load(open(f"{os.environ['OUT']}/${TAG:-}{k}-{m}.json"))["measured"] for k in ("ddp", "one"))
-        print(m, "ddp / one GPU tokens/s:", round(d["tokens_per_s"] / o["tokens_per_s"], 3))
+        runs = [json.load(open(f"{os.environ['OUT']}/${TAG:-}{k}-{m}.json")) for k in ("ddp", "one")]
+        d, o = (r["measured"] for r in runs)
+        print(m, "ddp / one GPU tokens/s:", round(d["tokens_per_s"] / o["tokens_per_s"], 3),
+              "compiled:", round((d.get("tokens_per_s_compiled") or 0) / (o.get("tokens_per_s_compiled") or 1), 3),
+              "first loss:", round(runs[0]["first_loss"] / runs[1]["first_loss"], 3), "(1: the same loss)",
+              "ranks agree:", runs[0].get("ranks_agree"))
     except (OSError, KeyError) as e:
         print(m, "no pair:", e)
 PY
