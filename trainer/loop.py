@@ -403,7 +403,7 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
                 self.args.average_tokens_across_devices = True
             if items is not None:
                 if torch.is_tensor(items):
-                    items = items.to(device or self.args.device).clone()
+                    items = items.to(device or self.args.device)  # a sum made for this step: reduced in place
                 else:  # a count the host holds: onto the device by a fill kernel, not a blocking copy
                     items = torch.full((), int(items), dtype=torch.int64, device=device or self.args.device)
                 dist.all_reduce(items)

@@ -308,7 +308,9 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
 
     check_options(opts)
     check_plan(plan)
-    if world().world_size != plan.num_gpus:  # rigplan run starts one process per GPU (cli.py _relaunch)
+    # One process for a plan of several GPUs (several processes of another count: check_plan); rigplan run starts
+    # one process per GPU (cli.py _relaunch).
+    if world().world_size == 1 < plan.num_gpus:
         raise ConfigError(f"this plan trains on {plan.num_gpus} GPUs: start it with rigplan run (one process per "
                           "GPU under torchrun), or pass --gpus 1")
     import torch
