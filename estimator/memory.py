@@ -90,7 +90,7 @@ def recompute_transient_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficien
         return 0
     h, i = model.hidden_size, model.active_intermediate
     return int(setup.tokens * (coeffs.transient_per_hidden * h + coeffs.transient_per_intermediate * i)
-               + routed_copy_bytes(model, setup))
+               + routed_copy_bytes(model, setup) + fp32_swiglu_bytes(model, setup))
 
 
 def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -101,22 +101,57 @@ def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
     return setup.tokens * model.num_experts_per_tok * model.hidden_size * BF16_BYTES if model.experts else 0
 
 
+# gpt-oss's expert activation (unsloth_zoo 2026.10.9 temporary_patches/gpt_oss.py swiglu_torch_forward, on both the
+# 16-bit and the grouped 4-bit path) upcasts the gate and the linear half to fp32, clamps them and keeps the sigmoid
+# and products in fp32: more bytes per routed token and expert width unit than the bf16 SwiGLU the transient
+# coefficients were fitted on. Bytes per unit beyond them in a layer's recompute, by method (the two paths free
+# them at different moments), fitted on gpt-oss-20b at 4 layers, 4 x 2048 on the H200 (bench/results/h200-gpt-oss/
+# probe-gptoss.jsonl, 2026-11-30; bench/family_terms.py); its 1 x 2048 rows check them.
+FP32_SWIGLU_BYTES = {"lora": 11.9, "qlora": 5.4}
+
+
+def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:
+    """gpt-oss only: its fp32 expert activation, per routed token and expert width unit."""
+    if model.model_type != "gpt_oss":
+        return 0
+    per_unit = FP32_SWIGLU_BYTES.get(setup.method, 0.0)
+    return int(setup.tokens * model.num_experts_per_tok * model.expert_intermediate * per_unit)
+
+
 # Families whose Unsloth 2026.10.9 path computes the whole logits tensor for the loss instead of the fused loss's
-# tiles, bytes per logit alive at the backward's peak: Gemma 3 (12B at 8 layers, 262k vocabulary) held 3.07-3.09
-# bytes per logit above the other terms on its three LoRA runs (1 x 2048, 4 x 2048, 1 x 8192; H200, 2026-11-30,
-# bench/results/h200-issue17/); its three QLoRA runs, not used for the figure, 3.02-3.04. Phi-3.5-mini's smaller
-# excesses (0.08-0.20 GiB at a 32k vocabulary: two 8-layer H100 runs in profiles/calibrations/h100-runs/
-# h100-heldout.jsonl and one full-depth H200 run) sit 0.05-0.08 GiB (1-3%) above the estimate with the same figure.
-MATERIALISED_LOGITS_BYTES = 3.08
-MATERIALISED_LOGITS_TYPES = frozenset({"gemma3", "gemma3_text", "phi3"})
+# tiles, bytes per logit alive at the backward's peak, by method. Gemma 3 (12B at 8 layers, 262k vocabulary) held
+# 3.07-3.09 bytes per logit above the other terms on its three LoRA runs (1 x 2048, 4 x 2048, 1 x 8192; H200,
+# 2026-11-30, bench/results/h200-issue17/); its three QLoRA runs, not used for the figure, 3.02-3.04. Phi-3.5-mini
+# (32k vocabulary) does it under 16-bit LoRA only: its QLoRA runs at full depth held no whole logits (1 x 2048,
+# 4 x 2048, 1 x 8192 on the H200, bench/results/h200-issue17-heldout2/probe-phi*.jsonl: within 0.07 GiB of the
+# estimate without them, 0.55-0.76 GiB under it with them); its LoRA figure is fitted on the full-depth LoRA
+# 4 x 2048 run there (bench/family_terms.py), its 1 x 2048 and 1 x 8192 runs and two 8-layer H100 runs
+# (profiles/calibrations/h100-runs/h100-heldout.jsonl) left to check it.
+MATERIALISED_LOGITS_BYTES = {("gemma3", "lora"): 3.08, ("gemma3", "qlora"): 3.08, ("gemma3_text", "lora"): 3.08,
+                             ("gemma3_text", "qlora"): 3.08, ("phi3", "lora"): 3.88}
 
 
 def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: str = "unsloth") -> int:
     # lm_head output and its gradient, vocab-wide per token: large for 128k-256k vocabularies.
     per_logit = coeffs.logits_per_vocab
-    if engine == "unsloth" and model.model_type in MATERIALISED_LOGITS_TYPES:
-        per_logit += MATERIALISED_LOGITS_BYTES
+    if engine == "unsloth":
+        per_logit += MATERIALISED_LOGITS_BYTES.get((model.model_type, setup.method), 0.0)
     return int(setup.tokens * model.vocab_size * per_logit)
+
+
+# Phi-3 through Unsloth's generic path holds memory that grows with the square of the sequence, as an explicit
+# attention mask of micro_batch x seq x seq elements would: at the same 8,192 tokens its full-depth runs held 0.157
+# GiB (LoRA) and 0.129 GiB (QLoRA) more at 1 x 8192 than at 4 x 2048 on the H200 (bench/results/h200-issue17-
+# heldout2/probe-phi*.jsonl, 2026-11-30), and their attention ran 3x slower than the softmax-bound rate
+# (speed.ATTENTION_TIME_BY_TYPE), as it does off FlashAttention. Bytes per mask element, fitted on the LoRA pair
+# (bench/family_terms.py); the QLoRA pair checks it.
+SEQ_SQUARED_BYTES_BY_TYPE = {"phi3": 3.36}
+
+
+def attention_mask_bytes(model: ModelSpec, setup: Setup) -> int:
+    """The families whose attention keeps a micro_batch x seq x seq mask (SEQ_SQUARED_BYTES_BY_TYPE)."""
+    per_element = SEQ_SQUARED_BYTES_BY_TYPE.get(model.model_type, 0.0)
+    return int(setup.micro_batch * setup.seq_len * setup.seq_len * per_element)
 
 
 def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -296,6 +331,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         "recompute_transient": recompute_transient_bytes(model, setup, coeffs),
         "logits_loss": logits_bytes(model, setup, coeffs, engine),
         "dequant_buffer": dequant_buffer_bytes(model, setup),
+        "attention_mask": attention_mask_bytes(model, setup),
         "packed_uncompiled": packed_uncompiled_bytes(model, setup, batching) if engine == "unsloth" else 0,
         "ddp_buckets": ddp_bucket_bytes(model, setup),
         "fsdp_gather": fsdp_gather_bytes(model, setup),
@@ -318,7 +354,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
 
 # Allocated during a step and freed after it; the rest is loaded once (weights and adapters).
 STEP_TERMS = ("lora_grads", "optimizer_state", "step_overhead", "activations_kept", "recompute_transient",
-              "logits_loss", "dequant_buffer", "packed_uncompiled", "ddp_buckets", "fsdp_gather",
+              "logits_loss", "dequant_buffer", "attention_mask", "packed_uncompiled", "ddp_buckets", "fsdp_gather",
               "loss_over_backward", "expert_dequant")
 
 
@@ -336,8 +372,8 @@ def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
 
 ALLOCATED_TERMS = ("base_weights", "lora_weights", "lora_grads", "optimizer_state", "loaded_overhead",
                    "step_overhead", "activations_kept", "recompute_transient", "logits_loss", "dequant_buffer",
-                   "packed_uncompiled", "ddp_buckets", "fsdp_gather", "loss_over_backward", "expert_dequant",
-                   "quantized_load")
+                   "attention_mask", "packed_uncompiled", "ddp_buckets", "fsdp_gather", "loss_over_backward",
+                   "expert_dequant", "quantized_load")
 
 
 def peak_allocated_bytes(parts: dict[str, int]) -> int:

@@ -1,0 +1,132 @@
+"""The per-family terms fitted on recorded GPU runs, recomputed from those rows (no GPU): each constant in the
+estimator that came from one or two runs, what those runs give it now, and the value in the code. The estimator
+cites this script beside each constant; tests/test_issue17_runs.py checks that the two agree, so a change to the
+other terms that would move a fit shows.
+
+    python bench/family_terms.py
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from rigplan import store
+from rigplan.calibration.replica import reduced
+from rigplan.estimator import memory, planner, speed
+from rigplan.estimator.plan import Setup
+from rigplan.profiles.catalog import GpuSpec, ModelSpec, resolve_gpu, resolve_model
+
+RESULTS = Path(__file__).parent / "results"
+PHI = [RESULTS / "h200-issue17-heldout2" / "probe-phi.jsonl"]
+GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
+
+
+def rows(files: list[Path], method: str, batch: int, seq: int) -> dict:
+    found = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+    (row,) = [r for r in found if (r["method"], r["batch"], r["seq"]) == (method, batch, seq)]
+    return row
+
+
+def model_setup(row: dict) -> tuple[ModelSpec, Setup, GpuSpec]:
+    model = resolve_model(row["model"].split("-L")[0])
+    if row["layers"] != model.num_hidden_layers:
+        model = reduced(model, row["layers"])
+    setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
+    return model, setup, resolve_gpu(row["provenance"]["gpu"].removeprefix("NVIDIA ").lower())
+
+
+def solve(set_value: Callable[[float], None], estimate: Callable[[], float], target: float,
+          lo: float, hi: float) -> float:
+    """The constant's value at which the (increasing) estimate meets the measurement, by bisection."""
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        set_value(mid)
+        lo, hi = (mid, hi) if estimate() < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def step_parts(row: dict) -> tuple[float, float, float]:
+    """A micro-batch's estimated GPU seconds without the family's factors: matmuls, attention (at the softmax
+    bound), and memory-bound work."""
+    model, setup, gpu = model_setup(row)
+    coeffs = store.reference()[0]
+    rate = gpu.tensor_tflops * 1e12 * coeffs.mfu
+    mm = speed.matmul_flops_per_token(model, setup) * setup.tokens / rate
+    softmax = max(1.0, speed.SOFTMAX_BOUND_HEAD_DIM / model.head_dim)
+    attn = softmax * speed.attention_flops_per_token(model, setup) * setup.tokens / rate
+    moved = (coeffs.elementwise_bytes * speed.elementwise_units(model, setup)
+             + coeffs.dequant_bytes * speed.quantized_weights(model, setup)
+             + speed.expert_dequant_bytes(model, setup)) / (gpu.bandwidth_gb_s * 1e9)
+    return mm, attn, moved
+
+
+def phi3_speed() -> tuple[float, float]:
+    """Phi-3's GPU factor and attention factor from its two GPU-bound LoRA rows (same tokens, 4 x 2048 and
+    1 x 8192): step - moved = factor x (matmuls + attention_factor x attention), two equations."""
+    (m1, a1, v1), t1 = step_parts(r1 := rows(PHI, "lora", 4, 2048)), r1["step_s"]
+    (m2, a2, v2), t2 = step_parts(r2 := rows(PHI, "lora", 1, 8192)), r2["step_s"]
+    # u = factor, w = factor x attention_factor: u m + w a = t - v
+    det = m1 * a2 - m2 * a1
+    u = ((t1 - v1) * a2 - (t2 - v2) * a1) / det
+    w = (m1 * (t2 - v2) - m2 * (t1 - v1)) / det
+    return u, w / u
+
+
+def gpt_oss_speed() -> float:
+    mm, attn, moved = step_parts(row := rows(GPT_OSS, "lora", 4, 2048))
+    return (row["step_s"] - moved) / (mm + attn)
+
+
+def _allocated(row: dict) -> float:
+    model, setup, gpu = model_setup(row)
+    return planner.estimate(model, setup, gpu, store.reference()[0]).peak_allocated_gib
+
+
+def phi3_logits() -> float:
+    row = rows(PHI, "lora", 4, 2048)
+    saved = memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]
+    try:
+        return solve(lambda v: memory.MATERIALISED_LOGITS_BYTES.__setitem__(("phi3", "lora"), v),
+                     lambda: _allocated(row), row["peak_alloc_gib"], 0.0, 10.0)
+    finally:
+        memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")] = saved
+
+
+def phi3_mask() -> float:
+    """Bytes per mask element from the LoRA pair at the same tokens: what 1 x 8192 held beyond 4 x 2048, over
+    the difference in micro_batch x seq x seq."""
+    short, long = rows(PHI, "lora", 4, 2048), rows(PHI, "lora", 1, 8192)
+    elements = long["batch"] * long["seq"] ** 2 - short["batch"] * short["seq"] ** 2
+    return (long["peak_alloc_gib"] - short["peak_alloc_gib"]) * 2**30 / elements
+
+
+def gpt_oss_swiglu(method: str) -> float:
+    row = rows(GPT_OSS, method, 4, 2048)
+    saved = memory.FP32_SWIGLU_BYTES[method]
+    try:
+        return solve(lambda v: memory.FP32_SWIGLU_BYTES.__setitem__(method, v),
+                     lambda: _allocated(row), row["peak_alloc_gib"], 0.0, 40.0)
+    finally:
+        memory.FP32_SWIGLU_BYTES[method] = saved
+
+
+def fitted() -> dict[str, tuple[float, float]]:
+    """Each constant: (what its runs give it now, the value in the code)."""
+    phi_gpu, phi_attention = phi3_speed()
+    return {
+        'speed.GPU_TIME_BY_TYPE["phi3"]': (phi_gpu, speed.GPU_TIME_BY_TYPE["phi3"]),
+        'speed.ATTENTION_TIME_BY_TYPE["phi3"]': (phi_attention, speed.ATTENTION_TIME_BY_TYPE["phi3"]),
+        'speed.GPU_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_speed(), speed.GPU_TIME_BY_TYPE["gpt_oss"]),
+        'memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]': (phi3_logits(),
+                                                               memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]),
+        'memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]': (phi3_mask(), memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]),
+        'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
+        'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
+    }
+
+
+if __name__ == "__main__":
+    for name, (fit, code) in fitted().items():
+        print(f"{name:55s} fitted {fit:8.3f}   in the code {code:8.3f}")
