@@ -9,6 +9,7 @@
 #   about 9 minutes)
 set -uo pipefail
 source bench/gpu_setup.sh
+PRED_GIVEN=${PRED:-}
 PRED=${PRED:-bench/results/predictions/issue17-h200.json}  # PRED=.../issue17-heldout-h200.json: the shapes no term was written from
 jobs_for() {
   python3 -c "import json,sys; print(' '.join('--job ' + j for j in json.load(open('$PRED'))['jobs'] if j.startswith(sys.argv[1])))" "$1"
@@ -17,7 +18,7 @@ families=("$@"); [ $# -gt 0 ] || families=(qwen3moe mixtral phi gemma3)
 for family in "${families[@]}"; do
   case "$family" in
     qwen3moe) prefix=qwen3-30b-a3b ;; mixtral) prefix=mixtral-8x7b ;; phi) prefix=phi-3.5-mini ;; gemma3) prefix=gemma-3-12b ;;
-    gptoss) prefix=gpt-oss-20b; PRED=bench/results/predictions/issue17-gpt-oss-h200.json ;;
+    gptoss) prefix=gpt-oss-20b; PRED=${PRED_GIVEN:-bench/results/predictions/issue17-gpt-oss-h200.json} ;;
     *) echo "unknown family $family"; continue ;;
   esac
   t0=$SECONDS
