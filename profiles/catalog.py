@@ -224,6 +224,8 @@ class GpuSpec:
     aliases: tuple[str, ...] = ()
     price_usd: float | None = None
     source_2: str | None = None
+    note: str = ""
+    """How a figure the spec sheet does not print was derived from ones it does (its sources named)."""
     pcie_gen: int = 4
     """PCI Express generation of the card's host link (its spec sheet): the path between cards without NVLink,
     and to CPU memory."""

@@ -21,7 +21,10 @@ REQUIRED_MODEL_IDS = [
     "phi-3.5-mini", "phi-4",
 ]
 REQUIRED_GPU_IDS = ["t4", "rtx-3060", "rtx-4090", "rtx-5090", "rtx-a6000", "rtx-6000-ada", "l4", "l40s", "a10g",
-                    "a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "b200"]
+                    "a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "b200",
+                    # the 8-12 GB cards people start with (issue 17)
+                    "rtx-3060-ti", "rtx-3070", "rtx-4060", "rtx-4060-ti-8gb", "rtx-4070", "rtx-4070-super",
+                    "rtx-5060-ti-16gb", "rtx-5070"]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=[m.id for m in MODELS])
@@ -261,3 +264,12 @@ def test_issue17_check_runs_on_an_8gb_card(tmp_path, monkeypatch) -> None:
     result = CliRunner().invoke(main, ["check", "llama-3.1-8b", "--gpu", "4060"])
     assert result.exit_code == 0, result.output
     assert "on GeForce RTX 4060 (8.0 GiB, catalogue)" in result.output and "verdict:" in result.output
+
+
+def test_a_derived_gpu_figure_shows_its_arithmetic() -> None:
+    """The RTX 3060 Ti's tensor rate is not on NVIDIA's page: its note gives the page's cores and clock and the
+    whitepaper's rule (4 FLOPs per CUDA core per clock), and the figure is that product."""
+    gpu = catalog.resolve_gpu("rtx-3060-ti")
+    assert gpu.note and gpu.source_2
+    assert gpu.bf16_dense_tflops == pytest.approx(4864 * 1.67e9 * 4 / 1e12, abs=0.05)
+    assert gpu.bandwidth_gb_s == 14 * 256 / 8
