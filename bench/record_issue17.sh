@@ -2,7 +2,7 @@
 # On the GPU machine (device tool, carry .gpu): the Unsloth probes issue 17 names, checked against the predictions
 # written before them (bench/results/predictions/issue17-h200.json: `python bench/predictions.py predict ...`):
 # reduced-depth, full-width Qwen3-30B-A3B and Mixtral-8x7B, full-depth Phi-3.5-mini, Gemma-3-12B at 8 layers,
-# LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192. One probe process per family (each loads Unsloth once).
+# LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192. One probe process per job (a method's shapes, one model load).
 # gptoss: gpt-oss-20b at 4 layers, its own predictions (bench/results/predictions/issue17-gpt-oss-h200.json): does
 # Unsloth 2026.10.9 train it at all, and how far is the unmeasured estimate.
 #   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3 gptoss; default the first four,
@@ -12,7 +12,7 @@ source bench/gpu_setup.sh
 PRED_GIVEN=${PRED:-}
 PRED=${PRED:-bench/results/predictions/issue17-h200.json}  # PRED=.../issue17-heldout-h200.json: the shapes no term was written from
 jobs_for() {
-  python3 -c "import json,sys; print(' '.join('--job ' + j for j in json.load(open('$PRED'))['jobs'] if j.startswith(sys.argv[1])))" "$1"
+  python3 -c "import json,sys; print(' '.join(j for j in json.load(open('$PRED'))['jobs'] if j.startswith(sys.argv[1])))" "$1"
 }
 families=("$@"); [ $# -gt 0 ] || families=(qwen3moe mixtral phi gemma3)
 for family in "${families[@]}"; do
@@ -22,7 +22,13 @@ for family in "${families[@]}"; do
     *) echo "unknown family $family"; continue ;;
   esac
   t0=$SECONDS
-  python3 -m rigplan.calibration.probe $(jobs_for $prefix) --out $OUT/probe-$family.jsonl >$OUT/probe-$family.log 2>&1
-  echo "== $family exit $? after $((SECONDS - t0)) s"
+  # One process per job (a method's shapes): a job run after another in the same process starts with that job's
+  # leftovers allocated (start_alloc_gib 0.13-0.31 GiB in the QLoRA rows run after LoRA), which a user's run has
+  # not. They showed in after_load_gib, not in the peaks: Qwen3-MoE's and Gemma 3's QLoRA peaks in a process of
+  # their own (h200-issue17-expandable/) matched those run after LoRA (h200-issue17/) within 0.05 GiB.
+  for job in $(jobs_for $prefix); do
+    python3 -m rigplan.calibration.probe --job "$job" --out $OUT/probe-$family.jsonl >>$OUT/probe-$family.log 2>&1
+    echo "== $job exit $? after $((SECONDS - t0)) s"
+  done
   python3 bench/predictions.py compare $PRED $OUT/probe-$family.jsonl | grep "\"$prefix" | tee -a $OUT/compare.txt
 done
