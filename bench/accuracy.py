@@ -7,7 +7,9 @@ against the calibration it wrote, refitted by today's fit from the raw probes st
     python bench/accuracy.py bench/results/calibrate-h100/validate-c.jsonl \
         --calibration bench/results/calibrate-h100/calibration-c.json --refit --goals calibrated
 
-Default runs: profiles/calibrations/h100-runs/*.jsonl (real Unsloth runs, provenance in each row).
+Default runs: profiles/calibrations/h100-runs/*.jsonl (real Unsloth runs, provenance in each row); their rows go
+to bench/accuracy.json. Other runs (e.g. bench/results/h200-issue17*/probe-*.jsonl) are each estimated for the GPU
+their provenance names, and written only where --out says.
 Goals (issue 3): peak reserved within 10% and tokens/s within 15% on every run. A run's memory is left out
 when it ran after another job in the same process (its memory includes that job's leftovers), its speed
 when the probe left the model in eval mode (not the training path). Exits 1 if a goal is missed.
@@ -32,18 +34,27 @@ GOALS = {"check": (0.10, 0.15),  # issue 3: the shipped reference against every 
 RUNS_DIR = PROFILES_DIR / "calibrations" / "h100-runs"
 
 
+def run_gpu(run: fit.Run, default: str) -> catalog.GpuSpec:
+    """The GPU a run was recorded on (its provenance's name, e.g. the H200 probes of bench/results/), else the
+    calibration's: the estimate is then the calibration scaled to that GPU by its spec sheet, as `rigplan check`
+    does for any catalogue GPU."""
+    prov = run.row.get("provenance") or {}
+    found = catalog.gpu_by_nvml_name(prov["gpu"], prov.get("gpu_total_gib")) if prov.get("gpu") else None
+    return found or resolve_gpu(default)
+
+
 def compare(runs: list[fit.Run], coeffs, gpu_id: str, goals: tuple[float, float] = GOALS["check"]) -> list[dict]:
     """One row per run: measured and estimated figures, through the same estimate() `rigplan estimate` uses."""
-    gpu = resolve_gpu(gpu_id)
     memory_goal, speed_goal = goals
     rows = []
     for r in runs:
+        gpu = run_gpu(r, gpu_id)
         est = planner.estimate(r.model, r.setup, gpu, coeffs)
         mem_ok = r.row.get("clean_load", True)
         spd_ok = fit.speed_valid(r)
         mem_err = est.peak_reserved_gib / r.row["peak_reserved_gib"] - 1 if mem_ok else None
         tps_err = est.tokens_per_s / r.row["tok_per_s"] - 1 if spd_ok else None
-        rows.append({"run": r.label, "measured_reserved_gib": r.row["peak_reserved_gib"],
+        rows.append({"run": r.label, "gpu": gpu.id, "measured_reserved_gib": r.row["peak_reserved_gib"],
                      "estimated_reserved_gib": round(est.peak_reserved_gib, 3), "reserved_err": mem_err,
                      "measured_tok_per_s": r.row["tok_per_s"], "estimated_tok_per_s": round(est.tokens_per_s, 1),
                      "tok_per_s_err": tps_err, "host_bound": est.host_bound,
@@ -60,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refit", action="store_true",
                         help="refit the calibration from the raw probes stored in it (toward the shipped reference)")
     parser.add_argument("--goals", choices=sorted(GOALS), default="check")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("accuracy.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the rows go (default: bench/accuracy.json for the default runs, none for others)")
     args = parser.parse_args(argv)
     memory_goal, speed_goal = GOALS[args.goals]
     if args.refit:  # from the raw probes alone, so a file of an older schema serves too
@@ -76,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return None if x is None else round(100 * x, 1)
 
     print(format_table(
-        f"bench/accuracy.py: rigplan estimate vs {len(rows)} recorded runs on {coeffs.gpu} "
+        f"bench/accuracy.py: rigplan estimate vs {len(rows)} recorded runs on {', '.join(sorted({r['gpu'] for r in rows}))} "
         f"(goals: memory within {memory_goal:.0%}, speed within {speed_goal:.0%})",
         ["run", "reserved GiB", "estimate GiB", "err %", "tok/s", "estimate tok/s", "err % ", "bound", "pass"],
         [[r["run"], r["measured_reserved_gib"], r["estimated_reserved_gib"], pct(r["reserved_err"]),
@@ -108,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  of these, {len(generic)} on Unsloth's generic path (not fitted): memory worst {worst['reserved_err']:.1%}, "
               f"speed worst {worst['tok_per_s_err']:.1%}; on its fast paths {len(fast_failed)} outside goals")
         summary["unsloth_generic_path_runs"] = len(generic)
-    args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
+    out = args.out or (None if args.runs else Path(__file__).with_name("accuracy.json"))
+    if out:
+        out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
     return 1 if failed else 0
 
 
