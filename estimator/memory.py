@@ -136,7 +136,7 @@ def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:
 # 3.07-3.09 bytes per logit above the other terms on its three LoRA runs (1 x 2048, 4 x 2048, 1 x 8192; H200,
 # 2026-11-30, bench/results/h200-issue17/); its three QLoRA runs, not used for the figure, 3.02-3.04. Phi-3.5-mini
 # (32k vocabulary) does it under 16-bit LoRA only: its QLoRA runs at full depth held no whole logits (1 x 2048,
-# 4 x 2048, 1 x 8192 on the H200, bench/results/h200-issue17-heldout2/probe-phi*.jsonl: within 0.07 GiB of the
+# 4 x 2048, 1 x 8192 on the H200, bench/results/h200-issue17-heldout2/probe-phi*.jsonl: within 0.11 GiB of the
 # estimate without them, 0.55-0.76 GiB under it with them); its LoRA figure is fitted on the full-depth LoRA
 # 4 x 2048 run there (bench/family_terms.py), its 1 x 2048 and 1 x 8192 runs and two 8-layer H100 runs
 # (profiles/calibrations/h100-runs/h100-heldout.jsonl) left to check it.
