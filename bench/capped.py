@@ -55,15 +55,44 @@ def load_4_bit_on_cpu(torch) -> None:  # noqa: ANN001
 
     original = AutoModelForCausalLM.from_pretrained.__func__
 
+    import resource
+    import time
+
     def from_pretrained(cls, *args, **kwargs):  # noqa: ANN001, ANN202
         if kwargs.get("quantization_config") is not None:
             kwargs["device_map"] = {"": "cpu"}
+        t0 = time.perf_counter()
         model = original(cls, *args, **kwargs)
-        print(f"QLORA_CPU_LOAD: loaded on the CPU; GPU allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB",
-              flush=True)
+        print(f"QLORA_CPU_LOAD: loaded on the CPU in {time.perf_counter() - t0:.0f} s; GPU allocated "
+              f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB; this process's CPU peak "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB; {quant_states(model)}", flush=True)
         return model
 
     AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
+    # After FSDP has sharded the model (accelerate prepares it inside train()): where the quant states went, and
+    # the GPU's peak so far (loading and sharding), once, at the first training step.
+    from transformers import Trainer
+
+    step = Trainer.training_step
+
+    def training_step(self, model, *args, **kwargs):  # noqa: ANN001, ANN202
+        if not getattr(training_step, "said", False):
+            training_step.said = True
+            print(f"QLORA_CPU_LOAD: first step; GPU peak so far {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
+                  f"{quant_states(model)}", flush=True)
+        return step(self, model, *args, **kwargs)
+
+    Trainer.training_step = training_step
+
+
+def quant_states(model) -> str:  # noqa: ANN001
+    """How many bitsandbytes 4-bit weights carry a quant state, and on which devices their absmax lies."""
+    devices: dict[str, int] = {}
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None) or getattr(module, "quant_state", None)
+        if state is not None and getattr(state, "absmax", None) is not None:
+            devices[str(state.absmax.device)] = devices.get(str(state.absmax.device), 0) + 1
+    return f"quant states' absmax on {devices or 'no device (none found)'}"
 
 
 if __name__ == "__main__":
