@@ -112,7 +112,7 @@ def _render_check(d: dict[str, Any]) -> str:
         out.append(f"gpus: {r['parallelism']} over {r['num_gpus']}; memory per GPU, tok/s for all of them"
                    + (f"; CPU memory to load and offload the weights: {r['cpu_memory_gib']:.1f} GiB" if r["cpu_memory_gib"]
                       else ""))
-    out += [f"warning: {w}" for w in d["warnings"]]
+    out += [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])]
     return "\n".join(out)
 
 
@@ -146,7 +146,7 @@ def _render_catalogue(d: dict[str, Any]) -> str:
                          {"memory GiB": 0, "total GiB": 1, "time h": 2, "tok/s per k$": 1})
     notes = [d.get("note", ""), f"smallest card that fits: {d['smallest_fitting']}; fastest per dollar: {d['best_per_dollar']}",
              f"time: {d['workload']['source']}; speeds scale the H100 reference calibration by each GPU's spec sheet"]
-    return "\n".join([table] + [n for n in notes if n] + [f"warning: {w}" for w in d["warnings"]])
+    return "\n".join([table] + [n for n in notes if n] + [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -202,7 +202,7 @@ def _render_max_seq(d: dict[str, Any]) -> str:
                          ["method", "max seq", "ckpt", "peak GiB", "total GiB", "tok/s"], rows,
                          {"peak GiB": 1, "total GiB": 1})
     return "\n".join([table, "max seq: the longest sequence that fits with 10% of the GPU kept free (steps of 256)",
-                      f"calibration: {d['calibration']['label']}"] + [f"warning: {w}" for w in d["warnings"]])
+                      f"calibration: {d['calibration']['label']}"] + [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])])
 
 
 @main.command()
@@ -234,7 +234,7 @@ def estimate(model: str, method: str, batch: int, seq_len: int, rank: int, grad_
         out.append(f"speed {d['tokens_per_s']:,.0f} tok/s, {d['step_s']:.3f} s per step; calibration: {d['calibration']['label']}")
         if d["host_bound"]:
             out.append(_host_bound_note(d))
-        out += [f"warning: {w}" for w in d["warnings"]]
+        out += [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])]
         return "\n".join(out)
 
     _emit(data, as_json, render)

@@ -156,8 +156,11 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "components_gib": p.components_gib}
 
 
-def warnings_for(model: ModelSpec) -> list[str]:
-    notes = [f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
+def warnings_for(model: ModelSpec, short: bool = False) -> list[str]:
+    """What is known to differ for this model (profiles/known_issues.json): the whole note with its sources, or
+    (short) its one-line summary, which the tables print; --json carries both."""
+    notes = [f"{i['severity']}: {i['summary']} (profiles/known_issues.json; --json for the whole note)" if short
+             else f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
     # A plain bitsandbytes NF4 copy trained as quantizing on load does, memory within 0.1%
     # (bench/results/prequantized-h200/); Unsloth's dynamic 4-bit copies (`-unsloth-bnb-4bit`) keep some layers in
     # 16 bits, which the estimate does not count.
@@ -167,6 +170,11 @@ def warnings_for(model: ModelSpec) -> list[str]:
                      "keeps in 16 bits are not counted (a plain bitsandbytes 4-bit copy measured as quantizing on "
                      "load)")
     return notes
+
+
+def warning_fields(model: ModelSpec) -> dict[str, list[str]]:
+    """The JSON's warnings: whole, and short for the tables."""
+    return {"warnings": warnings_for(model), "warnings_short": warnings_for(model, short=True)}
 
 
 def choose_engine(model: ModelSpec) -> Engine:
@@ -218,7 +226,7 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
         "fits": result.fits, "reason": result.reason, "calibration": info,
         "recommended": plan_row(plan_, load) if plan_ else None,
         "alternatives": [plan_row(p, load) for p in result.alternatives],
-        "workload": load.to_dict(), "warnings": warnings_for(model),
+        "workload": load.to_dict(), **warning_fields(model),
     }
 
 
@@ -267,7 +275,7 @@ def catalogue(model: ModelSpec, seq: int, load: Workload, effective_batch: int, 
     per_dollar = max(priced, key=lambda r: r["tokens_per_s_per_kusd"], default=None)
     return {"model": model.id, "gpu": None, "num_gpus": num_gpus, "seq": seq, "gpus": rows, "workload": load.to_dict(),
             "smallest_fitting": smallest and smallest["gpu"], "best_per_dollar": per_dollar and per_dollar["gpu"],
-            "warnings": warnings_for(model)}
+            **warning_fields(model)}
 
 
 def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, gpu: str | None = None,
@@ -295,7 +303,7 @@ def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, 
             "step_s": round(est.step_s, 4), "host_bound": est.host_bound,
             "tokens_per_s_band": [round(x, 1) for x in est.tokens_per_s_band],
             "components": {k: round(v / gib, 3) for k, v in est.components_bytes.items()},
-            "calibration": calibration_info(coeffs, doc, here, target.spec), "warnings": warnings_for(model)}
+            "calibration": calibration_info(coeffs, doc, here, target.spec), **warning_fields(model)}
 
 
 # Without a GPU (CPU training through transformers + PEFT) nothing is predicted: these are the settings.
@@ -480,4 +488,4 @@ def max_seq(model_name: str, gpu: str | None, rank: int = planner.DEFAULT_RANK) 
     return {"model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name,
             "gpu_memory_gib": round(target.memory_gib, 2), "rank": rank,
             "max_seq": {m: e.setup.seq_len if e else None for m, e in found.items()}, "plans": plans,
-            "calibration": calibration_info(coeffs, doc, here, target.spec), "warnings": warnings_for(model)}
+            "calibration": calibration_info(coeffs, doc, here, target.spec), **warning_fields(model)}

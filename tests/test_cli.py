@@ -201,6 +201,16 @@ def test_phi4_on_rtx3060_says_it_fits_only_at_a_shorter_sequence() -> None:
     assert "DOES NOT FIT" not in r.output and "recommended" in r.output
 
 
+def test_a_known_issue_is_one_line_in_the_table_and_whole_in_the_json() -> None:
+    """Phi-3's note (its terms, runs and sources) filled the terminal under every table: the table now prints each
+    known issue's summary, and --json carries the whole note beside it."""
+    r = invoke("check", "phi-3.5-mini", "--gpu", "rtx-4090")
+    lines = [line for line in r.output.splitlines() if line.startswith("warning: ")]
+    assert r.exit_code == 0 and len(lines) == 1 and len(lines[0]) < 300 and "--json" in lines[0]
+    d = json.loads(invoke("check", "phi-3.5-mini", "--gpu", "rtx-4090", "--json").output)
+    assert len(d["warnings"]) == len(d["warnings_short"]) == 1 and "h200-issue17-heldout2" in d["warnings"][0]
+
+
 def test_a_qlora_verdict_states_the_memory_kept_free() -> None:
     """"16-bit LoRA needs at least 134.8 GiB of 140.4 GiB" read as a contradiction: the 10% kept free is said."""
     reason = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "h200", "--json").output)["reason"]
