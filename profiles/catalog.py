@@ -49,7 +49,7 @@ QK_NORM = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}
 #   dequantized to bf16"); for 4-bit loads unsloth/models/mapper.py maps openai/gpt-oss-20b to
 #   unsloth/gpt-oss-20b-unsloth-bnb-4bit, whose experts are per-expert nn.Linear (GptOssExpertsBnb4bit,
 #   "ModuleLists of nn.Linear ... so BitsAndBytes can quantize them"): Unsloth's QLoRA holds the experts in
-#   NF4, as counted. Not measured for gpt-oss.
+#   NF4, as counted; measured at 4 layers on the H200 (bench/results/h200-gpt-oss/, tests/test_issue17_runs.py).
 GPT_OSS = {"gpt_oss"}
 GPT_OSS_SLIDING_WINDOW = 128  # GptOssConfig's default sliding_window
 LAYER_TYPES = ("full_attention", "sliding_attention")
