@@ -58,11 +58,14 @@ def hf_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:
     if spec.rope_theta is not None:
         facts["rope_theta"] = spec.rope_theta
     # Mixture-of-experts facts under the config's own keys (Mixtral: num_local_experts; Qwen3-MoE: num_experts).
-    for key in ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+    for key in ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "shared_expert_intermediate_size"):
         if getattr(spec, key):
             facts[key] = getattr(spec, key)
     if spec.model_type in ("llama", "gpt_oss"):
         facts["attention_bias"] = spec.attention_bias
+    if spec.model_type == "qwen2_moe":  # Qwen2MoeConfig's name for it
+        facts["qkv_bias"] = spec.attention_bias
     if spec.layer_types:
         # The profile's per-layer attention (gpt-oss: sliding_attention, full_attention, ...), cut to the replica's
         # depth (reduced(), toy()) and repeated past the profile's where a replica is deeper.

@@ -22,8 +22,9 @@ PROFILES_DIR = Path(__file__).resolve().parent
 # Defaults are those of each transformers config class (LlamaConfig, Qwen2Config, Gemma2Config, ...).
 TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 # Qwen2's attention always has q/k/v bias (modeling_qwen2.py hard-codes bias=True); its config has no key.
-# GptOssConfig defaults attention_bias to True (configuration_gpt_oss.py, transformers 5.17).
-BIAS_BY_DEFAULT = {"qwen2", "gpt_oss"}
+# GptOssConfig defaults attention_bias to True (configuration_gpt_oss.py, transformers 5.17); Qwen2MoeConfig names it
+# qkv_bias, default True (configuration_qwen2_moe.py: q/k/v_proj bias=config.qkv_bias, o_proj none).
+BIAS_BY_DEFAULT = {"qwen2", "qwen2_moe", "gpt_oss"}
 # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (modeling_phi3.py).
 FUSED_PROJECTIONS = {"phi3"}
 # Gemma 2/3 put a norm before and after both attention and MLP (4 per layer, modeling_gemma2.py).
@@ -83,6 +84,10 @@ class ModelSpec:
     """Experts each token is routed to."""
     moe_intermediate_size: int = 0
     """Each expert's MLP width where the config gives it apart from intermediate_size (Qwen3-MoE)."""
+    shared_expert_intermediate_size: int = 0
+    """The width of the shared expert every token also goes through, gated by a sigmoid (Qwen2-MoE: transformers
+    5.17 Qwen2MoeSparseMoeBlock's shared_expert, a Qwen2MoeMLP of nn.Linear gate/up/down_proj, and its
+    shared_expert_gate, nn.Linear(hidden, 1)); 0: none."""
     params_active_published: int | None = None
     """Parameters one token computes with, as the model's publisher counts them."""
     prequantized: bool = False
@@ -115,8 +120,11 @@ class ModelSpec:
 
     @property
     def active_intermediate(self) -> int:
-        """MLP units a token computes with per layer: its routed experts' together, or the dense MLP's."""
-        return self.num_experts_per_tok * self.expert_intermediate if self.experts else self.intermediate_size
+        """MLP units a token computes with per layer: its routed experts' together (and the shared expert's), or
+        the dense MLP's."""
+        if not self.experts:
+            return self.intermediate_size
+        return self.num_experts_per_tok * self.expert_intermediate + self.shared_expert_intermediate_size
 
     def _attention_shapes(self) -> list[tuple[str, int, int]]:
         h, hd = self.hidden_size, self.head_dim
@@ -131,23 +139,30 @@ class ModelSpec:
             return [("gate_up_proj", h, 2 * width), ("down_proj", width, h)]
         return [("gate_proj", h, width), ("up_proj", h, width), ("down_proj", width, h)]
 
+    def _shared_shapes(self) -> list[tuple[str, int, int]]:
+        """The shared expert's projections (nn.Linear, named as a dense MLP's); none without one."""
+        width = self.shared_expert_intermediate_size
+        return self._mlp_shapes(width) if self.experts and width else []
+
     def weight_shapes(self) -> list[tuple[str, int, int]]:
         """Every per-layer projection the layer stores, as (name, in_features, out_features): attention, and
-        the MLP, once per expert in a mixture-of-experts layer."""
-        return self._attention_shapes() + self._mlp_shapes(self.expert_intermediate) * max(1, self.experts)
+        the MLP, once per expert in a mixture-of-experts layer, and its shared expert's."""
+        return (self._attention_shapes() + self._mlp_shapes(self.expert_intermediate) * max(1, self.experts)
+                + self._shared_shapes())
 
     def active_shapes(self) -> list[tuple[str, int, int]]:
-        """The projections one token computes through per layer: attention and its routed experts' MLPs."""
+        """The projections one token computes through per layer: attention, its routed experts' MLPs and the
+        shared expert."""
         routed = self.num_experts_per_tok if self.experts else 1
-        return self._attention_shapes() + self._mlp_shapes(self.expert_intermediate) * routed
+        return self._attention_shapes() + self._mlp_shapes(self.expert_intermediate) * routed + self._shared_shapes()
 
     def linear_shapes(self) -> list[tuple[str, int, int]]:
         """The per-layer projections LoRA targets. Dense models: all of them (Unsloth's seven, or Phi-3's fused
-        four). Mixture-of-experts: attention only, rigplan's stated default: transformers 5.17 stores each
-        layer's experts as fused 3-D parameters (MixtralExperts, Qwen3MoeExperts: gate_up_proj, down_proj),
-        which LoRA's target_modules do not match; PEFT's target_parameters would give every expert its own
-        adapter."""
-        return self._attention_shapes() if self.experts else self.weight_shapes()
+        four). Mixture-of-experts: attention (and a shared expert, whose nn.Linear gate/up/down_proj the same
+        target_modules match), rigplan's stated default: transformers 5.17 stores each layer's routed experts as
+        fused 3-D parameters (MixtralExperts, Qwen3MoeExperts, Qwen2MoeExperts: gate_up_proj, down_proj), which
+        LoRA's target_modules do not match; PEFT's target_parameters would give every expert its own adapter."""
+        return self._attention_shapes() + self._shared_shapes() if self.experts else self.weight_shapes()
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -163,6 +178,7 @@ class ModelSpec:
         norms = (4 if self.model_type in FOUR_NORMS else 2) * self.hidden_size
         norms += 2 * hd if self.model_type in QK_NORM else 0
         router = self.hidden_size * self.experts
+        router += self.hidden_size if self._shared_shapes() else 0  # shared_expert_gate, nn.Linear(hidden, 1)
         sinks = 0
         if self.model_type in GPT_OSS:
             bias += self.hidden_size if self.attention_bias else 0  # o_proj's bias
@@ -296,7 +312,9 @@ def _gpu_key(name: str) -> str:
 # config.json keys of mixture-of-experts layers (DeepSeek's n_routed_experts, Qwen-MoE's num_experts, ...): the
 # estimator's terms describe experts as Mixtral's, Qwen3-MoE's and gpt-oss's rows give them (every layer sparse,
 # routed experts of one width, no shared expert; gpt-oss's biases and sinks as ModelSpec.layer_params counts them).
-MOE_TYPES = ("mixtral", "qwen3_moe", "gpt_oss")
+MOE_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")
+# Families whose sparse blocks add a shared expert (config.json shared_expert_intermediate_size).
+SHARED_EXPERT_TYPES = ("qwen2_moe",)
 MOE_KEYS = ("n_routed_experts", "n_shared_experts", "num_experts", "num_local_experts", "moe_intermediate_size",
             "num_experts_per_tok")
 # config.json sizes that must be positive integers (a head count of 0 divided by zero).
@@ -333,8 +351,8 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
     """Every reason a config.json is not one rigplan can estimate, gathered."""
     types = supported_model_types()
     supported = (f"pass a model of a type rigplan estimates: {', '.join(types)} (decoder-only, dense but for "
-                 "Mixtral, Qwen3-MoE and gpt-oss; rigplan models lists them; other mixture-of-experts models are "
-                 "not supported yet)")
+                 "Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss; rigplan models lists them; other mixture-of-experts "
+                 "models are not supported yet)")
     archs = [a for a in config.get("architectures") or () if isinstance(a, str)]
     if archs and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
         return [f"{archs[0]} is not a causal language model; {supported}"]
@@ -343,9 +361,12 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
     moe = [k for k in MOE_KEYS if cfg.get(k)]
     if moe and model_type not in MOE_TYPES:
         return [f"mixture-of-experts layers ({', '.join(moe)}) are not supported yet for {model_type}; {supported}"]
-    # Qwen3-MoE configs that leave some layers dense or add a shared expert are not what the terms describe.
-    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers") or cfg.get("shared_expert_intermediate_size"):
-        return [f"{model_type} with dense layers among the experts or a shared expert is not supported yet; {supported}"]
+    # Configs that leave some layers dense (Qwen-MoE's decoder_sparse_step, mlp_only_layers) are not what the terms
+    # describe (every layer alike); a shared expert is, for the families whose modeling code has one.
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        return [f"{model_type} with dense layers among the experts is not supported yet; {supported}"]
+    if cfg.get("shared_expert_intermediate_size") and model_type not in SHARED_EXPERT_TYPES:
+        return [f"{model_type} with a shared expert is not supported yet; {supported}"]
     problems = [f"{k} {cfg.get(k)!r} must be a positive integer" for k in SIZE_KEYS if _positive_int(cfg.get(k)) is None]
     for k in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
         if cfg.get(k) is not None and _positive_int(cfg[k]) is None:
@@ -422,7 +443,7 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings",
                                          config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT))),
         max_position_embeddings=cfg.get("max_position_embeddings") or 4096,
-        attention_bias=bool(cfg.get("attention_bias", model_type in BIAS_BY_DEFAULT)),
+        attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", model_type in BIAS_BY_DEFAULT))),
         architectures=tuple(config.get("architectures") or ()),
         rope_theta=cfg.get("rope_theta"),
         sliding_window=cfg.get("sliding_window", GPT_OSS_SLIDING_WINDOW if model_type in GPT_OSS else None),
@@ -431,6 +452,8 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
         num_experts=int(cfg.get("num_experts") or 0),
         num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+        if model_type in SHARED_EXPERT_TYPES else 0,
         source=source,
         prequantized=bnb_4bit(config),
     )

@@ -9,6 +9,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -178,12 +179,10 @@ def test_the_replica_is_the_toy_spec(toy_dir) -> None:
     assert spec.params_total == want.params_total
 
 
-def test_rigplan_trains_a_gpt_oss_replica_on_cpu(toy_dir, tmp_path) -> None:
-    """transformers + PEFT, 16-bit LoRA on q/k/v/o: the loss is finite and falls, the adapter is written, and PEFT
-    trains exactly the parameters the estimate counts (lora_params)."""
+def toy_lora_run(toy_dir: Path, tmp_path: Path) -> tuple[catalog.ModelSpec, Any, Path]:
+    """A toy replica's spec, a 16-bit LoRA plan for it on CPU (transformers + PEFT, rank 8, 8 x 64, two epochs)
+    and 64 examples of counting words to learn: what the mixture-of-experts families' CPU runs train."""
     from rigplan.estimator.plan import Plan
-    from rigplan.trainer.engine import load
-    from rigplan.trainer.run import RunOptions, train
 
     spec = catalog.resolve_model(str(toy_dir))
     rng = random.Random(0)
@@ -196,6 +195,16 @@ def test_rigplan_trains_a_gpt_oss_replica_on_cpu(toy_dir, tmp_path) -> None:
     plan = Plan(model=toy_dir.name, model_path=str(toy_dir), gpu="cpu", method="lora", rank=8, micro_batch=8,
                 grad_accum=1, seq_len=64, target_modules=spec.target_modules, optimizer="adamw_torch",
                 learning_rate=1e-2, epochs=2.0, engine="transformers", batching="padded")
+    return spec, plan, data
+
+
+def test_rigplan_trains_a_gpt_oss_replica_on_cpu(toy_dir, tmp_path) -> None:
+    """transformers + PEFT, 16-bit LoRA on q/k/v/o: the loss is finite and falls, the adapter is written, and PEFT
+    trains exactly the parameters the estimate counts (lora_params)."""
+    from rigplan.trainer.engine import load
+    from rigplan.trainer.run import RunOptions, train
+
+    spec, plan, data = toy_lora_run(toy_dir, tmp_path)
 
     model, _ = load(plan)
     trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,138 @@
+"""Qwen2-MoE (issue 17's shared-expert widths): the Qwen1.5-MoE-A2.7B row against its config.json and the published
+counts, every parameter transformers 5.17's Qwen2MoeForCausalLM holds, what LoRA targets (attention and the shared
+expert), the config checks, and a toy replica trained on CPU by rigplan's trainer. Memory and speed on a GPU are
+not measured (profiles/known_issues.json says so under every plan)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from rigplan import planning
+from rigplan.errors import UnknownModelError
+from rigplan.estimator.memory import lora_params
+from rigplan.profiles import catalog
+
+# Qwen/Qwen1.5-MoE-A2.7B's config.json (https://huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/config.json) as a
+# verbatim copy quotes it (https://huggingface.co/MaziyarPanahi/Qwen1.5-MoE-A2.7B-Wikihow/blob/main/config.json,
+# "_name_or_path": "Qwen/Qwen1.5-MoE-A2.7B"; its use_cache aside).
+CONFIG = {
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "decoder_sparse_step": 1,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21, "model_type": "qwen2_moe",
+    "moe_intermediate_size": 1408, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 60,
+    "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16, "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+SPEC = catalog.resolve_model("qwen1.5-moe-a2.7b")
+
+
+def test_counts_match_the_published_total_and_active() -> None:
+    """14.3B total, 2.7B activated: the 60 routed experts toward the total, 4 of them and the shared expert (and
+    its gate) toward the active count."""
+    assert SPEC.params_total == pytest.approx(14.3e9, rel=0.01)
+    assert SPEC.params_active == pytest.approx(2.7e9, rel=0.01)
+    h, layers = SPEC.hidden_size, SPEC.num_hidden_layers
+    shared = 3 * h * 5632 + h  # gate/up/down_proj and shared_expert_gate
+    routed_all, routed_4 = 60 * 3 * h * 1408, 4 * 3 * h * 1408
+    assert SPEC.params_total - SPEC.params_active == layers * (routed_all - routed_4)
+    without = dataclasses.replace(SPEC, shared_expert_intermediate_size=0)
+    assert SPEC.layer_params(active=True) - without.layer_params(active=True) == shared
+    assert SPEC.layer_params() - without.layer_params() == shared
+
+
+def test_the_row_is_its_config_json() -> None:
+    from_config = catalog.model_from_config(CONFIG, "qwen1.5-moe-a2.7b", SPEC.source)
+    fields = [f.name for f in dataclasses.fields(catalog.ModelSpec)
+              if f.name not in ("id", "aliases", "params_published", "params_active_published", "params_note")]
+    assert {f: getattr(SPEC, f) for f in fields} == {f: getattr(from_config, f) for f in fields}
+    assert (SPEC.experts, SPEC.num_experts_per_tok, SPEC.shared_expert_intermediate_size) == (60, 4, 5632)
+    assert SPEC.attention_bias and SPEC.active_intermediate == 4 * 1408 + 5632
+    # LoRA: attention and the shared expert's projections, which share the dense MLP's names
+    assert SPEC.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert lora_params(SPEC, 16) == 24 * 16 * (4 * (2048 + 2048) + 2 * (2048 + 5632) + (5632 + 2048))
+
+
+def test_the_count_is_every_parameter_transformers_holds() -> None:
+    """Qwen2MoeForCausalLM at full size on the meta device: its parameters are params_total exactly, and every
+    LoRA target name is an nn.Linear of the attention or the shared expert, never of the routed experts."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from rigplan.calibration.replica import hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(SPEC))
+    assert sum(p.numel() for p in model.parameters()) == SPEC.params_total
+    targeted = [n for n, m in model.named_modules() if n.split(".")[-1] in SPEC.target_modules]
+    assert targeted and all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in targeted)
+    assert all(".self_attn." in n or ".shared_expert." in n for n in targeted)
+    layer = model.model.layers[0].mlp
+    assert tuple(layer.experts.gate_up_proj.shape) == (60, 2 * 1408, 2048)  # fused: no module for LoRA to match
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"decoder_sparse_step": 2}, "dense layers among the experts"),
+    ({"mlp_only_layers": [0]}, "dense layers among the experts"),
+    ({"num_experts": None}, "must give num_local_experts"),
+])
+def test_config_checks_describe_what_the_terms_cannot(change, message) -> None:
+    config = {k: v for k, v in {**CONFIG, **change}.items() if v is not None}
+    with pytest.raises(UnknownModelError, match=message):
+        catalog.model_from_config(config, "bad", "config.json")
+
+
+def test_a_shared_expert_elsewhere_is_refused() -> None:
+    """Qwen3-MoE's modeling code has no shared expert: a config that asks for one is not what its terms count."""
+    qwen3 = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+             "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+             "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+             "num_experts": 128, "num_experts_per_tok": 8, "shared_expert_intermediate_size": 1024}
+    with pytest.raises(UnknownModelError, match="shared expert is not supported"):
+        catalog.model_from_config(qwen3, "bad", "config.json")
+
+
+def test_check_warns_that_it_is_not_measured() -> None:
+    d = planning.check("qwen1.5-moe-a2.7b", "rtx-4090")
+    assert d["fits"] and any(w.startswith("uncalibrated: Qwen2-MoE") for w in d["warnings_short"])
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    from rigplan.calibration.replica import build_replica, toy
+
+    spec = dataclasses.replace(toy(SPEC), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=64)
+    d = tmp_path_factory.mktemp("tiny-qwen1.5-moe")
+    build_replica(spec, d, dtype="float32", init_std=0.2)
+    return d
+
+
+def test_rigplan_trains_a_qwen2_moe_replica_on_cpu(toy_dir, tmp_path) -> None:
+    """transformers + PEFT, 16-bit LoRA: PEFT trains exactly the parameters the estimate counts (attention and the
+    shared expert), the loss falls, and the adapter is written."""
+    from rigplan.trainer.engine import load
+    from rigplan.trainer.run import RunOptions, train
+
+    from .test_gpt_oss import toy_lora_run
+
+    spec, plan, data = toy_lora_run(toy_dir, tmp_path)
+    assert (spec.model_type, spec.experts, spec.shared_expert_intermediate_size) == ("qwen2_moe", 8, 64)
+
+    model, _ = load(plan)
+    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trained.values()) == lora_params(spec, 8) > 0
+    assert any(".shared_expert." in n for n in trained) and not any(".experts." in n for n in trained)
+    del model
+
+    s = train(plan, RunOptions(data=data, out_dir=tmp_path / "out"))
+    assert s["status"] == "done" and math.isfinite(s["first_loss"]) and s["final_loss"] < s["first_loss"]
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
