@@ -532,6 +532,18 @@ def issues_for(model: ModelSpec) -> list[dict[str, str]]:
     return [i for i in known_issues() if i["model_type"] == model.model_type]
 
 
+def measured_status(model: ModelSpec) -> str:
+    """How far this family's estimate stands on GPU runs: 'fitted' (in the reference fit's H100 runs: Llama,
+    Mistral, Qwen2, Qwen3), 'measured' (its own recorded runs, terms written beside them), 'unmeasured' (no run
+    yet), or 'transformers' (Unsloth fails on it; planned and trained on transformers + PEFT)."""
+    severities = {i["severity"] for i in issues_for(model)}
+    if "fails" in severities:
+        return "transformers"
+    if "uncalibrated" in severities:
+        return "unmeasured"
+    return "measured" if severities else "fitted"
+
+
 def unsloth_generic_path(model: ModelSpec) -> bool:
     """Whether Unsloth trains this family through its generic path rather than one of its own fast paths,
     which the reference's terms describe (profiles/known_issues.json, `unsloth_path`)."""

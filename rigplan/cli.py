@@ -497,12 +497,17 @@ def models(as_json: bool) -> None:
 
     data = {"models": [{"id": m.id, "model_type": m.model_type, "params_b": round(m.params_total / 1e9, 2),
                         "layers": m.num_hidden_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
-                        "context": m.max_position_embeddings, "hub_id": m.hub_id, "source": m.source}
+                        "context": m.max_position_embeddings, "hub_id": m.hub_id, "source": m.source,
+                        "measured": catalog.measured_status(m)}
                        for m in catalog.models()]}
     _emit(data, as_json, lambda d: format_table(
-        f"rigplan models: {len(d['models'])} models", ["id", "type", "params B", "layers", "hidden", "vocab", "context", "hub id"],
-        [[m["id"], m["model_type"], m["params_b"], m["layers"], m["hidden_size"], m["vocab_size"], m["context"], m["hub_id"]]
-         for m in d["models"]], {"params B": 2}))
+        f"rigplan models: {len(d['models'])} models", ["id", "type", "params B", "layers", "hidden", "vocab", "context",
+                                                       "measured", "hub id"],
+        [[m["id"], m["model_type"], m["params_b"], m["layers"], m["hidden_size"], m["vocab_size"], m["context"],
+          m["measured"], m["hub_id"]] for m in d["models"]], {"params B": 2})
+        + "\nmeasured: fitted = in the reference fit's H100 runs; measured = its own GPU runs, terms beside them "
+          "(profiles/known_issues.json); unmeasured = no GPU run yet; transformers = Unsloth fails on it, trained on "
+          "transformers + PEFT")
 
 
 if __name__ == "__main__":

@@ -278,3 +278,14 @@ def test_70b_on_two_cards_is_sharded_with_cpu_memory_said() -> None:
     small = invoke("check", "llama-3.1-70b", "--gpu", "rtx-4090", "--gpus", "2")
     assert "DOES NOT FIT" in small.output and "per GPU (fsdp over 2)" in small.output
     assert "the largest terms: fsdp_pool" in small.output and "loads the whole 4-bit model" in small.output
+
+
+def test_models_says_how_far_each_family_is_measured() -> None:
+    """Which estimates stand on GPU runs: the reference fit's families, those with their own runs, the one with
+    none yet, and Gemma 2, which Unsloth fails on."""
+    rows = {m["id"]: m["measured"] for m in json.loads(invoke("models", "--json").output)["models"]}
+    assert (rows["llama-3.1-8b"], rows["qwen2.5-7b"], rows["gpt-oss-20b"], rows["gemma-3-12b"]) == (
+        "fitted", "fitted", "measured", "measured")
+    assert (rows["qwen1.5-moe-a2.7b"], rows["gemma-2-9b"]) == ("unmeasured", "transformers")
+    table = invoke("models").output
+    assert "measured" in table.splitlines()[2] and "unmeasured = no GPU run yet" in table
