@@ -117,7 +117,7 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # Families whose GPU time the FLOP count understates, as measured. Qwen3-MoE routes each token to 8 of 128 narrow
 # experts (768 wide), whose grouped matmuls run far below the dense rate: Qwen3-30B-A3B at 4 layers, LoRA 1 x 8192
 # on the H200, took 1.41x the estimate's time (bench/results/h200-issue17/probe-qwen3moe.jsonl, 2026-11-30; the
-# figure from that one run, the other five of that file left to check it). Mixtral's 8 wide experts ran at the
+# figure from that one run, refitted by bench/family_terms.py; the other five of that file left to check it). Mixtral's 8 wide experts ran at the
 # dense rate (within 3% on its GPU-bound runs, same file set).
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
@@ -126,7 +126,8 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 GPU_TIME_BY_TYPE = {"qwen3_moe": 1.41, "gpt_oss": 1.47, "phi3": 1.33}
 # The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count and
 # than its own QLoRA, which stayed within 10% of the estimate: Gemma-3-12B at 8 layers, LoRA 4 x 2048 on the H200,
-# took 1.225x the estimate's time (bench/results/h200-issue17/probe-gemma3.jsonl, fitted on that run; its LoRA
+# took 1.225x the estimate's time (bench/results/h200-issue17/probe-gemma3.jsonl, fitted on that run, refitted by
+# bench/family_terms.py; its LoRA
 # 1 x 8192 checks it, tests/test_issue17_runs.py). Cause not yet found.
 GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.225, ("gemma3_text", "lora"): 1.225}
 
