@@ -127,8 +127,7 @@ GPU_TIME_BY_TYPE = {"qwen3_moe": 1.41, "gpt_oss": 1.47, "phi3": 1.33}
 # The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count and
 # than its own QLoRA, which stayed within 10% of the estimate: Gemma-3-12B at 8 layers, LoRA 4 x 2048 on the H200,
 # took 1.225x the estimate's time (bench/results/h200-issue17/probe-gemma3.jsonl, fitted on that run, refitted by
-# bench/family_terms.py; its LoRA
-# 1 x 8192 checks it, tests/test_issue17_runs.py). Cause not yet found.
+# bench/family_terms.py; its LoRA 1 x 8192 checks it, tests/test_issue17_runs.py). Cause not yet found.
 GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.225, ("gemma3_text", "lora"): 1.225}
 
 
