@@ -9,7 +9,6 @@ other terms that would move a fit shows.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from rigplan import store
@@ -39,13 +38,21 @@ def model_setup(row: dict) -> tuple[ModelSpec, Setup, GpuSpec]:
     return model, setup, resolve_gpu(row["provenance"]["gpu"].removeprefix("NVIDIA ").lower())
 
 
-def solve(set_value: Callable[[float], None], estimate: Callable[[], float], target: float,
-          lo: float, hi: float) -> float:
-    """The constant's value at which the (increasing) estimate meets the measurement, by bisection."""
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        set_value(mid)
-        lo, hi = (mid, hi) if estimate() < target else (lo, mid)
+def _allocated(row: dict) -> float:
+    model, setup, gpu = model_setup(row)
+    return planner.estimate(model, setup, gpu, store.reference()[0]).peak_allocated_gib
+
+
+def solve(table: dict, key: object, row: dict, hi: float) -> float:
+    """The value of table[key] (a memory term's constant) at which the row's estimated allocated peak meets the
+    measured one, by bisection between 0 and hi (the estimate grows with it); the table is left as it was."""
+    saved, lo = table[key], 0.0
+    try:
+        for _ in range(60):
+            table[key] = mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _allocated(row) < row["peak_alloc_gib"] else (lo, mid)
+    finally:
+        table[key] = saved
     return (lo + hi) / 2
 
 
@@ -91,19 +98,8 @@ def gpu_factor(files: list[Path], method: str, batch: int, seq: int) -> float:
     return (row["step_s"] - moved) / (mm + attn)
 
 
-def _allocated(row: dict) -> float:
-    model, setup, gpu = model_setup(row)
-    return planner.estimate(model, setup, gpu, store.reference()[0]).peak_allocated_gib
-
-
 def phi3_logits() -> float:
-    row = rows(PHI, "lora", 4, 2048)
-    saved = memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]
-    try:
-        return solve(lambda v: memory.MATERIALISED_LOGITS_BYTES.__setitem__(("phi3", "lora"), v),
-                     lambda: _allocated(row), row["peak_alloc_gib"], 0.0, 10.0)
-    finally:
-        memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")] = saved
+    return solve(memory.MATERIALISED_LOGITS_BYTES, ("phi3", "lora"), rows(PHI, "lora", 4, 2048), 10.0)
 
 
 def phi3_mask() -> float:
@@ -115,13 +111,7 @@ def phi3_mask() -> float:
 
 
 def gpt_oss_swiglu(method: str) -> float:
-    row = rows(GPT_OSS, method, 4, 2048)
-    saved = memory.FP32_SWIGLU_BYTES[method]
-    try:
-        return solve(lambda v: memory.FP32_SWIGLU_BYTES.__setitem__(method, v),
-                     lambda: _allocated(row), row["peak_alloc_gib"], 0.0, 40.0)
-    finally:
-        memory.FP32_SWIGLU_BYTES[method] = saved
+    return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS, method, 4, 2048), 40.0)
 
 
 def fitted() -> dict[str, tuple[float, float]]:

@@ -33,6 +33,12 @@ def lora_params(model: ModelSpec, rank: int) -> int:
     return model.num_hidden_layers * sum(rank * (n_in + n_out) for _, n_in, n_out in model.linear_shapes())
 
 
+def projection_params(model: ModelSpec) -> int:
+    """The weights of every layer's projections LoRA targets (ModelSpec.linear_shapes): what bitsandbytes stores in
+    NF4 under QLoRA and dequantizes for each matmul."""
+    return model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+
+
 def expert_params(model: ModelSpec) -> int:
     """The experts' MLP weights of every layer (0 for a dense model): what a layer stores beyond the projections
     LoRA targets, which for a mixture-of-experts model are the attention ones (ModelSpec.linear_shapes)."""
@@ -51,7 +57,7 @@ def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -
     # transformers' llm_int8_skip_modules default), norms and biases stay bf16. A mixture-of-experts layer's
     # experts (fused 3-D parameters in transformers 5.17) are NF4 under Unsloth (NF4_FLAT_BYTES_PER_PARAM) and
     # stay bf16 under transformers + bitsandbytes, whose integration skips them (not measured).
-    linear = model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    linear = projection_params(model)
     experts = expert_params(model) if engine == "unsloth" else 0
     return (int(linear * NF4_BYTES_PER_PARAM) + int(experts * NF4_FLAT_BYTES_PER_PARAM)
             + (model.params_total - linear - experts) * BF16_BYTES)
@@ -66,8 +72,7 @@ def quant_state_bytes(model: ModelSpec, setup: Setup) -> int:
     too (where FSDP2's offload leaves them is not known). 0 when not sharded (base_weights holds them whole)."""
     if setup.parallelism != "fsdp" or setup.method != "qlora":
         return 0
-    linear = model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
-    return int(linear * (NF4_BYTES_PER_PARAM - 0.5))
+    return int(projection_params(model) * (NF4_BYTES_PER_PARAM - 0.5))
 
 
 def lora_weights_bytes(model: ModelSpec, rank: int) -> int:
@@ -333,9 +338,10 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
                      engine: str = "unsloth", batching: str = "padded") -> dict[str, int]:
     """Every memory term of one configuration, per GPU; the one place they are added up."""
     offloaded = setup.parallelism == "fsdp" and setup.cpu_offload
+    whole = quant_state_bytes(model, setup)  # on every GPU, sharded or offloaded
     parts = {
-        "base_weights": quant_state_bytes(model, setup) + (0 if offloaded else sharded(
-            base_weights_bytes(model, setup.method, engine) - quant_state_bytes(model, setup), setup)),
+        "base_weights": whole + (0 if offloaded else sharded(
+            base_weights_bytes(model, setup.method, engine) - whole, setup)),
         "lora_weights": sharded(lora_weights_bytes(model, setup.rank), setup),
         "lora_grads": sharded(lora_grads_bytes(model, setup.rank), setup),
         "optimizer_state": sharded(optimizer_state_bytes(model, setup.rank, setup.optimizer), setup),

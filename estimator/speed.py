@@ -8,7 +8,8 @@ import bisect
 import dataclasses
 from functools import lru_cache
 
-from rigplan.estimator.memory import BF16_BYTES, NF4_FLAT_BYTES_PER_PARAM, expert_params, lora_params
+from rigplan.estimator.memory import (BF16_BYTES, NF4_FLAT_BYTES_PER_PARAM, expert_params, lora_params,
+                                      projection_params)
 from rigplan.estimator.plan import Coefficients, ExampleLengths, Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
@@ -93,7 +94,7 @@ def quantized_weights(model: ModelSpec, setup: Setup) -> float:
     """4-bit weights dequantized every micro-batch (QLoRA only): the decoder's projections."""
     if setup.method != "qlora":
         return 0.0
-    return model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    return projection_params(model)
 
 
 def expert_dequant_bytes(model: ModelSpec, setup: Setup) -> float:

@@ -126,17 +126,9 @@ def _estimate_params(row: dict) -> int:
     return lora_params(reduced(resolve_model(row["model"].split("-L")[0]), row["layers"]), row["rank"])
 
 
-def _check_estimate(row: dict) -> planner.Estimate:
-    model = resolve_model(row["model"].split("-L")[0])
-    if row["layers"] != model.num_hidden_layers:
-        model = reduced(model, row["layers"])
-    setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
-    return planner.estimate(model, setup, resolve_gpu("h200"), store.reference()[0])
-
-
 @pytest.mark.parametrize("name,row", [(n, r) for n, (_, r) in zip(CHECK_IDS, CHECKS)], ids=CHECK_IDS)
 def test_runs_no_term_was_written_from(name: str, row: dict) -> None:
-    est = _check_estimate(row)
+    est = _estimate(row)
     assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= CHECK_ALLOCATED_BOUND.get(name, 0.05)
     assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= CHECK_RESERVED_BOUND.get(name, 0.05)
     if est.host_bound:
