@@ -104,3 +104,26 @@ def test_16_bit_lora_on_two_48_gib_cards_checks_the_pools_unit() -> None:
     h200 = _estimate(run, 8, "h200")
     low, high = (b / h200.tokens_per_s for b in h200.tokens_per_s_band)
     assert low <= run["measured"]["tokens_per_s"] / (2 * h200.tokens_per_s) <= high
+
+
+def test_a_pre_quantized_checkpoint_loads_on_the_cpu_and_trains_sharded() -> None:
+    """The 8-layer replica saved in bitsandbytes 4-bit first (storage bf16), loaded by each process into CPU memory
+    (device_map cpu, as `rigplan run` now loads a pre-quantized checkpoint for sharded QLoRA) and sharded onto the
+    GPUs by FSDP2 (prequantized-cpuload/, predictions/fsdp-qlora-prequantized-cpuload.json written before): nothing
+    is quantized on load, the GPU holds nothing after loading, bitsandbytes' quant states follow the shards onto the
+    GPUs, the run trains, and the per-GPU peak is within 10% of today's estimate of its plan (micro-batch 2 x 4, a
+    shape the FSDP pool was not fitted on)."""
+    import re
+
+    folder = RUNS / "prequantized-cpuload"
+    run = json.loads((folder / "fsdp-L8-qlora-cpuload-prequantized.json").read_text())
+    assert run["status"] == "done" and run["world_size"] == 2 and run["plan"]["model"].endswith("-bnb-4bit")
+    assert run["global_step"] == 10 and run["final_loss"] < run["first_loss"]
+    log = (folder / "fsdp.log").read_text()
+    loaded = re.search(r"loaded on the CPU in (\d+) s; GPU allocated ([\d.]+) GiB; this process's CPU peak ([\d.]+) "
+                       r"GiB; quant states' absmax on \{'cpu': (\d+)\}", log)
+    assert loaded and int(loaded[1]) <= 5 and float(loaded[2]) < 0.1 and float(loaded[3]) < 2
+    assert re.search(r"first step; GPU peak so far [\d.]+ GiB; quant states' absmax on \{'cuda:0': \d+\}", log)
+    est = _estimate(run, 8)
+    assert abs(run["measured"]["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.10
+    assert abs(run["measured"]["peak_allocated_gib"] / est.peak_allocated_gib - 1) <= 0.05

@@ -98,3 +98,18 @@ def test_runs_reach_0_9x_the_bare_loop_once_shapes_are_compiled() -> None:
         run = json.loads((folder / f"h200-{method}.json").read_text())
         assert run["plan"]["micro_batch"] * run["plan"]["seq_len"] == 16 * 1280 and run["plan"]["epochs"] == 2
         assert compiled_rate(run) / bare >= 0.9, method
+
+
+def test_ddp_after_the_token_count_fix_trains_as_one_gpu_does() -> None:
+    """Two H200s against one, the same per-GPU plan, two epochs (ddp/tokencount-seed2/, predictions written before:
+    predictions/ddp-tokencount-h200x2.json): the DDP run's first loss is one GPU's (the loss is scaled by the tokens
+    of all GPUs, not each GPU's own), the ranks' adapters agree, and both methods run above 1.7x one GPU. Issue 16's
+    1.85x is not reached (1.73x LoRA, 1.76x QLoRA over the whole run; bench/results/README.md): this records it."""
+    folder = RUNS / "ddp" / "tokencount-seed2"
+    for method in ("lora", "qlora"):
+        ddp, one = (json.loads((folder / f"{k}-{method}.json").read_text()) for k in ("ddp", "one"))
+        assert (ddp["world_size"], ddp["parallelism"], ddp["ranks_agree"]) == (2, "ddp", True)
+        assert ddp["first_loss"] == pytest.approx(one["first_loss"], rel=1e-3)
+        assert ddp["plan"]["micro_batch"] == one["plan"]["micro_batch"] and one["plan"]["num_gpus"] == 1
+        ratio = ddp["measured"]["tokens_per_s"] / one["measured"]["tokens_per_s"]
+        assert ratio >= 1.7, (method, ratio)
