@@ -306,12 +306,23 @@ def sharded(nbytes: int, setup: Setup) -> int:
     return -(-nbytes // setup.num_gpus) if setup.parallelism == "fsdp" else nbytes
 
 
+def loads_on_cpu(model: ModelSpec, setup: Setup) -> bool:
+    """Sharded QLoRA from a pre-quantized 4-bit checkpoint: each process loads it into CPU memory (device_map cpu;
+    nothing to quantize) and FSDP2 moves that process's shards to its GPU a layer at a time, bitsandbytes' quant
+    states with them (two H200s, 70B architecture at 8 layers: 0.03 GiB on the GPU after loading, 1.3 GiB resident
+    CPU memory per process, the checkpoint mapped from disk: bench/results/h200x2-fsdp/prequantized-cpuload/).
+    Quantizing a 16-bit checkpoint on the CPU instead is no way: 5 of 75 weights in 20 s (torchrun gives each
+    process one thread; bench/results/README.md, the fifth session)."""
+    return setup.parallelism == "fsdp" and setup.method == "qlora" and model.prequantized
+
+
 def quantized_load_bytes(model: ModelSpec, setup: Setup) -> int:
-    """FSDP with QLoRA: transformers 5.17 loads a quantized model whole onto every process's GPU (bitsandbytes
-    quantizes on the GPU, and its rank-0-only loading skips quantized models: modeling_utils.py, `is_fsdp_enabled()
-    and not is_local_dist_rank_0() and not is_quantized`) before FSDP shards it: the run's peak is at least the
-    whole 4-bit model, whatever the sharding saves later. 0 for other plans."""
-    if setup.parallelism != "fsdp" or setup.method != "qlora":
+    """FSDP with QLoRA from a 16-bit checkpoint: transformers 5.17 loads a quantized model whole onto every
+    process's GPU (bitsandbytes quantizes on the GPU, and its rank-0-only loading skips quantized models:
+    modeling_utils.py, `is_fsdp_enabled() and not is_local_dist_rank_0() and not is_quantized`) before FSDP shards
+    it: the run's peak is at least the whole 4-bit model, whatever the sharding saves later. 0 for other plans and
+    for a pre-quantized checkpoint, which loads into CPU memory (loads_on_cpu)."""
+    if setup.parallelism != "fsdp" or setup.method != "qlora" or loads_on_cpu(model, setup):
         return 0
     return base_weights_bytes(model, "qlora", "transformers")
 

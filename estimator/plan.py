@@ -196,6 +196,9 @@ class Plan:
     """FSDP: frozen weights kept in CPU memory, brought to the GPU layer by layer."""
     cpu_memory_gib: float = 0.0
     """CPU memory the plan needs beyond the usual (the offloaded weights), GiB; 0 without offload."""
+    load_on_cpu: bool = False
+    """Sharded QLoRA from a pre-quantized 4-bit checkpoint: each process loads it into CPU memory and FSDP2 moves
+    its shards to the GPU (estimator/memory.py loads_on_cpu); otherwise the 4-bit model loads onto each GPU."""
     schema_version: int = PLAN_SCHEMA_VERSION
     """Version of this file format."""
 

@@ -156,7 +156,8 @@ def to_plan(model: ModelSpec, est: Estimate, gpu: GpuSpec, coeffs: Coefficients,
                 components_gib={k: round(v / GIB, 3) for k, v in est.components_bytes.items()},
                 calibration=coeffs.source and f"{coeffs.gpu}: {coeffs.source}", num_gpus=s.num_gpus,
                 parallelism=s.parallelism, cpu_offload=s.cpu_offload,
-                cpu_memory_gib=round(memory.cpu_memory_bytes(model, s) / GIB, 3))
+                cpu_memory_gib=round(memory.cpu_memory_bytes(model, s) / GIB, 3),
+                load_on_cpu=memory.loads_on_cpu(model, s))
 
 
 def grad_accum_for(effective_batch: int, micro_batch: int, seq_len: int, lengths: ExampleLengths | None,
@@ -272,7 +273,8 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
         if held:
             whole = memory.quantized_load_bytes(model, held[0].setup)
             why += (f"; sharded QLoRA: every process first loads the whole 4-bit model ({whole / GIB:.1f} GiB) onto "
-                    "its GPU (transformers 5.17)")
+                    "its GPU (transformers 5.17), where a pre-quantized 4-bit checkpoint (...-bnb-4bit) would load "
+                    "into CPU memory")
         return PlanResult(False, None, [], why, limit)
     fastest = max(c.tokens_per_s for c in fitting)
     fitting.sort(key=lambda c: _preference(c, fastest, num_gpus))
@@ -355,7 +357,8 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
             why += "; loading takes a 16-bit copy of the weights in CPU memory per process"
     measured = (f"DDP speed from two-H200 runs ({speed.DATA_PARALLEL_EFFICIENCY:.2f} of one GPU's per GPU)"
                 if s.parallelism == "ddp"
-                else "FSDP speed estimated (QLoRA measured at reduced depth only)")
+                else "FSDP speed estimated (QLoRA measured at reduced depth only"
+                + ("; CPU offload not yet run on a GPU)" if s.cpu_offload else ")"))
     return f"{why}; {measured}"
 
 

@@ -478,6 +478,17 @@ def _model_from_path(path: Path) -> ModelSpec:
 PREQUANTIZED_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
 
 
+def prequantized_copy(spec: ModelSpec, like: str = "") -> ModelSpec | None:
+    """The profile's plain bitsandbytes 4-bit copy on the Hub (an alias ending `-bnb-4bit`, not Unsloth's dynamic
+    `-unsloth-bnb-4bit`), the instruct one where `like` (the name the user gave) is an instruct model; None if the
+    profile names none. The same weights as quantizing the 16-bit checkpoint on load (bench/results/prequantized-h200/),
+    but a sharded run can load them into CPU memory (estimator/memory.py quantized_load_bytes)."""
+    instruct = "instruct" in like.lower()
+    copies = [a for a in spec.aliases if a.lower().endswith("-bnb-4bit") and not a.lower().endswith("-unsloth-bnb-4bit")
+              and ("instruct" in a.lower()) == instruct]
+    return dataclasses.replace(spec, aliases=(copies[0],), prequantized=True) if copies else None
+
+
 def _profile(name: str) -> ModelSpec | None:
     key = _key(name)
     for spec in models():

@@ -111,6 +111,8 @@ def _render_check(d: dict[str, Any]) -> str:
         r = d["recommended"]
         out.append(f"gpus: {r['parallelism']} over {r['num_gpus']}; memory per GPU, tok/s for all of them"
                    + (f"; CPU memory to load and offload the weights: {r['cpu_memory_gib']:.1f} GiB" if r["cpu_memory_gib"]
+                      else "")
+                   + (f"; weights: {r['model_path']}, loaded into CPU memory by each process" if r["load_on_cpu"]
                       else ""))
     out += [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])]
     return "\n".join(out)

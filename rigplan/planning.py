@@ -18,7 +18,7 @@ from typing import Any
 from rigplan import data, store, tokens
 from rigplan.inputs import FLAGS, input_problems, plan_out_problems, run_problems, workload_problems  # noqa: F401
 from rigplan.errors import ConfigError, UnknownGpuError, require
-from rigplan.estimator import planner
+from rigplan.estimator import memory, planner
 from rigplan.estimator.plan import Coefficients, Engine, ExampleLengths, Plan, Setup
 from rigplan.profiles import catalog, nvml
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
@@ -143,7 +143,7 @@ def calibration_info(coeffs: Coefficients, doc: dict[str, Any], measured_here: b
 
 def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
     """A plan as the flat dict --json shows and the table prints."""
-    return {"engine": p.engine, "method": p.method, "rank": p.rank, "micro_batch": p.micro_batch,
+    return {"model_path": p.model_path, "engine": p.engine, "method": p.method, "rank": p.rank, "micro_batch": p.micro_batch,
             "grad_accum": p.grad_accum, "token_budget": p.budget, "effective_batch": p.effective_batch * p.num_gpus,
             "seq": p.seq_len, "checkpointing": p.checkpointing, "batching": p.batching,
             "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
@@ -151,7 +151,7 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "tokens_per_s_band": [p.tokens_per_s_low, p.tokens_per_s_high],
             "step_s": p.step_s, "host_bound": p.host_bound, "example_tokens": p.example_tokens or None,
             "fill": p.fill or None, "parallelism": p.parallelism, "num_gpus": p.num_gpus,
-            "cpu_offload": p.cpu_offload, "cpu_memory_gib": p.cpu_memory_gib or None,
+            "cpu_offload": p.cpu_offload, "cpu_memory_gib": p.cpu_memory_gib or None, "load_on_cpu": p.load_on_cpu,
             "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
             "components_gib": p.components_gib}
 
@@ -219,7 +219,7 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
     if target is None:
         return {**catalogue(model, seq, load, effective_batch, num_gpus, methods, ranks), "note": why}
     result, plan_, info = best_plan(model, target, seq, effective_batch, num_gpus, lengths=load.lengths,
-                                    methods=methods, ranks=ranks)
+                                    methods=methods, ranks=ranks, name=model_name)
     return {
         "model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name, "gpu_memory_gib": round(target.memory_gib, 2),
         "gpu_source": "local (NVML)" if target.local else "catalogue", "num_gpus": num_gpus,
@@ -244,15 +244,31 @@ def methods_for(model: ModelSpec, methods: tuple[str, ...]) -> tuple[str, ...]:
 def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, num_gpus: int = 1,
               model_path: str | None = None, lengths: ExampleLengths | None = None,
               methods: tuple[str, ...] = ("lora", "qlora"),
-              ranks: tuple[int, ...] | None = None) -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
+              ranks: tuple[int, ...] | None = None,
+              name: str = "") -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
     """The planner's answer on the target GPU with its calibration; speed for the data's example lengths
-    when known."""
+    when known. Where nothing fits on several GPUs because sharded QLoRA would first load the whole 4-bit model
+    onto each GPU, the profile's pre-quantized copy (catalog.prequantized_copy; `name`, the name given, picks the
+    instruct one) is planned instead: the same weights, loaded into CPU memory by each process."""
     coeffs, doc, here = store.for_gpu(target.spec.id)
     methods = methods_for(model, methods)
-    result = planner.plan(model, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
-                          gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path,
-                          lengths=lengths, methods=methods, engine=choose_engine(model),  # type: ignore[arg-type]
-                          ranks=ranks or planner.RANKS, batchings=batchings_for(model))  # type: ignore[arg-type]
+
+    def answer(m: ModelSpec, ms: tuple[str, ...]) -> planner.PlanResult:
+        return planner.plan(m, target.spec, coeffs, seq_len=seq, effective_batch=effective_batch,
+                            gpu_memory_gib=target.memory_gib, num_gpus=num_gpus, model_path=model_path,
+                            lengths=lengths, methods=ms, engine=choose_engine(m),  # type: ignore[arg-type]
+                            ranks=ranks or planner.RANKS, batchings=batchings_for(m))  # type: ignore[arg-type]
+
+    result = answer(model, methods)
+    copy = catalog.prequantized_copy(model, name) if model_path is None and not model.prequantized else None
+    if not result.fits and num_gpus > 1 and "qlora" in methods and copy is not None:
+        sharded = answer(copy, ("qlora",))
+        if sharded.fits:
+            whole = memory.quantized_load_bytes(model, sharded.best.setup) / planner.GIB  # type: ignore[union-attr]
+            result = dataclasses.replace(sharded, reason=(
+                f"{sharded.reason}; from {copy.hub_id}, the same weights stored in 4-bit, which each process loads "
+                f"into CPU memory (from the 16-bit checkpoint every process would first load the whole 4-bit model, "
+                f"{whole:.1f} GiB, onto its GPU: transformers 5.17)"))
     return result, result.best, calibration_info(coeffs, doc, here, target.spec)
 
 
@@ -341,7 +357,7 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     if target is None:
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
-                             num_gpus, model_path, load.lengths, methods, ranks)
+                             num_gpus, model_path, load.lengths, methods, ranks, name=model_name)
     if p is None or not result.fits:
         raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU, more GPUs (--gpus) or a shorter --seq")
     return dataclasses.replace(p, epochs=float(epochs))
@@ -454,7 +470,9 @@ def local_model_dir(model_or_plan: str) -> str | None:
 def plan_model(p: Plan) -> ModelSpec:
     """The architecture a plan trains: its local weights' config.json where they are on this machine, else its
     profile."""
-    return catalog.resolve_model(p.model_path if Path(p.model_path).expanduser().is_dir() else p.model)
+    local = Path(p.model_path).expanduser().is_dir()
+    copy = p.model_path.lower().endswith(catalog.PREQUANTIZED_SUFFIXES)  # a profile's 4-bit copy: loads as one
+    return catalog.resolve_model(p.model_path if local or copy else p.model)
 
 
 def model_of(model_or_plan: str) -> ModelSpec:

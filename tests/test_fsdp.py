@@ -74,3 +74,47 @@ def test_parallelism_override_and_its_refusals(setup, tmp_path) -> None:
     r = runner.invoke(main, ["run", str(model), "--data", str(data), "--gpus", "2", "--parallelism", "fsdp",
                              "--engine", "unsloth", "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "Unsloth does not shard" in r.output and not (tmp_path / "b").exists()
+
+
+def test_a_pre_quantized_copy_is_planned_to_load_into_cpu_memory() -> None:
+    """Sharded QLoRA from a 4-bit checkpoint counts no whole-model load on the GPU and says the trainer loads it
+    on the CPU; the plan keeps that through its JSON and re-resolves as the 4-bit copy; a model given as local
+    16-bit weights is never swapped for a hub copy (it says what would load on the CPU instead)."""
+    from rigplan import store
+    from rigplan.estimator import memory, planner
+    from rigplan.estimator.plan import Plan, Setup
+    from rigplan.profiles import catalog
+
+    base = resolve_model("llama-3.1-70b")
+    copy = catalog.prequantized_copy(base)
+    assert copy.prequantized and copy.hub_id == "unsloth/Meta-Llama-3.1-70B-bnb-4bit"
+    assert catalog.prequantized_copy(base, "meta-llama/Llama-3.1-70B-Instruct").hub_id.endswith("Instruct-bnb-4bit")
+    setup = Setup("qlora", 16, 1, 2048, 8, parallelism="fsdp", num_gpus=2, cpu_offload=True)
+    assert memory.quantized_load_bytes(base, setup) > 30 * 2**30 and memory.quantized_load_bytes(copy, setup) == 0
+    assert memory.loads_on_cpu(copy, setup) and not memory.loads_on_cpu(copy, dataclasses.replace(setup, num_gpus=1,
+                                                                                                  parallelism="single"))
+    gpu = catalog.resolve_gpu("rtx-4090")
+    est = planner.estimate(copy, setup, gpu, store.reference()[0], engine="transformers")
+    plan = planner.to_plan(copy, est, gpu, store.reference()[0])
+    assert plan.load_on_cpu and plan.model_path == copy.hub_id
+    again = Plan.from_json(plan.to_json())
+    assert again.load_on_cpu and planning.plan_model(again).prequantized
+    target = planning.Target(gpu, planner.usable_gib(gpu), False)
+    local, _, _ = planning.best_plan(base, target, 2048, 16, num_gpus=2, model_path="/data/llama-70b")
+    assert not local.fits and "pre-quantized 4-bit checkpoint (...-bnb-4bit) would load into CPU memory" in local.reason
+
+
+def test_a_uint8_4_bit_checkpoint_is_refused_for_sharding_without_unsloth(tmp_path) -> None:
+    """FSDP2 shards float tensors only: a uint8-stored checkpoint (bitsandbytes' default, Unsloth's copies) needs
+    Unsloth's FSDP2 hook; without Unsloth it is refused in one line before the weights load. bf16 storage passes."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from rigplan.errors import RigplanError
+    from rigplan.trainer.engine import require_float_storage
+
+    require_float_storage(SimpleNamespace(quantization_config={"bnb_4bit_quant_storage": "bfloat16"}), "m")
+    if importlib.util.find_spec("unsloth") is not None:
+        pytest.skip("Unsloth is installed here: its hook views uint8 weights as bf16")
+    with pytest.raises(RigplanError, match="uint8, which FSDP cannot shard"):
+        require_float_storage(SimpleNamespace(quantization_config={"load_in_4bit": True}), "unsloth/x-bnb-4bit")

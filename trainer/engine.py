@@ -172,13 +172,18 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
         from rigplan.trainer.distributed import world
 
         torch.cuda.set_device(world().local_rank)
+        config = AutoConfig.from_pretrained(path, local_files_only=local)
         # Each process its own GPU (torchrun's LOCAL_RANK). Sharded 16-bit weights are placed by FSDP from rank 0's
-        # copy (no device_map); 4-bit ones are quantized on each GPU first (estimator/memory.py quantized_load_bytes).
-        if not sharded or plan.method == "qlora":
+        # copy (no device_map); 4-bit ones are quantized on each GPU first (estimator/memory.py quantized_load_bytes),
+        # unless the checkpoint is 4-bit already: then each process loads it into CPU memory and FSDP2 moves its
+        # shards (plan.load_on_cpu, estimator/memory.py loads_on_cpu).
+        if plan.load_on_cpu:
+            require_float_storage(config, path)
+            kwargs["device_map"] = {"": "cpu"}
+        elif not sharded or plan.method == "qlora":
             kwargs["device_map"] = {"": world().local_rank}
         # SDPA where the model has it; gpt-oss's attention sinks have no SDPA kernel in transformers 5.17 (it
         # raises ValueError for "sdpa"), so it keeps its own eager attention.
-        config = AutoConfig.from_pretrained(path, local_files_only=local)
         kwargs["attn_implementation"] = "eager" if config.model_type in EAGER_ATTENTION else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
@@ -189,6 +194,24 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
     config = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=0.0, bias="none",
                         target_modules=list(plan.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config), tokenizer
+
+
+def require_float_storage(config: Any, path: str) -> None:
+    """FSDP2 shards only floating-point tensors: a 4-bit checkpoint stored as uint8 (bitsandbytes' default, as
+    Unsloth's `-bnb-4bit` copies are) must be viewed as bf16 first, which Unsloth's FSDP2 hook does on import
+    (unsloth/models/fsdp2_qlora.py `params4bit_to_float_storage`, Unsloth 2026.10.9); without Unsloth installed,
+    refused before the weights load."""
+    quant = getattr(config, "quantization_config", None) or {}
+    storage = (quant if isinstance(quant, dict) else vars(quant)).get("bnb_4bit_quant_storage", "uint8")
+    if str(storage).removeprefix("torch.") != "uint8":
+        return
+    if importlib.util.find_spec("unsloth") is not None:
+        import unsloth  # noqa: F401  (installs the hook where `rigplan run` had not imported it yet)
+
+        return
+    raise RigplanError(f"{path} stores its 4-bit weights as uint8, which FSDP cannot shard without Unsloth's "
+                       "FSDP2 hook: pip install -e \".[gpu]\", or save the checkpoint with "
+                       "bnb_4bit_quant_storage=bfloat16")
 
 
 def load(plan: Plan) -> tuple[Any, Any]:
