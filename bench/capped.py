@@ -11,7 +11,8 @@ only when transformers, peft or trl came before it.
 QLORA_CPU_LOAD=1 (an experiment for sharded QLoRA, issue 16): a 4-bit model is loaded and quantized in CPU memory
 (device_map {"": "cpu"}, which transformers 5.17's bitsandbytes quantizer accepts when every module is on the CPU)
 instead of whole onto each process's GPU, so that FSDP moves only each process's shard to its GPU; the GPU memory
-right after loading is printed.
+right after loading is printed. QLORA_CPU_LOAD=report prints the same without moving any load: where `rigplan run`
+itself put the weights (a pre-quantized checkpoint sharded: CPU memory, plan.load_on_cpu).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def main() -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
     print(f"GPU {device} capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
-    if os.environ.get("QLORA_CPU_LOAD") == "1":
-        load_4_bit_on_cpu(torch)
+    if os.environ.get("QLORA_CPU_LOAD") in ("1", "report"):
+        load_4_bit_on_cpu(torch, force=os.environ["QLORA_CPU_LOAD"] == "1")
     if sys.argv[2] == "-m":
         import runpy
 
@@ -46,7 +47,9 @@ def main() -> None:
     cli()
 
 
-def load_4_bit_on_cpu(torch) -> None:  # noqa: ANN001
+def load_4_bit_on_cpu(torch, force: bool = True) -> None:  # noqa: ANN001
+    """force: device_map cpu for every 4-bit load; else (QLORA_CPU_LOAD=report) where the loads went, as the
+    trainer placed them (a pre-quantized checkpoint: plan.load_on_cpu), reported the same way."""
     try:
         import unsloth  # noqa: F401  (before transformers, as rigplan run imports them)
     except ImportError:
@@ -59,7 +62,7 @@ def load_4_bit_on_cpu(torch) -> None:  # noqa: ANN001
     import time
 
     def from_pretrained(cls, *args, **kwargs):  # noqa: ANN001, ANN202
-        if kwargs.get("quantization_config") is not None:
+        if force and kwargs.get("quantization_config") is not None:
             kwargs["device_map"] = {"": "cpu"}
         t0 = time.perf_counter()
         model = original(cls, *args, **kwargs)

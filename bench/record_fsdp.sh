@@ -9,7 +9,10 @@
 # Predictions written before: bench/results/predictions/fsdp-70b-4090x2.json.
 #   LAYERS=8 bash bench/record_fsdp.sh qlora lora; LAYERS=16 bash bench/record_fsdp.sh qlora lora
 # GPU and CAP (GiB) plan for and stand for another card, e.g. GPU=rtx-a6000 CAP=48 (predictions/fsdp-lora-a6000x2.json).
-# QLORA_CPU_LOAD=1: the 4-bit model loaded in CPU memory rather than whole onto each GPU (bench/capped.py).
+# QLORA_CPU_LOAD=1: the 4-bit model loaded in CPU memory rather than whole onto each GPU (bench/capped.py); `rigplan
+# run` itself now does so for a pre-quantized checkpoint (plan.load_on_cpu), which PREQUANTIZED=1 gives it.
+# CPU_OFFLOAD=1: `rigplan run --cpu-offload`, the frozen weights kept in CPU memory (predictions/
+# fsdp-qlora-offload-prequantized.json).
 # PREQUANTIZED=1: the replica saved in bitsandbytes 4-bit first (NF4, storage bf16 so that FSDP shards it), so that
 # loading it on the CPU (with QLORA_CPU_LOAD=1) reads 4-bit weights instead of quantizing on the CPU, which took
 # 2.5-10 s a weight under torchrun (bench/results/README.md, the fifth session).
@@ -43,12 +46,13 @@ for method in "${@:-qlora}"; do
   [ "$GPU" = rtx-4090 ] || name=$name-$GPU
   [ "${QLORA_CPU_LOAD:-0}" = 1 ] && name=$name-cpuload  # bench/capped.py: 4-bit weights loaded in CPU memory
   [ "${PREQUANTIZED:-0}" = 1 ] && name=$name-prequantized
+  offload=""; [ "${CPU_OFFLOAD:-0}" = 1 ] && { name=$name-offload; offload="--cpu-offload"; }
   out=/tmp/run-$name
   rm -rf $out
   # The plan for two of the card; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.
   python3 -m rigplan plan $DIR --data /tmp/data-fsdp.jsonl --gpu $GPU --gpus 2 --method $method \
     --out /tmp/plan-$name.json >>$LOG 2>&1 || { tail -5 $LOG; continue; }
-  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --gpus 2 --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000"
+  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --gpus 2 --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000 $offload"
   echo "== $name: $cmd" >>$LOG; t0=$SECONDS
   $cmd >>$LOG 2>&1
   echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG

@@ -314,12 +314,14 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--parallelism", type=click.Choice(["ddp", "fsdp"]),
               help="Override how the plan spreads over --gpus (re-estimated): each GPU holds the model (ddp), or "
                    "the model is sharded over them (fsdp: FSDP2 on transformers + PEFT).")
+@click.option("--cpu-offload/--no-cpu-offload", "cpu_offload", default=None,
+              help="Override whether an FSDP plan keeps the frozen weights in CPU memory (re-estimated; FSDP only).")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
         engine_: str | None, batching: str | None, checkpointing: str | None, num_gpus: int | None,
-        parallelism: str | None) -> None:
+        parallelism: str | None, cpu_offload: bool | None) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     from rigplan import planning as lib
     from rigplan import store
@@ -337,7 +339,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
                              save_steps=save_steps, max_steps=max_steps, merge=merge)
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
                "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine_,
-               "batching": batching, "checkpointing": checkpointing, "parallelism": parallelism}
+               "batching": batching, "checkpointing": checkpointing, "parallelism": parallelism,
+               "cpu_offload": cpu_offload}
     def check_inputs() -> None:  # everything typed, before any tokenizer or model loads (--dry-run too)
         engine.require_training_packages()
         runlib.check_options(opts, lib.run_problems(changes))

@@ -372,6 +372,9 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
         return p
     if changes.get("parallelism") and changes.get("num_gpus", p.num_gpus) == 1:
         raise ConfigError(f"--parallelism {changes['parallelism']} spreads a plan over several GPUs; pass --gpus N too")
+    if changes.get("cpu_offload") and changes.get("parallelism", p.parallelism) != "fsdp":
+        raise ConfigError("--cpu-offload keeps a sharded plan's frozen weights in CPU memory; pass --parallelism fsdp "
+                          "(and --gpus N) too")
     if changes.get("parallelism") == "fsdp" and changes.get("engine") == "unsloth":
         raise ConfigError("--parallelism fsdp trains on transformers + PEFT (Unsloth does not shard a model); "
                           "leave out --engine unsloth, or use --parallelism ddp")

@@ -74,6 +74,19 @@ def test_parallelism_override_and_its_refusals(setup, tmp_path) -> None:
     r = runner.invoke(main, ["run", str(model), "--data", str(data), "--gpus", "2", "--parallelism", "fsdp",
                              "--engine", "unsloth", "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "Unsloth does not shard" in r.output and not (tmp_path / "b").exists()
+    r = runner.invoke(main, ["run", str(model), "--data", str(data), "--gpus", "2", "--parallelism", "ddp",
+                             "--cpu-offload", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--parallelism fsdp" in r.output and not (tmp_path / "c").exists()
+
+
+def test_cpu_offload_is_an_override_re_estimated() -> None:
+    """--cpu-offload on a sharded plan (how the offload path is run at reduced depth, where the planner would not
+    choose it): the frozen weights leave the GPU and the CPU memory they take is said."""
+    sharded = planning.make_plan("unsloth/Meta-Llama-3.1-70B-bnb-4bit", "h100-sxm", num_gpus=2, methods=("qlora",))
+    sharded = planning.override(sharded, {"parallelism": "fsdp", "cpu_offload": False}, force=True)
+    offloaded = planning.override(sharded, {"cpu_offload": True})
+    assert offloaded.cpu_offload and offloaded.cpu_memory_gib > 30 > sharded.cpu_memory_gib
+    assert offloaded.peak_reserved_gib < sharded.peak_reserved_gib - 10
 
 
 def test_a_pre_quantized_copy_is_planned_to_load_into_cpu_memory() -> None:
