@@ -59,6 +59,8 @@ def test_two_processes_train_and_rank_0_alone_writes(setup, tmp_path) -> None:
     assert json.loads((out / "plan.json").read_text())["num_gpus"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert summary["ranks_agree"] is True
+    # the automatic garbage collector paused while training: no process collects where the other does not
+    assert summary["measured"]["gc"] == {**summary["measured"]["gc"], "aligned": True, "collections": 0}
 
 
 def test_accumulated_micro_batches_are_all_reduced(setup, tmp_path) -> None:
@@ -190,3 +192,34 @@ def test_a_plan_for_more_gpus_than_the_host_has_is_refused(monkeypatch) -> None:
         distributed.check_gpu_count(2, cpu=False)
     distributed.check_gpu_count(2, cpu=True)  # CPU processes: gloo, no GPU needed
     distributed.check_gpu_count(1, cpu=False)
+
+
+def test_garbage_collection_is_paused_and_aligned_for_several_processes() -> None:
+    """GcWatch (trainer/loop.py): with several processes the automatic collector is off while training and a
+    collection runs only when called (at the same optimizer step in every process), and is recorded; afterwards
+    the collector is back on. One process keeps the automatic collector, its collections recorded too."""
+    import gc
+
+    from rigplan.trainer.loop import GcWatch
+
+    watch = GcWatch()
+    watch.start(manual=True)
+    try:
+        assert not gc.isenabled()
+        junk = [[] for _ in range(10_000)]
+        for a, b in zip(junk, junk[1:]):
+            a.append(b), b.append(a)  # cycles only the collector frees
+        del junk, a, b
+        assert watch.summary()["collections"] == 0
+        watch.collect()
+        s = watch.summary()
+        assert s["collections"] == 1 and s["full"] == 1 and s["aligned"] and s["total_s"] > 0
+    finally:
+        watch.stop()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    single = GcWatch()
+    single.start(manual=False)
+    try:
+        assert gc.isenabled() and not single.summary()["aligned"]
+    finally:
+        single.stop()

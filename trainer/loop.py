@@ -16,6 +16,13 @@ from rigplan.trainer.options import CHECKPOINT_COMPLETE
 
 # Optimizer steps left out of the measured tokens/s: compile warm-up (15-40 s per new shape on the H100).
 WARMUP_STEPS = 3
+# Several processes: Python's cyclic garbage collector paused while training and run by every process at the same
+# optimizer steps, this many apart. A collection that lands inside one process's step holds every other process at
+# the next all-reduce: the straggler effect Megatron-LM's --manual-gc aligns across ranks
+# (megatron/training/training.py, manual_gc_interval). On two H200s each step's time strayed from its length's
+# by +46 ms at the 90th percentile and +95 ms at the 99th on one GPU; the slowest of two such processes then sets
+# every step (bench/results/README.md, the seventh session). One process keeps the automatic collector.
+GC_EVERY_STEPS = 50
 # Several processes act on a signal this many optimizer steps after the step it was shared in (_Guard.stop_agreed).
 STOP_LAG_STEPS = 2
 
@@ -43,6 +50,7 @@ class _Guard:
         self.compiling: list[tuple[int, float, Any]] = []
         self.backoffs: list[dict[str, int]] = []
         self.pending: list[tuple[Any, Any]] = []  # several processes: each step's all-reduced signal, and its wait
+        self.gc = GcWatch()
         from rigplan.trainer.distributed import world
 
         self.world = world()
@@ -164,6 +172,7 @@ class _Guard:
 
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                guard.gc.start(manual=guard.world.world_size > 1)
                 guard.t0 = time.perf_counter()
                 steps = state.max_steps - state.global_step  # in this process (a resumed run starts later)
                 guard.warmup, guard.last_index = min(WARMUP_STEPS, steps // 4), steps - 1
@@ -176,6 +185,8 @@ class _Guard:
                 new_shape = guard.new_shape_from is not None
                 if guard.sync is not None and (new_shape or len(guard.step_times) in (guard.warmup, guard.last_index)):
                     guard.sync()
+                if guard.gc.manual and state.global_step % GC_EVERY_STEPS == 0:
+                    guard.gc.collect()
                 now = time.perf_counter()
                 guard.step_times.append(now)
                 guard.step_tokens.append(guard.tokens)
@@ -190,6 +201,7 @@ class _Guard:
 
             def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
                 guard.drain()
+                guard.gc.stop()
                 return control
 
             def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -222,6 +234,50 @@ class _Guard:
                 return control
 
         return Callback()
+
+
+class GcWatch:
+    """Python's garbage collections while training: how many and how long (the run summary's `gc`), and, with
+    manual, the automatic collector paused so that collections run only where every process runs one
+    (GC_EVERY_STEPS). gc.freeze() first moves the loaded model's objects out of every later collection's walk."""
+
+    def __init__(self) -> None:
+        self.manual, self.pauses, self._began = False, [], 0.0
+
+    def _time(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses.append((info.get("generation", 2), time.perf_counter() - self._began))
+
+    def start(self, manual: bool) -> None:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        self.manual = manual
+        if manual:
+            gc.disable()
+        gc.callbacks.append(self._time)
+
+    def collect(self) -> None:
+        import gc
+
+        gc.collect()
+
+    def stop(self) -> None:
+        import gc
+
+        if self._time in gc.callbacks:
+            gc.callbacks.remove(self._time)
+        gc.enable()
+        gc.unfreeze()
+
+    def summary(self) -> dict[str, Any]:
+        """Collections while training: count, total and longest seconds, whether they were aligned (manual)."""
+        times = [t for _, t in self.pauses]
+        return {"collections": len(times), "total_s": round(sum(times), 4), "longest_s": round(max(times, default=0), 4),
+                "full": sum(1 for g, _ in self.pauses if g == 2), "aligned": self.manual}
 
 
 def _padding_free(inputs: dict[str, Any]) -> bool:

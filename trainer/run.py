@@ -395,6 +395,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     # Each optimizer step's seconds (this process's clock; only the warm-up's end, the last and those that met a new
     # shape are synchronised with the GPU): where compiling a new shape or a slow GPU stalled the run.
     measured["step_seconds"] = guard.step_seconds()
+    measured["gc"] = guard.gc.summary()  # Python's collections while training (trainer/loop.py GcWatch)
     # What ran, not what was asked: the Trainer's FSDP wrapping, if any (accelerate's plugin)
     parallelism = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
                    else "ddp" if world().world_size > 1 else "single")
