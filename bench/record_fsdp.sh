@@ -11,6 +11,8 @@
 # GPU and CAP (GiB) plan for and stand for another card, e.g. GPU=rtx-a6000 CAP=48 (predictions/fsdp-lora-a6000x2.json).
 # QLORA_CPU_LOAD=1: the 4-bit model loaded in CPU memory rather than whole onto each GPU (bench/capped.py); `rigplan
 # run` itself now does so for a pre-quantized checkpoint (plan.load_on_cpu), which PREQUANTIZED=1 gives it.
+# RESUME=1: 20 steps with a checkpoint every 10, stopped by SIGTERM once step 10's is complete, then `--resume` to
+# step 20 (the stopped run's summary kept as NAME-resume-stopped.json).
 # CPU_OFFLOAD=1: `rigplan run --cpu-offload`, the frozen weights kept in CPU memory (predictions/
 # fsdp-qlora-offload-prequantized.json).
 # PREQUANTIZED=1: the replica saved in bitsandbytes 4-bit first (NF4, storage bf16 so that FSDP shards it), so that
@@ -52,7 +54,21 @@ for method in "${@:-qlora}"; do
   # The plan for two of the card; at reduced depth each GPU could hold the model (DDP), so the sharding is asked for.
   python3 -m rigplan plan $DIR --data /tmp/data-fsdp.jsonl --gpu $GPU --gpus 2 --method $method \
     --out /tmp/plan-$name.json >>$LOG 2>&1 || { tail -5 $LOG; continue; }
-  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --gpus 2 --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000 $offload"
+  if [ "${RESUME:-0}" = 1 ]; then  # stopped by SIGTERM once step 10's checkpoint is complete, then --resume to 20
+    name=$name-resume; out=/tmp/run-$name; rm -rf $out
+    cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --gpus 2 --parallelism fsdp --out $out --max-steps 20 --eval-fraction 0 --save-steps 10 $offload"
+    cp /tmp/plan-${name%-resume}.json /tmp/plan-$name.json
+    echo "== $name (to be stopped after step 10): $cmd" >>$LOG; t0=$SECONDS
+    $cmd >>$LOG 2>&1 &
+    launcher=$!
+    until [ -f $out/checkpoint-10/rigplan_complete.json ] || ! kill -0 $launcher 2>/dev/null; do sleep 1; done
+    kill -TERM $launcher 2>/dev/null; wait $launcher
+    echo "== $name stopped: exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+    cp $out/run_summary.json $OUT/$name-stopped.json 2>/dev/null
+    cmd="$cmd --resume"
+  else
+    cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py $CAP run /tmp/plan-$name.json --data /tmp/data-fsdp.jsonl --gpus 2 --parallelism fsdp --out $out --max-steps ${MAX_STEPS:-10} --eval-fraction 0 --save-steps 10000 $offload"
+  fi
   echo "== $name: $cmd" >>$LOG; t0=$SECONDS
   $cmd >>$LOG 2>&1
   echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG
