@@ -480,13 +480,19 @@ PREQUANTIZED_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
 
 def prequantized_copy(spec: ModelSpec, like: str = "") -> ModelSpec | None:
     """The profile's plain bitsandbytes 4-bit copy on the Hub (an alias ending `-bnb-4bit`, not Unsloth's dynamic
-    `-unsloth-bnb-4bit`), the instruct one where `like` (the name the user gave) is an instruct model; None if the
-    profile names none. The same weights as quantizing the 16-bit checkpoint on load (bench/results/prequantized-h200/),
-    but a sharded run can load them into CPU memory (estimator/memory.py quantized_load_bytes)."""
-    instruct = "instruct" in like.lower()
+    `-unsloth-bnb-4bit`) of the same weights: instruction-tuned where `like` (the hub id the user gave, else the
+    profile's) is, base where it is base; None if the profile names no such copy. The same weights as quantizing the
+    16-bit checkpoint on load (bench/results/prequantized-h200/), but a sharded run can load them into CPU memory
+    (estimator/memory.py loads_on_cpu)."""
+    tuned = _tuned(like if "/" in like else spec.hub_id)
     copies = [a for a in spec.aliases if a.lower().endswith("-bnb-4bit") and not a.lower().endswith("-unsloth-bnb-4bit")
-              and ("instruct" in a.lower()) == instruct]
+              and _tuned(a) == tuned]
     return dataclasses.replace(spec, aliases=(copies[0],), prequantized=True) if copies else None
+
+
+def _tuned(hub_id: str) -> bool:
+    """An instruction-tuned checkpoint by its name's convention: `-Instruct`, or Gemma's `-it` (base: `-pt`)."""
+    return bool(re.search(r"instruct|-it(-|$)", hub_id.lower()))
 
 
 def _profile(name: str) -> ModelSpec | None:

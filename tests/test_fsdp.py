@@ -102,6 +102,10 @@ def test_a_pre_quantized_copy_is_planned_to_load_into_cpu_memory() -> None:
     copy = catalog.prequantized_copy(base)
     assert copy.prequantized and copy.hub_id == "unsloth/Meta-Llama-3.1-70B-bnb-4bit"
     assert catalog.prequantized_copy(base, "meta-llama/Llama-3.1-70B-Instruct").hub_id.endswith("Instruct-bnb-4bit")
+    # never base weights for tuned ones or the other way round: Gemma 3's base (-pt) has no plain copy listed
+    assert catalog.prequantized_copy(resolve_model("gemma-3-12b")) is None
+    assert catalog.prequantized_copy(resolve_model("gemma-3-12b"), "google/gemma-3-12b-it").hub_id.endswith("-it-bnb-4bit")
+    assert catalog.prequantized_copy(resolve_model("llama-3.3-70b")).hub_id == "unsloth/Llama-3.3-70B-Instruct-bnb-4bit"
     setup = Setup("qlora", 16, 1, 2048, 8, parallelism="fsdp", num_gpus=2, cpu_offload=True)
     assert memory.quantized_load_bytes(base, setup) > 30 * 2**30 and memory.quantized_load_bytes(copy, setup) == 0
     assert memory.loads_on_cpu(copy, setup) and not memory.loads_on_cpu(copy, dataclasses.replace(setup, num_gpus=1,
