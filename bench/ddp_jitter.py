@@ -2,6 +2,7 @@
 wrote (`rigplan run`'s `measured.step_seconds`; the DDP run and one GPU, one after the other, same call):
 
     python3 bench/ddp_jitter.py bench/results/h200-runs/ddp/tokencount-seed2 lora qlora
+    python3 bench/ddp_jitter.py --fit     # estimator/speed.py STEP_JITTER_S from the one-GPU runs of JITTER_RUNS
 
 Each step's micro-batch is rebuilt as the trainer lays it out (the data from the recorded data command, the plan's
 padded groups, trainer/batching.py BlockSampler's order for one and for two processes). One GPU's steps give a law,
@@ -71,6 +72,7 @@ def analyse(folder: Path, method: str, draws: int = 2000) -> dict[str, float]:
     jitter = np.mean([(own + rng.choice(residuals, size=own.shape)).max(1).sum() for _ in range(draws)])
     alone = own.sum() + residuals.mean() * own.size  # one GPU running the same micro-batches one after another
     return {"fixed_s": round(fixed, 4), "per_token_us": round(per_token * 1e6, 2),
+            "sigma_s": round(float(residuals.std(ddof=2)), 4), "one_gpu_steps": int(k1.sum()),
             "residual_p90_s": round(float(np.percentile(residuals, 90)), 4),
             "residual_p99_s": round(float(np.percentile(residuals, 99)), 4),
             "ddp_measured_s": round(float(t2[k2].sum()), 2), "lengths_only_s": round(float(own.max(1).sum()), 2),
@@ -80,7 +82,22 @@ def analyse(folder: Path, method: str, draws: int = 2000) -> dict[str, float]:
             "ratio_with_jitter_and_ddp": round(float(alone / (jitter * DDP_ITSELF)), 3)}
 
 
+def step_jitter_s(pairs: list[tuple[Path, str]]) -> float:
+    """estimator/speed.py STEP_JITTER_S: one GPU's step strays around its length law, pooled over the runs given
+    (root mean square, weighted by their steps)."""
+    fits = [analyse(folder, method, draws=1) for folder, method in pairs]
+    n = sum(f["one_gpu_steps"] for f in fits)
+    return round(float(np.sqrt(sum(f["sigma_s"] ** 2 * f["one_gpu_steps"] for f in fits) / n)), 4)
+
+
+JITTER_RUNS = [("nosync-seed2", "lora"), ("tokencount-seed2", "lora"), ("tokencount-seed2", "qlora")]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--fit"]:
+        root = Path(__file__).parent / "results" / "h200-runs" / "ddp"
+        print("STEP_JITTER_S =", step_jitter_s([(root / f, m) for f, m in JITTER_RUNS]))
+        sys.exit(0)
     where = Path(sys.argv[1])
     for m in sys.argv[2:] or ["lora", "qlora"]:
         print(m, json.dumps(analyse(where, m)))

@@ -117,9 +117,9 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     if engine == "transformers":
         micro_s /= speed.transformers_speed(model)
     step = setup.grad_accum * micro_s + speed.gradient_sync_s(model, setup, gpu)
+    if setup.num_gpus > 1:  # each step waits for the slowest process (speed.parallel_step_s)
+        step = speed.parallel_step_s(step, setup, speed.lengths_spread(model, setup, lengths, batching, gpu, coeffs))
     tps = real_tokens * setup.grad_accum / step  # per GPU
-    if setup.num_gpus > 1:
-        tps *= speed.DATA_PARALLEL_EFFICIENCY
     bound = speed.host_bound(model, timed, gpu, coeffs)
     low, high = speed.speed_band(bound, engine, model.model_type)
     return Estimate(
@@ -355,7 +355,8 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
                     "FSDP shards it (transformers 5.17)")
         if s.parallelism == "fsdp" and s.method == "lora":
             why += "; loading takes a 16-bit copy of the weights in CPU memory per process"
-    measured = (f"DDP speed from two-H200 runs ({speed.DATA_PARALLEL_EFFICIENCY:.2f} of one GPU's per GPU)"
+    measured = ("DDP speed: one GPU's, each step waiting for the slowest process (measured on two H200s"
+                + ("" if num_gpus == 2 else f"; {num_gpus} GPUs extrapolated") + ")"
                 if s.parallelism == "ddp"
                 else "FSDP speed estimated (QLoRA measured at reduced depth only"
                 + ("; CPU offload not yet run on a GPU)" if s.cpu_offload else ")"))

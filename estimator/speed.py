@@ -143,15 +143,66 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
     return max(compute + moved / (gpu.bandwidth_gb_s * 1e9), fsdp_transfer_s(model, setup, gpu))
 
 
-# Several GPUs under DDP, each GPU's speed against one GPU alone on the same per-GPU plan: rigplan run --gpus 2 on
-# two H200s (NVLink), full-depth Llama-3.1-8B LoRA, two epochs of 900 long-tailed examples, padded 8 x 1,280
-# micro-batches dealt in length blocks (trainer/batching.py BlockSampler), the host no longer waiting for the GPU at
-# each step's end: 22,462 tok/s for both GPUs against 13,525 estimated for one
-# (bench/results/h200-runs/ddp/nosync-seed2/ddp-lora.json, fitted there). Checked on QLoRA, which it did not see
-# (ddp/qlora-seed2-500/; tests/test_h200_runs.py). The bare fixed-shape step under DDP takes 1.02x one GPU's
-# (bench/ddp_overhead.py): the rest is each GPU compiling every shape it meets in half the steps, and what the
-# trainer's loop adds per step. FSDP plans take the same share (reduced-depth QLoRA runs: tests/test_fsdp_runs.py).
-DATA_PARALLEL_EFFICIENCY = 0.830
+# Several GPUs: every optimizer step ends at the all-reduce of the adapters' gradients (DDP; FSDP's collectives come
+# at every layer of every micro-batch), where each process waits for the slowest. Three parts, each measured on two
+# H200s and put together in parallel_step_s: DDP itself costs 1.02x one GPU's step at a fixed shape
+# (bench/ddp_overhead.py, bench/results/README.md, the fifth session); the micro-batches dealt together differ in
+# length, by little as trainer/batching.py BlockSampler deals consecutive length-sorted ones (lengths_spread); and
+# each process's step strays from its length's time by STEP_JITTER_S (one standard deviation, the host's doing),
+# so that the slowest of N strays by expected_max_of_normals(N) of them. STEP_JITTER_S is the residual spread of
+# three one-GPU runs' steps around their length law (bench/ddp_jitter.py, pooled over h200-runs/ddp/nosync-seed2/
+# and tokencount-seed2/, one-*.json); the DDP runs beside them, which it never saw, check the whole
+# (tests/test_h200_runs.py).
+DDP_ITSELF = 1.02
+STEP_JITTER_S = 0.0333
+
+
+@lru_cache(maxsize=64)
+def expected_max_of_normals(n: int) -> float:
+    """E[max of n independent standard normal draws]: 0 for one, 0.564 for two, 1.029 for four, 1.424 for eight
+    (the integral of x n phi(x) Phi(x)^(n-1), by the trapezoid rule)."""
+    if n <= 1:
+        return 0.0
+    import math
+
+    step, total = 0.001, 0.0
+    for i in range(-10_000, 10_001):
+        x = i * step
+        phi = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        total += x * n * phi * (0.5 * (1 + math.erf(x / math.sqrt(2)))) ** (n - 1) * step
+    return total
+
+
+def lengths_spread(model: ModelSpec, setup: Setup, lengths: ExampleLengths | None, batching: str, gpu: GpuSpec,
+                   coeffs: Coefficients) -> float:
+    """How much longer a step of N processes takes than the mean of their micro-batches' times because those differ
+    in length: padded micro-batches are the trainer's length-sorted groups, N consecutive ones dealt together
+    (trainer/batching.py BlockSampler), so each step takes the longest of N neighbours. Packed micro-batches all
+    fill the same budget: 1."""
+    n = setup.num_gpus
+    if n == 1 or lengths is None or batching != "padded":
+        return 1.0
+    groups = padded_groups(lengths, setup.seq_len, setup.micro_batch)
+    times = {shape: _timed_s(model, dataclasses.replace(setup, micro_batch=shape[1], seq_len=shape[0]), batching, gpu,
+                             coeffs) for shape in groups}
+    order = [times[shape] for shape in sorted(groups, reverse=True) for _ in range(groups[shape][0])]
+    blocks = [order[i:i + n] for i in range(0, len(order) - len(order) % n, n)]
+    if not blocks:
+        return 1.0
+    return sum(max(b) for b in blocks) / sum(sum(b) / n for b in blocks)
+
+
+def parallel_step_s(step_s: float, setup: Setup, spread: float) -> float:
+    """One GPU's optimizer step (step_s, its micro-batches' mean time) as N processes take it: DDP's own cost, the
+    longest of the micro-batches dealt together (spread), and the slowest process's stray, over the step's
+    grad_accum micro-batches taken together under DDP (they meet once, at the step's end) and at each micro-batch
+    under FSDP (its gathers meet at every layer)."""
+    if setup.num_gpus == 1 or setup.parallelism == "single":
+        return step_s
+    k = setup.grad_accum
+    meetings = k if setup.parallelism == "fsdp" else 1
+    strays = STEP_JITTER_S * expected_max_of_normals(setup.num_gpus) * meetings * (k / meetings) ** 0.5
+    return step_s * DDP_ITSELF * spread + strays
 
 
 def gradient_sync_s(model: ModelSpec, setup: Setup, gpu: GpuSpec) -> float:

@@ -26,6 +26,9 @@ BEFORE_EXPANDABLE = {"grouped/4090-qlora.json", "grouped/4090-lora.json", "group
 # DDP runs before the trainer dealt micro-batches in length blocks (trainer/batching.py BlockSampler): each step
 # waited for the GPU with the longer micro-batch, which today's trainer avoids.
 BEFORE_BLOCK_ORDER = {"ddp/random-order/ddp-lora.json", "ddp/random-order/ddp-qlora.json"}
+# DDP runs before the trainer stopped waiting for the GPU at every step's end (the stop flag's blocking copy,
+# bench/results/README.md, the fifth session): 1.49x and 1.60x one GPU where the same plans ran 1.70x after it.
+BEFORE_STEP_END_FIX = {"ddp/block-order/ddp-lora.json", "ddp/two-epochs-seed2/ddp-lora.json"}
 
 
 def _runs() -> list[tuple[str, dict]]:
@@ -79,6 +82,8 @@ def test_h200_run_speed_is_within_the_estimates_band(name, run) -> None:
     est = _estimate(name, run)
     if name in BEFORE_BLOCK_ORDER:
         pytest.skip("DDP before length blocks: not what the trainer does now")
+    if name in BEFORE_STEP_END_FIX:
+        pytest.skip("DDP waiting for the GPU at every step's end: not what the trainer does now")
     low, high = (est.tokens_per_s_band[0] / est.tokens_per_s, est.tokens_per_s_band[1] / est.tokens_per_s)
     ratio = run["measured"]["tokens_per_s"] / (est.tokens_per_s * est.setup.num_gpus)  # all GPUs' tokens/s
     assert low <= ratio <= high, ratio
@@ -127,3 +132,25 @@ def test_what_ddp_loses_is_straggling_not_lengths() -> None:
         assert r["ratio_lengths_only"] > 1.95 and r["residual_p90_s"] > 0.03
         assert abs(r["with_jitter_and_ddp_s"] / r["ddp_measured_s"] - 1) <= 0.04, r
         assert r["ratio_measured"] < r["ratio_with_jitter_and_ddp"] < r["ratio_lengths_only"]
+
+
+DDP_PAIRS = [("nosync-seed2", "lora"), ("tokencount-seed2", "lora"), ("tokencount-seed2", "qlora")]
+
+
+@pytest.mark.parametrize("folder,method", DDP_PAIRS)
+def test_ddp_against_one_gpu_is_what_the_straggler_model_says(folder: str, method: str) -> None:
+    """estimator/speed.py parallel_step_s, its jitter fitted on the one-GPU runs alone (STEP_JITTER_S, refitted by
+    bench/ddp_jitter.py --fit within 1%): the estimated DDP / one-GPU ratio against the ratio the DDP run beside
+    each measured once its shapes were compiled (the estimate's rate), within 6% (QLoRA's 1.75x is estimated 1.85x,
+    the LoRA runs' 1.76x and 1.81x 1.83x; a constant 0.83 per GPU, fitted on the first LoRA run, said 1.66x)."""
+    from ddp_jitter import JITTER_RUNS, step_jitter_s
+
+    from rigplan.estimator import speed
+
+    assert step_jitter_s([(RUNS / "ddp" / f, m) for f, m in JITTER_RUNS]) == pytest.approx(speed.STEP_JITTER_S,
+                                                                                          rel=0.01)
+    runs = {k: json.loads((RUNS / "ddp" / folder / f"{k}-{method}.json").read_text()) for k in ("ddp", "one")}
+    est = {k: _estimate(f"ddp/{folder}/{k}-{method}.json", r).tokens_per_s * r["plan"]["num_gpus"]
+           for k, r in runs.items()}
+    measured = runs["ddp"]["measured"]["tokens_per_s_compiled"] / runs["one"]["measured"]["tokens_per_s_compiled"]
+    assert abs(measured / (est["ddp"] / est["one"]) - 1) <= 0.06, (measured, est["ddp"] / est["one"])

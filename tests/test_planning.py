@@ -142,10 +142,8 @@ def test_an_override_of_a_multi_gpu_plan_keeps_its_gpus(tmp_path) -> None:
     one = planning.plan_for_run("llama-3.1-8b", "h200", data,
                                 {"method": "lora", "micro_batch": fresh.micro_batch // 2,
                                  "grad_accum": fresh.grad_accum * 2}, num_gpus=1)
-    from rigplan.estimator.speed import DATA_PARALLEL_EFFICIENCY
-
     assert one.num_gpus == 1
-    assert changed.tokens_per_s / one.tokens_per_s == pytest.approx(2 * DATA_PARALLEL_EFFICIENCY, rel=0.03)
+    assert 1.6 < changed.tokens_per_s / one.tokens_per_s < 2  # each step waiting for the slower process
 
 
 def test_checkpointing_override_is_re_estimated(tmp_path) -> None:
