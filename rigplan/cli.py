@@ -365,11 +365,15 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
 
     before = "interrupted before training started; nothing was trained"
     p = _run(plan_it, before)
+    gpus = (f" x {p.num_gpus} ({p.parallelism}" + (", frozen weights in CPU memory" if p.cpu_offload else "") + ")"
+            if p.num_gpus > 1 else "")
     click.echo(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
-               f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}"
-               + (f": {p.peak_reserved_gib:.1f} GiB peak reserved, {p.tokens_per_s:,.0f} tok/s predicted"
+               f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}{gpus}"
+               + (f": {p.peak_reserved_gib:.1f} GiB peak reserved" + (" per GPU" if p.num_gpus > 1 else "")
+                  + f", {p.tokens_per_s:,.0f} tok/s predicted"
                   + (f" (examples of {p.example_tokens:,.0f} tokens)" if p.example_tokens else "")
-                  if p.total_gib else ""))
+                  if p.total_gib else "")
+               + (f"; weights {p.model_path}, loaded into CPU memory by each process" if p.load_on_cpu else ""))
     if num_gpus > 1 and p.num_gpus == 1 and p.gpu != "cpu":
         click.echo(f"rigplan: the plan trains on one of the {num_gpus} GPUs (`rigplan check --gpus {num_gpus}` says "
                    "why); --parallelism ddp or fsdp spreads it over them", err=True)
