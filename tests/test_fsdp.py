@@ -135,3 +135,19 @@ def test_a_uint8_4_bit_checkpoint_is_refused_for_sharding_without_unsloth(tmp_pa
         pytest.skip("Unsloth is installed here: its hook views uint8 weights as bf16")
     with pytest.raises(RigplanError, match="uint8, which FSDP cannot shard"):
         require_float_storage(SimpleNamespace(quantization_config={"load_in_4bit": True}), "unsloth/x-bnb-4bit")
+
+
+def test_run_says_where_a_sharded_plan_loads_its_weights(tmp_path, monkeypatch) -> None:
+    """`rigplan run llama-3.1-70b --gpu rtx-4090 --gpus 2`: the plan line names the GPUs, FSDP, the offload and the
+    pre-quantized copy each process loads into CPU memory; offline, the weights' check then refuses in one line
+    (exit 2) and nothing is written."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "say hi " * (i + 1), "output": "hi " * 20}) + "\n"
+                            for i in range(50)))
+    r = CliRunner().invoke(main, ["run", "llama-3.1-70b", "--gpu", "rtx-4090", "--gpus", "2", "--data", str(data),
+                                  "--dry-run", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and not (tmp_path / "o").exists()
+    assert "on rtx-4090 x 2 (fsdp, frozen weights in CPU memory)" in r.output and "peak reserved per GPU" in r.output
+    assert "weights unsloth/Meta-Llama-3.1-70B-bnb-4bit, loaded into CPU memory by each process" in r.output
+    assert "cannot download unsloth/Meta-Llama-3.1-70B-bnb-4bit: offline" in r.output
