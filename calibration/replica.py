@@ -62,6 +62,9 @@ def hf_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:
                 "shared_expert_intermediate_size"):
         if getattr(spec, key):
             facts[key] = getattr(spec, key)
+    if spec.dense_layers:  # Qwen-MoE's dense layers among the experts, cut to the replica's depth
+        facts["decoder_sparse_step"] = 1
+        facts["mlp_only_layers"] = [i for i in spec.dense_layer_ids if i < spec.num_hidden_layers]
     if spec.model_type in ("llama", "gpt_oss"):
         facts["attention_bias"] = spec.attention_bias
     if spec.model_type == "qwen2_moe":  # Qwen2MoeConfig's name for it

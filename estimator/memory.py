@@ -30,13 +30,13 @@ ADAM32_BYTES_PER_PARAM = 2 * FP32_BYTES
 
 def lora_params(model: ModelSpec, rank: int) -> int:
     # LoRA adds A (r x in) and B (out x r) to every targeted projection (Hu et al. 2021, sec. 4.1).
-    return model.num_hidden_layers * sum(rank * (n_in + n_out) for _, n_in, n_out in model.linear_shapes())
+    return rank * model.decoder_lora_dims()
 
 
 def projection_params(model: ModelSpec) -> int:
-    """The weights of every layer's projections LoRA targets (ModelSpec.linear_shapes): what bitsandbytes stores in
-    NF4 under QLoRA and dequantizes for each matmul."""
-    return model.num_hidden_layers * sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    """The weights of every layer's nn.Linear projections (ModelSpec.decoder_linear_params: those LoRA targets, and a
+    dense layer's MLP among experts): what bitsandbytes stores in NF4 under QLoRA and dequantizes for each matmul."""
+    return model.decoder_linear_params()
 
 
 def expert_params(model: ModelSpec) -> int:
@@ -46,7 +46,7 @@ def expert_params(model: ModelSpec) -> int:
         return 0
     every = sum(n_in * n_out for _, n_in, n_out in model.weight_shapes())
     targeted = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
-    return model.num_hidden_layers * (every - targeted)
+    return model.main_layers * (every - targeted)  # the sparse layers (ModelSpec.dense_layer_ids hold none)
 
 
 def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -> int:
@@ -93,7 +93,7 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
 
 def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
     """Activations kept for backward: each layer's input with checkpointing, all of them without."""
-    layers, h, i = model.num_hidden_layers, model.hidden_size, model.active_intermediate
+    layers, h, i = model.num_hidden_layers, model.hidden_size, model.mean_active_intermediate
     if setup.checkpointing == "off":
         # Without checkpointing every layer keeps its attention and MLP activations (Korthikanti et al.
         # 2022, sec. 4.1: a multiple of hidden and MLP width per token per layer).
@@ -106,7 +106,7 @@ def recompute_transient_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficien
     """One layer's activations while it is recomputed and backpropagated (checkpointing on only)."""
     if setup.checkpointing == "off":
         return 0
-    h, i = model.hidden_size, model.active_intermediate
+    h, i = model.hidden_size, model.widest_active_intermediate
     return int(setup.tokens * (coeffs.transient_per_hidden * h + coeffs.transient_per_intermediate * i)
                + routed_copy_bytes(model, setup) + fp32_swiglu_bytes(model, setup))
 
@@ -180,7 +180,8 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
     1 x 1024, was 4.1% and 2.7% over the estimate before this term; the reference with it is within 1.8%."""
     if setup.method != "qlora":
         return 0
-    return BF16_BYTES * max(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    shapes = model.linear_shapes() + (model.dense_layer_shapes() if model.dense_layers else [])
+    return BF16_BYTES * max(n_in * n_out for _, n_in, n_out in shapes)
 
 
 def expert_dequant_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], engine: str) -> int:
@@ -271,7 +272,8 @@ def ddp_bucket_bytes(model: ModelSpec, setup: Setup) -> int:
 
 
 def layer_weight_bytes(model: ModelSpec, method: str) -> int:
-    """One decoder layer's frozen projections as stored: NF4 for QLoRA's nn.Linear ones, bf16 otherwise."""
+    """One decoder layer's frozen projections as stored: NF4 for QLoRA's nn.Linear ones, bf16 otherwise (a sparse
+    layer of a mixture-of-experts model, the largest)."""
     linear = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
     every = sum(n_in * n_out for _, n_in, n_out in model.weight_shapes())
     return int(linear * (NF4_BYTES_PER_PARAM if method == "qlora" else BF16_BYTES) + (every - linear) * BF16_BYTES)

@@ -88,6 +88,12 @@ class ModelSpec:
     """The width of the shared expert every token also goes through, gated by a sigmoid (Qwen2-MoE: transformers
     5.17 Qwen2MoeSparseMoeBlock's shared_expert, a Qwen2MoeMLP of nn.Linear gate/up/down_proj, and its
     shared_expert_gate, nn.Linear(hidden, 1)); 0: none."""
+    dense_layer_ids: tuple[int, ...] = ()
+    """Mixture-of-experts: the decoder layers (0-based) that hold one dense MLP of intermediate_size instead of
+    experts: Qwen-MoE's mlp_only_layers and the layers its decoder_sparse_step skips (transformers 5.17
+    Qwen2MoeDecoderLayer, Qwen3MoeDecoderLayer: sparse where `layer_idx not in mlp_only_layers and (layer_idx + 1)
+    % decoder_sparse_step == 0`). The per-layer shapes and counts below are a sparse layer's; the decoder_*
+    totals add these."""
     params_active_published: int | None = None
     """Parameters one token computes with, as the model's publisher counts them."""
     prequantized: bool = False
@@ -125,6 +131,53 @@ class ModelSpec:
         if not self.experts:
             return self.intermediate_size
         return self.num_experts_per_tok * self.expert_intermediate + self.shared_expert_intermediate_size
+
+    @property
+    def dense_layers(self) -> int:
+        """Layers of a mixture-of-experts model with a dense MLP (a reduced-depth copy keeps its first layers')."""
+        return sum(1 for i in self.dense_layer_ids if i < self.num_hidden_layers) if self.experts else 0
+
+    @property
+    def main_layers(self) -> int:
+        """Layers shaped as the per-layer methods describe: every layer of a dense model, the sparse ones of a
+        mixture-of-experts model."""
+        return self.num_hidden_layers - self.dense_layers
+
+    def dense_layer_shapes(self) -> list[tuple[str, int, int]]:
+        """A dense layer's projections among a mixture-of-experts model's (attention and an MLP of
+        intermediate_size, all nn.Linear)."""
+        return self._attention_shapes() + self._mlp_shapes(self.intermediate_size)
+
+    def _sum(self, shapes: list[tuple[str, int, int]], dense: list[tuple[str, int, int]], per: Any) -> int:
+        return (self.main_layers * sum(per(n_in, n_out) for _, n_in, n_out in shapes)
+                + self.dense_layers * sum(per(n_in, n_out) for _, n_in, n_out in dense))
+
+    def decoder_linear_params(self) -> int:
+        """Every layer's nn.Linear weights (what bitsandbytes quantizes under QLoRA): the projections LoRA targets
+        in a main layer, all of a dense layer's."""
+        return self._sum(self.linear_shapes(), self.dense_layer_shapes(), lambda i, o: i * o)
+
+    def decoder_active_params(self) -> int:
+        """Every layer's projection weights one token computes through (routed experts only in sparse layers)."""
+        return self._sum(self.active_shapes(), self.dense_layer_shapes(), lambda i, o: i * o)
+
+    def decoder_lora_dims(self) -> int:
+        """in + out features summed over every projection LoRA adapts, in every layer (a dense layer's MLP is
+        adapted where its names are among the targets, as a shared expert's make them)."""
+        dense = [s for s in self.dense_layer_shapes() if s[0] in self.target_modules]
+        return self._sum(self.linear_shapes(), dense, lambda i, o: i + o)
+
+    @property
+    def mean_active_intermediate(self) -> float:
+        """active_intermediate averaged over the layers (dense ones: intermediate_size), for terms summed over
+        layers."""
+        return ((self.main_layers * self.active_intermediate + self.dense_layers * self.intermediate_size)
+                / self.num_hidden_layers)
+
+    @property
+    def widest_active_intermediate(self) -> int:
+        """The widest layer's active MLP units, for one layer's transient."""
+        return max(self.active_intermediate, self.intermediate_size if self.dense_layers else 0)
 
     def _attention_shapes(self) -> list[tuple[str, int, int]]:
         h, hd = self.hidden_size, self.head_dim
@@ -169,14 +222,18 @@ class ModelSpec:
         """LoRA target names: Unsloth's seven projections, or Phi-3's fused four."""
         return tuple(dict.fromkeys(name for name, _, _ in self.linear_shapes()))
 
-    def layer_params(self, active: bool = False) -> int:
+    def layer_params(self, active: bool = False, dense: bool = False) -> int:
         """Parameters of one decoder layer: projections (active: only those a token is routed through), their
-        biases, norms, MoE router; gpt-oss's attention sinks, router bias and expert biases."""
-        linear = sum(n_in * n_out for _, n_in, n_out in (self.active_shapes() if active else self.weight_shapes()))
+        biases, norms, MoE router; gpt-oss's attention sinks, router bias and expert biases. dense: a dense layer of
+        a mixture-of-experts model (dense_layer_ids), its MLP's and attention's."""
+        shapes = self.dense_layer_shapes() if dense else self.active_shapes() if active else self.weight_shapes()
+        linear = sum(n_in * n_out for _, n_in, n_out in shapes)
         hd = self.head_dim
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd if self.attention_bias else 0
         norms = (4 if self.model_type in FOUR_NORMS else 2) * self.hidden_size
         norms += 2 * hd if self.model_type in QK_NORM else 0
+        if dense:
+            return linear + bias + norms
         router = self.hidden_size * self.experts
         router += self.hidden_size if self._shared_shapes() else 0  # shared_expert_gate, nn.Linear(hidden, 1)
         sinks = 0
@@ -212,14 +269,14 @@ class ModelSpec:
     @property
     def params_active(self) -> int:
         """Parameters one token computes with: as params_total, the experts it is not routed to left out."""
-        return (self.embedding_params + self.num_hidden_layers * self.layer_params(active=True)
-                + self.hidden_size + self.lm_head_params)
+        return (self.embedding_params + self.main_layers * self.layer_params(active=True)
+                + self.dense_layers * self.layer_params(dense=True) + self.hidden_size + self.lm_head_params)
 
     @property
     def params_total(self) -> int:
         # Embeddings + layers + final norm + untied lm_head: how Hugging Face counts a model's size.
-        return (self.embedding_params + self.num_hidden_layers * self.layer_params()
-                + self.hidden_size + self.lm_head_params)
+        return (self.embedding_params + self.main_layers * self.layer_params()
+                + self.dense_layers * self.layer_params(dense=True) + self.hidden_size + self.lm_head_params)
 
 
 @dataclass(frozen=True)
@@ -310,8 +367,9 @@ def _gpu_key(name: str) -> str:
 
 
 # config.json keys of mixture-of-experts layers (DeepSeek's n_routed_experts, Qwen-MoE's num_experts, ...): the
-# estimator's terms describe experts as Mixtral's, Qwen3-MoE's and gpt-oss's rows give them (every layer sparse,
-# routed experts of one width, no shared expert; gpt-oss's biases and sinks as ModelSpec.layer_params counts them).
+# estimator's terms describe experts as Mixtral's, Qwen3-MoE's and gpt-oss's rows give them (routed experts of one
+# width; Qwen2-MoE's shared expert; Qwen-MoE's dense layers among the sparse ones, ModelSpec.dense_layer_ids;
+# gpt-oss's biases and sinks as ModelSpec.layer_params counts them).
 MOE_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")
 # Families whose sparse blocks add a shared expert (config.json shared_expert_intermediate_size).
 SHARED_EXPERT_TYPES = ("qwen2_moe",)
@@ -361,10 +419,13 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
     moe = [k for k in MOE_KEYS if cfg.get(k)]
     if moe and model_type not in MOE_TYPES:
         return [f"mixture-of-experts layers ({', '.join(moe)}) are not supported yet for {model_type}; {supported}"]
-    # Configs that leave some layers dense (Qwen-MoE's decoder_sparse_step, mlp_only_layers) are not what the terms
-    # describe (every layer alike); a shared expert is, for the families whose modeling code has one.
-    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+    # Dense layers among the experts: Qwen-MoE's decoder_sparse_step and mlp_only_layers (dense_layer_ids); other
+    # families' keys for them (DeepSeek's first_k_dense_replace) come with attention rigplan does not model.
+    if (cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers")) and model_type not in DENSE_AMONG_TYPES:
         return [f"{model_type} with dense layers among the experts is not supported yet; {supported}"]
+    problems_dense = _dense_layer_problems(cfg)
+    if problems_dense:
+        return problems_dense
     if cfg.get("shared_expert_intermediate_size") and model_type not in SHARED_EXPERT_TYPES:
         return [f"{model_type} with a shared expert is not supported yet; {supported}"]
     problems = [f"{k} {cfg.get(k)!r} must be a positive integer" for k in SIZE_KEYS if _positive_int(cfg.get(k)) is None]
@@ -380,6 +441,28 @@ def _config_problems(cfg: dict[str, Any], config: dict[str, Any], model_type: st
     if model_type in MOE_TYPES:
         problems += _expert_problems(cfg, model_type)
     return problems + _layer_type_problems(cfg) + _quantization_problems(config, model_type)
+
+
+# Families whose decoder layers read decoder_sparse_step and mlp_only_layers (transformers 5.17).
+DENSE_AMONG_TYPES = ("qwen2_moe", "qwen3_moe")
+
+
+def _dense_layer_problems(cfg: dict[str, Any]) -> list[str]:
+    """decoder_sparse_step a positive integer; mlp_only_layers layer indices within the model."""
+    step, only, layers = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or [], cfg.get("num_hidden_layers")
+    problems = [] if _positive_int(step) else [f"decoder_sparse_step {step!r} must be a positive integer"]
+    if not isinstance(only, list) or any(_positive_int(i + 1 if isinstance(i, int) else None) is None
+                                          or (isinstance(layers, int) and i >= layers) for i in only):
+        problems.append(f"mlp_only_layers {only!r} must list layer indices from 0 to num_hidden_layers - 1")
+    return problems
+
+
+def dense_layer_ids(cfg: dict[str, Any], model_type: str) -> tuple[int, ...]:
+    """The layers a Qwen-MoE config leaves dense (ModelSpec.dense_layer_ids), as its decoder layers decide."""
+    if model_type not in DENSE_AMONG_TYPES or not (cfg.get("num_experts") or cfg.get("num_local_experts")):
+        return ()
+    step, only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step)
 
 
 def _expert_problems(cfg: dict[str, Any], model_type: str) -> list[str]:
@@ -454,6 +537,7 @@ def model_from_config(config: dict[str, Any], model_id: str, source: str) -> Mod
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
         if model_type in SHARED_EXPERT_TYPES else 0,
+        dense_layer_ids=dense_layer_ids(cfg, model_type),
         source=source,
         prequantized=bnb_4bit(config),
     )

@@ -78,14 +78,71 @@ def test_the_count_is_every_parameter_transformers_holds() -> None:
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"decoder_sparse_step": 2}, "dense layers among the experts"),
-    ({"mlp_only_layers": [0]}, "dense layers among the experts"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step 0 must be a positive integer"),
+    ({"mlp_only_layers": [24]}, "mlp_only_layers .* must list layer indices"),
     ({"num_experts": None}, "must give num_local_experts"),
 ])
 def test_config_checks_describe_what_the_terms_cannot(change, message) -> None:
     config = {k: v for k, v in {**CONFIG, **change}.items() if v is not None}
     with pytest.raises(UnknownModelError, match=message):
         catalog.model_from_config(config, "bad", "config.json")
+
+
+QWEN3 = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+         "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+         "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8}
+
+
+@pytest.mark.parametrize("config", [
+    {**CONFIG, "mlp_only_layers": [0, 5], "decoder_sparse_step": 2},
+    {**QWEN3, "mlp_only_layers": [0, 1, 47]},
+], ids=["qwen2_moe", "qwen3_moe"])
+def test_dense_layers_among_the_experts_are_counted_as_transformers_builds_them(config) -> None:
+    """Qwen-MoE's mlp_only_layers and decoder_sparse_step (issue 17's "dense layers"): the layers transformers 5.17
+    builds with a dense MLP are the spec's, its parameters are params_total exactly (meta device, full size), LoRA's
+    targets there are what the estimate counts (Qwen2-MoE: the dense MLP too, its names being the shared expert's;
+    Qwen3-MoE: attention only), and a reduced-depth replica keeps its first layers' kinds."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from rigplan.calibration.replica import hf_config, reduced
+
+    spec = catalog.model_from_config(config, "with-dense", "config.json")
+    step, only = config.get("decoder_sparse_step", 1), set(config["mlp_only_layers"])
+    expected = [i for i in range(config["num_hidden_layers"]) if i in only or (i + 1) % step]
+    assert list(spec.dense_layer_ids) == expected and spec.dense_layers == len(expected)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(spec))
+    dense = [i for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts")]
+    assert dense == expected
+    assert sum(p.numel() for p in model.parameters()) == spec.params_total
+    targeted = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                   if n.split(".")[-1] in spec.target_modules and isinstance(m, torch.nn.Linear))
+    assert lora_params(spec, 16) == 16 * targeted
+    assert spec.params_active < spec.params_total
+    shallow = reduced(spec, 6)
+    assert shallow.dense_layers == sum(1 for i in expected if i < 6)
+    with torch.device("meta"):
+        small = AutoModelForCausalLM.from_config(hf_config(shallow))
+    assert sum(p.numel() for p in small.parameters()) == shallow.params_total
+
+
+def test_dense_layers_change_the_estimate_as_their_weights_do() -> None:
+    """The same Qwen3-MoE with a quarter of its layers dense: fewer weights (a dense MLP is far smaller than 128
+    experts), more FLOPs per token (6144 dense units against 8 x 768 routed), and memory follows the weights."""
+    from rigplan import store
+    from rigplan.estimator import memory, planner
+    from rigplan.estimator.plan import Setup
+
+    sparse = catalog.model_from_config(QWEN3, "all-sparse", "config.json")
+    mixed = catalog.model_from_config({**QWEN3, "decoder_sparse_step": 4}, "mixed", "config.json")
+    assert mixed.dense_layers == 36 and mixed.params_total < sparse.params_total
+    assert memory.expert_params(mixed) == memory.expert_params(sparse) * 12 // 48
+    setup = Setup("lora", 16, 1, 2048)
+    gpu, coeffs = catalog.resolve_gpu("h200"), store.reference()[0]
+    a, b = (planner.estimate(m, setup, gpu, coeffs) for m in (sparse, mixed))
+    assert b.components_bytes["base_weights"] < a.components_bytes["base_weights"]
+    assert b.components_bytes["base_weights"] == mixed.params_total * 2
 
 
 def test_a_shared_expert_elsewhere_is_refused() -> None:
