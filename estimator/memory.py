@@ -375,7 +375,8 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     parts["expert_dequant"] = max(0, dequant - backward_phase_bytes(parts) - parts["loss_over_backward"])
     parts["quantized_load"] = 0  # the step's peak without it first
     parts["quantized_load"] = max(0, quantized_load_bytes(model, setup) - peak_allocated_bytes(parts))
-    parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs))
+    parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs)) + family_slack_bytes(model, setup,
+                                                                                                        engine)
     if engine == "transformers":
         factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
         for k in STEP_TERMS + ("allocator_slack",):
@@ -393,6 +394,24 @@ STEP_TERMS = ("lora_grads", "optimizer_state", "step_overhead", "activations_kep
 
 def step_bytes(parts: dict[str, int]) -> int:
     return sum(parts[k] for k in STEP_TERMS)
+
+
+# Unsloth's QLoRA on the generic-path and mixture-of-experts families keeps reserved memory beyond its allocated peak
+# that the reference's slack ratio (fitted on Llama, Mistral and Qwen's fast path) does not give, and that does not
+# grow with the step's bytes (the estimate held their allocated peaks within 5%). GiB per family: the mean excess
+# of measured over estimated reserved memory on its first recorded QLoRA rows on the H200 (Qwen3-30B-A3B and
+# Gemma-3-12B: bench/results/h200-issue17/; Phi-3.5-mini: h200-issue17-heldout2/; gpt-oss-20b: h200-gpt-oss/;
+# bench/family_terms.py refits them), its later rows checking it (tests/test_issue17_runs.py). Mixtral's rows held
+# less than the estimate: none. The allocator's own scatter stays in the error (Gemma 3 at 4 x 2048 held 1.0 and
+# 1.7 GiB beyond its allocated peak under two allocator settings).
+QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.537, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.199, "gpt_oss": 0.089}
+
+
+def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
+    """The family's QLoRA slack under Unsloth (QLORA_SLACK_GIB_BY_TYPE); 0 otherwise."""
+    if setup.method != "qlora" or engine != "unsloth":
+        return 0
+    return int(QLORA_SLACK_GIB_BY_TYPE.get(model.model_type, 0.0) * 2**30)
 
 
 def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:
