@@ -48,6 +48,9 @@ for m in ("lora", "qlora"):
               "compiled:", round((d.get("tokens_per_s_compiled") or 0) / (o.get("tokens_per_s_compiled") or 1), 3),
               "first loss:", round(runs[0]["first_loss"] / runs[1]["first_loss"], 3), "(1: the same loss)",
               "ranks agree:", runs[0].get("ranks_agree"))
+        print(m, "garbage collections while training (trainer/loop.py GcWatch): ddp", d.get("gc"), "one", o.get("gc"))
     except (OSError, KeyError) as e:
         print(m, "no pair:", e)
 PY
+# Where the DDP run's time went beyond one GPU's, from the step times (bench/ddp_jitter.py)
+[ -z "${TAG:-}" ] && python3 bench/ddp_jitter.py $OUT "$@" 2>&1 | tee -a $LOG
