@@ -382,6 +382,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                            f"--resume --seq {plan.seq_len // 2} or --method qlora "
                            f"(last checkpoint: {_last_checkpoint(out)})") from e
     finally:
+        guard.gc.stop()  # the automatic collector back on, whatever ended training
         nvml_peak = sampler.stop() if sampler else None
         for s, handler in previous.items():
             signal.signal(s, handler)
