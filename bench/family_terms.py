@@ -19,6 +19,7 @@ from rigplan.profiles.catalog import GpuSpec, ModelSpec, resolve_gpu, resolve_mo
 
 RESULTS = Path(__file__).parent / "results"
 PHI = [RESULTS / "h200-issue17-heldout2" / "probe-phi.jsonl"]
+PHI_QLORA = PHI + [RESULTS / "h200-issue17-heldout2" / "probe-phi-8192.jsonl"]
 GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
@@ -79,11 +80,12 @@ def step_ratio(files: list[Path], method: str, batch: int, seq: int) -> float:
     return row["step_s"] / (mm + attn + moved)
 
 
-def phi3_speed() -> tuple[float, float]:
-    """Phi-3's GPU factor and attention factor from its two GPU-bound LoRA rows (same tokens, 4 x 2048 and
+def phi3_speed(method: str = "lora") -> tuple[float, float]:
+    """Phi-3's GPU factor and attention factor for a method from its two GPU-bound rows (same tokens, 4 x 2048 and
     1 x 8192): step - moved = factor x (matmuls + attention_factor x attention), two equations."""
-    (m1, a1, v1), t1 = step_parts(r1 := rows(PHI, "lora", 4, 2048)), r1["step_s"]
-    (m2, a2, v2), t2 = step_parts(r2 := rows(PHI, "lora", 1, 8192)), r2["step_s"]
+    files = PHI if method == "lora" else PHI_QLORA
+    (m1, a1, v1), t1 = step_parts(r1 := rows(files, method, 4, 2048)), r1["step_s"]
+    (m2, a2, v2), t2 = step_parts(r2 := rows(files, method, 1, 8192)), r2["step_s"]
     # u = factor, w = factor x attention_factor: u m + w a = t - v
     det = m1 * a2 - m2 * a1
     u = ((t1 - v1) * a2 - (t2 - v2) * a1) / det
@@ -134,10 +136,13 @@ def qlora_slack(files: list[Path], model_type: str) -> float:
 
 def fitted() -> dict[str, tuple[float, float]]:
     """Each constant: (what its runs give it now, the value in the code)."""
-    phi_gpu, phi_attention = phi3_speed()
+    phi = {m: phi3_speed(m) for m in ("lora", "qlora")}
     return {
-        'speed.GPU_TIME_BY_TYPE["phi3"]': (phi_gpu, speed.GPU_TIME_BY_TYPE["phi3"]),
-        'speed.ATTENTION_TIME_BY_TYPE["phi3"]': (phi_attention, speed.ATTENTION_TIME_BY_TYPE["phi3"]),
+        **{f'speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "{m}")]': (phi[m][0],
+                                                                  speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", m)])
+           for m in phi},
+        **{f'speed.ATTENTION_TIME_BY_TYPE_AND_METHOD[("phi3", "{m}")]': (
+            phi[m][1], speed.ATTENTION_TIME_BY_TYPE_AND_METHOD[("phi3", m)]) for m in phi},
         'speed.GPU_TIME_BY_TYPE["gpt_oss"]': (gpu_factor(GPT_OSS, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE["gpt_oss"]),
         'speed.GPU_TIME_BY_TYPE["qwen3_moe"]': (step_ratio(QWEN3_MOE, "lora", 1, 8192),
                                                speed.GPU_TIME_BY_TYPE["qwen3_moe"]),

@@ -161,7 +161,7 @@ def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: s
 # attention mask of micro_batch x seq x seq elements would: at the same 8,192 tokens its full-depth runs held 0.157
 # GiB (LoRA) and 0.129 GiB (QLoRA) more at 1 x 8192 than at 4 x 2048 on the H200 (bench/results/h200-issue17-
 # heldout2/probe-phi*.jsonl, 2026-11-30), and their attention ran 3x slower than the softmax-bound rate
-# (speed.ATTENTION_TIME_BY_TYPE), as it does off FlashAttention. Bytes per mask element, fitted on the LoRA pair
+# (speed.ATTENTION_TIME_BY_TYPE_AND_METHOD), as it does off FlashAttention. Bytes per mask element, fitted on the LoRA pair
 # (bench/family_terms.py); the QLoRA pair checks it.
 SEQ_SQUARED_BYTES_BY_TYPE = {"phi3": 3.36}
 

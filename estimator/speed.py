@@ -69,14 +69,18 @@ SOFTMAX_BOUND_HEAD_DIM = 128
 # step where its attention FLOPs at the softmax-bound rate add 0.09 s. Fitted with GPU_TIME_BY_TYPE["phi3"] on its
 # two GPU-bound 16-bit LoRA rows (bench/results/h200-issue17-heldout2/probe-phi.jsonl, 2026-11-30; bench/
 # family_terms.py), its QLoRA rows left to check it (tests/test_issue17_runs.py). Cause not found (head_dim 96 is
-# one FlashAttention supports).
-ATTENTION_TIME_BY_TYPE = {"phi3": 3.03}
+# one FlashAttention supports). Its QLoRA ran faster than those factors say (+8% to +15% on the same file's
+# GPU-bound QLoRA rows): its own pair of factors, fitted the same way on its QLoRA 4 x 2048 and 1 x 8192
+# (h200-issue17-heldout2/probe-phi.jsonl, probe-phi-8192.jsonl), checked on 2 x 4096 and 1 x 16384
+# (h200-issue17-heldout3/probe-phi.jsonl), with GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "qlora")].
+ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 3.03, ("phi3", "qlora"): 3.80}
 
 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
     bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower."""
-    softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * ATTENTION_TIME_BY_TYPE.get(model.model_type, 1.0)
+    softmax = (max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim)
+               * ATTENTION_TIME_BY_TYPE_AND_METHOD.get((model.model_type, setup.method), 1.0))
     return matmul_flops_per_token(model, setup) + softmax * attention_flops_per_token(model, setup)
 
 
@@ -123,13 +127,16 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
 # 1.47x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row; its other GPU-bound rows check it).
-# Phi-3.5-mini: 1.33x, fitted with ATTENTION_TIME_BY_TYPE["phi3"] (above).
-GPU_TIME_BY_TYPE = {"qwen3_moe": 1.41, "gpt_oss": 1.47, "phi3": 1.33}
+# Phi-3.5-mini: per method, below.
+GPU_TIME_BY_TYPE = {"qwen3_moe": 1.41, "gpt_oss": 1.47}
 # The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count and
 # than its own QLoRA, which stayed within 10% of the estimate: Gemma-3-12B at 8 layers, LoRA 4 x 2048 on the H200,
 # took 1.225x the estimate's time (bench/results/h200-issue17/probe-gemma3.jsonl, fitted on that run, refitted by
 # bench/family_terms.py; its LoRA 1 x 8192 checks it, tests/test_issue17_runs.py). Cause not yet found.
-GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.225, ("gemma3_text", "lora"): 1.225}
+# Phi-3.5-mini: 1.33x under 16-bit LoRA and 1.075x under QLoRA, each fitted with its attention factor
+# (ATTENTION_TIME_BY_TYPE_AND_METHOD, above).
+GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.225, ("gemma3_text", "lora"): 1.225, ("phi3", "lora"): 1.33,
+                               ("phi3", "qlora"): 1.075}
 
 
 def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
