@@ -451,8 +451,8 @@ def _dense_layer_problems(cfg: dict[str, Any]) -> list[str]:
     """decoder_sparse_step a positive integer; mlp_only_layers layer indices within the model."""
     step, only, layers = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or [], cfg.get("num_hidden_layers")
     problems = [] if _positive_int(step) else [f"decoder_sparse_step {step!r} must be a positive integer"]
-    if not isinstance(only, list) or any(_positive_int(i + 1 if isinstance(i, int) else None) is None
-                                          or (isinstance(layers, int) and i >= layers) for i in only):
+    top = layers if isinstance(layers, int) else float("inf")
+    if not isinstance(only, list) or not all(type(i) is int and 0 <= i < top for i in only):
         problems.append(f"mlp_only_layers {only!r} must list layer indices from 0 to num_hidden_layers - 1")
     return problems
 
