@@ -30,13 +30,13 @@ ADAM32_BYTES_PER_PARAM = 2 * FP32_BYTES
 
 def lora_params(model: ModelSpec, rank: int) -> int:
     # LoRA adds A (r x in) and B (out x r) to every targeted projection (Hu et al. 2021, sec. 4.1).
-    return rank * model.decoder_lora_dims()
+    return rank * model.decoder_lora_dims
 
 
 def projection_params(model: ModelSpec) -> int:
     """The weights of every layer's nn.Linear projections (ModelSpec.decoder_linear_params: those LoRA targets, and a
     dense layer's MLP among experts): what bitsandbytes stores in NF4 under QLoRA and dequantizes for each matmul."""
-    return model.decoder_linear_params()
+    return model.decoder_linear_params
 
 
 def expert_params(model: ModelSpec) -> int:

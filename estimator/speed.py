@@ -25,7 +25,7 @@ def matmul_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     With the base frozen its weight gradients are skipped, so backward is 2N; checkpointing recomputes each
     layer's forward (another 2N over the decoder, not the lm_head). Adapters cost 6 x their parameters."""
     # Mixture-of-experts: a token goes through its routed experts only (ModelSpec.active_shapes).
-    decoder = model.decoder_active_params()
+    decoder = model.decoder_active_params
     head = model.vocab_size * model.hidden_size
     return FLOPS_PER_MAC * (passes(setup) * decoder + 2 * head) + 3 * FLOPS_PER_MAC * lora_params(model, setup.rank)
 

@@ -10,7 +10,7 @@ import difflib
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ class ModelSpec:
         """The id to download weights from: the first alias that looks like a hub id, else the id."""
         return next((a for a in self.aliases if "/" in a), self.id)
 
-    @property
+    @cached_property
     def experts(self) -> int:
         """Experts per MoE layer; 0 for a dense model."""
         return self.num_local_experts or self.num_experts
@@ -132,12 +132,12 @@ class ModelSpec:
             return self.intermediate_size
         return self.num_experts_per_tok * self.expert_intermediate + self.shared_expert_intermediate_size
 
-    @property
+    @cached_property
     def dense_layers(self) -> int:
         """Layers of a mixture-of-experts model with a dense MLP (a reduced-depth copy keeps its first layers')."""
         return sum(1 for i in self.dense_layer_ids if i < self.num_hidden_layers) if self.experts else 0
 
-    @property
+    @cached_property
     def main_layers(self) -> int:
         """Layers shaped as the per-layer methods describe: every layer of a dense model, the sparse ones of a
         mixture-of-experts model."""
@@ -152,22 +152,25 @@ class ModelSpec:
         return (self.main_layers * sum(per(n_in, n_out) for _, n_in, n_out in shapes)
                 + self.dense_layers * sum(per(n_in, n_out) for _, n_in, n_out in dense))
 
+    @cached_property
     def decoder_linear_params(self) -> int:
         """Every layer's nn.Linear weights (what bitsandbytes quantizes under QLoRA): the projections LoRA targets
         in a main layer, all of a dense layer's."""
         return self._sum(self.linear_shapes(), self.dense_layer_shapes(), lambda i, o: i * o)
 
+    @cached_property
     def decoder_active_params(self) -> int:
         """Every layer's projection weights one token computes through (routed experts only in sparse layers)."""
         return self._sum(self.active_shapes(), self.dense_layer_shapes(), lambda i, o: i * o)
 
+    @cached_property
     def decoder_lora_dims(self) -> int:
         """in + out features summed over every projection LoRA adapts, in every layer (a dense layer's MLP is
         adapted where its names are among the targets, as a shared expert's make them)."""
         dense = [s for s in self.dense_layer_shapes() if s[0] in self.target_modules]
         return self._sum(self.linear_shapes(), dense, lambda i, o: i + o)
 
-    @property
+    @cached_property
     def mean_active_intermediate(self) -> float:
         """active_intermediate averaged over the layers (dense ones: intermediate_size), for terms summed over
         layers."""
@@ -266,13 +269,13 @@ class ModelSpec:
         publisher leaves it out)."""
         return self.params_active - (self.embedding_params if self.published_active_excludes_embedding else 0)
 
-    @property
+    @cached_property
     def params_active(self) -> int:
         """Parameters one token computes with: as params_total, the experts it is not routed to left out."""
         return (self.embedding_params + self.main_layers * self.layer_params(active=True)
                 + self.dense_layers * self.layer_params(dense=True) + self.hidden_size + self.lm_head_params)
 
-    @property
+    @cached_property
     def params_total(self) -> int:
         # Embeddings + layers + final norm + untied lm_head: how Hugging Face counts a model's size.
         return (self.embedding_params + self.main_layers * self.layer_params()
