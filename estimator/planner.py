@@ -108,9 +108,14 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     parts = memory.components_bytes(model, setup, coeffs, engine, batching)
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
+    times: list[tuple[float, int]] = []  # padded micro-batches of the data: each shape's seconds and count
     if lengths is None:
         timed, real_tokens, fill = setup, float(setup.tokens), None
         micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
+    elif batching == "padded":
+        timed, real_tokens, fill = speed.data_micro_batch(setup, lengths, batching)
+        times = speed.padded_group_times(model, setup, lengths, gpu, coeffs)
+        micro_s = speed.mean_group_s(times)
     else:
         timed, real_tokens, fill = speed.data_micro_batch(setup, lengths, batching)
         micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
@@ -118,7 +123,7 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
         micro_s /= speed.transformers_speed(model)
     step = setup.grad_accum * micro_s + speed.gradient_sync_s(model, setup, gpu)
     if setup.num_gpus > 1:  # each step waits for the slowest process (speed.parallel_step_s)
-        step = speed.parallel_step_s(step, setup, speed.lengths_spread(model, setup, lengths, batching, gpu, coeffs))
+        step = speed.parallel_step_s(step, setup, speed.lengths_spread(times, setup.num_gpus))
     tps = real_tokens * setup.grad_accum / step  # per GPU
     bound = speed.host_bound(model, timed, gpu, coeffs)
     low, high = speed.speed_band(bound, engine, model.model_type)

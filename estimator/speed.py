@@ -180,21 +180,14 @@ def expected_max_of_normals(n: int) -> float:
     return total
 
 
-def lengths_spread(model: ModelSpec, setup: Setup, lengths: ExampleLengths | None, batching: str, gpu: GpuSpec,
-                   coeffs: Coefficients) -> float:
-    """How much longer a step of N processes takes than the mean of their micro-batches' times because those differ
-    in length: padded micro-batches are the trainer's length-sorted groups, N consecutive ones dealt together
-    (trainer/batching.py BlockSampler), so each step takes the longest of N neighbours. Packed micro-batches all
-    fill the same budget: 1."""
-    n = setup.num_gpus
-    if n == 1 or lengths is None or batching != "padded":
-        return 1.0
-    groups = padded_groups(lengths, setup.seq_len, setup.micro_batch)
-    times = {shape: _timed_s(model, dataclasses.replace(setup, micro_batch=shape[1], seq_len=shape[0]), batching, gpu,
-                             coeffs) for shape in groups}
-    order = [times[shape] for shape in sorted(groups, reverse=True) for _ in range(groups[shape][0])]
+def lengths_spread(times: list[tuple[float, int]], n: int) -> float:
+    """How much longer a step of n processes takes than the mean of their micro-batches' times because those differ
+    in length: padded micro-batches are the trainer's length-sorted groups (times: padded_group_times, longest
+    first), n consecutive ones dealt together (trainer/batching.py BlockSampler), so each step takes the longest
+    of n neighbours. Packed micro-batches all fill the same budget (no times given): 1."""
+    order = [t for t, count in times for _ in range(count)]
     blocks = [order[i:i + n] for i in range(0, len(order) - len(order) % n, n)]
-    if not blocks:
+    if n == 1 or not blocks:
         return 1.0
     return sum(max(b) for b in blocks) / sum(sum(b) / n for b in blocks)
 
@@ -440,12 +433,23 @@ def data_micro_batch_s(model: ModelSpec, setup: Setup, lengths: ExampleLengths, 
     """Mean seconds for one micro-batch of real data, laid out as `batching` says (the factors above); padded
     micro-batches timed at each length they are padded to."""
     if batching == "padded":
-        groups = padded_groups(lengths, setup.seq_len, setup.micro_batch)
-        total = sum(c * _timed_s(model, dataclasses.replace(setup, micro_batch=k, seq_len=length), batching, gpu,
-                                 coeffs) for (length, k), (c, _) in groups.items())
-        return total / sum(c for c, _ in groups.values())
+        return mean_group_s(padded_group_times(model, setup, lengths, gpu, coeffs))
     timed, _, _ = data_micro_batch(setup, lengths, batching)
     return _timed_s(model, timed, batching, gpu, coeffs)
+
+
+def mean_group_s(times: list[tuple[float, int]]) -> float:
+    """The mean seconds of the micro-batches padded_group_times describes."""
+    return sum(t * count for t, count in times) / sum(count for _, count in times)
+
+
+def padded_group_times(model: ModelSpec, setup: Setup, lengths: ExampleLengths, gpu: GpuSpec,
+                       coeffs: Coefficients) -> list[tuple[float, int]]:
+    """Each padded micro-batch shape's seconds and how many of the data's micro-batches have it, longest first
+    (padded_groups)."""
+    groups = padded_groups(lengths, setup.seq_len, setup.micro_batch)
+    return [(_timed_s(model, dataclasses.replace(setup, micro_batch=k, seq_len=length), "padded", gpu, coeffs),
+             groups[(length, k)][0]) for length, k in sorted(groups, reverse=True)]
 
 
 def _timed_s(model: ModelSpec, timed: Setup, batching: str, gpu: GpuSpec, coeffs: Coefficients) -> float:
