@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 
 import pytest
@@ -305,3 +307,15 @@ def test_gradient_sync_is_slower_over_pcie_than_nvlink() -> None:
     pcie, nvlink = (speed.gradient_sync_s(LLAMA8B, setup, resolve_gpu(g)) for g in ("rtx-4090", "h100-sxm"))
     assert pcie > 10 * nvlink > 0
     assert speed.gradient_sync_s(LLAMA8B, Setup("lora", 16, 1, 2048), resolve_gpu("rtx-4090")) == 0
+
+
+def test_a_step_of_several_processes_waits_for_its_longest_micro_batch() -> None:
+    """speed.lengths_spread: the micro-batches dealt together (n consecutive in length order) take as long as
+    the longest of them; one process, or micro-batches all alike, lose nothing; a last short block is left out."""
+    from rigplan.estimator import speed
+
+    assert speed.lengths_spread([(2.0, 1), (1.0, 1)], 2) == pytest.approx(2.0 / 1.5)
+    assert speed.lengths_spread([(1.0, 6)], 2) == speed.lengths_spread([(3.0, 1), (1.0, 5)], 1) == 1.0
+    assert speed.lengths_spread([(3.0, 2), (1.0, 3)], 2) == pytest.approx((3 + 1) / (3 + 1))  # blocks (3,3), (1,1)
+    assert speed.lengths_spread([], 2) == 1.0
+    assert speed.expected_max_of_normals(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-4)
