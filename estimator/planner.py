@@ -112,13 +112,13 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     if lengths is None:
         timed, real_tokens, fill = setup, float(setup.tokens), None
         micro_s = speed.micro_batch_s(model, setup, gpu, coeffs)
-    elif batching == "padded":
-        timed, real_tokens, fill = speed.data_micro_batch(setup, lengths, batching)
-        times = speed.padded_group_times(model, setup, lengths, gpu, coeffs)
-        micro_s = speed.mean_group_s(times)
     else:
         timed, real_tokens, fill = speed.data_micro_batch(setup, lengths, batching)
-        micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
+        if batching == "padded":  # the shapes' times also give the spread of several processes' steps
+            times = speed.padded_group_times(model, setup, lengths, gpu, coeffs)
+            micro_s = speed.mean_group_s(times)
+        else:
+            micro_s = speed.data_micro_batch_s(model, setup, lengths, batching, gpu, coeffs)
     if engine == "transformers":
         micro_s /= speed.transformers_speed(model)
     step = setup.grad_accum * micro_s + speed.gradient_sync_s(model, setup, gpu)

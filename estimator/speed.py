@@ -66,10 +66,10 @@ SOFTMAX_BOUND_HEAD_DIM = 128
 
 # Families whose attention runs slower than the rest of their FLOPs, as measured. Phi-3.5-mini at full depth (head_dim
 # 96) through Unsloth's generic path on the H200: going from 4 x 2048 to 1 x 8192 (the same tokens) added 0.36 s to a
-# step where its attention FLOPs at the softmax-bound rate add 0.09 s. Fitted with GPU_TIME_BY_TYPE["phi3"] on its
-# two GPU-bound 16-bit LoRA rows (bench/results/h200-issue17-heldout2/probe-phi.jsonl, 2026-11-30; bench/
-# family_terms.py), its QLoRA rows left to check it (tests/test_issue17_runs.py). Cause not found (head_dim 96 is
-# one FlashAttention supports). Its QLoRA ran faster than those factors say (+8% to +15% on the same file's
+# step where its attention FLOPs at the softmax-bound rate add 0.09 s. Fitted with its LoRA GPU factor
+# (GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "lora")]) on its two GPU-bound 16-bit LoRA rows (bench/results/
+# h200-issue17-heldout2/probe-phi.jsonl, 2026-11-30; bench/family_terms.py). Cause not found (head_dim 96 is one
+# FlashAttention supports). Its QLoRA ran faster than those factors say (+8% to +15% on the same file's
 # GPU-bound QLoRA rows): its own pair of factors, fitted the same way on its QLoRA 4 x 2048 and 1 x 8192
 # (h200-issue17-heldout2/probe-phi.jsonl, probe-phi-8192.jsonl), checked on 2 x 4096 and 1 x 16384
 # (h200-issue17-heldout3/probe-phi.jsonl), with GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "qlora")].
@@ -185,9 +185,11 @@ def lengths_spread(times: list[tuple[float, int]], n: int) -> float:
     in length: padded micro-batches are the trainer's length-sorted groups (times: padded_group_times, longest
     first), n consecutive ones dealt together (trainer/batching.py BlockSampler), so each step takes the longest
     of n neighbours. Packed micro-batches all fill the same budget (no times given): 1."""
+    if n == 1:
+        return 1.0
     order = [t for t, count in times for _ in range(count)]
     blocks = [order[i:i + n] for i in range(0, len(order) - len(order) % n, n)]
-    if n == 1 or not blocks:
+    if not blocks:
         return 1.0
     return sum(max(b) for b in blocks) / sum(sum(b) / n for b in blocks)
 

@@ -114,7 +114,7 @@ def _render_check(d: dict[str, Any]) -> str:
                       else "")
                    + (f"; weights: {r['model_path']}, loaded into CPU memory by each process" if r["load_on_cpu"]
                       else ""))
-    out += [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])]
+    out += _warning_lines(d)
     return "\n".join(out)
 
 
@@ -125,6 +125,11 @@ def _data_speed_note(r: dict[str, Any], lengths_known: bool) -> str:
            if r.get("batching") == "packed" else f"padded micro-batches, {fill:.0%} real tokens")
     return (f"speed: for the data's examples (mean {r['example_tokens']:,.0f} tokens), {how}; memory for a full "
             f"micro-batch of {r['token_budget']:,} tokens")
+
+
+def _warning_lines(d: dict[str, Any]) -> list[str]:
+    """Known issues under a table: each one's one-line summary (--json carries the whole notes too)."""
+    return [f"warning: {w}" for w in d["warnings_short"]]
 
 
 def _host_bound_note(r: dict[str, Any]) -> str:
@@ -148,7 +153,7 @@ def _render_catalogue(d: dict[str, Any]) -> str:
                          {"memory GiB": 0, "total GiB": 1, "time h": 2, "tok/s per k$": 1})
     notes = [d.get("note", ""), f"smallest card that fits: {d['smallest_fitting']}; fastest per dollar: {d['best_per_dollar']}",
              f"time: {d['workload']['source']}; speeds scale the H100 reference calibration by each GPU's spec sheet"]
-    return "\n".join([table] + [n for n in notes if n] + [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])])
+    return "\n".join([table] + [n for n in notes if n] + _warning_lines(d))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,7 +209,7 @@ def _render_max_seq(d: dict[str, Any]) -> str:
                          ["method", "max seq", "ckpt", "peak GiB", "total GiB", "tok/s"], rows,
                          {"peak GiB": 1, "total GiB": 1})
     return "\n".join([table, "max seq: the longest sequence that fits with 10% of the GPU kept free (steps of 256)",
-                      f"calibration: {d['calibration']['label']}"] + [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])])
+                      f"calibration: {d['calibration']['label']}"] + _warning_lines(d))
 
 
 @main.command()
@@ -236,7 +241,7 @@ def estimate(model: str, method: str, batch: int, seq_len: int, rank: int, grad_
         out.append(f"speed {d['tokens_per_s']:,.0f} tok/s, {d['step_s']:.3f} s per step; calibration: {d['calibration']['label']}")
         if d["host_bound"]:
             out.append(_host_bound_note(d))
-        out += [f"warning: {w}" for w in d.get("warnings_short", d["warnings"])]
+        out += _warning_lines(d)
         return "\n".join(out)
 
     _emit(data, as_json, render)
