@@ -240,6 +240,16 @@ def _preference(est: Estimate, fastest: float, num_gpus: int = 1) -> tuple[bool,
             abs(math.log2(s.rank / DEFAULT_RANK)), est.total_gib)
 
 
+def short_of(est: Estimate, limit: float) -> str:
+    """How far a setup that does not fit is from fitting, and its two largest terms: what to shrink."""
+    s = est.setup
+    gpus = f" per GPU ({s.parallelism} over {s.num_gpus})" if s.num_gpus > 1 else ""
+    largest = sorted(est.components_bytes.items(), key=lambda kv: -kv[1])[:2]
+    return (f"needs {est.total_gib:.1f} GiB{gpus}, over the {limit * (1 - SAFETY_MARGIN):.1f} GiB usable "
+            f"({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free); the largest terms: "
+            + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in largest))
+
+
 def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DEFAULT_SEQ_LEN,
          effective_batch: int = DEFAULT_EFFECTIVE_BATCH, methods: tuple[Method, ...] = ("lora", "qlora"),
          ranks: tuple[int, ...] = RANKS, checkpointing: tuple[Checkpointing, ...] = ("unsloth", "off"),
@@ -267,13 +277,9 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     if not fitting:
         smallest = min(cands, key=lambda c: c.total_gib)
         s = smallest.setup
-        gpus = f" per GPU ({s.parallelism} over {s.num_gpus})" if s.num_gpus > 1 else ""
         offload = ", frozen weights offloaded to CPU memory" if s.cpu_offload else ""
-        largest = sorted(smallest.components_bytes.items(), key=lambda kv: -kv[1])[:2]
         why = (f"does not fit: the smallest setup ({s.method}, rank {s.rank}, micro-batch 1, seq {s.seq_len}{offload}) "
-               f"needs {smallest.total_gib:.1f} GiB{gpus}, over the {limit * (1 - SAFETY_MARGIN):.1f} GiB usable "
-               f"({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free); the largest terms: "
-               + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in largest))
+               + short_of(smallest, limit))
         held = _held_by_quantized_load(cands)
         if held:
             whole = memory.quantized_load_bytes(model, held[0].setup)

@@ -208,8 +208,9 @@ def _render_max_seq(d: dict[str, Any]) -> str:
                          f"rank {d['rank']}, micro-batch 1",
                          ["method", "max seq", "ckpt", "peak GiB", "total GiB", "tok/s"], rows,
                          {"peak GiB": 1, "total GiB": 1})
-    return "\n".join([table, "max seq: the longest sequence that fits with 10% of the GPU kept free (steps of 256)",
-                      f"calibration: {d['calibration']['label']}"] + _warning_lines(d))
+    return "\n".join([table, "max seq: the longest sequence that fits with 10% of the GPU kept free (steps of 256)"]
+                     + [f"{m}: {why}" for m, why in d["why_not"].items()]
+                     + [f"calibration: {d['calibration']['label']}"] + _warning_lines(d))
 
 
 @main.command()

@@ -506,7 +506,13 @@ def max_seq(model_name: str, gpu: str | None, rank: int = planner.DEFAULT_RANK) 
     load = Workload(DEFAULT_WORKLOAD_TOKENS, DEFAULT_EPOCHS, None, None, "per 1M tokens")
     plans = {m: plan_row(planner.to_plan(model, e, target.spec, coeffs), load) if e else None
              for m, e in found.items()}
+    limit = planner.usable_gib(target.spec, target.memory_gib)
+    # Where a method fits nothing: how far its shortest sequence (checkpointing on, the least memory) is from fitting.
+    why_not = {m: f"not even {planner.MIN_SEQ_LEN} tokens fit: " + planner.short_of(planner.estimate(
+        model, planner.Setup(method=m, rank=rank, micro_batch=1, seq_len=planner.MIN_SEQ_LEN, checkpointing="unsloth"),
+        target.spec, coeffs, limit, engine=engine), limit) for m, e in found.items() if e is None}
     return {"model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name,
             "gpu_memory_gib": round(target.memory_gib, 2), "rank": rank,
             "max_seq": {m: e.setup.seq_len if e else None for m, e in found.items()}, "plans": plans,
+            "why_not": why_not,
             "calibration": calibration_info(coeffs, doc, here, target.spec), **warning_fields(model)}

@@ -239,7 +239,11 @@ def test_max_seq_answers_per_method_in_json() -> None:
     assert set(d["max_seq"]) == {"lora", "qlora"} and d["max_seq"]["qlora"] > d["max_seq"]["lora"] > 0
     assert d["plans"]["qlora"]["seq"] == d["max_seq"]["qlora"] and d["plans"]["qlora"]["micro_batch"] == 1
     none = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "rtx-3060", "--max-seq", "--json").output)
-    assert none["max_seq"] == {"lora": None, "qlora": None}
+    assert none["max_seq"] == {"lora": None, "qlora": None} and d["why_not"] == {}
+    # each method that fits nothing says how far its shortest sequence is from fitting, and what holds the memory
+    assert set(none["why_not"]) == {"lora", "qlora"} and "base_weights" in none["why_not"]["qlora"]
+    text = invoke("check", "llama-3.1-70b", "--gpu", "rtx-3060", "--max-seq").output
+    assert "qlora: not even 256 tokens fit: needs" in text
     several = invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "2", "--max-seq")
     assert several.exit_code == 2 and "one GPU" in several.output  # the search is one GPU's
 
