@@ -39,14 +39,19 @@ def projection_params(model: ModelSpec) -> int:
     return model.decoder_linear_params
 
 
+def layer_params(model: ModelSpec) -> tuple[int, int]:
+    """One main layer's projection parameters, split: those LoRA targets (nn.Linear, quantized by bitsandbytes),
+    and the rest, a mixture-of-experts layer's routed experts (fused 3-D parameters; none in a dense layer)."""
+    targeted = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
+    return targeted, sum(n_in * n_out for _, n_in, n_out in model.weight_shapes()) - targeted
+
+
 def expert_params(model: ModelSpec) -> int:
     """The experts' MLP weights of every layer (0 for a dense model): what a layer stores beyond the projections
     LoRA targets, which for a mixture-of-experts model are the attention ones (ModelSpec.linear_shapes)."""
     if not model.experts:
         return 0
-    every = sum(n_in * n_out for _, n_in, n_out in model.weight_shapes())
-    targeted = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
-    return model.main_layers * (every - targeted)  # the sparse layers (ModelSpec.dense_layer_ids hold none)
+    return model.main_layers * layer_params(model)[1]  # the sparse layers (ModelSpec.dense_layer_ids hold none)
 
 
 def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -> int:
@@ -274,9 +279,8 @@ def ddp_bucket_bytes(model: ModelSpec, setup: Setup) -> int:
 def layer_weight_bytes(model: ModelSpec, method: str) -> int:
     """One decoder layer's frozen projections as stored: NF4 for QLoRA's nn.Linear ones, bf16 otherwise (a sparse
     layer of a mixture-of-experts model, the largest)."""
-    linear = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
-    every = sum(n_in * n_out for _, n_in, n_out in model.weight_shapes())
-    return int(linear * (NF4_BYTES_PER_PARAM if method == "qlora" else BF16_BYTES) + (every - linear) * BF16_BYTES)
+    linear, rest = layer_params(model)
+    return int(linear * (NF4_BYTES_PER_PARAM if method == "qlora" else BF16_BYTES) + rest * BF16_BYTES)
 
 
 # FSDP2 gathers a layer's full weights before it runs and prefetches the next one's (torch.distributed.fsdp
