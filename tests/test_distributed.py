@@ -24,8 +24,8 @@ def setup(tmp_path_factory, toy_llama_and_data) -> tuple[Path, Path]:
     return toy_llama_and_data(tmp_path_factory.mktemp("ddp"), 64)
 
 
-def _run(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def _run(args: list[str], extra_env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "rigplan", "run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, **kw)
 
@@ -91,6 +91,64 @@ def test_the_loss_is_one_gpus_loss_on_the_same_tokens(setup, tmp_path) -> None:
         assert proc.returncode == 0, log[-3000:]
         losses.append(json.loads((out / "run_summary.json").read_text())["first_loss"])
     assert 0.85 < losses[1] / losses[0] < 1.15, losses
+
+
+# Started in every process of the run below (Python imports sitecustomize at start-up from PYTHONPATH): process 1's
+# model raises CUDA's out-of-memory error on any micro-batch of more than two examples, as a smaller GPU would.
+ONE_SMALL_GPU = """
+import os
+
+if os.environ.get("RANK") == "1":
+    from rigplan.trainer import engine
+
+    real_load = engine.load
+
+    def load(plan):
+        model, tokenizer = real_load(plan)
+        inner = model.forward
+
+        def forward(*args, **kwargs):
+            if kwargs["input_ids"].shape[0] > 2:
+                import torch
+
+                raise torch.OutOfMemoryError("CUDA out of memory (process 1's GPU, simulated)")
+            return inner(*args, **kwargs)
+
+        model.forward = forward
+        return model, tokenizer
+
+    engine.load = load
+"""
+
+
+def test_out_of_memory_in_one_process_is_backed_off_by_every_process(setup, tmp_path) -> None:
+    """Process 1 alone runs out of memory on micro-batches of four: it splits them in two and goes on, with no
+    collective left waiting in the other; every process takes the split a few steps later (said once, by process 0);
+    the run ends with both adapters equal and the loss of the same run that never ran out."""
+    from rigplan.trainer.loop import STOP_LAG_STEPS
+
+    model, data = setup
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ONE_SMALL_GPU)
+    args = [str(model), "--data", str(data), "--gpus", "2", "--max-steps", "6", "--seq", "64", "--micro-batch", "4",
+            "--grad-accum", "2"]
+    runs = {}
+    small = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    for name, env in (("plain", {}), ("tight", small)):
+        proc = _run([*args, "--out", str(tmp_path / name)], extra_env=env)
+        log = proc.communicate(timeout=240)[0]
+        assert proc.returncode == 0, log[-3000:]
+        runs[name] = (json.loads((tmp_path / name / "run_summary.json").read_text()), log)
+    (plain, _), (tight, log) = runs["plain"], runs["tight"]
+    assert plain["oom_backoffs"] == [] and tight["status"] == "done" and tight["global_step"] == 6
+    # process 0 never ran out itself: it took process 1's split at the step where the shared flag was read
+    assert tight["oom_backoffs"] == [{"step": 1 + STOP_LAG_STEPS, "micro_batch": 2, "elsewhere": True}]
+    assert log.count("CUDA out of memory on another process") == 1
+    events = [json.loads(x) for x in (tmp_path / "tight" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["micro_batch"] for e in events if e.get("event") == "oom_backoff"] == [2]
+    assert tight["ranks_agree"] is True
+    assert tight["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-3)
 
 
 def test_a_signal_to_one_rank_stops_both_and_resume_finishes(setup, tmp_path) -> None:
@@ -223,3 +281,17 @@ def test_garbage_collection_is_paused_and_aligned_for_several_processes() -> Non
         assert gc.isenabled() and not single.summary()["aligned"]
     finally:
         single.stop()
+
+
+def test_a_process_leaves_the_group_after_a_barrier(tmp_path) -> None:
+    """The end of every run: torch.distributed's group is destroyed (PyTorch's shutdown advice; NCCL warned of
+    leaked resources without it), and leaving without a group is nothing."""
+    import torch.distributed as dist
+
+    from rigplan.trainer.distributed import leave
+
+    leave()  # one process, no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave()
+    assert not dist.is_initialized()

@@ -546,6 +546,8 @@ def test_compiled_rate_leaves_out_steps_that_meet_a_new_shape(tmp_path, monkeypa
     """tokens_per_s_compiled: after the warm-up, each step from the first micro-batch of a shape not run before to
     the step's end (Unsloth compiles it) is left out, time and tokens; the rest is the rate a fixed-shape loop's
     steady rate compares with. A fake clock: steps of 1 s, and 9 s more in the step that meets a new shape."""
+    from types import SimpleNamespace
+
     from rigplan.trainer import loop
 
     clock = [0.0]
@@ -562,13 +564,13 @@ def test_compiled_rate_leaves_out_steps_that_meet_a_new_shape(tmp_path, monkeypa
         def sum(self) -> int:
             return self.shape[0] * self.shape[1]
 
-    for shape in shapes:
+    for step, shape in enumerate(shapes, 1):
         batch = {"input_ids": Ids(shape), "attention_mask": Ids(shape)}
         new = shape not in guard.shapes
         guard.meet(batch)
         clock[0] += 10.0 if new else 1.0
         guard.count(batch)
-        cb.on_step_end(None, None, type("Control", (), {})())
+        cb.on_step_end(None, SimpleNamespace(global_step=step), type("Control", (), {})())
     # after the warm-up step 0: step 3 met (8, 32) first and is left out; steps 2, 4, 5, 6 took 1 s each
     assert [i for i, _, _ in guard.compiling] == [0, 3]
     assert guard.compiled_tokens_per_s() == pytest.approx(256 / 1.0)

@@ -72,3 +72,22 @@ def relaunch_command(num_gpus: int, argv: list[str]) -> list[str]:
 def launch_env() -> dict[str, str]:
     """The environment the relaunched processes get: ours, with NCCL_DEFAULTS where unset."""
     return {**NCCL_DEFAULTS, **os.environ}
+
+
+def leave() -> None:
+    """Every process leaves torch.distributed together once the run's outputs are written, as PyTorch asks
+    (https://pytorch.org/docs/stable/distributed.html#shutdown): a barrier first, so that no process is still in a
+    collective when another tears the group down (without it gloo deadlocked at exit), then destroy_process_group
+    (without it NCCL warned of leaked resources after every two-GPU run, and gloo's worker threads can abort the
+    interpreter's exit). Nothing to do for one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl":
+        import torch
+
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -5,6 +5,7 @@ through NVML while it trains). trainer/run.py puts them together; heavy imports 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -31,8 +32,10 @@ class _Guard:
     """Signal flag, NaN watch, metrics log and token count, as one TrainerCallback (built lazily:
     transformers is heavy)."""
 
-    def __init__(self, out_dir: Path, sync: Any = None) -> None:
+    def __init__(self, out_dir: Path, sync: Any = None, micro_batch: int = 1) -> None:
         self.out_dir = out_dir
+        self.micro_batch = micro_batch  # the plan's
+        self.split = 1  # micro-batches are cut into this many parts after out-of-memory errors
         self.signal: int | None = None
         self.nan_step: int | None = None
         self.sync = sync  # torch.cuda.synchronize on CUDA: the clock is read when the GPU is done
@@ -75,15 +78,19 @@ class _Guard:
         mask = inputs.get("attention_mask")
         self.tokens = self.tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
 
-    def note_backoff(self, step: int, micro_batch: int) -> None:
-        """An out-of-memory error made the trainer split micro-batches: logged to metrics.jsonl and stderr."""
-        self.backoffs.append({"step": step, "micro_batch": micro_batch})
+    def note_backoff(self, step: int, micro_batch: int, elsewhere: bool = False) -> None:
+        """An out-of-memory error made the trainer split micro-batches (in this process, or, elsewhere, in another
+        one, whose split every process has now taken): logged to metrics.jsonl and stderr."""
+        self.backoffs.append({"step": step, "micro_batch": micro_batch, **({"elsewhere": True} if elsewhere else {})})
         if not self.main:
             return
         with (self.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, "event": "oom_backoff", "micro_batch": micro_batch}) + "\n")
-        print(f"rigplan: CUDA out of memory at step {step}: micro-batch now {micro_batch}, accumulation doubled",
-              file=sys.stderr, flush=True)
+            f.write(json.dumps({"step": step, "event": "oom_backoff", "micro_batch": micro_batch,
+                                **({"elsewhere": True} if elsewhere else {})}) + "\n")
+        where = " on another process" if elsewhere else ""
+        every = " on every process" if self.world.world_size > 1 else ""
+        print(f"rigplan: CUDA out of memory{where} at step {step}: micro-batch now {micro_batch}{every}, accumulation "
+              "doubled", file=sys.stderr, flush=True)
 
     def steady_tokens_per_s(self) -> float | None:
         """Real tokens/s after the warm-up steps (Unsloth compiles each decoder block in the first ones)."""
@@ -124,26 +131,28 @@ class _Guard:
     def handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum  # acted on at the end of the current step: save, then stop
 
-    def stop_agreed(self) -> bool:
+    def stop_agreed(self, step: int = 0) -> bool:
         """Whether to save and stop after this step. Several processes stop together: each step every process adds
         the signal it got (torchrun forwards Ctrl-C to each, not at the same instant) to an all-reduce, and all
         act on that step's result STOP_LAG_STEPS steps later, the same step everywhere, so that all save the same
         checkpoint and none waits on a collective the others have left. Read at once, the result made each step
         wait for the GPU before the next could be queued; STOP_LAG_STEPS later it is long done (on CUDA it is
-        copied to pinned memory behind the collective and read when that copy's event has passed)."""
+        copied to pinned memory behind the collective and read when that copy's event has passed). The same
+        all-reduce shares the out-of-memory backoff: every process takes the largest split any has made."""
         if self.world.world_size == 1:
             return self.signal is not None
         import torch
         import torch.distributed as dist
 
         cuda = torch.cuda.is_available()
-        # torch.full, not torch.tensor: a list copied to the GPU is a blocking copy, which made the host wait for the
-        # step's whole GPU work at every step's end (the next micro-batch then collated with the GPU idle).
-        flag = torch.full((1,), self.signal or 0, dtype=torch.int64, device="cuda" if cuda else "cpu")
+        # torch.full and fill_, not torch.tensor: a list copied to the GPU is a blocking copy, which made the host wait
+        # for the step's whole GPU work at every step's end (the next micro-batch then collated with the GPU idle).
+        flag = torch.full((2,), self.signal or 0, dtype=torch.int64, device="cuda" if cuda else "cpu")
+        flag[1].fill_(self.split)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         if cuda:
             work.wait()  # NCCL: the stream waits for the collective, the host does not
-            host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
@@ -154,7 +163,10 @@ class _Guard:
             return False
         value, wait = self.pending.pop(0)
         wait()
-        agreed = int(value.item())
+        agreed, split = (int(v) for v in value.tolist())
+        if split > self.split:  # another process ran out of memory: its split, here too, from this step on
+            self.split = split
+            self.note_backoff(step, -(-self.micro_batch // split), elsewhere=True)
         if agreed and self.signal is None:
             self.signal = agreed
         return bool(agreed)
@@ -194,7 +206,7 @@ class _Guard:
                     guard.compiling.append((len(guard.step_times) - 1, now - guard.new_shape_from[0],
                                             guard.new_shape_from[1]))
                     guard.new_shape_from = None
-                if guard.stop_agreed():
+                if guard.stop_agreed(state.global_step):
                     control.should_save = True
                     control.should_training_stop = True
                 return control
@@ -336,7 +348,6 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
     own = engine == "unsloth" or getattr(trl_utils, "_ChunkedLogProbFunction", None) is None
 
     class RigplanSFTTrainer(SFTTrainer):
-        split = 1  # micro-batches are cut into this many parts after out-of-memory errors
         own_loss = own  # the model's own loss (compute_loss below), else TRL's chunked LM head
         _trainable: list[Any] | None = None
         _flops_per_token: int | None = None
@@ -344,18 +355,27 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
             """On CUDA out-of-memory, halve the micro-batch (twice the accumulation) and redo this one:
             losses are normalised by the step's token count, so the parts add up to the same gradient.
-            Several processes: no backoff (below)."""
-            if guard.world.world_size > 1:
-                # DDP all-reduces each parameter's whole .grad, which moving the step's earlier gradients aside
-                # leaves out (two CPU processes ended with different adapters: tests/test_distributed.py), and a
-                # micro-batch split on one GPU alone would all-reduce more often there than on the others. An
-                # out-of-memory error stops the run instead (torchrun then stops every process).
-                guard.meet(inputs)
-                loss = super().training_step(model, inputs, num_items_in_batch)
-                guard.count(inputs)
-                return loss
+            Several processes under DDP: every micro-batch backpropagates without DDP's all-reduce (no_sync), and
+            the step's gradients are all-reduced once after its last one (all_reduce_gradients), so that a
+            process that splits a micro-batch runs no collective the others do not; the split is then shared
+            (_Guard.stop_agreed). Sharded (FSDP): no backoff, its reduce-scatter runs inside each backward."""
             if self._trainable is None:  # listed once: 2 ms for an 8B model with LoRA
                 self._trainable = [p for p in model.parameters() if p.requires_grad]
+            if guard.world.world_size > 1:
+                if getattr(self, "is_fsdp_enabled", False):  # an out-of-memory error stops every process
+                    guard.meet(inputs)
+                    loss = super().training_step(model, inputs, num_items_in_batch)
+                    guard.count(inputs)
+                    return loss
+                no_sync = getattr(model, "no_sync", None)
+                with no_sync() if no_sync is not None else contextlib.nullcontext():
+                    loss = self._backoff_step(model, inputs, num_items_in_batch)
+                if self.accelerator.sync_gradients:  # the step's last micro-batch: clipping and the step follow
+                    all_reduce_gradients(self._trainable, guard.world.world_size)
+                return loss
+            return self._backoff_step(model, inputs, num_items_in_batch)
+
+        def _backoff_step(self, model, inputs, num_items_in_batch):  # noqa: ANN001
             params = self._trainable
             # This micro-batch accumulates into fresh gradients, apart from the sum of the step's earlier
             # ones, so that an out-of-memory error can drop what it added. Moving references costs nothing;
@@ -365,7 +385,7 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
             for p in params:
                 p.grad = None
             while True:
-                parts = [inputs] if self.split == 1 else split_micro_batch(inputs, self.split)
+                parts = [inputs] if guard.split == 1 else split_micro_batch(inputs, guard.split)
                 try:
                     total = None
                     for part in parts:
@@ -386,8 +406,8 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
                         # The failed attempt's high-water mark is the card's limit, not this run's peak: the
                         # summary's measured peak (and what calibration learns from it) starts again here.
                         torch.cuda.reset_peak_memory_stats()
-                    self.split *= 2
-                    guard.note_backoff(self.state.global_step, -(-examples // self.split))
+                    guard.split *= 2
+                    guard.note_backoff(self.state.global_step, -(-examples // guard.split))
             # Add the earlier micro-batches back, all tensors in a few fused launches (torch._foreach_add_).
             new, old = [], []
             for p, grad in zip(params, earlier):
@@ -484,6 +504,29 @@ def _trainer_class(guard: "_Guard", engine: str = "transformers") -> Any:
                 return (loss, outputs) if return_outputs else loss
 
     return RigplanSFTTrainer
+
+
+def all_reduce_gradients(params: list[Any], world_size: int) -> None:
+    """The mean of every process's gradients, in place, as DDP's own all-reduce leaves them (it averages): one
+    collective per dtype over a flat copy, after the step's last backward. DDP's buckets overlap the all-reduce
+    with the backward pass instead; one all-reduce after it measured as fast on two H200s (8B LoRA, 8 x 1,280:
+    1.016x one GPU's step against DDP's 1.024x; bench/results/README.md, the fifth session). A parameter without a
+    gradient contributes zeros, so that every process reduces the same tensors."""
+    import torch
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[Any, list[Any]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(world_size)
+        torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
 
 
 def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from rigplan import data as datalib
 from rigplan.errors import ConfigError, DataError, RigplanError
 from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
-from rigplan.trainer.distributed import world
+from rigplan.trainer.distributed import leave, world
 from rigplan.trainer.loop import (  # noqa: F401  (re-exported: tests and bench import them from here)
     WARMUP_STEPS, MemorySampler, _all_ranks, _Guard, _trainer_class, cuda_uuid, examples_in, split_micro_batch)
 from rigplan.trainer.options import (  # noqa: F401  (RunOptions and the checks are re-exported: callers import them here)
@@ -211,9 +211,12 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda,
         # Several processes (trainer/distributed.py): NCCL on GPUs, gloo on CPUs; every adapter gets a gradient,
-        # so DDP need not search for unused parameters each step.
+        # so DDP need not search for unused parameters each step. No buffer broadcast before forward passes: the
+        # buffers (rotary frequencies) are the same in every process, and a micro-batch redone after an
+        # out-of-memory error would broadcast in one process alone (loop.py training_step).
         ddp_backend=None if cuda or world().world_size == 1 else "gloo",
         ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,
         **fsdp_arguments(plan, cuda),
     )
 
@@ -304,7 +307,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     """Run the plan with the engine it names. Returns what happened (`status`: done, interrupted, nan,
     early_stopped), where the adapter is, what was measured beside what the plan predicted, and the provenance;
     raises RigplanError for what the user must fix, before anything loads where possible."""
-    from rigplan.trainer.engine import import_engine, load, model_source, provenance, require_weights
+    from rigplan.trainer.engine import (import_engine, load, model_source, provenance, require_float_storage,
+                                        require_weights)
 
     check_options(opts)
     check_plan(plan)
@@ -322,11 +326,13 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         raise ConfigError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); pass --method lora on this machine")
     require_weights(plan.model_path)  # in a second when offline, not after a minute of retries
     import_engine(plan.engine)  # Unsloth before transformers, peft and trl: it patches them on import
-    from transformers import AutoTokenizer, EarlyStoppingCallback
+    from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback
 
     out = Path(opts.out_dir)
     checkpoint = _last_checkpoint(out) if opts.resume else None
     path, local = model_source(plan.model_path)
+    if plan.load_on_cpu:  # a 4-bit checkpoint FSDP cannot shard is refused before the tokenizer and data
+        require_float_storage(AutoConfig.from_pretrained(path, local_files_only=local), path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     prepared = prepare_data(plan, tokenizer, opts)  # every data problem surfaces before the model loads
 
@@ -353,7 +359,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     if args is None:
         args = sft_config_from_plan(plan, out, opts, has_eval, cuda, bf16)
-    guard = _Guard(out, torch.cuda.synchronize if cuda else None)
+    guard = _Guard(out, torch.cuda.synchronize if cuda else None, plan.micro_batch)
     callbacks = [guard.callback()] + ([EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_eval else [])
     collator = (PackedCollator(tokenizer.pad_token_id) if plan.batching == "packed"
                 else PaddedCollator(tokenizer.pad_token_id, plan.seq_len, plan.pad_multiple))
@@ -376,8 +382,10 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         asked = re.search(r"Tried to allocate [\d.]+ [KMG]iB", str(e))
         held = (f"{asked.group(0).lower() if asked else 'ran out'} with {torch.cuda.max_memory_reserved() / 2**30:.1f}"
                 f" GiB reserved, the plan {plan.peak_reserved_gib:.1f}") if cuda else "ran out"
-        where = ("with one example per micro-batch" if world().world_size == 1 else
-                 f"on process {world().rank} (several processes do not split micro-batches in step)")
+        where = ("with one example per micro-batch" if plan.parallelism != "fsdp" else
+                 f"on process {world().rank} (sharded runs do not split micro-batches)")
+        if world().world_size > 1 and plan.parallelism != "fsdp":
+            where += f" on process {world().rank}"
         raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} {where} ({held}); resume with "
                            f"--resume --seq {plan.seq_len // 2} or --method qlora "
                            f"(last checkpoint: {_last_checkpoint(out)})") from e
@@ -430,6 +438,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
         if main:
             (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        leave()
         return summary
     # Sharded: every process takes part in gathering the adapter; rank 0 writes it.
     adapter_state = full_adapter_state(trainer.model) if plan.parallelism == "fsdp" else None
@@ -437,4 +446,5 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge,
                                      adapter_state))
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    leave()  # every process, once rank 0's files are written
     return summary
