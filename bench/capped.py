@@ -3,6 +3,7 @@
     python bench/capped.py 24 run MODEL --data FILE --gpu rtx-4090 ...
     python bench/capped.py 24 -m rigplan.calibration.probe --job ... --out F.jsonl   (any module, as python -m)
     torchrun --nproc-per-node 2 bench/capped.py 24 run PLAN.json ...   (each process caps its own GPU)
+    CAP_RANK=1 torchrun --nproc-per-node 2 bench/capped.py 40 run PLAN.json ...   (process 1's GPU alone)
 
 torch.cuda.set_per_process_memory_fraction(GiB / the GPU's total) before the first allocation: the caching
 allocator then raises out-of-memory past it. torch first is fine for Unsloth, which warns
@@ -31,8 +32,9 @@ def main() -> None:
     cap_gib = float(sys.argv[1])
     device = int(os.environ.get("LOCAL_RANK", 0))  # under torchrun: this process's own GPU
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
-    print(f"GPU {device} capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
+    if os.environ.get("CAP_RANK", str(device)) == str(device):  # CAP_RANK=N: that process's GPU alone is capped
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
+        print(f"GPU {device} capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
     if os.environ.get("QLORA_CPU_LOAD") in ("1", "report"):
         load_4_bit_on_cpu(torch, force=os.environ["QLORA_CPU_LOAD"] == "1")
     if sys.argv[2] == "-m":

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On the GPU machine with two H200s (device kind nvidia-h200-x2, carry .gpu): issue 16's out-of-memory backoff under
+# DDP. The full-depth Llama-3.1-8B replica, the plan `rigplan plan --gpu h200 --gpus 2` makes for the data of
+# bench/record_ddp.sh, trained MAX_STEPS (default 40) steps under torchrun with process 1's GPU alone held to CAP
+# (default 40) GiB, below the plan's per-GPU peak (bench/capped.py, CAP_RANK=1): process 1 runs out at its first
+# micro-batch and splits it, every process takes the split STOP_LAG_STEPS later (trainer/loop.py), and the run goes on.
+# Predictions written before: bench/results/predictions/ddp-oom-backoff-h200x2.json.
+#   bash bench/record_ddp_oom.sh lora
+set -uo pipefail
+source bench/gpu_setup.sh
+DIR=/tmp/replica-llama-3.1-8b
+[ -f $DIR/config.json ] || python3 -c "
+from rigplan.calibration.replica import build_replica
+from rigplan.profiles.catalog import resolve_model
+build_replica(resolve_model('llama-3.1-8b'), '$DIR', device='cuda')" || exit 1
+LOG=$OUT/oom.log
+DATA="--examples ${EXAMPLES:-900} --seed ${SEED:-2}"
+python3 bench/validation_data.py --out /tmp/data.jsonl $DATA | tee -a $LOG
+for method in "${@:-lora}"; do
+  name=ddp-oom-$method out=/tmp/run-ddp-oom-$method
+  rm -rf $out
+  python3 -m rigplan plan $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method \
+    --out /tmp/plan-$name.json >>$LOG 2>&1 || { tail -5 $LOG; continue; }
+  cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py ${CAP:-40} run /tmp/plan-$name.json --data /tmp/data.jsonl --gpus 2 --out $out --max-steps ${MAX_STEPS:-40} --eval-fraction 0 --save-steps 10000"
+  echo "== $name (CAP_RANK=1): $cmd" >>$LOG; t0=$SECONDS
+  CAP_RANK=1 timeout 500 $cmd >>$LOG 2>&1
+  echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG
+  [ -f $out/run_summary.json ] && python3 bench/keep_run.py $out $OUT/$name.json "CAP_RANK=1 $cmd" \
+    "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
+  grep -E "out of memory|capped at|destroy_process_group" $LOG | tail -6
+  python3 -c "
+import json; s = json.load(open('$out/run_summary.json'))
+print('$name', s['status'], s['global_step'], 'backoffs', s['oom_backoffs'], 'ranks agree', s.get('ranks_agree'),
+      'reserved (largest of the GPUs)', s['measured']['peak_reserved_gib'], 'planned', s['predicted']['peak_reserved_gib'])
+" 2>&1 | tee -a $LOG
+done
