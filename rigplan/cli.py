@@ -322,13 +322,17 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
                    "the model is sharded over them (fsdp: FSDP2 on transformers + PEFT).")
 @click.option("--cpu-offload/--no-cpu-offload", "cpu_offload", default=None,
               help="Override whether an FSDP plan keeps the frozen weights in CPU memory (re-estimated; FSDP only).")
+@click.option("--json", "as_json", is_flag=True,
+              help="When training ends, the run summary (run_summary.json) as JSON on stdout; all else on stderr.")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
         skip_bad: bool, overlong: str, overwrite: bool, resume: bool, eval_fraction: float | None, patience: int,
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
         engine_: str | None, batching: str | None, checkpointing: str | None, num_gpus: int | None,
-        parallelism: str | None, cpu_offload: bool | None) -> None:
+        parallelism: str | None, cpu_offload: bool | None, as_json: bool) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
+    import contextlib
+
     from rigplan import planning as lib
     from rigplan import store
     from rigplan.trainer import distributed, engine
@@ -339,6 +343,9 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
 
     if not distributed.world().main:  # one process per GPU: rank 0 alone prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+
+    def say(message: str) -> None:  # --json: stdout holds the summary alone
+        click.echo(message, err=as_json)
 
     opts = runlib.RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
                              overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
@@ -357,8 +364,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     _run(check_inputs)
     if resume:
         checkpoint, skipped = runlib.resume_point(out_dir)
-        click.echo(f"resuming from {checkpoint}" + (f"; skipped {', '.join(skipped)}: half-written (a crash cut "
-                                                     "it short)" if skipped else ""))
+        say(f"resuming from {checkpoint}" + (f"; skipped {', '.join(skipped)}: half-written (a crash cut it short)"
+                                              if skipped else ""))
     engine.configure_allocator()  # before anything touches CUDA
 
     counts: dict[str, Any] = {}
@@ -373,7 +380,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     p = _run(plan_it, before)
     gpus = (f" x {p.num_gpus} ({p.parallelism}" + (", frozen weights in CPU memory" if p.cpu_offload else "") + ")"
             if p.num_gpus > 1 else "")
-    click.echo(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
+    say(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
                f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}{gpus}"
                + (f": {p.peak_reserved_gib:.1f} GiB peak reserved" + (" per GPU" if p.num_gpus > 1 else "")
                   + f", {p.tokens_per_s:,.0f} tok/s predicted"
@@ -389,16 +396,19 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     _run(lambda: runlib.check_plan(p), before)
     _run(lambda: distributed.check_gpu_count(p.num_gpus, p.gpu == "cpu"), before)
     if p.num_gpus > 1 and not distributed.launched():
-        sys.exit(_relaunch(p, opts))
+        sys.exit(_relaunch(p, opts, as_json))
     # Once training starts, Ctrl-C saves a checkpoint and the summary says 130; before or after it, _run does.
-    summary = _run(lambda: runlib.train(p, opts), "interrupted outside training (loading or saving); run again, "
-                   "with --resume if a checkpoint was saved")
+    # --json: what the engines and the Trainer print (banners, progress lines) goes to stderr too.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        summary = _run(lambda: runlib.train(p, opts), "interrupted outside training (loading or saving); run again, "
+                       "with --resume if a checkpoint was saved")
     if not distributed.world().main:
         sys.exit(summary["exit_code"] if summary["status"] != "nan" else 1)
     if summary.get("measured", {}).get("peak_reserved_gib") is not None and p.gpu != "cpu":
         store.record_run(store.user_dir() / store.RUNS_LOG, summary, p.to_json(), counts.get("lengths"))
-    click.echo(f"{summary['status']} after {summary['global_step']} steps; loss {summary['first_loss']} -> "
-               f"{summary['final_loss']}; measured {summary['measured']}; adapter: {summary.get('adapter')}")
+    say(_closing_lines(summary, out_dir))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
     if summary["status"] == "nan":
         click.echo(f"rigplan: {summary['message']}", err=True)
         sys.exit(1)
@@ -408,7 +418,30 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         sys.exit(summary["exit_code"])
 
 
-def _relaunch(p: Any, opts: Any) -> int:
+def _closing_lines(summary: dict[str, Any], out_dir: Path) -> str:
+    """What a run did, measured beside the plan, in a few lines (run_summary.json holds every measurement)."""
+    m, planned = summary.get("measured", {}), summary["predicted"]
+    loss = "" if summary["first_loss"] is None else f"; loss {summary['first_loss']:.4g} -> {summary['final_loss']:.4g}"
+    lines = [f"{summary['status']} after {summary['global_step']} steps in {summary['train_runtime_s']:,.0f} s{loss}"]
+
+    def against(value: float | None, plan: float | None, unit: str, digits: int) -> str:
+        if value is None:
+            return "not measured"
+        said = f"{value:,.{digits}f}{unit}"
+        return said + (f" (plan {plan:,.{digits}f}, {value / plan - 1:+.1%})" if plan else "")
+
+    several = " on the fullest GPU" if summary.get("world_size", 1) > 1 else ""
+    if m.get("peak_reserved_gib") is not None:
+        lines.append(f"peak reserved {against(m['peak_reserved_gib'], planned['peak_reserved_gib'], ' GiB', 2)}"
+                     f"{several}")
+    if m.get("tokens_per_s"):  # after the warm-up steps, which compile
+        lines.append(f"tokens/s {against(m['tokens_per_s'], planned['tokens_per_s'], '', 0)}"
+                     + (" over all GPUs" if several else ""))
+    lines.append(f"adapter: {summary.get('adapter')}; every measurement: {out_dir / 'run_summary.json'}")
+    return "\n".join(lines)
+
+
+def _relaunch(p: Any, opts: Any, as_json: bool = False) -> int:
     """This run again under torchrun, one process per GPU of the plan, each training the plan as written here
     (none plans again); returns torchrun's exit code. Several hosts: start the same command with torchrun's
     --nnodes/--rdzv-endpoint on each (docs/training.md)."""
@@ -424,7 +457,7 @@ def _relaunch(p: Any, opts: Any) -> int:
             "--max-steps", str(opts.max_steps)]
     argv += ["--eval-fraction", str(opts.eval_fraction)] if opts.eval_fraction is not None else []
     argv += [flag for flag, on in (("--skip-bad", opts.skip_bad), ("--overwrite", opts.overwrite),
-                                   ("--resume", opts.resume), ("--merge", opts.merge)) if on]
+                                   ("--resume", opts.resume), ("--merge", opts.merge), ("--json", as_json)) if on]
     cmd = distributed.relaunch_command(p.num_gpus, argv)
     click.echo(f"launching {p.num_gpus} processes: {' '.join(cmd)}", err=True)
     try:

@@ -158,6 +158,26 @@ def test_dry_run_prints_plan_and_data_report(model_dir, data_file, tmp_path) -> 
     assert r.exit_code == 0 and json.loads(r.output[r.output.index("{"):])["plan"]["checkpointing"] == "off"
 
 
+def test_run_json_prints_the_summary_alone_on_stdout(model_dir, data_file, tmp_path) -> None:
+    """`rigplan run --json`: stdout is the run summary and nothing else (the plan line, the Trainer's progress and
+    the closing lines go to stderr), so scripts can read it; without --json the closing lines say what ran."""
+    _one_architecture(model_dir)
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "rigplan", "run", str(model_dir), "--data", str(data_file), "--max-steps", "2",
+            "--seq", "32"]
+    r = subprocess.run([*base, "--out", str(tmp_path / "j"), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert summary == json.loads((tmp_path / "j" / "run_summary.json").read_text())
+    assert summary["status"] == "done" and summary["global_step"] == 2
+    assert "plan: " in r.stderr and "done after 2 steps" in r.stderr
+    r = subprocess.run([*base, "--out", str(tmp_path / "t")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "done after 2 steps in" in r.stdout and "step_seconds" not in r.stdout
+    assert f"every measurement: {tmp_path / 't' / 'run_summary.json'}" in r.stdout
+
+
 def test_gradient_accumulation_keeps_the_loss_scale(model_dir, data_file, tmp_path) -> None:
     """8 sequences as 1 x 8 or as 4 x 2 with accumulation: the same first step, the same loss (a per-micro-
     batch mean summed over accumulation once logged 4 x the true loss on CPU)."""
