@@ -6,10 +6,7 @@
 set -uo pipefail
 source bench/gpu_setup.sh
 DIR=/tmp/replica-llama-3.1-8b
-[ -f $DIR/config.json ] || python3 -c "
-from rigplan.calibration.replica import build_replica
-from rigplan.profiles.catalog import resolve_model
-build_replica(resolve_model('llama-3.1-8b'), '$DIR', device='cuda')" || exit 1
+replica_8b || exit 1
 LOG=$OUT/ddp-overhead.log
 M=${METHOD:-lora}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>$LOG
