@@ -75,7 +75,7 @@ def launch_env() -> dict[str, str]:
 
 
 def leave() -> None:
-    """Every process leaves torch.distributed together once the run's outputs are written, as PyTorch asks
+    """Every process leaves torch.distributed together after the run's last collective, as PyTorch asks
     (https://pytorch.org/docs/stable/distributed.html#shutdown): a barrier first, so that no process is still in a
     collective when another tears the group down (without it gloo deadlocked at exit), then destroy_process_group
     (without it NCCL warned of leaked resources after every two-GPU run, and gloo's worker threads can abort the

@@ -433,18 +433,19 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         if agree is False and main:
             warnings.warn("rigplan: the processes ended with different adapters (DDP should keep them equal); the "
                           "adapter written is process 0's: train on one GPU to compare", stacklevel=1)
+    # Sharded: every process takes part in gathering the adapter (the last collective); rank 0 writes it.
+    adapter_state = (full_adapter_state(trainer.model) if plan.parallelism == "fsdp" and status != "nan" else None)
+    # Every process leaves the group before rank 0 writes: writing needs no collective, and a merge of a large model
+    # can outlast the group's timeout (ddp_timeout, 30 min), which a process waiting at a barrier would hit.
+    leave()
     if status == "nan":
         summary["message"] = (f"loss became NaN or infinite by step {guard.nan_step}; last good checkpoint: "
                               f"{_last_checkpoint(out)}; lower the learning rate and --resume")
         if main:
             (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        leave()
         return summary
-    # Sharded: every process takes part in gathering the adapter; rank 0 writes it.
-    adapter_state = full_adapter_state(trainer.model) if plan.parallelism == "fsdp" else None
     if main:
         summary.update(write_outputs(trainer.model, tokenizer, plan, out, prepared.report, summary, opts.merge,
                                      adapter_state))
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    leave()  # every process, once rank 0's files are written
     return summary
