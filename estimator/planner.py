@@ -360,7 +360,8 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
         why = (f"FSDP over {num_gpus} GPUs (transformers + PEFT: Unsloth does not shard): weights, adapters and "
                "optimizer sharded"
                + (", frozen weights offloaded to CPU memory" if s.cpu_offload else "")
-               + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model)"))
+               + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model; DDP is planned "
+                                      "without gradient checkpointing, the only way it has been measured)"))
         if s.method == "lora" and _held_by_quantized_load(cands):  # why not QLoRA, which would need less once sharded
             why += ("; sharded QLoRA does not fit: every process loads the whole 4-bit model onto its GPU before "
                     "FSDP shards it (transformers 5.17)")
