@@ -344,8 +344,9 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     if not distributed.world().main:  # one process per GPU: rank 0 alone prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
-    def say(message: str) -> None:  # --json: stdout holds the summary alone
-        click.echo(message, err=as_json)
+    def say(message: str) -> None:  # --json: stdout holds the summary alone; rank 0 alone speaks
+        if distributed.world().main:
+            click.echo(message, err=as_json)
 
     opts = runlib.RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
                              overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,

@@ -24,10 +24,11 @@ def setup(tmp_path_factory, toy_llama_and_data) -> tuple[Path, Path]:
     return toy_llama_and_data(tmp_path_factory.mktemp("ddp"), 64)
 
 
-def _run(args: list[str], extra_env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+def _run(args: list[str], extra_env: dict[str, str] | None = None, stderr: int = subprocess.STDOUT,
+         **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "rigplan", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, **kw)
+                            stderr=stderr, text=True, env=env, start_new_session=True, **kw)
 
 
 def _ranks() -> list[int]:
@@ -69,10 +70,12 @@ def test_accumulated_micro_batches_are_all_reduced(setup, tmp_path) -> None:
     model, data = setup
     out = tmp_path / "o"
     proc = _run([str(model), "--data", str(data), "--gpus", "2", "--out", str(out), "--max-steps", "4",
-                 "--seq", "64", "--micro-batch", "2", "--grad-accum", "2"])
-    log = proc.communicate(timeout=240)[0]
+                 "--seq", "64", "--micro-batch", "2", "--grad-accum", "2", "--json"], stderr=subprocess.PIPE)
+    stdout, log = proc.communicate(timeout=240)
     assert proc.returncode == 0, log[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
+    assert json.loads(stdout) == summary  # --json: process 0's summary alone on stdout, the rest on stderr
+    assert log.count("done after 4 steps") == 1 and log.count("plan: ") == 2  # the launcher's and process 0's
     assert json.loads((out / "plan.json").read_text())["grad_accum"] == 2
     assert summary["global_step"] == 4 and summary["ranks_agree"] is True
 
