@@ -175,7 +175,19 @@ def test_run_json_prints_the_summary_alone_on_stdout(model_dir, data_file, tmp_p
     assert "plan: " in r.stderr and "done after 2 steps" in r.stderr
     r = subprocess.run([*base, "--out", str(tmp_path / "t")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "done after 2 steps in" in r.stdout and "step_seconds" not in r.stdout
+    assert "step 2/2 | loss " in r.stdout and "{'loss'" not in r.stdout  # progress lines, not the logs' dicts
     assert f"every measurement: {tmp_path / 't' / 'run_summary.json'}" in r.stdout
+
+
+def test_progress_lines_say_the_step_loss_speed_and_time_left() -> None:
+    from rigplan.trainer.loop import duration, progress_line
+
+    line = progress_line({"loss": 1.23456, "grad_norm": 0.5, "learning_rate": 2e-4, "tokens_per_s": 22517.3,
+                          "eta_s": 754.0, "epoch": 0.5}, 20, 114)
+    assert line == "step 20/114 | loss 1.2346 | grad norm 0.5 | lr 2.00e-04 | 22,517 tok/s | ETA 12 min 34 s"
+    assert progress_line({"eval_loss": 0.9}, 50, 114) == "step 50/114 | eval loss 0.9000"
+    assert progress_line({"train_runtime": 12.0, "train_loss": 1.0}, 114, 114) is None  # the closing lines say it
+    assert (duration(42), duration(3600 * 3 + 1250)) == ("42 s", "3 h 20 min")
 
 
 def test_gradient_accumulation_keeps_the_loss_scale(model_dir, data_file, tmp_path) -> None:

@@ -248,6 +248,66 @@ class _Guard:
         return Callback()
 
 
+def duration(seconds: float) -> str:
+    """A time left as a person reads it: 45 s, 12 min 5 s, 3 h 20 min."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def progress_line(logs: dict[str, Any], step: int, max_steps: int) -> str | None:
+    """One of the Trainer's logs as one line: the step, loss, gradient norm, learning rate, tokens/s and time left
+    (the _Guard's, at the run's own pace), or an evaluation's loss; None for the Trainer's closing metrics, which
+    `rigplan run`'s closing lines give beside the plan."""
+    where = f"step {step:,}/{max_steps:,}"
+    if "loss" in logs:
+        parts = [where, f"loss {logs['loss']:.4f}"]
+        if logs.get("grad_norm") is not None:
+            parts.append(f"grad norm {logs['grad_norm']:.3g}")
+        if logs.get("learning_rate") is not None:
+            parts.append(f"lr {logs['learning_rate']:.2e}")
+        if logs.get("tokens_per_s") is not None:
+            parts.append(f"{logs['tokens_per_s']:,.0f} tok/s")
+        if logs.get("eta_s") is not None:
+            parts.append(f"ETA {duration(logs['eta_s'])}")
+        return " | ".join(parts)
+    if "eval_loss" in logs:
+        return f"{where} | eval loss {logs['eval_loss']:.4f}"
+    return None
+
+
+def progress_callback() -> Any:
+    """transformers' progress bar (tqdm, unless args.disable_tqdm), with each log written as progress_line instead of
+    the logs' dict (transformers/trainer_callback.py ProgressCallback, PrinterCallback); process 0 alone."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class RigplanProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.current_step = 0
+            if not args.disable_tqdm:
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.training_bar is not None:
+                super().on_step_end(args, state, control, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            line = progress_line(logs or {}, state.global_step, state.max_steps) if state.is_world_process_zero else None
+            if line is not None and self.training_bar is not None:
+                self.training_bar.write(line)
+            elif line is not None:
+                print(line, flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.training_bar is not None:
+                super().on_train_end(args, state, control, **kwargs)
+
+    return RigplanProgress()
+
+
 class GcWatch:
     """Python's garbage collections while training: how many and how long (the run summary's `gc`), and, with
     manual, the automatic collector paused so that collections run only where every process runs one

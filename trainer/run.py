@@ -25,7 +25,8 @@ from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
 from rigplan.trainer.distributed import leave, world
 from rigplan.trainer.loop import (  # noqa: F401  (re-exported: tests and bench import them from here)
-    WARMUP_STEPS, MemorySampler, _all_ranks, _Guard, _trainer_class, cuda_uuid, examples_in, split_micro_batch)
+    WARMUP_STEPS, MemorySampler, _all_ranks, _Guard, _trainer_class, cuda_uuid, examples_in, progress_callback,
+    split_micro_batch)
 from rigplan.trainer.options import (  # noqa: F401  (RunOptions and the checks are re-exported: callers import them here)
     CHECKPOINT_COMPLETE, DEFAULT_EVAL_FRACTION, DEFAULT_PATIENCE, DEFAULT_SAVE_STEPS, EVAL_MIN_EXAMPLES, RunOptions,
     check_options, check_out_dir, checkpoint_step, option_problems, out_dir_problems, resume_point, trim_metrics)
@@ -369,6 +370,11 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         callbacks=callbacks, data_collator=collator)
     handler = trainer.callback_handler  # our callback first, so the progress printer shows its tokens/s
     handler.callbacks.insert(0, handler.callbacks.pop(handler.callbacks.index(callbacks[0])))
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for printer in (ProgressCallback, PrinterCallback):  # each log as one readable line instead of a dict
+        trainer.remove_callback(printer)
+    trainer.add_callback(progress_callback())
     previous = {s: signal.signal(s, guard.handle) for s in EXIT_SIGNAL}
     sampler = MemorySampler() if cuda else None
     try:
