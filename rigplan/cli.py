@@ -348,6 +348,9 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         if distributed.world().main:
             click.echo(message, err=as_json)
 
+    # The processes `rigplan run` relaunched under torchrun: the launching process has shown the plan.
+    show_plan = say if not distributed.relaunched() else (lambda _message: None)
+
     opts = runlib.RunOptions(data=data_file, out_dir=out_dir, skip_bad=skip_bad, overlong=overlong,  # type: ignore[arg-type]
                              overwrite=overwrite, resume=resume, eval_fraction=eval_fraction, patience=patience,
                              save_steps=save_steps, max_steps=max_steps, merge=merge)
@@ -381,13 +384,13 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     p = _run(plan_it, before)
     gpus = (f" x {p.num_gpus} ({p.parallelism}" + (", frozen weights in CPU memory" if p.cpu_offload else "") + ")"
             if p.num_gpus > 1 else "")
-    say(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
-               f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}{gpus}"
-               + (f": {p.peak_reserved_gib:.1f} GiB peak reserved" + (" per GPU" if p.num_gpus > 1 else "")
-                  + f", {p.tokens_per_s:,.0f} tok/s predicted"
-                  + (f" (examples of {p.example_tokens:,.0f} tokens)" if p.example_tokens else "")
-                  if p.total_gib else "")
-               + (f"; weights {p.model_path}, loaded into CPU memory by each process" if p.load_on_cpu else ""))
+    show_plan(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
+              f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}{gpus}"
+              + (f": {p.peak_reserved_gib:.1f} GiB peak reserved" + (" per GPU" if p.num_gpus > 1 else "")
+                 + f", {p.tokens_per_s:,.0f} tok/s predicted"
+                 + (f" (examples of {p.example_tokens:,.0f} tokens)" if p.example_tokens else "")
+                 if p.total_gib else "")
+              + (f"; weights {p.model_path}, loaded into CPU memory by each process" if p.load_on_cpu else ""))
     if num_gpus > 1 and p.num_gpus == 1 and p.gpu != "cpu":
         click.echo(f"rigplan: the plan trains on one of the {num_gpus} GPUs (`rigplan check --gpus {num_gpus}` says "
                    "why); --parallelism ddp or fsdp spreads it over them", err=True)

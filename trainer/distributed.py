@@ -69,9 +69,18 @@ def relaunch_command(num_gpus: int, argv: list[str]) -> list[str]:
     return [*head, "--standalone", f"--nproc-per-node={num_gpus}", "-m", "rigplan", *argv]
 
 
+# Set in the processes `rigplan run` relaunches under torchrun: the launching process has already shown the plan.
+RELAUNCHED_VAR = "RIGPLAN_RELAUNCHED"
+
+
 def launch_env() -> dict[str, str]:
-    """The environment the relaunched processes get: ours, with NCCL_DEFAULTS where unset."""
-    return {**NCCL_DEFAULTS, **os.environ}
+    """The environment the relaunched processes get: ours, with NCCL_DEFAULTS where unset, and RELAUNCHED_VAR."""
+    return {**NCCL_DEFAULTS, **os.environ, RELAUNCHED_VAR: "1"}
+
+
+def relaunched() -> bool:
+    """Whether `rigplan run` itself started this process (not a launcher the user ran)."""
+    return os.environ.get(RELAUNCHED_VAR) == "1"
 
 
 def leave() -> None:
