@@ -92,6 +92,21 @@ class _Guard:
         print(f"rigplan: CUDA out of memory{where} at step {step}: micro-batch now {micro_batch}{every}, accumulation "
               "doubled", file=sys.stderr, flush=True)
 
+    def tokens_so_far(self) -> float:
+        """Real tokens trained so far, every process's together: the logs' and progress lines' tokens/s is the
+        run's, as the plan's is. Several processes sum theirs in an all-reduce, which every process reaches at the
+        same log (the Trainer logs the loss, gathered from every process, at the same steps everywhere)."""
+        if self.world.world_size == 1:
+            return float(self.tokens)
+        import torch
+        import torch.distributed as dist
+
+        device = self.tokens.device if torch.is_tensor(self.tokens) else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        total = torch.full((), float(self.tokens), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return float(total)
+
     def steady_tokens_per_s(self) -> float | None:
         """Real tokens/s after the warm-up steps (Unsloth compiles each decoder block in the first ones)."""
         w, n = self.warmup, len(self.step_times)
@@ -234,8 +249,8 @@ class _Guard:
                     control.should_training_stop = True
                     control.should_save = False
                 elapsed = time.perf_counter() - guard.t0
-                if "loss" in logs and elapsed:  # shown in the progress lines (this callback runs first)
-                    logs["tokens_per_s"] = round(float(guard.tokens) / elapsed, 1)
+                if "loss" in logs:  # shown in the progress lines (this callback runs first)
+                    logs["tokens_per_s"] = round(guard.tokens_so_far() / max(elapsed, 1e-9), 1)
                     eta = guard.eta_s(state.max_steps - state.global_step)
                     if eta is not None:
                         logs["eta_s"] = round(eta, 2)
