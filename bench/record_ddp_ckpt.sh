@@ -4,7 +4,7 @@
 # from a bare DDP loop's memory). The user's case: Llama-3.1-8B 16-bit LoRA r16 on two RTX 4090s, where DDP without
 # checkpointing does not fit and the plan falls back to FSDP on transformers + PEFT. The full-depth replica, the
 # plan for two RTX 4090s overridden to DDP on Unsloth with its checkpointing, micro-batch 2 x 4 accumulation, each
-# process capped at 24 GiB (bench/capped.py), MAX_STEPS (default 40) steps. Trainer: every micro-batch under DDP's
+# process capped at 24 GiB (bench/capped.py), one epoch (MAX_STEPS to cut it), so that the longest micro-batches come. Trainer: every micro-batch under DDP's
 # no_sync, one gradient all-reduce per step (trainer/loop.py), so Unsloth's recomputing backward meets no DDP hook.
 # Predictions written before: bench/results/predictions/ddp-checkpointing-4090x2.json.
 set -uo pipefail
@@ -18,7 +18,7 @@ name=ddp-ckpt-4090x2-lora out=/tmp/run-$name
 rm -rf $out
 python3 -m rigplan plan $DIR --data /tmp/data.jsonl --gpu rtx-4090 --gpus 2 --method lora --rank 16 \
   --out /tmp/plan-$name.json >>$LOG 2>&1 || { tail -5 $LOG; exit 1; }
-cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py 24 run /tmp/plan-$name.json --data /tmp/data.jsonl --gpus 2 --parallelism ddp --engine unsloth --checkpointing unsloth --micro-batch 2 --grad-accum 4 --out $out --max-steps ${MAX_STEPS:-40} --eval-fraction 0 --save-steps 10000"
+cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py 24 run /tmp/plan-$name.json --data /tmp/data.jsonl --gpus 2 --parallelism ddp --engine unsloth --checkpointing unsloth --micro-batch 2 --grad-accum 4 --out $out --max-steps ${MAX_STEPS:--1} --eval-fraction 0 --save-steps 10000"
 echo "== $name: $cmd" >>$LOG; t0=$SECONDS
 timeout 500 $cmd >>$LOG 2>&1
 echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG
