@@ -4,8 +4,9 @@
 # from a bare DDP loop's memory). The user's case: Llama-3.1-8B 16-bit LoRA r16 on two RTX 4090s, where DDP without
 # checkpointing does not fit and the plan falls back to FSDP on transformers + PEFT. The full-depth replica, the
 # plan for two RTX 4090s overridden to DDP on Unsloth with its checkpointing, micro-batch 2 x 4 accumulation, each
-# process capped at 24 GiB (bench/capped.py), one epoch (MAX_STEPS to cut it), so that the longest micro-batches come. Trainer: every micro-batch under DDP's
-# no_sync, one gradient all-reduce per step (trainer/loop.py), so Unsloth's recomputing backward meets no DDP hook.
+# process capped at 24 GiB (bench/capped.py), one epoch (MAX_STEPS to cut it) so that the longest micro-batches come.
+# Trainer: every micro-batch under DDP's no_sync, one gradient all-reduce per step (trainer/loop.py), so Unsloth's
+# recomputing backward meets no DDP hook.
 # Predictions written before: bench/results/predictions/ddp-checkpointing-4090x2.json.
 set -uo pipefail
 source bench/gpu_setup.sh
