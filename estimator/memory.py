@@ -39,7 +39,7 @@ def projection_params(model: ModelSpec) -> int:
     return model.decoder_linear_params
 
 
-def layer_params(model: ModelSpec) -> tuple[int, int]:
+def split_layer_projections(model: ModelSpec) -> tuple[int, int]:
     """One main layer's projection parameters, split: those LoRA targets (nn.Linear, quantized by bitsandbytes),
     and the rest, a mixture-of-experts layer's routed experts (fused 3-D parameters; none in a dense layer)."""
     targeted = sum(n_in * n_out for _, n_in, n_out in model.linear_shapes())
@@ -51,7 +51,7 @@ def expert_params(model: ModelSpec) -> int:
     LoRA targets, which for a mixture-of-experts model are the attention ones (ModelSpec.linear_shapes)."""
     if not model.experts:
         return 0
-    return model.main_layers * layer_params(model)[1]  # the sparse layers (ModelSpec.dense_layer_ids hold none)
+    return model.main_layers * split_layer_projections(model)[1]  # the sparse layers (ModelSpec.dense_layer_ids hold none)
 
 
 def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -> int:
@@ -166,8 +166,8 @@ def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: s
 # attention mask of micro_batch x seq x seq elements would: at the same 8,192 tokens its full-depth runs held 0.157
 # GiB (LoRA) and 0.129 GiB (QLoRA) more at 1 x 8192 than at 4 x 2048 on the H200 (bench/results/h200-issue17-
 # heldout2/probe-phi*.jsonl, 2026-11-30), and their attention ran 3x slower than the softmax-bound rate
-# (speed.ATTENTION_TIME_BY_TYPE_AND_METHOD), as it does off FlashAttention. Bytes per mask element, fitted on the LoRA pair
-# (bench/family_terms.py); the QLoRA pair checks it.
+# (speed.ATTENTION_TIME_BY_TYPE_AND_METHOD), as it does off FlashAttention. Bytes per mask element, fitted on the
+# LoRA pair (bench/family_terms.py); the QLoRA pair checks it.
 SEQ_SQUARED_BYTES_BY_TYPE = {"phi3": 3.36}
 
 
@@ -279,7 +279,7 @@ def ddp_bucket_bytes(model: ModelSpec, setup: Setup) -> int:
 def layer_weight_bytes(model: ModelSpec, method: str) -> int:
     """One decoder layer's frozen projections as stored: NF4 for QLoRA's nn.Linear ones, bf16 otherwise (a sparse
     layer of a mixture-of-experts model, the largest)."""
-    linear, rest = layer_params(model)
+    linear, rest = split_layer_projections(model)
     return int(linear * (NF4_BYTES_PER_PARAM if method == "qlora" else BF16_BYTES) + rest * BF16_BYTES)
 
 

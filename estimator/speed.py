@@ -122,8 +122,8 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # Families whose GPU time the FLOP count understates, as measured. Qwen3-MoE routes each token to 8 of 128 narrow
 # experts (768 wide), whose grouped matmuls run far below the dense rate: Qwen3-30B-A3B at 4 layers, LoRA 1 x 8192
 # on the H200, took 1.41x the estimate's time (bench/results/h200-issue17/probe-qwen3moe.jsonl, 2026-11-30; the
-# figure from that one run, refitted by bench/family_terms.py; the other five of that file left to check it). Mixtral's 8 wide experts ran at the
-# dense rate (within 3% on its GPU-bound runs, same file set).
+# figure from that one run, refitted by bench/family_terms.py; the other five of that file left to check it).
+# Mixtral's 8 wide experts ran at the dense rate (within 3% on its GPU-bound runs, same file set).
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
 # 1.47x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row; its other GPU-bound rows check it).

@@ -143,8 +143,8 @@ def calibration_info(coeffs: Coefficients, doc: dict[str, Any], measured_here: b
 
 def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
     """A plan as the flat dict --json shows and the table prints."""
-    return {"model_path": p.model_path, "engine": p.engine, "method": p.method, "rank": p.rank, "micro_batch": p.micro_batch,
-            "grad_accum": p.grad_accum, "token_budget": p.budget, "effective_batch": p.effective_batch * p.num_gpus,
+    return {"model_path": p.model_path, "engine": p.engine, "method": p.method, "rank": p.rank,
+            "micro_batch": p.micro_batch, "grad_accum": p.grad_accum, "token_budget": p.budget, "effective_batch": p.effective_batch * p.num_gpus,
             "seq": p.seq_len, "checkpointing": p.checkpointing, "batching": p.batching,
             "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
             "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,

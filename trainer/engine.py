@@ -176,9 +176,9 @@ def load_hf_peft(plan: Plan) -> tuple[Any, Any]:
         # Each process its own GPU (torchrun's LOCAL_RANK). Sharded 16-bit weights are placed by FSDP from rank 0's
         # copy (no device_map); 4-bit ones are quantized on each GPU first (estimator/memory.py quantized_load_bytes),
         # unless the checkpoint is 4-bit already: then each process loads it into CPU memory and FSDP2 moves its
-        # shards (plan.load_on_cpu, estimator/memory.py loads_on_cpu).
+        # shards (plan.load_on_cpu, estimator/memory.py loads_on_cpu; its storage checked by trainer/run.py train()
+        # before the data, require_float_storage).
         if plan.load_on_cpu:
-            require_float_storage(config, path)
             kwargs["device_map"] = {"": "cpu"}
         elif not sharded or plan.method == "qlora":
             kwargs["device_map"] = {"": world().local_rank}

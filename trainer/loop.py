@@ -81,12 +81,12 @@ class _Guard:
     def note_backoff(self, step: int, micro_batch: int, elsewhere: bool = False) -> None:
         """An out-of-memory error made the trainer split micro-batches (in this process, or, elsewhere, in another
         one, whose split every process has now taken): logged to metrics.jsonl and stderr."""
-        self.backoffs.append({"step": step, "micro_batch": micro_batch, **({"elsewhere": True} if elsewhere else {})})
+        backoff = {"step": step, "micro_batch": micro_batch, **({"elsewhere": True} if elsewhere else {})}
+        self.backoffs.append(backoff)
         if not self.main:
             return
         with (self.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, "event": "oom_backoff", "micro_batch": micro_batch,
-                                **({"elsewhere": True} if elsewhere else {})}) + "\n")
+            f.write(json.dumps({**backoff, "event": "oom_backoff"}) + "\n")
         where = " on another process" if elsewhere else ""
         every = " on every process" if self.world.world_size > 1 else ""
         print(f"rigplan: CUDA out of memory{where} at step {step}: micro-batch now {micro_batch}{every}, accumulation "
@@ -101,9 +101,11 @@ class _Guard:
         import torch
         import torch.distributed as dist
 
-        device = self.tokens.device if torch.is_tensor(self.tokens) else (
-            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-        total = torch.full((), float(self.tokens), dtype=torch.float64, device=device)
+        if torch.is_tensor(self.tokens):  # a padded micro-batch's mask sum, still on the device: reduced there
+            total = self.tokens.to(torch.float64, copy=True)
+        else:
+            total = torch.full((), float(self.tokens), dtype=torch.float64,
+                               device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
         dist.all_reduce(total)
         return float(total)
 
@@ -310,10 +312,12 @@ def progress_callback() -> Any:
                 super().on_step_end(args, state, control, **kwargs)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            line = progress_line(logs or {}, state.global_step, state.max_steps) if state.is_world_process_zero else None
-            if line is not None and self.training_bar is not None:
+            line = progress_line(logs or {}, state.global_step, state.max_steps)
+            if line is None or not state.is_world_process_zero:
+                return
+            if self.training_bar is not None:
                 self.training_bar.write(line)
-            elif line is not None:
+            else:
                 print(line, flush=True)
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -363,8 +367,9 @@ class GcWatch:
     def summary(self) -> dict[str, Any]:
         """Collections while training: count, total and longest seconds, whether they were aligned (manual)."""
         times = [t for _, t in self.pauses]
-        return {"collections": len(times), "total_s": round(sum(times), 4), "longest_s": round(max(times, default=0), 4),
-                "full": sum(1 for g, _ in self.pauses if g == 2), "aligned": self.manual}
+        return {"collections": len(times), "total_s": round(sum(times), 4),
+                "longest_s": round(max(times, default=0), 4), "full": sum(1 for g, _ in self.pauses if g == 2),
+                "aligned": self.manual}
 
 
 def _padding_free(inputs: dict[str, Any]) -> bool:
