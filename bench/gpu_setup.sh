@@ -15,3 +15,16 @@ from rigplan.calibration.replica import build_replica
 from rigplan.profiles.catalog import resolve_model
 build_replica(resolve_model('llama-3.1-8b'), '/tmp/replica-llama-3.1-8b', device='cuda')"
 }
+# The DDP scripts' data (set LOG first): EXAMPLES (default 900) long-tailed examples of seed SEED (default 2) in
+# /tmp/data.jsonl, with the replica above in $DIR; keep_ddp_run RUN_DIR NAME COMMAND keeps a run's summary, its
+# command and the data's command as $OUT/NAME.json (bench/keep_run.py).
+ddp_setup() {
+  DIR=/tmp/replica-llama-3.1-8b
+  replica_8b || return 1
+  DATA="--examples ${EXAMPLES:-900} --seed ${SEED:-2}"
+  python3 bench/validation_data.py --out /tmp/data.jsonl $DATA | tee -a $LOG
+}
+keep_ddp_run() {
+  [ -f $1/run_summary.json ] || return 1
+  python3 bench/keep_run.py $1 $OUT/$2.json "$3" "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
+}

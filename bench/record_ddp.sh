@@ -9,16 +9,10 @@
 # "--checkpointing unsloth"); TAG names the pair's files apart.
 set -uo pipefail
 source bench/gpu_setup.sh
-DIR=/tmp/replica-llama-3.1-8b
-replica_8b || exit 1
 LOG=$OUT/runs.log
-DATA="--examples ${EXAMPLES:-900} --seed ${SEED:-2}"
-python3 bench/validation_data.py --out /tmp/data.jsonl $DATA | tee -a $LOG
+ddp_setup || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 nvidia-smi topo -m >>$LOG 2>&1
-keep() {  # the run's summary with its plan, command and data command, as $OUT/$1.json
-  python3 bench/keep_run.py /tmp/run-$1 $OUT/$1.json "$2" "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
-}
 for method in "$@"; do
   ddp=${TAG:-}ddp-$method one=${TAG:-}one-$method
   cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $method --epochs ${EPOCHS:-1} --out /tmp/run-$ddp --eval-fraction 0 --save-steps 10000 ${EXTRA:-}"
@@ -26,14 +20,14 @@ for method in "$@"; do
   $cmd >>$LOG 2>&1
   echo "== $ddp exit $? after $((SECONDS - t0)) s" | tee -a $LOG
   [ -f /tmp/run-$ddp/run_summary.json ] || continue
-  keep $ddp "$cmd"
+  keep_ddp_run /tmp/run-$ddp $ddp "$cmd"
   mb=$(python3 -c "import json; p=json.load(open('/tmp/run-$ddp/plan.json')); print(p['micro_batch'], p['grad_accum'], p['checkpointing'])")
   read -r mbs ga ckpt <<< "$mb"
   cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --checkpointing $ckpt --epochs ${EPOCHS:-1} --out /tmp/run-$one --eval-fraction 0 --save-steps 10000"
   echo "== $one: $cmd" >>$LOG; t0=$SECONDS
   CUDA_VISIBLE_DEVICES=0 $cmd >>$LOG 2>&1
   echo "== $one exit $? after $((SECONDS - t0)) s" | tee -a $LOG
-  [ -f /tmp/run-$one/run_summary.json ] && keep $one "$cmd"
+  keep_ddp_run /tmp/run-$one $one "$cmd"
 done
 python3 - <<PY | tee -a $LOG
 import json, os

@@ -10,11 +10,8 @@
 # Predictions written before: bench/results/predictions/ddp-checkpointing-4090x2.json.
 set -uo pipefail
 source bench/gpu_setup.sh
-DIR=/tmp/replica-llama-3.1-8b
-replica_8b || exit 1
 LOG=$OUT/ddp-ckpt.log
-DATA="--examples ${EXAMPLES:-900} --seed ${SEED:-2}"
-python3 bench/validation_data.py --out /tmp/data.jsonl $DATA | tee -a $LOG
+ddp_setup || exit 1
 name=ddp-ckpt-4090x2-lora out=/tmp/run-$name
 rm -rf $out
 python3 -m rigplan plan $DIR --data /tmp/data.jsonl --gpu rtx-4090 --gpus 2 --method lora --rank 16 \
@@ -23,8 +20,7 @@ cmd="torchrun --standalone --nproc-per-node=2 bench/capped.py 24 run /tmp/plan-$
 echo "== $name: $cmd" >>$LOG; t0=$SECONDS
 timeout 500 $cmd >>$LOG 2>&1
 echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG
-[ -f $out/run_summary.json ] && python3 bench/keep_run.py $out $OUT/$name.json "$cmd" \
-  "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
+keep_ddp_run $out $name "$cmd"
 grep -E "out of memory|capped at|Error|error" $LOG | tail -8
 python3 -c "
 import json; s = json.load(open('$out/run_summary.json'))

@@ -9,11 +9,8 @@
 #   bash bench/record_ddp_oom.sh lora
 set -uo pipefail
 source bench/gpu_setup.sh
-DIR=/tmp/replica-llama-3.1-8b
-replica_8b || exit 1
 LOG=$OUT/oom.log
-DATA="--examples ${EXAMPLES:-900} --seed ${SEED:-2}"
-python3 bench/validation_data.py --out /tmp/data.jsonl $DATA | tee -a $LOG
+ddp_setup || exit 1
 for method in "${@:-lora}"; do
   name=ddp-oom-$method out=/tmp/run-ddp-oom-$method
   rm -rf $out
@@ -23,8 +20,7 @@ for method in "${@:-lora}"; do
   echo "== $name (CAP_RANK=1): $cmd" >>$LOG; t0=$SECONDS
   CAP_RANK=1 timeout 500 $cmd >>$LOG 2>&1
   echo "== $name exit $? after $((SECONDS - t0)) s" | tee -a $LOG
-  [ -f $out/run_summary.json ] && python3 bench/keep_run.py $out $OUT/$name.json "CAP_RANK=1 $cmd" \
-    "python3 bench/validation_data.py --out data.jsonl $DATA" | tee -a $LOG
+  keep_ddp_run $out $name "CAP_RANK=1 $cmd"
   grep -E "out of memory|capped at|destroy_process_group" $LOG | tail -6
   python3 -c "
 import json; s = json.load(open('$out/run_summary.json'))
