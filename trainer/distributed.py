@@ -93,7 +93,7 @@ def leave() -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if dist.get_backend() == "nccl":
+    if "nccl" in str(dist.get_backend()):  # "nccl", or "cuda:nccl,cpu:gloo" (run.py process_backend)
         import torch
 
         dist.barrier(device_ids=[torch.cuda.current_device()])

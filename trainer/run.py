@@ -211,15 +211,29 @@ def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: 
         # GPU idle).
         accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda,
-        # Several processes (trainer/distributed.py): NCCL on GPUs, gloo on CPUs; every adapter gets a gradient,
-        # so DDP need not search for unused parameters each step. No buffer broadcast before forward passes: the
-        # buffers (rotary frequencies) are the same in every process, and a micro-batch redone after an
-        # out-of-memory error would broadcast in one process alone (loop.py training_step).
-        ddp_backend=None if cuda or world().world_size == 1 else "gloo",
+        # Several processes (trainer/distributed.py): NCCL on GPUs, gloo on CPUs (process_backend); every adapter
+        # gets a gradient, so DDP need not search for unused parameters each step. No buffer broadcast before
+        # forward passes: the buffers (rotary frequencies) are the same in every process, and a micro-batch redone
+        # after an out-of-memory error would broadcast in one process alone (loop.py training_step).
+        ddp_backend=process_backend(plan, cuda, world().world_size),
         ddp_find_unused_parameters=False,
         ddp_broadcast_buffers=False,
         **fsdp_arguments(plan, cuda),
     )
+
+
+def process_backend(plan: Plan, cuda: bool, world_size: int) -> str | None:
+    """torch.distributed's backend for several processes (None: accelerate's default, NCCL on GPUs). On GPUs a
+    sharded plan that offloads to the CPU keeps its gradients in CPU memory, and clipping them all-reduces CPU
+    tensors, which NCCL cannot carry: gloo carries the CPU collectives beside NCCL ("cuda:nccl,cpu:gloo", the
+    backend accelerate itself picks for FSDP_OFFLOAD_PARAMS). Without it two H200s failed at the first step's
+    clip_grad_norm_, "No backend type associated with device type cpu"
+    (bench/results/h200x2-fsdp/offload-prequantized/fsdp-offload-failed.log)."""
+    if world_size == 1:
+        return None
+    if not cuda:
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if plan.parallelism == "fsdp" and plan.cpu_offload else None
 
 
 def fsdp_arguments(plan: Plan, cuda: bool) -> dict[str, Any]:
