@@ -61,7 +61,7 @@ for method in "${@:-qlora}"; do
     echo "== $name (to be stopped after step 10): $cmd" >>$LOG; t0=$SECONDS
     $cmd >>$LOG 2>&1 &
     launcher=$!
-    until [ -f $out/checkpoint-10/rigplan_complete.json ] || ! kill -0 $launcher 2>/dev/null; do sleep 1; done
+    until [ -f $out/checkpoints/checkpoint-10/rigplan_complete.json ] || ! kill -0 $launcher 2>/dev/null; do sleep 1; done
     kill -TERM $launcher 2>/dev/null; wait $launcher
     echo "== $name stopped: exit $? after $((SECONDS - t0)) s" | tee -a $LOG
     cp $out/run_summary.json $OUT/$name-stopped.json 2>/dev/null

@@ -621,3 +621,18 @@ def test_the_process_count_must_match_the_plans_gpus(model_dir, data_file, tmp_p
     with pytest.raises(ConfigError, match="2 processes were started for a plan that trains on 1 GPU.*parallelism"):
         runlib.check_plan(plan_for(model_dir))
     assert not (tmp_path / "a").exists()
+
+
+def test_resuming_a_finished_run_is_refused_before_training(model_dir, data_file, tmp_path) -> None:
+    """--resume on a run whose last checkpoint is already at --max-steps trains nothing more and says so
+    (transformers' Trainer took a 21st step past --max-steps 20 on two H200s: bench/results/h200x2-fsdp/
+    resume-prequantized-unstopped/); a larger --max-steps trains on from that checkpoint."""
+    _one_architecture(model_dir)
+    plan = plan_for(model_dir, epochs=1.0)
+    first = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=2, max_steps=4))
+    assert first["global_step"] == 4
+    with pytest.raises(ConfigError, match=r"checkpoint-4 is already at step 4, --max-steps 4: nothing to train; "
+                                          r"its adapter is .*Pass a larger --max-steps"):
+        train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=2, max_steps=4, resume=True))
+    more = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=2, max_steps=5, resume=True))
+    assert more["global_step"] == 5 and more["status"] == "done"

@@ -78,8 +78,16 @@ def out_dir_problems(opts: RunOptions) -> list[str]:
     if opts.resume and opts.overwrite:
         return ["pass --resume (continue the run in --out) or --overwrite (replace it), not both"]
     if opts.resume:
-        if resume_point(out)[0] is None:
+        last = resume_point(out)[0]
+        if last is None:
             return [f"{out}: no checkpoint to resume from; drop --resume to start a new run"]
+        if 0 < opts.max_steps <= checkpoint_step(Path(last)):
+            # transformers' Trainer would take one step past it before checking (step 21 of --max-steps 20 on two
+            # H200s: bench/results/h200x2-fsdp/resume-prequantized-unstopped/)
+            adapter = out / "adapter"
+            kept = f"; its adapter is {adapter}" if (adapter / "adapter_config.json").exists() else ""
+            return [f"{last} is already at step {checkpoint_step(Path(last))}, --max-steps {opts.max_steps}: nothing "
+                    f"to train{kept}. Pass a larger --max-steps to train on"]
         return []
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
         return [f"{out} is not empty; pass --resume to continue that run, --overwrite to replace it, "
