@@ -49,6 +49,22 @@ def test_a_sharded_plan_becomes_accelerates_fsdp2_plugin(setup, tmp_path) -> Non
     assert args.fsdp_plugin_args is None
 
 
+def test_offloading_to_the_cpu_adds_gloo_for_the_cpu_collectives(setup) -> None:
+    """A sharded plan that offloads keeps its gradients in CPU memory, and clipping them all-reduces CPU tensors:
+    on GPUs the process group carries those on gloo beside NCCL (two H200s failed without it: bench/results/
+    h200x2-fsdp/offload-prequantized/fsdp-offload-failed.log); otherwise accelerate's default."""
+    from rigplan.trainer.run import process_backend
+
+    model, data = setup
+    plan = dataclasses.replace(planning.make_plan(str(model), None, data_file=data, allow_cpu=True),
+                               parallelism="fsdp", num_gpus=2, cpu_offload=True)
+    assert process_backend(plan, cuda=True, world_size=2) == "cuda:nccl,cpu:gloo"
+    assert process_backend(dataclasses.replace(plan, cpu_offload=False), cuda=True, world_size=2) is None
+    assert process_backend(dataclasses.replace(plan, parallelism="ddp", cpu_offload=False), True, 2) is None
+    assert process_backend(plan, cuda=False, world_size=2) == "gloo"
+    assert process_backend(plan, cuda=True, world_size=1) is None
+
+
 def test_a_sharded_adapter_is_gathered_whole_and_loads_back(setup, tmp_path) -> None:
     model, _ = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
