@@ -176,14 +176,15 @@ def grad_accum_for(effective_batch: int, micro_batch: int, seq_len: int, lengths
     return max(1, round(effective_batch / per_micro))
 
 
-# Ways to use several GPUs, each with the engine that runs it. DDP runs Unsloth's model as on one GPU, without
-# checkpointing: under torch DDP (two H200s, 2026-11-30, issue 16) an 8B LoRA step at 2 x 2048 per GPU held
-# 30.6 GiB, what one GPU holds without checkpointing (16.6 GiB with Unsloth's). FSDP2 with QLoRA needs
-# bitsandbytes' quant_storage and PEFT on plain transformers (Unsloth 2026.10 does not shard): the transformers
-# engine, checkpointing on or off, weights on the GPUs or offloaded to CPU memory.
+# Ways to use several GPUs, each with the engine that runs it. DDP runs the model as on one GPU: without
+# checkpointing, or with Unsloth's (two H200s each capped at 24 GiB, 8B LoRA r16 at 2 x 1,280 per GPU: 17.17 GiB
+# reserved against 16.25 planned, bench/results/h200-runs/ddp/checkpointing-4090x2/; the trainer runs every
+# micro-batch under DDP's no_sync and all-reduces once per step, so the recomputing backward meets no DDP hook).
+# FSDP2 with QLoRA needs bitsandbytes' quant_storage and PEFT on plain transformers (Unsloth 2026.10 does not
+# shard): the transformers engine, checkpointing on or off, weights on the GPUs or offloaded to CPU memory.
 SHARDINGS: dict[Parallelism, tuple[tuple[bool, Checkpointing | None, Engine | None], ...]] = {
     "single": ((False, None, None),),
-    "ddp": ((False, "off", None),),
+    "ddp": ((False, "off", None), (False, "unsloth", "unsloth")),
     "fsdp": ((False, None, "transformers"), (True, None, "transformers")),
 }
 
@@ -360,8 +361,7 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
         why = (f"FSDP over {num_gpus} GPUs (transformers + PEFT: Unsloth does not shard): weights, adapters and "
                "optimizer sharded"
                + (", frozen weights offloaded to CPU memory" if s.cpu_offload else "")
-               + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model; DDP is planned "
-                                      "without gradient checkpointing, the only way it has been measured)"))
+               + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model)"))
         if s.method == "lora" and _held_by_quantized_load(cands):  # why not QLoRA, which would need less once sharded
             why += ("; sharded QLoRA does not fit: every process loads the whole 4-bit model onto its GPU before "
                     "FSDP shards it (transformers 5.17)")

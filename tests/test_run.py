@@ -69,6 +69,7 @@ def test_learns_the_synthetic_task(model_dir, data_file, tmp_path) -> None:
     assert len(etas) > 40 and etas[-1] == 0.0 and etas[0] > etas[-1]
     m = s["measured"]  # the rate of compiled shapes leaves out steps that met a new one, at least the first
     assert m["compile_steps"] >= 1 and m["tokens_per_s_compiled"] > 0
+    assert 0.2 < m["cpu_peak_rss_gib"] < 64  # the process's peak resident memory (torch alone holds some 0.3 GiB)
 
 
 def _interrupt_at(monkeypatch, step: int) -> None:

@@ -610,16 +610,17 @@ def all_reduce_gradients(params: list[Any], world_size: int) -> None:
 
 
 def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:
-    """Several processes: tokens and tokens/s summed over the ranks, memory the largest any GPU held."""
+    """Several processes: tokens, tokens/s and CPU memory summed over the ranks, memory the largest any GPU held."""
     import torch
     import torch.distributed as dist
 
     device = "cuda" if cuda else "cpu"
-    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup", "tokens_per_s_compiled")
+    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup", "tokens_per_s_compiled", "cpu_peak_rss_gib")
     peaks = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
     values = torch.tensor([float(measured.get(k) or 0.0) for k in summed], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    out = {**measured, **{k: round(v, 1) for k, v in zip(summed, values.tolist()) if measured.get(k) is not None}}
+    out = {**measured, **{k: round(v, 3 if k.endswith("gib") else 1) for k, v in zip(summed, values.tolist())
+                          if measured.get(k) is not None}}
     if cuda:
         most = torch.tensor([float(measured.get(k) or 0.0) for k in peaks], dtype=torch.float64, device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)

@@ -263,9 +263,15 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
               compile_steps: int | None = None) -> dict[str, Any]:
     import torch
 
+    import resource
+
+    # The process's largest resident set so far (Linux counts KiB): what the plan's cpu_memory_gib is for (loading,
+    # CPU offload), summed over a run's processes (loop.py _all_ranks).
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out: dict[str, Any] = {"tokens": round(trained_tokens), "tokens_per_s": steady, "tokens_per_s_with_warmup":
                            round(trained_tokens / runtime_s, 1) if runtime_s else None,
-                           "tokens_per_s_compiled": compiled, "compile_steps": compile_steps}
+                           "tokens_per_s_compiled": compiled, "compile_steps": compile_steps,
+                           "cpu_peak_rss_gib": round(rss_gib, 3)}
     if cuda:
         from rigplan.profiles import nvml
 
