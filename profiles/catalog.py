@@ -165,8 +165,9 @@ class ModelSpec:
 
     @cached_property
     def decoder_lora_dims(self) -> int:
-        """in + out features summed over every projection LoRA adapts, in every layer (a dense layer's MLP is
-        adapted where its names are among the targets, as a shared expert's make them)."""
+        """in + out features summed over every projection LoRA adapts, in every layer (a dense layer's MLP where
+        its names are among the targets: none of a mixture-of-experts model's, whose shared expert's targets are
+        named shared_expert.gate_proj ...)."""
         dense = [s for s in self.dense_layer_shapes() if s[0] in self.target_modules]
         return self._sum(self.linear_shapes(), dense, lambda i, o: i + o)
 
@@ -196,9 +197,16 @@ class ModelSpec:
         return [("gate_proj", h, width), ("up_proj", h, width), ("down_proj", width, h)]
 
     def _shared_shapes(self) -> list[tuple[str, int, int]]:
-        """The shared expert's projections (nn.Linear, named as a dense MLP's); none without one."""
+        """The shared expert's projections (nn.Linear modules mlp.shared_expert.gate_proj ...: transformers 5.17
+        Qwen2MoeSparseMoeBlock); none without one. Named with their module's parent, which PEFT matches as a
+        suffix: Unsloth 2026.10.9 reads a bare gate_proj/up_proj/down_proj in a mixture-of-experts model's
+        target_modules as "every routed expert too" (unsloth/models/_utils.py get_moe_target_parameters, dotted
+        names left alone), which trained 60 experts' adapters the plan did not count on Qwen1.5-MoE (34.5M
+        trainable against 2.5M planned at 4 layers: bench/results/h200-issue17-qwen2moe/)."""
         width = self.shared_expert_intermediate_size
-        return self._mlp_shapes(width) if self.experts and width else []
+        if not (self.experts and width):
+            return []
+        return [(f"shared_expert.{name}", n_in, n_out) for name, n_in, n_out in self._mlp_shapes(width)]
 
     def weight_shapes(self) -> list[tuple[str, int, int]]:
         """Every per-layer projection the layer stores, as (name, in_features, out_features): attention, and
@@ -214,8 +222,8 @@ class ModelSpec:
 
     def linear_shapes(self) -> list[tuple[str, int, int]]:
         """The per-layer projections LoRA targets. Dense models: all of them (Unsloth's seven, or Phi-3's fused
-        four). Mixture-of-experts: attention (and a shared expert, whose nn.Linear gate/up/down_proj the same
-        target_modules match), rigplan's stated default: transformers 5.17 stores each layer's routed experts as
+        four). Mixture-of-experts: attention (and a shared expert's nn.Linear gate/up/down_proj), rigplan's stated
+        default: transformers 5.17 stores each layer's routed experts as
         fused 3-D parameters (MixtralExperts, Qwen3MoeExperts, Qwen2MoeExperts: gate_up_proj, down_proj), which
         LoRA's target_modules do not match; PEFT's target_parameters would give every expert its own adapter."""
         return self._attention_shapes() + self._shared_shapes() if self.experts else self.weight_shapes()

@@ -84,10 +84,18 @@ def test_unsloth_qlora_holds_experts_in_4_bit() -> None:
 # fitted its factors and each family's first QLoRA rows its slack: bench/family_terms.py); every other row checks
 # them; and the shapes those terms did not see (h200-issue17-heldout3/, predictions/issue17-heldout3-h200.json:
 # gpt-oss at 2 x 4096, 1 x 16384 and 8 layers, Phi-3.5 at 2 x 4096 and 1 x 16384; Gemma 3's not run, the device
-# time ran out).
-CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss", "h200-issue17-heldout3")
-CHECKS = [(d, json.loads(line)) for d in CHECK_DIRS
-          for f in sorted((RUNS.parent / d).glob("probe-*.jsonl")) for line in f.read_text().splitlines() if line]
+# time ran out); and a fourth set (h200-issue17-heldout4/, predictions/issue17-heldout4-h200.json: Gemma 3's QLoRA
+# at 2 x 4096 and 1 x 16384, Qwen3-MoE at 8 layers, Phi-3.5 at 4 x 4096, gpt-oss QLoRA at 8 layers). Phi-3.5's
+# QLoRA 4 x 4096 there was 8.8% under: its per-token terms (memory.TRANSIENT_PER_HIDDEN_BY_TYPE and the per-token
+# slack) were then fitted on its heldout3 QLoRA rows, which thus check nothing any more; 1 x 8192 and 4 x 4096
+# check them.
+CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss", "h200-issue17-heldout3",
+              "h200-issue17-heldout4")
+FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
+                 ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384)}
+CHECKS = [(d, r) for d in CHECK_DIRS for f in sorted((RUNS.parent / d).glob("probe-*.jsonl"))
+          for r in map(json.loads, filter(None, f.read_text().splitlines()))
+          if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
 CHECK_IDS = [f"{d}/{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for d, r in CHECKS]
 # Further from the estimate than 5% (memory) or 15% (GPU-bound speed), as recorded: the QLoRA rows the families'
 # slack terms did not see, the allocator's scatter around them (Qwen3-MoE 0.24-0.81 GiB beyond the allocated peak);
@@ -98,7 +106,7 @@ CHECK_RESERVED_BOUND = {
     "h200-issue17-heldout2/qwen3-30b-a3b-L4-qlora-1x16384": 0.06,
     "h200-issue17-heldout2/qwen3-30b-a3b-L4-lora-1x16384": 0.06,
     "h200-issue17-heldout3/gpt-oss-20b-L4-qlora-2x4096": 0.06,
-    "h200-issue17-heldout3/phi-3.5-mini-qlora-1x16384": 0.06,
+    "h200-issue17-heldout4/gpt-oss-20b-L8-qlora-1x8192": 0.06,  # 5.05% under, 1.8% over allocated: scatter
 }
 CHECK_ALLOCATED_BOUND = {"h200-issue17-heldout2/mixtral-8x7b-L4-qlora-1x16384": 0.13}
 CHECK_SPEED_BOUND: dict[str, float] = {}  # none since Phi-3's QLoRA got its own factors (speed.py)
@@ -109,7 +117,7 @@ def test_the_checks_cover_every_family_and_gpt_oss_trains() -> None:
     every family has shapes that no term was written from."""
     assert all(r["provenance"]["gpu"] == "NVIDIA H200" and not r["err"] for _, r in CHECKS)
     assert {r["model"] for _, r in CHECKS} == {"qwen3-30b-a3b-L4", "mixtral-8x7b-L4", "gemma-3-12b-L8",
-                                               "phi-3.5-mini", "gpt-oss-20b-L4", "gpt-oss-20b-L8"}
+                                               "phi-3.5-mini", "gpt-oss-20b-L4", "gpt-oss-20b-L8", "qwen3-30b-a3b-L8"}
     oss = [r for d, r in CHECKS if d == "h200-gpt-oss"]
     assert sorted((r["method"], r["batch"], r["seq"]) for r in oss) == sorted(
         (m, b, s) for m in ("lora", "qlora") for b, s in ((1, 2048), (4, 2048), (1, 8192)))

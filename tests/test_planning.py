@@ -164,13 +164,13 @@ def test_checkpointing_override_is_re_estimated(tmp_path) -> None:
         planning.plan_for_run("llama-3.1-8b", "rtx-4090", data, {"method": "lora", "checkpointing": "off"})
 
 
-def test_a_one_of_n_plan_spreads_over_the_gpus_when_asked(tmp_path) -> None:
-    """Two 48 GB cards: the plan is 70B QLoRA on one of them (sharding would offload to CPU memory); `rigplan run
-    --gpus 2 --parallelism fsdp` spreads it over both, re-estimated."""
+def test_a_plan_is_sharded_when_asked(tmp_path) -> None:
+    """Two 48 GB cards: the plan is 70B QLoRA under DDP, each card holding the 4-bit model with Unsloth's
+    checkpointing; `rigplan run --gpus 2 --parallelism fsdp` shards it instead, re-estimated."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": "word " * (300 + 7 * i)}) + "\n" for i in range(200)))
     base = planning.plan_for_run("llama-3.1-70b", "rtx-a6000", data, {}, num_gpus=2)
-    assert (base.num_gpus, base.parallelism) == (1, "single")
+    assert (base.num_gpus, base.parallelism, base.checkpointing) == (2, "ddp", "unsloth")
     spread = planning.plan_for_run("llama-3.1-70b", "rtx-a6000", data, {"parallelism": "fsdp", "method": "lora"},
                                    num_gpus=2)
     assert (spread.num_gpus, spread.parallelism, spread.optimizer) == (2, "fsdp", "adamw_torch")

@@ -6,6 +6,7 @@ not measured (profiles/known_issues.json says so under every plan)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -54,8 +55,10 @@ def test_the_row_is_its_config_json() -> None:
     assert {f: getattr(SPEC, f) for f in fields} == {f: getattr(from_config, f) for f in fields}
     assert (SPEC.experts, SPEC.num_experts_per_tok, SPEC.shared_expert_intermediate_size) == (60, 4, 5632)
     assert SPEC.attention_bias and SPEC.active_intermediate == 4 * 1408 + 5632
-    # LoRA: attention and the shared expert's projections, which share the dense MLP's names
-    assert SPEC.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # LoRA: attention and the shared expert's projections, named with their parent: a bare gate_proj is read by
+    # Unsloth as every routed expert too (catalog.ModelSpec._shared_shapes)
+    assert SPEC.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj",
+                                   "shared_expert.up_proj", "shared_expert.down_proj")
     assert lora_params(SPEC, 16) == 24 * 16 * (4 * (2048 + 2048) + 2 * (2048 + 5632) + (5632 + 2048))
 
 
@@ -70,11 +73,31 @@ def test_the_count_is_every_parameter_transformers_holds() -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(SPEC))
     assert sum(p.numel() for p in model.parameters()) == SPEC.params_total
-    targeted = [n for n, m in model.named_modules() if n.split(".")[-1] in SPEC.target_modules]
+    # PEFT's match: the module's name, or its tail after a dot
+    targeted = [n for n, m in model.named_modules() if any(n.endswith("." + t) for t in SPEC.target_modules)]
     assert targeted and all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in targeted)
     assert all(".self_attn." in n or ".shared_expert." in n for n in targeted)
     layer = model.model.layers[0].mlp
     assert tuple(layer.experts.gate_up_proj.shape) == (60, 2 * 1408, 2048)  # fused: no module for LoRA to match
+
+
+def test_peft_trains_exactly_the_adapters_the_estimate_counts() -> None:
+    """PEFT on the plan's target_modules, one layer on the meta device: the trainable parameters are lora_params,
+    and no name is one that Unsloth 2026.10.9 widens to the fused routed experts (a bare gate_proj, up_proj,
+    down_proj or gate_up_proj: unsloth/models/_utils.py _MOE_BROAD_MLP_TARGETS), which trained 34.5M parameters
+    where the plan counted 2.5M (bench/results/h200-issue17-qwen2moe/probe-qwen2moe-lora.log)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from rigplan.calibration.replica import hf_config, reduced
+
+    one = reduced(SPEC, 1)
+    with torch.device("meta"):
+        model = peft.get_peft_model(AutoModelForCausalLM.from_config(hf_config(one)),
+                                    peft.LoraConfig(r=16, target_modules=list(one.target_modules)))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora_params(one, 16)
+    assert not set(one.target_modules) & {"gate_proj", "up_proj", "down_proj", "gate_up_proj"}
 
 
 @pytest.mark.parametrize("change,message", [
@@ -100,8 +123,8 @@ QWEN3 = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "h
 def test_dense_layers_among_the_experts_are_counted_as_transformers_builds_them(config) -> None:
     """Qwen-MoE's mlp_only_layers and decoder_sparse_step (issue 17's "dense layers"): the layers transformers 5.17
     builds with a dense MLP are the spec's, its parameters are params_total exactly (meta device, full size), LoRA's
-    targets there are what the estimate counts (Qwen2-MoE: the dense MLP too, its names being the shared expert's;
-    Qwen3-MoE: attention only), and a reduced-depth replica keeps its first layers' kinds."""
+    targets there are what the estimate counts (attention: the shared expert's targets are named with their parent,
+    shared_expert.gate_proj ..., which a dense layer's mlp.gate_proj does not end with), and a reduced-depth replica keeps its first layers' kinds."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +140,7 @@ def test_dense_layers_among_the_experts_are_counted_as_transformers_builds_them(
     assert dense == expected
     assert sum(p.numel() for p in model.parameters()) == spec.params_total
     targeted = sum(m.in_features + m.out_features for n, m in model.named_modules()
-                   if n.split(".")[-1] in spec.target_modules and isinstance(m, torch.nn.Linear))
+                   if any(n.endswith("." + t) for t in spec.target_modules) and isinstance(m, torch.nn.Linear))
     assert lora_params(spec, 16) == 16 * targeted
     assert spec.params_active < spec.params_total
     shallow = reduced(spec, 6)
@@ -193,3 +216,21 @@ def test_rigplan_trains_a_qwen2_moe_replica_on_cpu(toy_dir, tmp_path) -> None:
     s = train(plan, RunOptions(data=data, out_dir=tmp_path / "out"))
     assert s["status"] == "done" and math.isfinite(s["first_loss"]) and s["final_loss"] < s["first_loss"]
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_the_recorded_runs_trained_every_experts_adapters_as_unsloth_widened_them() -> None:
+    """Qwen1.5-MoE at 4 layers on the H200 (bench/results/h200-issue17-qwen2moe/, predictions/qwen2moe-h200.json):
+    the probes passed bare gate/up/down_proj, and Unsloth added adapters to the fused routed experts of every layer
+    (its log says so): trainable parameters were the plan's plus 60 experts' rank-16 adapters on gate_up_proj and
+    down_proj, exactly. Those rows measured a model the plan did not describe (memory 8.6-17% over the estimate,
+    speed 22-52% under); the targets now name the shared expert's modules (test above)."""
+    from rigplan.calibration.replica import reduced
+
+    folder = Path(__file__).parents[1] / "bench" / "results" / "h200-issue17-qwen2moe"
+    rows = [json.loads(x) for f in sorted(folder.glob("probe-*.jsonl")) for x in f.read_text().splitlines() if x]
+    assert len(rows) == 6 and all(r["provenance"]["gpu"] == "NVIDIA H200" and not r["err"] for r in rows)
+    four = reduced(SPEC, 4)
+    experts = 4 * 60 * 16 * ((2048 + 2 * 1408) + (1408 + 2048))
+    assert all(r["trainable_params"] == lora_params(four, 16) + experts for r in rows)
+    log = (folder / "probe-qwen2moe-lora.log").read_text()
+    assert "Enabling LoRA on MoE parameters: ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']" in log
