@@ -5,7 +5,7 @@
 # LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192. One probe process per job (a method's shapes, one model load).
 # gptoss: gpt-oss-20b at 4 layers, its own predictions (bench/results/predictions/issue17-gpt-oss-h200.json): does
 # Unsloth 2026.10.9 train it at all, and how far is the unmeasured estimate.
-#   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3 gptoss qwen2moe; default the first four,
+#   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3 gptoss qwen2moe phi4; default the first four,
 #   about 9 minutes)
 set -uo pipefail
 source bench/gpu_setup.sh
@@ -18,7 +18,7 @@ families=("$@"); [ $# -gt 0 ] || families=(qwen3moe mixtral phi gemma3)
 for family in "${families[@]}"; do
   case "$family" in
     qwen3moe) prefix=qwen3-30b-a3b ;; mixtral) prefix=mixtral-8x7b ;; phi) prefix=phi-3.5-mini ;; gemma3) prefix=gemma-3-12b ;;
-    qwen2moe) prefix=qwen1.5-moe-a2.7b ;;
+    qwen2moe) prefix=qwen1.5-moe-a2.7b ;; phi4) prefix=phi-4 ;;
     gptoss) prefix=gpt-oss-20b; PRED=${PRED_GIVEN:-bench/results/predictions/issue17-gpt-oss-h200.json} ;;
     *) echo "unknown family $family"; continue ;;
   esac
