@@ -5,6 +5,7 @@ No arithmetic here. Library code raises RigplanError; this module prints its one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from rigplan import errors
-from rigplan.errors import RigplanError
+from rigplan.errors import RigplanError, require
 from rigplan.estimator.planner import DEFAULT_EFFECTIVE_BATCH, DEFAULT_RANK, DEFAULT_SEQ_LEN
 
 EXIT_USAGE = 2
@@ -398,6 +399,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         click.echo(json.dumps(_run(lambda: runlib.dry_run_report(p, opts), before), indent=2))
         return
     _run(lambda: runlib.check_plan(p), before)
+    if resume:  # before launching several processes that would each refuse it
+        _run(lambda: require(runlib.resume_problems(dataclasses.asdict(p), out_dir)), before)
     _run(lambda: distributed.check_gpu_count(p.num_gpus, p.gpu == "cpu"), before)
     if p.num_gpus > 1 and not distributed.launched():
         sys.exit(_relaunch(p, opts, as_json))

@@ -637,3 +637,29 @@ def test_resuming_a_finished_run_is_refused_before_training(model_dir, data_file
         train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=2, max_steps=4, resume=True))
     more = train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=2, max_steps=5, resume=True))
     assert more["global_step"] == 5 and more["status"] == "done"
+
+
+def test_a_resume_under_another_plan_is_refused_and_the_saved_plan_resumes(model_dir, data_file, tmp_path) -> None:
+    """A checkpoint continues only under the plan it was saved with: another rank (adapter shapes) or another
+    number of processes is refused with one line naming --out's plan.json, which resumes it as MODEL; a shorter
+    --seq (what an out-of-memory error advises) is allowed."""
+    _one_architecture(model_dir)
+    plan = plan_for(model_dir, epochs=1.0)
+    train(plan, RunOptions(data=data_file, out_dir=tmp_path / "o", save_steps=2, max_steps=2))
+    saved = tmp_path / "o" / "plan.json"
+    with pytest.raises(ConfigError, match=rf"{saved} trained rank {plan.rank}; this plan has rank {2 * plan.rank}: "
+                                          r"a checkpoint continues only under its own plan\. Resume it with "
+                                          rf"`rigplan run {saved} --data \.\.\. --resume`"):
+        train(dataclasses.replace(plan, rank=2 * plan.rank),
+              RunOptions(data=data_file, out_dir=tmp_path / "o", max_steps=3, resume=True))
+    assert runlib.resume_problems(dataclasses.asdict(dataclasses.replace(plan, num_gpus=2, parallelism="fsdp")),
+                                  tmp_path / "o")[0].startswith(f"{saved} trained num_gpus 1, parallelism single;")
+    shorter = dataclasses.replace(plan, seq_len=plan.seq_len // 2)
+    assert runlib.resume_problems(dataclasses.asdict(shorter), tmp_path / "o") == []
+    refused = CliRunner().invoke(main, ["run", str(saved), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                                        "--rank", str(2 * plan.rank), "--resume"])
+    assert refused.exit_code == 2 and "continues only under its own plan" in refused.output
+    r = CliRunner().invoke(main, ["run", str(saved), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                                  "--max-steps", "3", "--resume", "--json"])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert json.loads((tmp_path / "o" / "run_summary.json").read_text())["global_step"] == 3

@@ -116,6 +116,30 @@ def resume_point(out_dir: Path) -> tuple[str | None, list[str]]:
                            and not (p / CHECKPOINT_COMPLETE).exists()]
 
 
+# What a checkpoint holds and a resumed run must therefore keep: the weights it adapts, the adapters' shapes, and the
+# processes whose states it saved (one optimizer shard per process under FSDP, one random state per process). The
+# rest may change on resume (a shorter --seq or QLoRA after running out of memory, a lower learning rate after NaN).
+RESUME_KEEPS = ("model_path", "rank", "target_modules", "num_gpus", "parallelism")
+
+
+def resume_problems(plan_fields: dict, out_dir: Path) -> list[str]:
+    """A resumed run against the plan its checkpoints were saved under (--out's plan.json; plan_fields: the new
+    plan as a dict). A release whose planner now chooses otherwise (DDP where it chose FSDP) would otherwise load
+    a checkpoint the new layout cannot read."""
+    saved_file = Path(out_dir) / "plan.json"
+    if not saved_file.is_file():
+        return []
+    saved = json.loads(saved_file.read_text())
+    same = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (JSON lists, plan tuples)
+    differ = [k for k in RESUME_KEEPS if k in saved and same(saved[k]) != same(plan_fields[k])]
+    if not differ:
+        return []
+    said = lambda d: ", ".join(f"{k} {same(d[k])}" for k in differ)  # noqa: E731
+    return [f"{saved_file} trained {said(saved)}; this plan has {said(plan_fields)}: a checkpoint continues only "
+            f"under its own plan. Resume it with `rigplan run {saved_file} --data ... --resume`, or pass another "
+            "--out"]
+
+
 def checkpoint_step(path: Path) -> int:
     tail = path.name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rigplan import data as datalib
-from rigplan.errors import ConfigError, DataError, RigplanError
+from rigplan.errors import ConfigError, DataError, RigplanError, require
 from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
 from rigplan.trainer.distributed import leave, world
@@ -29,7 +29,8 @@ from rigplan.trainer.loop import (  # noqa: F401  (re-exported: tests and bench 
     split_micro_batch)
 from rigplan.trainer.options import (  # noqa: F401  (RunOptions and the checks are re-exported: callers import them here)
     CHECKPOINT_COMPLETE, DEFAULT_EVAL_FRACTION, DEFAULT_PATIENCE, DEFAULT_SAVE_STEPS, EVAL_MIN_EXAMPLES, RunOptions,
-    check_options, check_out_dir, checkpoint_step, option_problems, out_dir_problems, resume_point, trim_metrics)
+    check_options, check_out_dir, checkpoint_step, option_problems, out_dir_problems, resume_point, resume_problems,
+    trim_metrics)
 
 # On CUDA, log about this often rather than every step: a log is a host-device sync (the loss read with .item(),
 # transformers/trainer.py:2175) and the logging callbacks, milliseconds, under 1% of 5 s.
@@ -333,6 +334,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
 
     check_options(opts)
     check_plan(plan)
+    if opts.resume:
+        require(resume_problems(dataclasses.asdict(plan), opts.out_dir))
     # One process for a plan of several GPUs (several processes of another count: check_plan); rigplan run starts
     # one process per GPU (cli.py _relaunch).
     if world().world_size == 1 < plan.num_gpus:
