@@ -149,9 +149,12 @@ def test_out_of_memory_in_one_process_is_backed_off_by_every_process(setup, tmp_
         runs[name] = (json.loads((tmp_path / name / "run_summary.json").read_text()), log)
     (plain, _), (tight, log) = runs["plain"], runs["tight"]
     assert plain["oom_backoffs"] == [] and tight["status"] == "done" and tight["global_step"] == 6
-    # process 0 never ran out itself: it took process 1's split at the step where the shared flag was read
-    assert tight["oom_backoffs"] == [{"step": 1 + STOP_LAG_STEPS, "micro_batch": 2, "elsewhere": True}]
-    assert log.count("CUDA out of memory on another process") == 1
+    # process 0 never ran out itself: it took process 1's split at the step where the shared flag was read, and
+    # says where and when process 1 ran out
+    assert tight["oom_backoffs"] == [{"step": 1 + STOP_LAG_STEPS, "micro_batch": 2, "elsewhere": True, "process": 1,
+                                      "process_step": 0}]
+    assert log.count(f"CUDA out of memory on process 1 in step 1: micro-batch now 2 on every process after step "
+                     f"{1 + STOP_LAG_STEPS}") == 1
     events = [json.loads(x) for x in (tmp_path / "tight" / "metrics.jsonl").read_text().splitlines()]
     assert [e["micro_batch"] for e in events if e.get("event") == "oom_backoff"] == [2]
     assert tight["ranks_agree"] is True

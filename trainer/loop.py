@@ -36,6 +36,7 @@ class _Guard:
         self.out_dir = out_dir
         self.micro_batch = micro_batch  # the plan's
         self.split = 1  # micro-batches are cut into this many parts after out-of-memory errors
+        self.split_step = -1  # the step at which this process last split its own (shared with the others)
         self.signal: int | None = None
         self.nan_step: int | None = None
         self.sync = sync  # torch.cuda.synchronize on CUDA: the clock is read when the GPU is done
@@ -78,18 +79,29 @@ class _Guard:
         mask = inputs.get("attention_mask")
         self.tokens = self.tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
 
-    def note_backoff(self, step: int, micro_batch: int, elsewhere: bool = False) -> None:
-        """An out-of-memory error made the trainer split micro-batches (in this process, or, elsewhere, in another
-        one, whose split every process has now taken): logged to metrics.jsonl and stderr."""
-        backoff = {"step": step, "micro_batch": micro_batch, **({"elsewhere": True} if elsewhere else {})}
+    def note_backoff(self, step: int, micro_batch: int, elsewhere: tuple[int, int] | None = None) -> None:
+        """An out-of-memory error made the trainer split micro-batches: in this process, or elsewhere (process,
+        step) in another one, whose split every process takes from here on. Logged to metrics.jsonl and stderr.
+        step: optimizer steps done (the records' convention); printed as the step in progress, as the progress
+        lines count them (the first is step 1)."""
+        backoff: dict[str, Any] = {"step": step, "micro_batch": micro_batch}
+        if elsewhere is not None:
+            self.split_step = -1
+            backoff.update(elsewhere=True, process=elsewhere[0], process_step=elsewhere[1])
+        else:
+            self.split_step = step
         self.backoffs.append(backoff)
         if not self.main:
             return
         with (self.out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({**backoff, "event": "oom_backoff"}) + "\n")
-        where = " on another process" if elsewhere else ""
+        if elsewhere is not None:
+            print(f"rigplan: CUDA out of memory on process {elsewhere[0]} in step {elsewhere[1] + 1}: micro-batch now "
+                  f"{micro_batch} on every process after step {step}, accumulation doubled", file=sys.stderr,
+                  flush=True)
+            return
         every = " on every process" if self.world.world_size > 1 else ""
-        print(f"rigplan: CUDA out of memory{where} at step {step}: micro-batch now {micro_batch}{every}, accumulation "
+        print(f"rigplan: CUDA out of memory in step {step + 1}: micro-batch now {micro_batch}{every}, accumulation "
               "doubled", file=sys.stderr, flush=True)
 
     def tokens_so_far(self) -> float:
@@ -155,7 +167,8 @@ class _Guard:
         checkpoint and none waits on a collective the others have left. Read at once, the result made each step
         wait for the GPU before the next could be queued; STOP_LAG_STEPS later it is long done (on CUDA it is
         copied to pinned memory behind the collective and read when that copy's event has passed). The same
-        all-reduce shares the out-of-memory backoff: every process takes the largest split any has made."""
+        all-reduce shares the out-of-memory backoff: every process takes the largest split any has made, and
+        learns which process made it at which step (the largest such, where two did at once)."""
         if self.world.world_size == 1:
             return self.signal is not None
         import torch
@@ -164,12 +177,14 @@ class _Guard:
         cuda = torch.cuda.is_available()
         # torch.full and fill_, not torch.tensor: a list copied to the GPU is a blocking copy, which made the host wait
         # for the step's whole GPU work at every step's end (the next micro-batch then collated with the GPU idle).
-        flag = torch.full((2,), self.signal or 0, dtype=torch.int64, device="cuda" if cuda else "cpu")
+        flag = torch.full((4,), self.signal or 0, dtype=torch.int64, device="cuda" if cuda else "cpu")
         flag[1].fill_(self.split)
+        flag[2].fill_(self.world.rank if self.split_step >= 0 else -1)
+        flag[3].fill_(self.split_step)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         if cuda:
             work.wait()  # NCCL: the stream waits for the collective, the host does not
-            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            host = torch.empty(4, dtype=torch.int64, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
@@ -180,10 +195,10 @@ class _Guard:
             return False
         value, wait = self.pending.pop(0)
         wait()
-        agreed, split = (int(v) for v in value.tolist())
+        agreed, split, process, process_step = (int(v) for v in value.tolist())
         if split > self.split:  # another process ran out of memory: its split, here too, from this step on
             self.split = split
-            self.note_backoff(step, -(-self.micro_batch // split), elsewhere=True)
+            self.note_backoff(step, -(-self.micro_batch // split), elsewhere=(process, process_step))
         if agreed and self.signal is None:
             self.signal = agreed
         return bool(agreed)
