@@ -18,6 +18,10 @@
 # PREQUANTIZED=1: the replica saved in bitsandbytes 4-bit first (NF4, storage bf16 so that FSDP shards it), so that
 # loading it on the CPU (with QLORA_CPU_LOAD=1) reads 4-bit weights instead of quantizing on the CPU, which took
 # 2.5-10 s a weight under torchrun (bench/results/README.md, the fifth session).
+# DEPTH=80 (with PREQUANTIZED=1): the 4-bit LAYERS-layer replica deepened to DEPTH layers by repeating its layers
+# (bench/deepen.py): the full-depth 70B in 4-bit (about 37 GiB) where the disk could not hold it in bf16 to quantize
+# (predictions/fsdp-70b-full-depth-4090x2.json).
+#   DEPTH=80 PREQUANTIZED=1 CPU_OFFLOAD=1 QLORA_CPU_LOAD=report bash bench/record_fsdp.sh qlora
 set -uo pipefail
 source bench/gpu_setup.sh
 LAYERS=${LAYERS:-8}
@@ -39,12 +43,16 @@ model.save_pretrained('$DIR-bnb-4bit')
 AutoTokenizer.from_pretrained('$DIR').save_pretrained('$DIR-bnb-4bit')" || exit 1
   DIR=$DIR-bnb-4bit
 fi
+if [ -n "${DEPTH:-}" ]; then
+  [ -f $DIR-deep$DEPTH/config.json ] || python3 bench/deepen.py $DIR $DIR-deep$DEPTH $DEPTH || exit 1
+  DIR=$DIR-deep$DEPTH
+fi
 LOG=$OUT/fsdp.log
 DATA="--examples ${EXAMPLES:-300} --seed ${SEED:-5}"
 python3 bench/validation_data.py --out /tmp/data-fsdp.jsonl $DATA | tee -a $LOG
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 for method in "${@:-qlora}"; do
-  name=fsdp-L$LAYERS-$method
+  name=fsdp-L${DEPTH:-$LAYERS}-$method
   [ "$GPU" = rtx-4090 ] || name=$name-$GPU
   [ "${QLORA_CPU_LOAD:-0}" = 1 ] && name=$name-cpuload  # bench/capped.py: 4-bit weights loaded in CPU memory
   [ "${PREQUANTIZED:-0}" = 1 ] && name=$name-prequantized
