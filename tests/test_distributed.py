@@ -305,3 +305,21 @@ def test_a_process_leaves_the_group_after_a_barrier(tmp_path) -> None:
     assert dist.is_initialized()
     leave()
     assert not dist.is_initialized()
+
+
+def test_ddp_with_gradient_checkpointing_trains_as_without(setup, tmp_path) -> None:
+    """DDP with checkpointing (the planner offers it since two H200s trained it under Unsloth: bench/results/
+    h200-runs/ddp/checkpointing-4090x2/): the recomputing backward meets no DDP hook, every micro-batch running
+    under no_sync, so the run trains what the run without checkpointing trains, the ranks' adapters equal."""
+    model, data = setup
+    runs = {}
+    for ckpt in ("off", "unsloth"):
+        proc = _run([str(model), "--data", str(data), "--gpus", "2", "--parallelism", "ddp", "--max-steps", "4",
+                     "--seq", "64", "--checkpointing", ckpt, "--out", str(tmp_path / ckpt)])
+        log = proc.communicate(timeout=240)[0]
+        assert proc.returncode == 0, log[-3000:]
+        runs[ckpt] = json.loads((tmp_path / ckpt / "run_summary.json").read_text())
+        assert json.loads((tmp_path / ckpt / "plan.json").read_text())["checkpointing"] == ckpt
+    off, on = runs["off"], runs["unsloth"]
+    assert on["status"] == "done" and on["global_step"] == 4 and on["ranks_agree"] is True
+    assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-4)
