@@ -150,7 +150,7 @@ def phi3_qlora_slack() -> tuple[float, float]:
                       .peak_reserved_gib)
     finally:
         const["phi3"], per["phi3"] = saved
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
 

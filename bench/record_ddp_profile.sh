@@ -12,7 +12,8 @@ LOG=$OUT/profile.log
 ddp_setup || exit 1
 python3 -m rigplan plan $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method lora --epochs 2 \
   --out /tmp/plan-ddp-prof.json >>$LOG 2>&1 || { tail -5 $LOG; exit 1; }
-read -r mbs ga ckpt <<< "$(python3 -c "import json; p=json.load(open('/tmp/plan-ddp-prof.json')); print(p['micro_batch'], p['grad_accum'], p['checkpointing'])")"
+read -r mbs ga ckpt <<< "$(python3 -c "import json; p = json.load(open('/tmp/plan-ddp-prof.json'))
+print(p['micro_batch'], p['grad_accum'], p['checkpointing'])")"
 common="--data /tmp/data.jsonl --eval-fraction 0 --save-steps 10000 --epochs 2"
 echo "== one GPU (steps 150-157 profiled)" | tee -a $LOG; t0=$SECONDS
 CUDA_VISIBLE_DEVICES=0 timeout 280 python3 bench/profiled.py 150 8 $OUT/one run $DIR --gpu h200 --gpus 1 --method lora \

@@ -267,8 +267,9 @@ def test_the_catalogue_plans_for_the_gpus_asked_for() -> None:
 
 def test_70b_on_two_cards_is_sharded_with_cpu_memory_said() -> None:
     """Two 32 GB cards: 16-bit LoRA sharded with the frozen weights offloaded, and the CPU memory said. Two 48 GB
-    cards: DDP, each holding it in 4-bit with Unsloth's checkpointing. Two 24 GB cards: sharded QLoRA with the frozen weights offloaded,
-    from the profile's pre-quantized copy, which each process loads into CPU memory (as measured:
+    cards: DDP, each holding it in 4-bit with Unsloth's checkpointing. Two 24 GB cards: sharded QLoRA with the
+    frozen weights offloaded, from the profile's pre-quantized copy, which each process loads into CPU memory (as
+    measured:
     bench/results/h200x2-fsdp/prequantized-cpuload/); from the 16-bit checkpoint every process would first load the
     whole 4-bit model onto its GPU."""
     d = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "rtx-5090", "--gpus", "2", "--json").output)

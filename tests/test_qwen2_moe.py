@@ -124,7 +124,8 @@ def test_dense_layers_among_the_experts_are_counted_as_transformers_builds_them(
     """Qwen-MoE's mlp_only_layers and decoder_sparse_step (issue 17's "dense layers"): the layers transformers 5.17
     builds with a dense MLP are the spec's, its parameters are params_total exactly (meta device, full size), LoRA's
     targets there are what the estimate counts (attention: the shared expert's targets are named with their parent,
-    shared_expert.gate_proj ..., which a dense layer's mlp.gate_proj does not end with), and a reduced-depth replica keeps its first layers' kinds."""
+    shared_expert.gate_proj ..., which a dense layer's mlp.gate_proj does not end with), and a reduced-depth replica
+    keeps its first layers' kinds."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
