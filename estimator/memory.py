@@ -313,6 +313,18 @@ def fsdp_gather_bytes(model: ModelSpec, setup: Setup) -> int:
 FSDP_POOL_LAYERS = 8
 
 
+def fsdp_checkpoint_bytes(model: ModelSpec, setup: Setup) -> int:
+    """A sharded plan's activation checkpointing keeps every decoder layer's input on the GPU for its recompute
+    (accelerate 1.15 fsdp2_apply_ac: torch's checkpoint_wrapper, non-reentrant, around each layer; its own comment:
+    "the input the checkpoint saved for its recompute: layers x seq x hidden"), in bf16, where Unsloth's
+    checkpointing offloads them (the reference's ckpt_per_hidden is 0). Counted apart from the transformers engine's
+    step factor, which was fitted on one-GPU runs 2.5x shallower than the 70B; the sharded runs that fitted the FSDP
+    pool ran without checkpointing. Not yet measured (bench/results/predictions/fsdp-70b-full-depth-4090x2.json)."""
+    if setup.parallelism != "fsdp" or setup.checkpointing == "off":
+        return 0
+    return setup.tokens * model.num_hidden_layers * model.hidden_size * BF16_BYTES
+
+
 def fsdp_pool_bytes(model: ModelSpec, setup: Setup) -> int:
     """FSDP2's stream-cached buffers, reserved on each GPU beyond the allocated peak (FSDP only)."""
     return FSDP_POOL_LAYERS * layer_weight_bytes(model, setup.method) if setup.parallelism == "fsdp" else 0
@@ -396,6 +408,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
         for k in STEP_TERMS + ("allocator_slack",):
             parts[k] = int(parts[k] * factor)
+    parts["activations_kept"] += fsdp_checkpoint_bytes(model, setup)
     parts["fsdp_pool"] = fsdp_pool_bytes(model, setup)
     parts["cuda_context"] = int(coeffs.context_bytes)
     return parts
