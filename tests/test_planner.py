@@ -318,3 +318,18 @@ def test_a_step_of_several_processes_waits_for_its_longest_micro_batch() -> None
     assert speed.lengths_spread([(3.0, 2), (1.0, 3)], 2) == pytest.approx((3 + 1) / (3 + 1))  # blocks (3,3), (1,1)
     assert speed.lengths_spread([], 2) == 1.0
     assert speed.expected_max_of_normals(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-4)
+
+
+def test_sharded_checkpointing_keeps_every_layers_input_on_the_gpu(coeffs) -> None:
+    """accelerate's FSDP2 activation checkpointing (a non-reentrant checkpoint_wrapper per decoder layer) keeps each
+    layer's input in bf16 on the GPU, where Unsloth's checkpointing offloads it: counted for sharded plans that
+    checkpoint, nowhere else."""
+    from rigplan.estimator import memory
+
+    model = resolve_model("llama-3.1-70b")
+    sharded = Setup("qlora", 16, 4, 1024, parallelism="fsdp", num_gpus=2, cpu_offload=True)
+    kept = memory.components_bytes(model, sharded, coeffs, engine="transformers")["activations_kept"]
+    assert kept == 4 * 1024 * 80 * 8192 * 2  # 5 GiB
+    off = dataclasses.replace(sharded, checkpointing="off")
+    assert memory.fsdp_checkpoint_bytes(model, off) == 0
+    assert memory.fsdp_checkpoint_bytes(model, dataclasses.replace(sharded, parallelism="ddp")) == 0
