@@ -293,7 +293,8 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--skip-bad", is_flag=True, help="Drop bad records instead of stopping.")
 @click.option("--overlong", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the last checkpoint in --out (the same weights, rank and GPUs).")
 @click.option("--eval-fraction", type=float, help="Held-out share [default: 5% from 200 examples].")
 @click.option("--patience", type=int, default=3, show_default=True, help="Evaluations without improvement.")
 @click.option("--save-steps", type=int, default=50, show_default=True)
