@@ -5,7 +5,6 @@ No arithmetic here. Library code raises RigplanError; this module prints its one
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -401,7 +400,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         return
     _run(lambda: runlib.check_plan(p), before)
     if resume:  # before launching several processes that would each refuse it
-        _run(lambda: require(runlib.resume_problems(dataclasses.asdict(p), out_dir)), before)
+        _run(lambda: require(runlib.resume_problems(p, out_dir)), before)
     _run(lambda: distributed.check_gpu_count(p.num_gpus, p.gpu == "cpu"), before)
     if p.num_gpus > 1 and not distributed.launched():
         sys.exit(_relaunch(p, opts, as_json))

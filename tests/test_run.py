@@ -652,10 +652,10 @@ def test_a_resume_under_another_plan_is_refused_and_the_saved_plan_resumes(model
                                           rf"`rigplan run {saved} --data \.\.\. --resume`"):
         train(dataclasses.replace(plan, rank=2 * plan.rank),
               RunOptions(data=data_file, out_dir=tmp_path / "o", max_steps=3, resume=True))
-    assert runlib.resume_problems(dataclasses.asdict(dataclasses.replace(plan, num_gpus=2, parallelism="fsdp")),
+    assert runlib.resume_problems(dataclasses.replace(plan, num_gpus=2, parallelism="fsdp"),
                                   tmp_path / "o")[0].startswith(f"{saved} trained num_gpus 1, parallelism single;")
     shorter = dataclasses.replace(plan, seq_len=plan.seq_len // 2)
-    assert runlib.resume_problems(dataclasses.asdict(shorter), tmp_path / "o") == []
+    assert runlib.resume_problems(shorter, tmp_path / "o") == []
     refused = CliRunner().invoke(main, ["run", str(saved), "--data", str(data_file), "--out", str(tmp_path / "o"),
                                         "--rank", str(2 * plan.rank), "--resume"])
     assert refused.exit_code == 2 and "continues only under its own plan" in refused.output

@@ -245,7 +245,6 @@ class _Guard:
 
             def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
                 guard.drain()
-                guard.gc.stop()
                 return control
 
             def on_save(self, args, state, control, **kwargs):  # noqa: ANN001

@@ -8,7 +8,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from rigplan.errors import require
 
@@ -81,12 +81,13 @@ def out_dir_problems(opts: RunOptions) -> list[str]:
         last = resume_point(out)[0]
         if last is None:
             return [f"{out}: no checkpoint to resume from; drop --resume to start a new run"]
-        if 0 < opts.max_steps <= checkpoint_step(Path(last)):
+        done = checkpoint_step(Path(last))
+        if 0 < opts.max_steps <= done:
             # transformers' Trainer would take one step past it before checking (step 21 of --max-steps 20 on two
             # H200s: bench/results/h200x2-fsdp/resume-prequantized-unstopped/)
             adapter = out / "adapter"
             kept = f"; its adapter is {adapter}" if (adapter / "adapter_config.json").exists() else ""
-            return [f"{last} is already at step {checkpoint_step(Path(last))}, --max-steps {opts.max_steps}: nothing "
+            return [f"{last} is already at step {done}, --max-steps {opts.max_steps}: nothing "
                     f"to train{kept}. Pass a larger --max-steps to train on"]
         return []
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
@@ -122,20 +123,21 @@ def resume_point(out_dir: Path) -> tuple[str | None, list[str]]:
 RESUME_KEEPS = ("model_path", "rank", "target_modules", "num_gpus", "parallelism")
 
 
-def resume_problems(plan_fields: dict, out_dir: Path) -> list[str]:
-    """A resumed run against the plan its checkpoints were saved under (--out's plan.json; plan_fields: the new
-    plan as a dict). A release whose planner now chooses otherwise (DDP where it chose FSDP) would otherwise load
-    a checkpoint the new layout cannot read."""
+def resume_problems(plan: Any, out_dir: Path) -> list[str]:
+    """A resumed run's plan (estimator.plan.Plan) against the plan its checkpoints were saved under (--out's
+    plan.json). A release whose planner now chooses otherwise (DDP where it chose FSDP) would otherwise load a
+    checkpoint the new layout cannot read."""
     saved_file = Path(out_dir) / "plan.json"
     if not saved_file.is_file():
         return []
     saved = json.loads(saved_file.read_text())
     same = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (JSON lists, plan tuples)
-    differ = [k for k in RESUME_KEEPS if k in saved and same(saved[k]) != same(plan_fields[k])]
+    now = {k: getattr(plan, k) for k in RESUME_KEEPS}
+    differ = [k for k in RESUME_KEEPS if k in saved and same(saved[k]) != same(now[k])]
     if not differ:
         return []
     said = lambda d: ", ".join(f"{k} {same(d[k])}" for k in differ)  # noqa: E731
-    return [f"{saved_file} trained {said(saved)}; this plan has {said(plan_fields)}: a checkpoint continues only "
+    return [f"{saved_file} trained {said(saved)}; this plan has {said(now)}: a checkpoint continues only "
             f"under its own plan. Resume it with `rigplan run {saved_file} --data ... --resume`, or pass another "
             "--out"]
 

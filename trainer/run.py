@@ -12,6 +12,7 @@ import json
 import math
 import random
 import re
+import resource
 import signal
 import time
 import warnings
@@ -264,8 +265,6 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
               compile_steps: int | None = None) -> dict[str, Any]:
     import torch
 
-    import resource
-
     # The process's largest resident set so far (Linux counts KiB): what the plan's cpu_memory_gib is for (loading,
     # CPU offload), summed over a run's processes (loop.py _all_ranks).
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -335,7 +334,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     check_options(opts)
     check_plan(plan)
     if opts.resume:
-        require(resume_problems(dataclasses.asdict(plan), opts.out_dir))
+        require(resume_problems(plan, opts.out_dir))
     # One process for a plan of several GPUs (several processes of another count: check_plan); rigplan run starts
     # one process per GPU (cli.py _relaunch).
     if world().world_size == 1 < plan.num_gpus:
