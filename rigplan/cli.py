@@ -409,20 +409,26 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         summary = _run(lambda: runlib.train(p, opts), "interrupted outside training (loading or saving); run again, "
                        "with --resume if a checkpoint was saved")
+    several = distributed.world().world_size > 1
     if not distributed.world().main:
-        sys.exit(summary["exit_code"] if summary["status"] != "nan" else 1)
+        distributed.exit_now(summary["exit_code"] if summary["status"] != "nan" else 1)
     if summary.get("measured", {}).get("peak_reserved_gib") is not None and p.gpu != "cpu":
         store.record_run(store.user_dir() / store.RUNS_LOG, summary, p.to_json(), counts.get("lengths"))
     say(_closing_lines(summary, out_dir))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+    code = 0
     if summary["status"] == "nan":
         click.echo(f"rigplan: {summary['message']}", err=True)
-        sys.exit(1)
-    if summary["exit_code"]:
+        code = 1
+    elif summary["exit_code"]:
         click.echo(f"rigplan: stopped by signal {summary['signal']}; checkpoint and adapter saved in {out_dir}; "
                    "continue with --resume", err=True)
-        sys.exit(summary["exit_code"])
+        code = summary["exit_code"]
+    if several:  # without tearing down the process group, which can hang (distributed.exit_now)
+        distributed.exit_now(code)
+    if code:
+        sys.exit(code)
 
 
 def _closing_lines(summary: dict[str, Any], out_dir: Path) -> str:

@@ -6,7 +6,6 @@ rank 0 and compared with the unsharded model."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from rigplan.trainer.distributed import leave
+from rigplan.trainer.distributed import exit_now, leave
 from rigplan.trainer.export import full_adapter_state
 
 
@@ -49,11 +48,9 @@ def main() -> None:
         extra = sorted(set(state) ^ set(whole))
         (out / "result.json").write_text(json.dumps({"sharded": sharded, "same": same, "reloaded": back, "extra": extra,
                                                      "tensors": len(state)}))
-    # Out without the interpreter's teardown: a rank aborted there now and then in CI's clone ("terminate called
-    # without an active exception", a C++ thread object destroyed at exit, before the group was left here).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Out without tearing down the process group, as `rigplan run` ends (a rank aborted at exit now and then in CI's
+    # clone: "terminate called without an active exception").
+    exit_now(0)
 
 
 if __name__ == "__main__":

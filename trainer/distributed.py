@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 # The variables torchrun sets in every process it starts (https://pytorch.org/docs/stable/elastic/run.html).
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -81,6 +82,28 @@ def launch_env() -> dict[str, str]:
 def relaunched() -> bool:
     """Whether `rigplan run` itself started this process (not a launcher the user ran)."""
     return os.environ.get(RELAUNCHED_VAR) == "1"
+
+
+# Objects that hold the process group (the Trainer, through its DDP- or FSDP-wrapped model), kept until exit_now.
+_HELD: list[object] = []
+
+
+def hold(obj: object) -> None:
+    """Keep obj, which holds the process group, alive until the process ends (exit_now): see there why."""
+    _HELD.append(obj)
+
+
+def exit_now(code: int) -> NoReturn:
+    """A process of a several-GPU run ends here, its outputs written: streams flushed, then os._exit, without
+    tearing down torch's objects. Freed by the interpreter (when train() returned and the Trainer went, DDP's
+    reducer with it), gloo's process group joins its worker thread while holding the GIL, and that thread may
+    still be dropping a finished collective whose tensors need the GIL: a CPU process hung there after writing
+    every output (py-spy: ~ProcessGroupGloo in std::thread::join, the worker in decref_pyobject; CI's test run
+    timed out on it), and at interpreter exit gloo's threads aborted a process now and then. Runs that offload to
+    the CPU carry gloo on GPUs too (trainer/run.py process_backend)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def leave() -> None:

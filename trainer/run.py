@@ -24,7 +24,7 @@ from rigplan import data as datalib
 from rigplan.errors import ConfigError, DataError, RigplanError, require
 from rigplan.estimator.plan import Plan
 from rigplan.trainer.batching import PackedCollator, PaddedCollator, grouped_rows, packed_rows, padded_length
-from rigplan.trainer.distributed import leave, world
+from rigplan.trainer.distributed import hold, leave, world
 from rigplan.trainer.loop import (  # noqa: F401  (re-exported: tests and bench import them from here)
     WARMUP_STEPS, MemorySampler, _all_ranks, _Guard, _trainer_class, cuda_uuid, examples_in, progress_callback,
     split_micro_batch)
@@ -390,6 +390,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
         eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None, processing_class=tokenizer,
         callbacks=callbacks, data_collator=collator)
+    if world().world_size > 1:  # the process group lives as long as the process (distributed.exit_now)
+        hold(trainer)
     handler = trainer.callback_handler  # our callback first, so the progress printer shows its tokens/s
     handler.callbacks.insert(0, handler.callbacks.pop(handler.callbacks.index(callbacks[0])))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
