@@ -22,6 +22,8 @@
 # (bench/deepen.py): the full-depth 70B in 4-bit (about 37 GiB) where the disk could not hold it in bf16 to quantize
 # (predictions/fsdp-70b-full-depth-4090x2.json).
 #   DEPTH=80 PREQUANTIZED=1 CPU_OFFLOAD=1 QLORA_CPU_LOAD=report bash bench/record_fsdp.sh qlora
+# PREP_ONLY=1: build the replica (quantized, deepened as asked) and stop, so that a call can build it while the GPUs
+# run other work and the next call trains on it.
 set -uo pipefail
 source bench/gpu_setup.sh
 LAYERS=${LAYERS:-8}
@@ -47,6 +49,7 @@ if [ -n "${DEPTH:-}" ]; then
   [ -f $DIR-deep$DEPTH/config.json ] || python3 bench/deepen.py $DIR $DIR-deep$DEPTH $DEPTH || exit 1
   DIR=$DIR-deep$DEPTH
 fi
+[ "${PREP_ONLY:-0}" = 1 ] && { du -sh $DIR; exit 0; }
 LOG=$OUT/fsdp.log
 DATA="--examples ${EXAMPLES:-300} --seed ${SEED:-5}"
 python3 bench/validation_data.py --out /tmp/data-fsdp.jsonl $DATA | tee -a $LOG
