@@ -14,6 +14,10 @@ QLORA_CPU_LOAD=1 (an experiment for sharded QLoRA, issue 16): a 4-bit model is l
 instead of whole onto each process's GPU, so that FSDP moves only each process's shard to its GPU; the GPU memory
 right after loading is printed. QLORA_CPU_LOAD=report prints the same without moving any load: where `rigplan run`
 itself put the weights (a pre-quantized checkpoint sharded: CPU memory, plan.load_on_cpu).
+
+MEM_HISTORY=DIR: process 0 records every CUDA allocation with its Python stack from the start (torch's memory
+snapshot, https://pytorch.org/docs/stable/torch_cuda_memory.html) and writes DIR/snapshot.pickle at its first
+training step: what loading and sharding allocated and what was still held (bench/snapshot_peak.py reads it).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> None:
     if os.environ.get("CAP_RANK", str(device)) == str(device):  # CAP_RANK=N: that process's GPU alone is capped
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
         print(f"GPU {device} capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
+    if os.environ.get("MEM_HISTORY") and os.environ.get("RANK", "0") == "0":
+        record_until_first_step(torch, os.environ["MEM_HISTORY"])
     if os.environ.get("QLORA_CPU_LOAD") in ("1", "report"):
         load_4_bit_on_cpu(torch, force=os.environ["QLORA_CPU_LOAD"] == "1")
     if sys.argv[2] == "-m":
@@ -85,6 +91,27 @@ def load_4_bit_on_cpu(torch, force: bool = True) -> None:  # noqa: ANN001
             training_step.said = True
             print(f"QLORA_CPU_LOAD: first step; GPU peak so far {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
                   f"{quant_states(model)}", flush=True)
+        return step(self, model, *args, **kwargs)
+
+    Trainer.training_step = training_step
+
+
+def record_until_first_step(torch, out_dir: str) -> None:  # noqa: ANN001
+    """CUDA allocations with stacks from here to the first training step, written as a memory snapshot."""
+    from pathlib import Path
+
+    from transformers import Trainer
+
+    torch.cuda.memory._record_memory_history(max_entries=400_000)
+    step = Trainer.training_step
+
+    def training_step(self, model, *args, **kwargs):  # noqa: ANN001, ANN202
+        if not getattr(training_step, "dumped", False):
+            training_step.dumped = True
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(f"{out_dir}/snapshot.pickle")
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(f"MEM_HISTORY: {out_dir}/snapshot.pickle written at the first step", flush=True)
         return step(self, model, *args, **kwargs)
 
     Trainer.training_step = training_step
