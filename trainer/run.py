@@ -161,6 +161,17 @@ def logging_steps(step_s: float, save_steps: int) -> int:
     return max(n for n in range(1, max(1, min(target, save_steps)) + 1) if save_steps % n == 0 or n == 1)
 
 
+def keep_off_gpu_until_sharded(args: Any, plan: Plan) -> None:
+    """A sharded plan's model stays where it loaded until FSDP shards it. Unsloth's SFTTrainer turns on 16-bit full
+    evaluation (unsloth/models/rl.py, 2026.10.9: `args.bf16_full_eval = args.bf16`), and with it transformers'
+    train() moves the whole model onto the GPU before accelerate shards it (transformers 5.17 trainer.py train():
+    "Move the model now for training"): each process of the 80-layer 70B QLoRA held all of its 4-bit weights,
+    38.6 GiB, against a plan of 19.2 (bench/results/h200x2-fsdp/full-depth/, the memory snapshot's stacks).
+    Sharded evaluation runs in FSDP's mixed precision instead."""
+    if plan.parallelism == "fsdp":
+        args.bf16_full_eval = args.fp16_full_eval = False
+
+
 def sft_config_from_plan(plan: Plan, out_dir: Path, opts: RunOptions, has_eval: bool, cuda: bool,
                          bf16: bool) -> Any:
     """The one place a TRL SFTConfig is built. Fields set here differ from TRL's defaults or matter to
@@ -390,6 +401,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         model=model, args=args, train_dataset=Dataset.from_list(prepared.train),
         eval_dataset=Dataset.from_list(prepared.eval) if has_eval else None, processing_class=tokenizer,
         callbacks=callbacks, data_collator=collator)
+    keep_off_gpu_until_sharded(trainer.args, plan)
     if world().world_size > 1:  # the process group lives as long as the process (distributed.exit_now)
         hold(trainer)
     handler = trainer.callback_handler  # our callback first, so the progress printer shows its tokens/s
@@ -416,9 +428,9 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                  f"on process {world().rank} (sharded runs do not split micro-batches)")
         if world().world_size > 1 and plan.parallelism != "fsdp":
             where += f" on process {world().rank}"
+        qlora = " or --method qlora" if plan.method == "lora" else ""
         raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} {where} ({held}); resume with "
-                           f"--resume --seq {plan.seq_len // 2} or --method qlora "
-                           f"(last checkpoint: {_last_checkpoint(out)})") from e
+                           f"--resume --seq {plan.seq_len // 2}{qlora} (last checkpoint: {_last_checkpoint(out)})") from e
     finally:
         guard.gc.stop()  # the automatic collector back on, whatever ended training
         nvml_peak = sampler.stop() if sampler else None
