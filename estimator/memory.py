@@ -313,18 +313,6 @@ def fsdp_gather_bytes(model: ModelSpec, setup: Setup) -> int:
 FSDP_POOL_LAYERS = 8
 
 
-def fsdp_checkpoint_bytes(model: ModelSpec, setup: Setup) -> int:
-    """A sharded plan's activation checkpointing keeps every decoder layer's input on the GPU for its recompute
-    (accelerate 1.15 fsdp2_apply_ac: torch's checkpoint_wrapper, non-reentrant, around each layer; its own comment:
-    "the input the checkpoint saved for its recompute: layers x seq x hidden"), in bf16, where Unsloth's
-    checkpointing offloads them (the reference's ckpt_per_hidden is 0). Counted apart from the transformers engine's
-    step factor, which was fitted on one-GPU runs 2.5x shallower than the 70B; the sharded runs that fitted the FSDP
-    pool ran without checkpointing. Not yet measured (bench/results/predictions/fsdp-70b-full-depth-4090x2.json)."""
-    if setup.parallelism != "fsdp" or setup.checkpointing == "off":
-        return 0
-    return setup.tokens * model.num_hidden_layers * model.hidden_size * BF16_BYTES
-
-
 def fsdp_pool_bytes(model: ModelSpec, setup: Setup) -> int:
     """FSDP2's stream-cached buffers, reserved on each GPU beyond the allocated peak (FSDP only)."""
     return FSDP_POOL_LAYERS * layer_weight_bytes(model, setup.method) if setup.parallelism == "fsdp" else 0
@@ -357,14 +345,30 @@ def quantized_load_bytes(model: ModelSpec, setup: Setup) -> int:
 
 
 def cpu_memory_bytes(model: ModelSpec, setup: Setup) -> int:
-    """CPU memory a sharded plan needs, all processes of the host together: the offloaded weights while training,
-    or, if more, what loading takes. 16-bit weights load through rank 0 (cpu_ram_efficient_loading), but
-    transformers 5.17 gives every other process full-size zero tensors on the CPU to receive them
-    (modeling_utils.py, `torch.zeros_like(param, device="cpu")`): a whole 16-bit copy per process. QLoRA loads
-    onto each GPU instead (quantized_load_bytes)."""
-    sharded_16_bit = setup.parallelism == "fsdp" and setup.method == "lora"
-    load = setup.num_gpus * base_weights_bytes(model, "lora") if sharded_16_bit else 0
-    return max(cpu_offload_bytes(model, setup), load)
+    """CPU memory a sharded plan needs, all processes of the host together (their peak resident memory, summed):
+    - a pre-quantized 4-bit checkpoint (loads_on_cpu) is mapped from disk by every process, and FSDP2 moves each
+      layer onto the GPU to shard it, so the whole file becomes resident in every process, shared pages counted in
+      each; the offloaded shards come on top;
+    - 16-bit weights load through rank 0 (cpu_ram_efficient_loading), but transformers 5.17 gives every other
+      process full-size zero tensors on the CPU to receive them (modeling_utils.py, `torch.zeros_like(param,
+      device="cpu")`): a whole 16-bit copy per process, or the offloaded shards if more;
+    - QLoRA from a 16-bit checkpoint loads onto each GPU (quantized_load_bytes): the offloaded shards alone;
+    - and each process's own runtime beside the weights (PROCESS_CPU_BYTES)."""
+    if setup.parallelism != "fsdp":
+        return 0
+    offloaded = cpu_offload_bytes(model, setup)
+    if loads_on_cpu(model, setup):
+        weights = setup.num_gpus * base_weights_bytes(model, "qlora", "transformers") + offloaded
+    elif setup.method == "lora":
+        weights = max(offloaded, setup.num_gpus * base_weights_bytes(model, "lora"))
+    else:
+        weights = offloaded
+    return weights + setup.num_gpus * PROCESS_CPU_BYTES
+
+
+# Each sharded process's resident CPU memory beside the weights (Python, torch, CUDA's host side, Unsloth): fitted
+# on the 80-layer 70B QLoRA run on two H200s, its weights' share subtracted (bench/results/h200x2-fsdp/full-depth/).
+PROCESS_CPU_BYTES = int(4.97 * 2**30)
 
 
 def cpu_offload_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -408,7 +412,6 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
         for k in STEP_TERMS + ("allocator_slack",):
             parts[k] = int(parts[k] * factor)
-    parts["activations_kept"] += fsdp_checkpoint_bytes(model, setup)
     parts["fsdp_pool"] = fsdp_pool_bytes(model, setup)
     parts["cuda_context"] = int(coeffs.context_bytes)
     return parts

@@ -370,8 +370,8 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
     measured = ("DDP speed: one GPU's, each step waiting for the slowest process (measured on two H200s"
                 + ("" if num_gpus == 2 else f"; {num_gpus} GPUs extrapolated") + ")"
                 if s.parallelism == "ddp"
-                else "FSDP speed estimated (measured at reduced depth only; CPU offload on a 70B-width replica of 8 "
-                     "layers)" if s.cpu_offload else "FSDP speed estimated (QLoRA measured at reduced depth only)")
+                else "FSDP speed estimated (with CPU offload measured once on the 70B at full depth, two H200s)"
+                if s.cpu_offload else "FSDP speed estimated (QLoRA measured at reduced depth only)")
     return f"{why}; {measured}"
 
 

@@ -49,6 +49,25 @@ def test_a_sharded_plan_becomes_accelerates_fsdp2_plugin(setup, tmp_path) -> Non
     assert args.fsdp_plugin_args is None
 
 
+def test_a_sharded_plan_turns_off_the_full_eval_that_moves_the_model_onto_the_gpu(setup) -> None:
+    """Unsloth's SFTTrainer turns on bf16 full evaluation, and with it transformers' train() moved the whole model
+    onto each GPU before FSDP sharded it (the 80-layer 70B ran out of memory on 24 GiB at step 0: bench/results/
+    h200x2-fsdp/full-depth/before-fix/). A sharded plan turns it off; other plans keep what the trainer set."""
+    import types
+
+    from rigplan.trainer.run import keep_off_gpu_until_sharded
+
+    model, data = setup
+    plan = dataclasses.replace(planning.make_plan(str(model), None, data_file=data, allow_cpu=True),
+                               parallelism="fsdp", num_gpus=2)
+    args = types.SimpleNamespace(bf16_full_eval=True, fp16_full_eval=True)
+    keep_off_gpu_until_sharded(args, plan)
+    assert not args.bf16_full_eval and not args.fp16_full_eval
+    args = types.SimpleNamespace(bf16_full_eval=True, fp16_full_eval=False)
+    keep_off_gpu_until_sharded(args, dataclasses.replace(plan, parallelism="ddp"))
+    assert args.bf16_full_eval
+
+
 def test_offloading_to_the_cpu_adds_gloo_for_the_cpu_collectives(setup) -> None:
     """A sharded plan that offloads keeps its gradients in CPU memory, and clipping them all-reduces CPU tensors:
     on GPUs the process group carries those on gloo beside NCCL (two H200s failed without it: bench/results/
@@ -97,11 +116,12 @@ def test_parallelism_override_and_its_refusals(setup, tmp_path) -> None:
 
 def test_cpu_offload_is_an_override_re_estimated() -> None:
     """--cpu-offload on a sharded plan (how the offload path is run at reduced depth, where the planner would not
-    choose it): the frozen weights leave the GPU and the CPU memory they take is said."""
+    choose it): the frozen weights leave the GPU and the CPU memory they take is said (the 4-bit shards, 36.8 GiB for
+    both processes, on top of the checkpoint each process maps)."""
     sharded = planning.make_plan("unsloth/Meta-Llama-3.1-70B-bnb-4bit", "h100-sxm", num_gpus=2, methods=("qlora",))
     sharded = planning.override(sharded, {"parallelism": "fsdp", "cpu_offload": False}, force=True)
     offloaded = planning.override(sharded, {"cpu_offload": True})
-    assert offloaded.cpu_offload and offloaded.cpu_memory_gib > 30 > sharded.cpu_memory_gib
+    assert offloaded.cpu_offload and offloaded.cpu_memory_gib - sharded.cpu_memory_gib == pytest.approx(36.8, abs=0.1)
     assert offloaded.peak_reserved_gib < sharded.peak_reserved_gib - 10
 
 

@@ -28,14 +28,20 @@ def _layers(name: str) -> int:
     return int(name.split("-")[1].removeprefix("L"))
 
 
-def _estimate(run: dict, layers: int, gpu: str = "rtx-4090") -> planner.Estimate:
+def _model_setup(run: dict, layers: int) -> tuple:
     p = run["plan"]
     # torch's AdamW is what ran: Unsloth switched the plan's 8-bit one (the logs), as plans now say themselves
     setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"], optimizer="adamw_torch",
                   checkpointing=p["checkpointing"], parallelism="fsdp", num_gpus=2, cpu_offload=p["cpu_offload"])
     model = reduced(resolve_model("llama-3.1-70b"), layers)
-    if p["model"].endswith("-bnb-4bit"):  # saved in 4-bit first (bench/record_fsdp.sh PREQUANTIZED=1)
+    if "-bnb-4bit" in p["model"]:  # saved in 4-bit first (bench/record_fsdp.sh PREQUANTIZED=1), maybe deepened
         model = dataclasses.replace(model, prequantized=True)
+    return model, setup
+
+
+def _estimate(run: dict, layers: int, gpu: str = "rtx-4090") -> planner.Estimate:
+    model, setup = _model_setup(run, layers)
+    p = run["plan"]
     return planner.estimate(model, setup, resolve_gpu(gpu),
                             store.reference()[0], lengths=data_lengths(run), batching=p["batching"], engine=p["engine"])
 
@@ -146,5 +152,43 @@ def test_offloading_the_frozen_weights_to_cpu_memory_trains_as_planned() -> None
     est = _estimate(run, 8)
     assert abs(run["measured"]["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05
     h200 = _estimate(run, 8, "h200")
+    low, high = h200.tokens_per_s_band
+    assert 2 * low <= run["measured"]["tokens_per_s"] <= 2 * high
+
+
+def test_the_70b_at_full_depth_trains_on_two_24_gib_caps() -> None:
+    """The 80-layer 70B in 4-bit (the 8-layer replica deepened, bench/deepen.py), QLoRA sharded with the frozen
+    weights in CPU memory, each process capped at 24 GiB (full-depth/, predictions/fsdp-70b-full-depth-4090x2.json
+    written before). It first ran out of memory at step 0: transformers' train() moved the whole model onto each GPU
+    before FSDP sharded it (before-fix/: 38.6 GiB allocated uncapped, the memory snapshot's largest blocks
+    allocated in trainer.py's _move_model_to_device). Kept off the GPU (trainer/run.py keep_off_gpu_until_sharded)
+    it trains, its per-GPU peak within 10% of the estimate, its tokens/s in the H200 estimate's band, and its CPU
+    memory (every process's peak resident memory, summed) what the plan says: PROCESS_CPU_BYTES was fitted here."""
+    import re
+
+    folder = RUNS / "full-depth"
+    before = folder / "before-fix"
+    assert "CUDA out of memory at step 0" in (before / "fsdp-capped-24gib-oom.log").read_text()
+    uncapped = json.loads((before / "fsdp-L80-qlora-prequantized-offload.json").read_text())
+    assert uncapped["measured"]["peak_allocated_gib"] > 36.8  # the whole 4-bit model, on each GPU
+    peak = (folder / "snapshot-L8" / "peak-offload.txt").read_text().splitlines()
+    assert "_move_model_to_device" in peak[1] and "_move_model_to_device" in peak[2]
+
+    run = json.loads((folder / "fsdp-L80-qlora-prequantized-offload.json").read_text())
+    assert run["status"] == "done" and run["global_step"] == 6 and run["world_size"] == 2
+    assert run["plan"]["cpu_offload"] and run["plan"]["load_on_cpu"]
+    log = (folder / "fsdp.log").read_text()
+    assert "GPU 0 capped at 24.0 GiB" in log and "GPU 1 capped at 24.0 GiB" in log
+    est = _estimate(run, 80)
+    assert est.fits and run["measured"]["peak_reserved_gib"] < 24
+    assert abs(run["measured"]["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.10
+    assert abs(run["measured"]["peak_allocated_gib"] / est.peak_allocated_gib - 1) <= 0.10
+    before_step = float(re.search(r"first step; GPU peak so far ([\d.]+) GiB", log)[1])
+    assert before_step < est.peak_allocated_gib  # sharding no longer sets the peak
+    from rigplan.estimator import memory
+
+    cpu_gib = memory.cpu_memory_bytes(*_model_setup(run, 80)) / 2**30
+    assert abs(run["measured"]["cpu_peak_rss_gib"] / cpu_gib - 1) <= 0.01
+    h200 = _estimate(run, 80, "h200")
     low, high = h200.tokens_per_s_band
     assert 2 * low <= run["measured"]["tokens_per_s"] <= 2 * high

@@ -292,7 +292,9 @@ def test_fsdp_shards_weights_and_offload_moves_them_to_cpu_memory(coeffs) -> Non
     p = two.best
     assert two.fits and p.parallelism == "fsdp" and p.method == "lora" and p.cpu_offload
     bf16 = memory.base_weights_bytes(model, "lora")
-    assert p.cpu_memory_gib == pytest.approx(2 * bf16 / 2**30, rel=0.01) and "DDP does not fit" in two.reason
+    runtime = 2 * memory.PROCESS_CPU_BYTES  # each process's own, beside the weights
+    assert p.cpu_memory_gib == pytest.approx((2 * bf16 + runtime) / 2**30, rel=0.01)
+    assert "DDP does not fit" in two.reason
     assert "sharded QLoRA does not fit" in two.reason
     # on two 80 GB cards the whole 4-bit model loads, and sharded QLoRA needs no CPU copy
     big = planner.plan(model, resolve_gpu("h100-sxm"), coeffs, num_gpus=2, methods=("qlora",)).best
@@ -320,16 +322,19 @@ def test_a_step_of_several_processes_waits_for_its_longest_micro_batch() -> None
     assert speed.expected_max_of_normals(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-4)
 
 
-def test_sharded_checkpointing_keeps_every_layers_input_on_the_gpu(coeffs) -> None:
-    """accelerate's FSDP2 activation checkpointing (a non-reentrant checkpoint_wrapper per decoder layer) keeps each
-    layer's input in bf16 on the GPU, where Unsloth's checkpointing offloads it: counted for sharded plans that
-    checkpoint, nowhere else."""
+def test_a_pre_quantized_sharded_load_holds_the_checkpoint_in_every_process(coeffs) -> None:
+    """CPU memory for sharded QLoRA from a 4-bit checkpoint, all processes summed: each maps the whole checkpoint and
+    FSDP2 reads every layer of it to shard, the offloaded shards come on top, and each process has its runtime;
+    without offload the shards go to the GPUs. Not counted where nothing shards."""
     from rigplan.estimator import memory
 
-    model = resolve_model("llama-3.1-70b")
-    sharded = Setup("qlora", 16, 4, 1024, parallelism="fsdp", num_gpus=2, cpu_offload=True)
-    kept = memory.components_bytes(model, sharded, coeffs, engine="transformers")["activations_kept"]
-    assert kept == 4 * 1024 * 80 * 8192 * 2  # 5 GiB
-    off = dataclasses.replace(sharded, checkpointing="off")
-    assert memory.fsdp_checkpoint_bytes(model, off) == 0
-    assert memory.fsdp_checkpoint_bytes(model, dataclasses.replace(sharded, parallelism="ddp")) == 0
+    model = dataclasses.replace(resolve_model("llama-3.1-70b"), prequantized=True)
+    four_bit = memory.base_weights_bytes(model, "qlora", "transformers")
+    offload = Setup("qlora", 16, 4, 1024, parallelism="fsdp", num_gpus=2, cpu_offload=True)
+    runtime = memory.PROCESS_CPU_BYTES
+    assert memory.cpu_memory_bytes(model, offload) == 3 * four_bit + 2 * runtime
+    on_gpus = dataclasses.replace(offload, cpu_offload=False)
+    assert memory.cpu_memory_bytes(model, on_gpus) == 2 * four_bit + 2 * runtime
+    assert memory.cpu_memory_bytes(model, dataclasses.replace(offload, num_gpus=4)) == 5 * four_bit + 4 * runtime
+    assert memory.cpu_memory_bytes(model, dataclasses.replace(offload, parallelism="ddp")) == 0
+
