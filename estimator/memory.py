@@ -305,17 +305,19 @@ def fsdp_gather_bytes(model: ModelSpec, setup: Setup) -> int:
 
 
 # What FSDP2 holds reserved beyond the estimate's allocated terms, in one layer's stored weights (its all-gather and
-# copy-in buffers come from their own CUDA streams, whose cached blocks the compute stream cannot reuse): measured,
-# the Llama-3.1-70B architecture at full width, QLoRA over two H200s capped at 24 GiB each, 8 layers: reserved 3.32
-# GiB above the estimate without this term, 8.1 layers' weights (fitted there); checked on the same at 16 layers,
-# and on 16-bit LoRA at 8 layers over two H200s capped at 48 GiB (layers four times QLoRA's bytes, where a constant
-# pool and this one part ways), neither seen by the fit (bench/results/h200x2-fsdp/, tests/test_fsdp_runs.py).
-FSDP_POOL_LAYERS = 8
+# copy-in buffers come from their own CUDA streams, whose cached blocks the compute stream cannot reuse), by method.
+# QLoRA: the Llama-3.1-70B architecture at full width over two H200s capped at 24 GiB each, 8 layers: 8.1 layers'
+# weights above the estimate without this term (fitted there); checked at 16 layers and at 80. 16-bit LoRA: the same
+# at 8 layers capped at 48 GiB, 0.52 layers' (fitted there: bench/results/h200x2-fsdp/after-fix/a6000/; the run
+# before it, whose whole model sat on each GPU while it was sharded, had seemed to need 8: h200x2-fsdp/a6000/).
+FSDP_POOL_LAYERS_BY_METHOD = {"qlora": 8.0, "lora": 0.5}
 
 
 def fsdp_pool_bytes(model: ModelSpec, setup: Setup) -> int:
     """FSDP2's stream-cached buffers, reserved on each GPU beyond the allocated peak (FSDP only)."""
-    return FSDP_POOL_LAYERS * layer_weight_bytes(model, setup.method) if setup.parallelism == "fsdp" else 0
+    if setup.parallelism != "fsdp":
+        return 0
+    return int(FSDP_POOL_LAYERS_BY_METHOD[setup.method] * layer_weight_bytes(model, setup.method))
 
 
 def sharded(nbytes: int, setup: Setup) -> int:
@@ -347,23 +349,20 @@ def quantized_load_bytes(model: ModelSpec, setup: Setup) -> int:
 def cpu_memory_bytes(model: ModelSpec, setup: Setup) -> int:
     """CPU memory a sharded plan needs, all processes of the host together (their peak resident memory, summed):
     - a pre-quantized 4-bit checkpoint (loads_on_cpu) is mapped from disk by every process, and FSDP2 moves each
-      layer onto the GPU to shard it, so the whole file becomes resident in every process, shared pages counted in
-      each; the offloaded shards come on top;
-    - 16-bit weights load through rank 0 (cpu_ram_efficient_loading), but transformers 5.17 gives every other
-      process full-size zero tensors on the CPU to receive them (modeling_utils.py, `torch.zeros_like(param,
-      device="cpu")`): a whole 16-bit copy per process, or the offloaded shards if more;
-    - QLoRA from a 16-bit checkpoint loads onto each GPU (quantized_load_bytes): the offloaded shards alone;
-    - and each process's own runtime beside the weights (PROCESS_CPU_BYTES)."""
+      layer onto the GPU to shard it, so the whole file becomes resident in every process (pages the processes may
+      share through the page cache are counted in each);
+    - 16-bit weights are read by rank 0 alone, which broadcasts them (cpu_ram_efficient_loading; the full-size zero
+      tensors transformers 5.17 gives the other processes are never written, so they take no memory: 24.0 GiB
+      summed at 8 layers, 16.7 of them weights, bench/results/h200x2-fsdp/after-fix/);
+    - QLoRA from a 16-bit checkpoint loads onto each GPU (quantized_load_bytes);
+    - the offloaded shards, where the plan offloads, and each process's own runtime (PROCESS_CPU_BYTES)."""
     if setup.parallelism != "fsdp":
         return 0
-    offloaded = cpu_offload_bytes(model, setup)
     if loads_on_cpu(model, setup):
-        weights = setup.num_gpus * base_weights_bytes(model, "qlora", "transformers") + offloaded
-    elif setup.method == "lora":
-        weights = max(offloaded, setup.num_gpus * base_weights_bytes(model, "lora"))
+        checkpoint = setup.num_gpus * base_weights_bytes(model, "qlora", "transformers")
     else:
-        weights = offloaded
-    return weights + setup.num_gpus * PROCESS_CPU_BYTES
+        checkpoint = base_weights_bytes(model, "lora") if setup.method == "lora" else 0
+    return checkpoint + cpu_offload_bytes(model, setup) + setup.num_gpus * PROCESS_CPU_BYTES
 
 
 # Each sharded process's resident CPU memory beside the weights (Python, torch, CUDA's host side, Unsloth): fitted

@@ -364,9 +364,10 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
                + ("" if ddp_fits else "; DDP does not fit (each GPU would hold the whole model)"))
         if s.method == "lora" and _held_by_quantized_load(cands):  # why not QLoRA, which would need less once sharded
             why += ("; sharded QLoRA does not fit: every process loads the whole 4-bit model onto its GPU before "
-                    "FSDP shards it (transformers 5.17)")
+                    "FSDP shards it (transformers 5.17), where a pre-quantized 4-bit checkpoint (...-bnb-4bit) would "
+                    "load into CPU memory")
         if s.parallelism == "fsdp" and s.method == "lora":
-            why += "; loading takes a 16-bit copy of the weights in CPU memory per process"
+            why += "; process 0 reads the 16-bit weights into CPU memory to send each GPU its shard"
     measured = ("DDP speed: one GPU's, each step waiting for the slowest process (measured on two H200s"
                 + ("" if num_gpus == 2 else f"; {num_gpus} GPUs extrapolated") + ")"
                 if s.parallelism == "ddp"

@@ -247,8 +247,8 @@ def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, 
               ranks: tuple[int, ...] | None = None,
               name: str = "") -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
     """The planner's answer on the target GPU with its calibration; speed for the data's example lengths
-    when known. Where nothing fits on several GPUs because sharded QLoRA would first load the whole 4-bit model
-    onto each GPU, the profile's pre-quantized copy (catalog.prequantized_copy; `name`, the name given, picks the
+    when known. Where nothing fits on several GPUs, or only with the weights offloaded, because sharded QLoRA would
+    first load the whole 4-bit model onto each GPU, the profile's pre-quantized copy (catalog.prequantized_copy; `name`, the name given, picks the
     instruct one) is planned instead: the same weights, loaded into CPU memory by each process."""
     coeffs, doc, here = store.for_gpu(target.spec.id)
     methods = methods_for(model, methods)
@@ -261,7 +261,10 @@ def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, 
 
     result = answer(model, methods)
     copy = catalog.prequantized_copy(model, name) if model_path is None and not model.prequantized else None
-    if not result.fits and num_gpus > 1 and "qlora" in methods and copy is not None:
+    # Also where the 16-bit model fits only with its frozen weights in CPU memory: offloaded, QLoRA goes first
+    # (planner._preference), and the copy's 4-bit weights need a quarter of the CPU memory.
+    offloaded = result.fits and result.best is not None and result.best.cpu_offload
+    if (not result.fits or offloaded) and num_gpus > 1 and "qlora" in methods and copy is not None:
         sharded = answer(copy, ("qlora",))
         if sharded.fits:
             whole = memory.quantized_load_bytes(model, sharded.best.setup) / planner.GIB  # type: ignore[union-attr]
