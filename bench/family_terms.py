@@ -21,6 +21,7 @@ RESULTS = Path(__file__).parent / "results"
 PHI = [RESULTS / "h200-issue17-heldout2" / "probe-phi.jsonl"]
 PHI_QLORA = PHI + [RESULTS / "h200-issue17-heldout2" / "probe-phi-8192.jsonl"]
 GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
+QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
 
@@ -159,11 +160,12 @@ def gpt_oss_swiglu(method: str) -> float:
     return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS, method, 4, 2048), 40.0)
 
 
-def qlora_slack(files: list[Path], model_type: str) -> float:
+def qlora_slack(files: list[Path], model_type: str, shapes: tuple[tuple[int, int], ...] = ()) -> float:
     """memory.QLORA_SLACK_GIB_BY_TYPE[model_type]: the mean of measured less estimated reserved GiB over the
-    family's QLoRA rows in files, estimated without the term."""
+    family's QLoRA rows in files (those of the (batch, seq) shapes given, if any), estimated without the term."""
     found = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
-    qlora = [r for r in found if r["method"] == "qlora" and not r.get("err")]
+    qlora = [r for r in found if r["method"] == "qlora" and not r.get("err")
+             and (not shapes or (r["batch"], r["seq"]) in shapes)]
     table, saved = memory.QLORA_SLACK_GIB_BY_TYPE, memory.QLORA_SLACK_GIB_BY_TYPE[model_type]
     try:
         table[model_type] = 0.0
@@ -202,6 +204,8 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (qlora_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3), ("gpt_oss", GPT_OSS))},
+        'memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qlora_slack(QWEN2_MOE, "qwen2_moe", ((1, 2048),)),
+                                                       memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
     }
 
 

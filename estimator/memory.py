@@ -437,8 +437,10 @@ def step_bytes(parts: dict[str, int]) -> int:
 # Phi-3.5-mini's grows with the tokens of a micro-batch (0.20 GiB at 2,048 tokens, 0.67-0.81 at 16,384): a constant
 # plus bytes per token and hidden unit (QLORA_SLACK_PER_HIDDEN_BY_TYPE), least squares over its QLoRA 1 x 2048,
 # 4 x 2048 (h200-issue17-heldout2/) and 2 x 4096, 1 x 16384 rows (h200-issue17-heldout3/; bench/family_terms.py
-# phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it.
-QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.537, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.089}
+# phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it. Qwen1.5-MoE's: its QLoRA 1 x 2048 row, the first
+# that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows checking it.
+QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.537, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.089,
+                           "qwen2_moe": 0.382}
 QLORA_SLACK_PER_HIDDEN_BY_TYPE = {"phi3": 3.94}
 
 

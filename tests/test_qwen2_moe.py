@@ -235,3 +235,17 @@ def test_the_recorded_runs_trained_every_experts_adapters_as_unsloth_widened_the
     assert all(r["trainable_params"] == lora_params(four, 16) + experts for r in rows)
     log = (folder / "probe-qwen2moe-lora.log").read_text()
     assert "Enabling LoRA on MoE parameters: ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']" in log
+
+
+def test_the_runs_as_planned_train_the_shared_experts_adapters_and_no_routed_ones() -> None:
+    """Qwen1.5-MoE at 4 layers on the H200 with the shared expert's modules named (bench/results/
+    h200-issue17-heldout5/, predictions/qwen2moe-shared-h200.json written before): every row trained exactly the
+    plan's adapters, and Unsloth added none to the routed experts. Their memory and speed are checked with the other
+    families' (tests/test_issue17_runs.py)."""
+    from rigplan.calibration.replica import reduced
+
+    folder = Path(__file__).parents[1] / "bench" / "results" / "h200-issue17-heldout5"
+    rows = [json.loads(x) for x in (folder / "probe-qwen2moe.jsonl").read_text().splitlines() if x]
+    assert len(rows) == 6 and all(r["provenance"]["gpu"] == "NVIDIA H200" and not r["err"] for r in rows)
+    assert all(r["trainable_params"] == lora_params(reduced(SPEC, 4), 16) == 2_523_136 for r in rows)
+    assert "Enabling LoRA on MoE parameters" not in (folder / "probe-qwen2moe.log").read_text()
