@@ -61,6 +61,7 @@ def test_two_processes_train_and_rank_0_alone_writes(setup, tmp_path) -> None:
     m = summary["measured"]  # tokens: summed over the processes; step_seconds: process 0's, from training's start
     assert 0.8 < logged[-1]["tokens_per_s"] / (m["tokens"] / sum(m["step_seconds"])) < 1.25
     assert m["cpu_peak_rss_gib"] > 0.4  # both processes' peak resident memory together (torch: some 0.3 GiB each)
+    assert 0 < m["cpu_peak_anon_gib"] < m["cpu_peak_rss_gib"]  # summed too
     assert json.loads((out / "plan.json").read_text())["num_gpus"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert summary["ranks_agree"] is True

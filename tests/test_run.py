@@ -70,6 +70,8 @@ def test_learns_the_synthetic_task(model_dir, data_file, tmp_path) -> None:
     m = s["measured"]  # the rate of compiled shapes leaves out steps that met a new one, at least the first
     assert m["compile_steps"] >= 1 and m["tokens_per_s_compiled"] > 0
     assert 0.2 < m["cpu_peak_rss_gib"] < 64  # the process's peak resident memory (torch alone holds some 0.3 GiB)
+    # by kind (Linux): its own memory, and mapped files' pages (the safetensors weights, torch's libraries)
+    assert 0.1 < m["cpu_peak_anon_gib"] < m["cpu_peak_rss_gib"] and 0 < m["cpu_peak_file_gib"] < m["cpu_peak_rss_gib"]
 
 
 def _interrupt_at(monkeypatch, step: int) -> None:
@@ -663,3 +665,14 @@ def test_a_resume_under_another_plan_is_refused_and_the_saved_plan_resumes(model
                                   "--max-steps", "3", "--resume", "--json"])
     assert r.exit_code == 0, r.output[-2000:]
     assert json.loads((tmp_path / "o" / "run_summary.json").read_text())["global_step"] == 3
+
+
+def test_resident_memory_is_read_by_kind() -> None:
+    """/proc/self/status's RssAnon and RssFile in GiB; nothing where the lines are missing."""
+    from rigplan.trainer.loop import resident_gib
+
+    text = "Name:\tpython\nVmRSS:\t 3145728 kB\nRssAnon:\t 2097152 kB\nRssFile:\t 1048576 kB\nRssShmem:\t 0 kB\n"
+    assert resident_gib(text) == {"cpu_peak_anon_gib": 2.0, "cpu_peak_file_gib": 1.0}
+    assert resident_gib("Name:\tpython\n") == {}
+    here = resident_gib()
+    assert here["cpu_peak_anon_gib"] > 0.05 and here["cpu_peak_file_gib"] > 0

@@ -629,7 +629,8 @@ def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:
     import torch.distributed as dist
 
     device = "cuda" if cuda else "cpu"
-    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup", "tokens_per_s_compiled", "cpu_peak_rss_gib")
+    summed = ("tokens", "tokens_per_s", "tokens_per_s_with_warmup", "tokens_per_s_compiled", "cpu_peak_rss_gib",
+              "cpu_peak_anon_gib", "cpu_peak_file_gib")
     peaks = ("peak_allocated_gib", "peak_reserved_gib", "nvml_peak_used_gib")
     values = torch.tensor([float(measured.get(k) or 0.0) for k in summed], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -639,6 +640,25 @@ def _all_ranks(measured: dict[str, Any], cuda: bool) -> dict[str, Any]:
         most = torch.tensor([float(measured.get(k) or 0.0) for k in peaks], dtype=torch.float64, device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         out.update({k: round(v, 3) for k, v in zip(peaks, most.tolist())})
+    return out
+
+
+def resident_gib(status: str | None = None) -> dict[str, float]:
+    """This process's resident CPU memory by kind, from Linux's /proc/self/status (kB): RssAnon, its own (heap,
+    tensors, offloaded shards), and RssFile, pages of files it maps (a safetensors checkpoint), which the page cache
+    shares between processes and can drop. cpu_peak_rss_gib counts both in every process, so summed over processes
+    it counts a checkpoint they all map once each. {} where there is no such file."""
+    if status is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return {}
+    names = {"RssAnon": "cpu_peak_anon_gib", "RssFile": "cpu_peak_file_gib"}
+    out = {}
+    for line in status.splitlines():
+        key, _, rest = line.partition(":")
+        if key in names and rest.split():
+            out[names[key]] = int(rest.split()[0]) / 2**20
     return out
 
 
@@ -656,14 +676,17 @@ def cuda_uuid() -> str | None:
 
 class MemorySampler:
     """The GPU memory in use as nvidia-smi shows it (NVML), sampled every SAMPLE_S on a thread during
-    training: read afterwards it shows only what is still held (issue 14: 16.9 GiB after a 57.3 GiB peak)."""
+    training: read afterwards it shows only what is still held (issue 14: 16.9 GiB after a 57.3 GiB peak). Every
+    CPU_EVERY samples, this process's resident CPU memory by kind too (resident_gib): the peaks in cpu_peaks."""
 
     SAMPLE_S = 0.05
+    CPU_EVERY = 10
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: bool = True) -> None:
         import threading
 
-        self.peak: float | None = None
+        self.gpu, self.peak = gpu, None
+        self.cpu_peaks: dict[str, float] = {}
         self.uuid = cuda_uuid()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -671,10 +694,15 @@ class MemorySampler:
     def _run(self) -> None:
         from rigplan.profiles import nvml
 
+        tick = 0
         while not self._stop.is_set():
-            used = nvml.used_gib(uuid=self.uuid)
+            used = nvml.used_gib(uuid=self.uuid) if self.gpu else None
             if used is not None:
                 self.peak = max(self.peak or 0.0, used)
+            if tick % self.CPU_EVERY == 0:
+                for k, v in resident_gib().items():
+                    self.cpu_peaks[k] = max(self.cpu_peaks.get(k, 0.0), v)
+            tick += 1
             self._stop.wait(self.SAMPLE_S)
 
     def start(self) -> None:

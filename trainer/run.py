@@ -412,11 +412,11 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
         trainer.remove_callback(printer)
     trainer.add_callback(progress_callback())
     previous = {s: signal.signal(s, guard.handle) for s in EXIT_SIGNAL}
-    sampler = MemorySampler() if cuda else None
+    sampler = MemorySampler(gpu=cuda)
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-            sampler.start()
+        sampler.start()
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         runtime = time.perf_counter() - t0
@@ -433,7 +433,7 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
                            f"--resume --seq {plan.seq_len // 2}{qlora} (last checkpoint: {_last_checkpoint(out)})") from e
     finally:
         guard.gc.stop()  # the automatic collector back on, whatever ended training
-        nvml_peak = sampler.stop() if sampler else None
+        nvml_peak = sampler.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -446,6 +446,9 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     # Each optimizer step's seconds (this process's clock; only the warm-up's end, the last and those that met a new
     # shape are synchronised with the GPU): where compiling a new shape or a slow GPU stalled the run.
     measured["step_seconds"] = guard.step_seconds()
+    # Resident CPU memory by kind while training (loop.py resident_gib): what of cpu_peak_rss_gib is the process's
+    # own and what is a mapped checkpoint's pages
+    measured.update({k: round(v, 3) for k, v in sampler.cpu_peaks.items()})
     measured["gc"] = guard.gc.summary()  # Python's collections while training (trainer/loop.py GcWatch)
     # What ran, not what was asked: the Trainer's FSDP wrapping, if any (accelerate's plugin)
     parallelism = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
