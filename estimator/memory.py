@@ -308,8 +308,7 @@ def fsdp_gather_bytes(model: ModelSpec, setup: Setup) -> int:
 # copy-in buffers come from their own CUDA streams, whose cached blocks the compute stream cannot reuse), by method.
 # QLoRA: the Llama-3.1-70B architecture at full width over two H200s capped at 24 GiB each, 8 layers: 8.1 layers'
 # weights above the estimate without this term (fitted there); checked at 16 layers and at 80. 16-bit LoRA: the same
-# at 8 layers capped at 48 GiB, 0.52 layers' (fitted there: bench/results/h200x2-fsdp/after-fix/a6000/; the run
-# before it, whose whole model sat on each GPU while it was sharded, had seemed to need 8: h200x2-fsdp/a6000/).
+# at 8 layers capped at 48 GiB, 0.52 layers' (fitted there: bench/results/h200x2-fsdp/after-fix/a6000/).
 FSDP_POOL_LAYERS_BY_METHOD = {"qlora": 8.0, "lora": 0.5}
 
 

@@ -248,8 +248,9 @@ def best_plan(model: ModelSpec, target: Target, seq: int, effective_batch: int, 
               name: str = "") -> tuple[planner.PlanResult, Plan | None, dict[str, Any]]:
     """The planner's answer on the target GPU with its calibration; speed for the data's example lengths
     when known. Where nothing fits on several GPUs, or only with the weights offloaded, because sharded QLoRA would
-    first load the whole 4-bit model onto each GPU, the profile's pre-quantized copy (catalog.prequantized_copy; `name`, the name given, picks the
-    instruct one) is planned instead: the same weights, loaded into CPU memory by each process."""
+    first load the whole 4-bit model onto each GPU, the profile's pre-quantized copy (catalog.prequantized_copy;
+    `name`, the name given, picks the instruct one) is planned instead: the same weights, loaded into CPU memory by
+    each process."""
     coeffs, doc, here = store.for_gpu(target.spec.id)
     methods = methods_for(model, methods)
 

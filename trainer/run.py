@@ -430,7 +430,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
             where += f" on process {world().rank}"
         qlora = " or --method qlora" if plan.method == "lora" else ""
         raise RigplanError(f"CUDA out of memory at step {trainer.state.global_step} {where} ({held}); resume with "
-                           f"--resume --seq {plan.seq_len // 2}{qlora} (last checkpoint: {_last_checkpoint(out)})") from e
+                           f"--resume --seq {plan.seq_len // 2}{qlora} "
+                           f"(last checkpoint: {_last_checkpoint(out)})") from e
     finally:
         guard.gc.stop()  # the automatic collector back on, whatever ended training
         nvml_peak = sampler.stop()
