@@ -355,13 +355,20 @@ def cpu_memory_bytes(model: ModelSpec, setup: Setup) -> int:
       summed at 8 layers, 16.7 of them weights, bench/results/h200x2-fsdp/after-fix/);
     - QLoRA from a 16-bit checkpoint loads onto each GPU (quantized_load_bytes);
     - the offloaded shards, where the plan offloads, and each process's own runtime (PROCESS_CPU_BYTES)."""
+    return sum(cpu_memory_terms(model, setup).values())
+
+
+def cpu_memory_terms(model: ModelSpec, setup: Setup) -> dict[str, int]:
+    """cpu_memory_bytes term by term (empty where nothing is sharded): the checkpoint as read (mapped whole by
+    every process, or process 0's 16-bit read), the offloaded weights, the processes' runtime."""
     if setup.parallelism != "fsdp":
-        return 0
+        return {}
     if loads_on_cpu(model, setup):
         checkpoint = setup.num_gpus * base_weights_bytes(model, "qlora", "transformers")
     else:
         checkpoint = base_weights_bytes(model, "lora") if setup.method == "lora" else 0
-    return checkpoint + cpu_offload_bytes(model, setup) + setup.num_gpus * PROCESS_CPU_BYTES
+    return {"checkpoint_read": checkpoint, "offloaded_weights": cpu_offload_bytes(model, setup),
+            "process_runtime": setup.num_gpus * PROCESS_CPU_BYTES}
 
 
 # Each sharded process's resident CPU memory beside the weights (Python, torch, CUDA's host side, Unsloth): fitted

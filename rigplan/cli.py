@@ -110,8 +110,8 @@ def _render_check(d: dict[str, Any]) -> str:
     if d["recommended"] and d["recommended"]["num_gpus"] > 1:
         r = d["recommended"]
         out.append(f"gpus: {r['parallelism']} over {r['num_gpus']}; memory per GPU, tok/s for all of them"
-                   + (f"; CPU memory to load and offload the weights: {r['cpu_memory_gib']:.1f} GiB" if r["cpu_memory_gib"]
-                      else "")
+                   + (f"; CPU memory, all processes: {r['cpu_memory_gib']:.1f} GiB ({_cpu_terms(r)})"
+                      if r["cpu_memory_gib"] else "")
                    + (f"; weights: {r['model_path']}, loaded into CPU memory by each process" if r["load_on_cpu"]
                       else ""))
     out += _warning_lines(d)
@@ -130,6 +130,14 @@ def _data_speed_note(r: dict[str, Any], lengths_known: bool) -> str:
 def _warning_lines(d: dict[str, Any]) -> list[str]:
     """Known issues under a table: each one's one-line summary (--json carries the whole notes too)."""
     return [f"warning: {w}" for w in d["warnings_short"]]
+
+
+def _cpu_terms(r: dict) -> str:
+    """A sharded plan's CPU memory term by term, in words."""
+    words = {"checkpoint_read": "the checkpoint as read", "offloaded_weights": "offloaded weights",
+             "process_runtime": "the processes' runtime"}
+    terms = r.get("cpu_memory_terms_gib") or {}
+    return ", ".join(f"{words[k]} {v:.1f}" for k, v in terms.items() if v)
 
 
 def _host_bound_note(r: dict[str, Any]) -> str:

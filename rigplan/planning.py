@@ -151,9 +151,17 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "tokens_per_s_band": [p.tokens_per_s_low, p.tokens_per_s_high],
             "step_s": p.step_s, "host_bound": p.host_bound, "example_tokens": p.example_tokens or None,
             "fill": p.fill or None, "parallelism": p.parallelism, "num_gpus": p.num_gpus,
-            "cpu_offload": p.cpu_offload, "cpu_memory_gib": p.cpu_memory_gib or None, "load_on_cpu": p.load_on_cpu,
+            "cpu_offload": p.cpu_offload, "cpu_memory_gib": p.cpu_memory_gib or None,
+            "cpu_memory_terms_gib": cpu_memory_terms_gib(p), "load_on_cpu": p.load_on_cpu,
             "train_hours": round(planner.train_time_s(load.tokens, load.epochs, p) / 3600, 3),
             "components_gib": p.components_gib}
+
+
+def cpu_memory_terms_gib(p: Plan) -> dict[str, float] | None:
+    """What a sharded plan's CPU memory is made of (estimator/memory.py cpu_memory_terms), or None."""
+    if not p.cpu_memory_gib:
+        return None
+    return {k: round(v / planner.GIB, 1) for k, v in memory.cpu_memory_terms(plan_model(p), p.setup).items()}
 
 
 def warnings_for(model: ModelSpec, short: bool = False) -> list[str]:

@@ -276,8 +276,9 @@ def test_70b_on_two_cards_is_sharded_with_cpu_memory_said() -> None:
     assert d["fits"] and r["parallelism"] == "fsdp" and r["num_gpus"] == 2 and r["cpu_offload"]
     assert r["method"] == "qlora" and r["load_on_cpu"] and r["total_gib"] < 28.7
     assert r["cpu_memory_gib"] == pytest.approx(3 * 36.8 + 2 * 4.97, abs=0.2)  # 2 x mapped + shards + runtimes
+    assert r["cpu_memory_terms_gib"] == {"checkpoint_read": 73.6, "offloaded_weights": 36.8, "process_runtime": 9.9}
     text = invoke("check", "llama-3.1-70b", "--gpu", "rtx-5090", "--gpus", "2").output
-    assert "fsdp over 2" in text and "CPU memory to load and offload the weights" in text
+    assert "fsdp over 2" in text and "CPU memory, all processes: " in text
     assert "Meta-Llama-3.1-70B-bnb-4bit, the same weights stored in 4-bit" in text
     two = json.loads(invoke("check", "llama-3.1-70b", "--gpu", "rtx-a6000", "--gpus", "2", "--json").output)
     assert two["fits"] and two["recommended"]["method"] == "qlora"  # each card holds it in 4-bit, checkpointed
