@@ -22,6 +22,9 @@
 # (bench/deepen.py): the full-depth 70B in 4-bit (about 37 GiB) where the disk could not hold it in bf16 to quantize
 # (predictions/fsdp-70b-full-depth-4090x2.json).
 #   DEPTH=80 PREQUANTIZED=1 CPU_OFFLOAD=1 QLORA_CPU_LOAD=report bash bench/record_fsdp.sh qlora
+# STORAGE=uint8 (with PREQUANTIZED=1): the 4-bit weights stored as bitsandbytes' default uint8, as Unsloth's
+# `-bnb-4bit` copies are: FSDP2 shards them only through Unsloth's hook, which views them as bf16
+# (trainer/engine.py require_float_storage; predictions/fsdp-uint8-prequantized.json).
 # PREP_ONLY=1: build the replica (quantized, deepened as asked) and stop, so that a call can build it while the GPUs
 # run other work and the next call trains on it.
 set -uo pipefail
@@ -34,16 +37,18 @@ DIR=/tmp/replica-llama-3.1-70b-L$LAYERS
 from rigplan.calibration.replica import build_replica, reduced
 from rigplan.profiles.catalog import resolve_model
 build_replica(reduced(resolve_model('llama-3.1-70b'), $LAYERS), '$DIR', device='cuda')" || exit 1
+STORAGE=${STORAGE:-bfloat16}
 if [ "${PREQUANTIZED:-0}" = 1 ]; then
-  [ -f $DIR-bnb-4bit/config.json ] || python3 -c "
+  Q=$DIR-bnb-4bit; [ "$STORAGE" = bfloat16 ] || Q=$Q-$STORAGE
+  [ -f $Q/config.json ] || python3 -c "
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
-                       bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+                       bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.$STORAGE)
 model = AutoModelForCausalLM.from_pretrained('$DIR', quantization_config=q, dtype=torch.bfloat16, device_map={'': 0})
-model.save_pretrained('$DIR-bnb-4bit')
-AutoTokenizer.from_pretrained('$DIR').save_pretrained('$DIR-bnb-4bit')" || exit 1
-  DIR=$DIR-bnb-4bit
+model.save_pretrained('$Q')
+AutoTokenizer.from_pretrained('$DIR').save_pretrained('$Q')" || exit 1
+  DIR=$Q
 fi
 if [ -n "${DEPTH:-}" ]; then
   [ -f $DIR-deep$DEPTH/config.json ] || python3 bench/deepen.py $DIR $DIR-deep$DEPTH $DEPTH || exit 1
@@ -59,6 +64,7 @@ for method in "${@:-qlora}"; do
   [ "$GPU" = rtx-4090 ] || name=$name-$GPU
   [ "${QLORA_CPU_LOAD:-0}" = 1 ] && name=$name-cpuload  # bench/capped.py: 4-bit weights loaded in CPU memory
   [ "${PREQUANTIZED:-0}" = 1 ] && name=$name-prequantized
+  [ "$STORAGE" = bfloat16 ] || name=$name-$STORAGE
   offload=""; [ "${CPU_OFFLOAD:-0}" = 1 ] && { name=$name-offload; offload="--cpu-offload"; }
   out=/tmp/run-$name
   rm -rf $out
