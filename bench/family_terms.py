@@ -117,16 +117,17 @@ PHI_LONG = [RESULTS / "h200-issue17-heldout3" / "probe-phi.jsonl"]
 
 
 def phi3_transient() -> float:
-    """memory.TRANSIENT_PER_HIDDEN_BY_TYPE["phi3"]: bytes per token and hidden unit that Phi-3.5's QLoRA rows at
-    2 x 4096 and 1 x 16384 allocated beyond the other terms (estimated without it), least squares through zero."""
-    table, saved = memory.TRANSIENT_PER_HIDDEN_BY_TYPE, memory.TRANSIENT_PER_HIDDEN_BY_TYPE["phi3"]
+    """memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]: bytes per token and unit of key/value width that Phi-3.5's QLoRA
+    rows at 2 x 4096 and 1 x 16384 allocated beyond the other terms (estimated without it), least squares through
+    zero."""
+    table, saved = memory.TRANSIENT_PER_KV_BY_TYPE, memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]
     num = den = 0.0
     try:
         table["phi3"] = 0.0
         for batch, seq in ((2, 4096), (1, 16384)):
             r = rows(PHI_LONG, "qlora", batch, seq)
             model, setup, _ = model_setup(r)
-            unit = setup.tokens * model.hidden_size / 2**30
+            unit = setup.tokens * memory.kv_width(model) / 2**30
             num, den = num + unit * (r["peak_alloc_gib"] - _allocated(r)), den + unit**2
     finally:
         table["phi3"] = saved
@@ -134,19 +135,19 @@ def phi3_transient() -> float:
 
 
 def phi3_qlora_slack() -> tuple[float, float]:
-    """memory.QLORA_SLACK_GIB_BY_TYPE["phi3"] and QLORA_SLACK_PER_HIDDEN_BY_TYPE["phi3"]: measured less estimated
-    reserved GiB (estimated without them) = a + b x tokens x hidden / 2**30, least squares over the QLoRA rows
+    """memory.QLORA_SLACK_GIB_BY_TYPE["phi3"] and QLORA_SLACK_PER_KV_BY_TYPE["phi3"]: measured less estimated
+    reserved GiB (estimated without them) = a + b x tokens x key/value width / 2**30, least squares over the rows
     1 x 2048, 4 x 2048 (heldout2) and 2 x 4096, 1 x 16384 (heldout3)."""
     fit = [rows(PHI, "qlora", 1, 2048), rows(PHI, "qlora", 4, 2048), rows(PHI_LONG, "qlora", 2, 4096),
            rows(PHI_LONG, "qlora", 1, 16384)]
-    const, per = memory.QLORA_SLACK_GIB_BY_TYPE, memory.QLORA_SLACK_PER_HIDDEN_BY_TYPE
+    const, per = memory.QLORA_SLACK_GIB_BY_TYPE, memory.QLORA_SLACK_PER_KV_BY_TYPE
     saved = const["phi3"], per["phi3"]
     xs, ys = [], []
     try:
         const["phi3"], per["phi3"] = 0.0, 0.0
         for r in fit:
             model, setup, gpu = model_setup(r)
-            xs.append(setup.tokens * model.hidden_size / 2**30)
+            xs.append(setup.tokens * memory.kv_width(model) / 2**30)
             ys.append(r["peak_reserved_gib"] - planner.estimate(model, setup, gpu, store.reference()[0])
                       .peak_reserved_gib)
     finally:
@@ -197,9 +198,9 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]': (phi3_logits(),
                                                                memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]),
         'memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]': (phi3_mask(), memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]),
-        'memory.TRANSIENT_PER_HIDDEN_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_HIDDEN_BY_TYPE["phi3"]),
+        'memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]': (phi_slack[0], memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]),
-        'memory.QLORA_SLACK_PER_HIDDEN_BY_TYPE["phi3"]': (phi_slack[1], memory.QLORA_SLACK_PER_HIDDEN_BY_TYPE["phi3"]),
+        'memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]': (phi_slack[1], memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]),
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (qlora_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])

@@ -112,19 +112,24 @@ def recompute_transient_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficien
     if setup.checkpointing == "off":
         return 0
     h, i = model.hidden_size, model.widest_active_intermediate
-    family = TRANSIENT_PER_HIDDEN_BY_TYPE.get(model.model_type, 0.0)
-    return int(setup.tokens * ((coeffs.transient_per_hidden + family) * h + coeffs.transient_per_intermediate * i)
+    family = TRANSIENT_PER_KV_BY_TYPE.get(model.model_type, 0.0) * kv_width(model)
+    return int(setup.tokens * (coeffs.transient_per_hidden * h + family + coeffs.transient_per_intermediate * i)
                + routed_copy_bytes(model, setup) + fp32_swiglu_bytes(model, setup))
 
 
-# Phi-3.5-mini's recompute holds more per token than the reference families' (fitted on Llama, Mistral and Qwen):
-# bytes per token and hidden unit beyond coeffs.transient_per_hidden, both methods. Its QLoRA rows missed by more as
-# their tokens grew, whatever the split (0.24 GiB at 16,384 tokens as 1 x 16384 and as 4 x 4096). Likely its full
-# multi-head attention (32 key/value heads of 32, where the reference models keep K and V at a third of the hidden
-# width or less): about 1.6 more bf16 copies of K and V; Phi-4 (10 of 40) would show less, and holds this figure
-# (the safe side) until measured. Least squares through zero on the QLoRA 2 x 4096 and 1 x 16384 rows on the H200
-# (bench/results/h200-issue17-heldout3/probe-phi.jsonl; bench/family_terms.py phi3_transient).
-TRANSIENT_PER_HIDDEN_BY_TYPE = {"phi3": 4.78}
+def kv_width(model: ModelSpec) -> int:
+    """The width of one token's keys (or values): key/value heads x head dimension."""
+    return model.num_key_value_heads * model.head_dim
+
+
+# Phi-3.5-mini's recompute holds more per token than the reference families' (fitted on Llama, Mistral and Qwen),
+# both methods. Its QLoRA rows missed by more as their tokens grew, whatever the split (0.24 GiB at 16,384 tokens as
+# 1 x 16384 and as 4 x 4096). Likely its full multi-head attention (32 key/value heads of 32, where the reference
+# models keep K and V at a third of the hidden width or less): about 1.6 more bf16 copies of K and V, so bytes per
+# token and unit of key/value width (kv_width; Phi-3.5's is its hidden size, Phi-4's a quarter of it). Least squares
+# through zero on the QLoRA 2 x 4096 and 1 x 16384 rows on the H200 (bench/results/h200-issue17-heldout3/
+# probe-phi.jsonl; bench/family_terms.py phi3_transient).
+TRANSIENT_PER_KV_BY_TYPE = {"phi3": 4.78}
 
 
 def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -441,23 +446,23 @@ def step_bytes(parts: dict[str, int]) -> int:
 # less than the estimate: none. The allocator's own scatter stays in the error (Gemma 3 at 4 x 2048 held 1.0 and
 # 1.7 GiB beyond its allocated peak under two allocator settings).
 # Phi-3.5-mini's grows with the tokens of a micro-batch (0.20 GiB at 2,048 tokens, 0.67-0.81 at 16,384): a constant
-# plus bytes per token and hidden unit (QLORA_SLACK_PER_HIDDEN_BY_TYPE), least squares over its QLoRA 1 x 2048,
+# plus bytes per token and unit of key/value width, as its recompute (QLORA_SLACK_PER_KV_BY_TYPE), least squares over its QLoRA 1 x 2048,
 # 4 x 2048 (h200-issue17-heldout2/) and 2 x 4096, 1 x 16384 rows (h200-issue17-heldout3/; bench/family_terms.py
 # phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it. Qwen1.5-MoE's: its QLoRA 1 x 2048 row, the first
 # that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows checking it.
 QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.537, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.089,
                            "qwen2_moe": 0.382}
-QLORA_SLACK_PER_HIDDEN_BY_TYPE = {"phi3": 3.94}
+QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
 
 
 def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
-    """The family's QLoRA slack under Unsloth (QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_HIDDEN_BY_TYPE); 0
+    """The family's QLoRA slack under Unsloth (QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE); 0
     otherwise."""
     if setup.method != "qlora" or engine != "unsloth":
         return 0
     t = model.model_type
     return int(QLORA_SLACK_GIB_BY_TYPE.get(t, 0.0) * 2**30
-               + QLORA_SLACK_PER_HIDDEN_BY_TYPE.get(t, 0.0) * setup.tokens * model.hidden_size)
+               + QLORA_SLACK_PER_KV_BY_TYPE.get(t, 0.0) * setup.tokens * kv_width(model))
 
 
 def slack_ratio(setup: Setup, coeffs: Coefficients) -> float:

@@ -86,7 +86,7 @@ def test_unsloth_qlora_holds_experts_in_4_bit() -> None:
 # gpt-oss at 2 x 4096, 1 x 16384 and 8 layers, Phi-3.5 at 2 x 4096 and 1 x 16384; Gemma 3's not run, the device
 # time ran out); and a fourth set (h200-issue17-heldout4/, predictions/issue17-heldout4-h200.json: Gemma 3's QLoRA
 # at 2 x 4096 and 1 x 16384, Qwen3-MoE at 8 layers, Phi-3.5 at 4 x 4096, gpt-oss QLoRA at 8 layers). Phi-3.5's
-# QLoRA 4 x 4096 there was 8.8% under: its per-token terms (memory.TRANSIENT_PER_HIDDEN_BY_TYPE and the per-token
+# QLoRA 4 x 4096 there was 8.8% under: its per-token terms (memory.TRANSIENT_PER_KV_BY_TYPE and the per-token
 # slack) were then fitted on its heldout3 QLoRA rows, which thus check nothing any more; 1 x 8192 and 4 x 4096
 # check them. A fifth set (h200-issue17-heldout5/): Phi-3.5's QLoRA at 8 x 2048 to 1 x 32768 and Phi-4 at 8 layers
 # (predictions/phi-pertoken-h200.json), Qwen1.5-MoE training the adapters planned (predictions/
@@ -111,11 +111,11 @@ CHECK_RESERVED_BOUND = {
     "h200-issue17-heldout3/gpt-oss-20b-L4-qlora-2x4096": 0.06,
     "h200-issue17-heldout4/gpt-oss-20b-L8-qlora-1x8192": 0.06,  # 5.05% under, 1.8% over allocated: scatter
     "h200-issue17-heldout5/qwen1.5-moe-a2.7b-L4-lora-1x2048": 0.06,  # 5.1% under, 1.3% over allocated
-    # Phi-4 on Phi-3.5's terms: the per-token ones, fitted at hidden 3,072, hold 11% too much at 5,120
-    "h200-issue17-heldout5/phi-4-L8-qlora-4x4096": 0.12,
+    # Phi-4 on Phi-3.5's terms, its per-token ones scaled by key/value width as written before it ran (11% over
+    # with them scaled by hidden width): the estimate still 6.6% over
+    "h200-issue17-heldout5/phi-4-L8-qlora-4x4096": 0.07,
 }
-CHECK_ALLOCATED_BOUND = {"h200-issue17-heldout2/mixtral-8x7b-L4-qlora-1x16384": 0.13,
-                         "h200-issue17-heldout5/phi-4-L8-qlora-4x4096": 0.06}
+CHECK_ALLOCATED_BOUND = {"h200-issue17-heldout2/mixtral-8x7b-L4-qlora-1x16384": 0.13}
 # Phi-4 runs 26% faster than Phi-3.5's QLoRA factors say (speed.GPU_TIME_BY_TYPE_AND_METHOD, fitted on Phi-3.5)
 CHECK_SPEED_BOUND: dict[str, float] = {"h200-issue17-heldout5/phi-4-L8-qlora-4x4096": 0.30}
 
