@@ -407,6 +407,11 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         click.echo(json.dumps(_run(lambda: runlib.dry_run_report(p, opts), before), indent=2))
         return
     _run(lambda: runlib.check_plan(p), before)
+    if distributed.world().main and not distributed.relaunched():  # once, in the process that starts the others
+        problems, warning = lib.cpu_memory_check(p, lib.host_memory_gib())
+        _run(lambda: require(problems), before)
+        if warning:
+            click.echo(f"rigplan: {warning}", err=True)
     if resume:  # before launching several processes that would each refuse it
         _run(lambda: require(runlib.resume_problems(p, out_dir)), before)
     _run(lambda: distributed.check_gpu_count(p.num_gpus, p.gpu == "cpu"), before)

@@ -164,6 +164,43 @@ def cpu_memory_terms_gib(p: Plan) -> dict[str, float] | None:
     return {k: round(v / planner.GIB, 1) for k, v in memory.cpu_memory_terms(plan_model(p), p.setup).items()}
 
 
+def host_memory_gib(meminfo: str | None = None) -> float | None:
+    """This machine's memory (Linux's /proc/meminfo MemTotal), or None where it cannot be read."""
+    if meminfo is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+        except OSError:
+            return None
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:") and len(line.split()) >= 2:
+            return int(line.split()[1]) / 2**20
+    return None
+
+
+def cpu_memory_check(p: Plan, host_gib: float | None) -> tuple[list[str], str | None]:
+    """A sharded plan's CPU memory against this machine's, before any process starts: (problems, warning). What each
+    process keeps to itself, the offloaded weights and its runtime, must fit: else refused (a kernel's out-of-memory
+    kill mid-load loses the time and says nothing). The checkpoint as each process reads it (estimator/memory.py
+    cpu_memory_terms) comes through the page cache, which the processes share and the kernel can drop: more than the
+    machine has only warns."""
+    terms = memory.cpu_memory_terms(plan_model(p), p.setup) if p.cpu_memory_gib else {}
+    if not terms or host_gib is None:
+        return [], None
+    own = (terms["offloaded_weights"] + terms["process_runtime"]) / planner.GIB
+    if own > host_gib:
+        fix = ("pass --no-cpu-offload where the GPUs hold the weights (rigplan check --gpus "
+               f"{p.num_gpus} says which plans do), or use GPUs with more memory" if p.cpu_offload else
+               "use fewer processes or a machine with more memory")
+        return [f"this plan needs {own:.0f} GiB of CPU memory for its offloaded weights and {p.num_gpus} processes, "
+                f"and this machine has {host_gib:.0f} GiB: {fix}"], None
+    if p.cpu_memory_gib > host_gib:
+        return [], (f"the plan's CPU memory, {p.cpu_memory_gib:.0f} GiB summed over its processes, is more than this "
+                    f"machine's {host_gib:.0f} GiB; {terms['checkpoint_read'] / planner.GIB:.0f} GiB of it is the "
+                    "checkpoint as each process reads it, through the page cache, which the kernel can drop: it may "
+                    "train slowly while loading")
+    return [], None
+
+
 def warnings_for(model: ModelSpec, short: bool = False) -> list[str]:
     """What is known to differ for this model (profiles/known_issues.json): the whole note with its sources, or
     (short) its one-line summary, which the tables print; --json carries both."""

@@ -190,3 +190,23 @@ def test_run_says_where_a_sharded_plan_loads_its_weights(tmp_path, monkeypatch) 
     assert "on rtx-4090 x 2 (fsdp, frozen weights in CPU memory)" in r.output and "peak reserved per GPU" in r.output
     assert "weights unsloth/Meta-Llama-3.1-70B-bnb-4bit, loaded into CPU memory by each process" in r.output
     assert "cannot download unsloth/Meta-Llama-3.1-70B-bnb-4bit: offline" in r.output
+
+
+def test_a_sharded_plan_is_held_to_the_machines_cpu_memory_before_any_process_starts() -> None:
+    """70B QLoRA on two RTX 4090s from the pre-quantized copy, offloaded: each process's own memory (the offloaded
+    weights, 36.8 GiB for both, and the runtimes) must fit the machine, else refused in one line; the checkpoint read
+    through the page cache only warns. Nothing is said of plans that keep everything on the GPUs."""
+    from rigplan import planning
+
+    assert planning.host_memory_gib("MemTotal:       65536000 kB\nMemFree: 1 kB\n") == pytest.approx(62.5)
+    assert planning.host_memory_gib("MemFree: 1 kB\n") is None and planning.host_memory_gib() > 0
+    p = planning.make_plan("llama-3.1-70b", "rtx-4090", num_gpus=2)
+    assert p.load_on_cpu and p.cpu_offload and p.cpu_memory_gib > 100
+    assert planning.cpu_memory_check(p, 256.0) == ([], None)
+    problems, warning = planning.cpu_memory_check(p, 64.0)
+    assert not problems and "is more than this machine's 64 GiB" in warning and "page cache" in warning
+    problems, warning = planning.cpu_memory_check(p, 32.0)
+    assert warning is None and len(problems) == 1
+    assert "needs 47 GiB of CPU memory" in problems[0] and "--no-cpu-offload" in problems[0]
+    one = planning.make_plan("llama-3.1-8b", "rtx-4090")
+    assert planning.cpu_memory_check(one, 1.0) == ([], None)
