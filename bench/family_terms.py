@@ -180,6 +180,24 @@ def qlora_slack(files: list[Path], model_type: str, shapes: tuple[tuple[int, int
     return sum(excess) / len(excess)
 
 
+def lora_slack(files: list[Path], model_type: str) -> float:
+    """memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[model_type]: bytes per token and hidden unit of measured less estimated
+    reserved memory (estimated without the term) over the family's LoRA rows in files, least squares through zero."""
+    found = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+    table, saved = memory.LORA_SLACK_PER_HIDDEN_BY_TYPE, memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[model_type]
+    num = den = 0.0
+    try:
+        table[model_type] = 0.0
+        for r in (r for r in found if r["method"] == "lora" and not r.get("err")):
+            model, setup, gpu = model_setup(r)
+            unit = setup.tokens * model.hidden_size / 2**30
+            excess = r["peak_reserved_gib"] - planner.estimate(model, setup, gpu, store.reference()[0]).peak_reserved_gib
+            num, den = num + unit * excess, den + unit**2
+    finally:
+        table[model_type] = saved
+    return num / den
+
+
 def fitted() -> dict[str, tuple[float, float]]:
     """Each constant: (what its runs give it now, the value in the code)."""
     phi = {m: phi3_speed(m) for m in ("lora", "qlora")}
@@ -205,6 +223,8 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (qlora_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3), ("gpt_oss", GPT_OSS))},
+        **{f'memory.LORA_SLACK_PER_HIDDEN_BY_TYPE["{t}"]': (lora_slack(files, t), memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[t])
+           for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3))},
         'memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qlora_slack(QWEN2_MOE, "qwen2_moe", ((1, 2048),)),
                                                        memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
     }
