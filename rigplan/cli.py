@@ -487,7 +487,7 @@ def _relaunch(p: Any, opts: Any, as_json: bool = False) -> int:
     cmd = distributed.relaunch_command(p.num_gpus, argv)
     click.echo(f"launching {p.num_gpus} processes: {' '.join(cmd)}", err=True)
     try:
-        return subprocess.call(cmd, env=distributed.launch_env())
+        return subprocess.call(cmd, env=distributed.launch_env(p.num_gpus))
     except KeyboardInterrupt:  # torchrun passes Ctrl-C on to every rank, which save and stop together
         return 130
 

@@ -324,3 +324,19 @@ def test_ddp_with_gradient_checkpointing_trains_as_without(setup, tmp_path) -> N
     off, on = runs["off"], runs["unsloth"]
     assert on["status"] == "done" and on["global_step"] == 4 and on["ranks_agree"] is True
     assert on["final_loss"] == pytest.approx(off["final_loss"], rel=1e-4)
+
+
+def test_the_relaunched_processes_share_the_hosts_cores_and_keep_nvlink_multicast_off(monkeypatch) -> None:
+    """`rigplan run --gpus N` starts torchrun with OMP_NUM_THREADS set to this host's cores over N (torchrun would
+    set 1 in each) and NCCL's NVLink multicast off, unless the user set them; its processes know they were
+    relaunched."""
+    from rigplan.trainer import distributed
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(32)), raising=False)
+    env = distributed.launch_env(2)
+    assert env["OMP_NUM_THREADS"] == "16" and env["NCCL_NVLS_ENABLE"] == "0" and env[distributed.RELAUNCHED_VAR] == "1"
+    assert distributed.launch_env(64)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.launch_env(2)["OMP_NUM_THREADS"] == "3"

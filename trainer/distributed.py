@@ -74,9 +74,17 @@ def relaunch_command(num_gpus: int, argv: list[str]) -> list[str]:
 RELAUNCHED_VAR = "RIGPLAN_RELAUNCHED"
 
 
-def launch_env() -> dict[str, str]:
-    """The environment the relaunched processes get: ours, with NCCL_DEFAULTS where unset, and RELAUNCHED_VAR."""
-    return {**NCCL_DEFAULTS, **os.environ, RELAUNCHED_VAR: "1"}
+def launch_env(processes: int = 1) -> dict[str, str]:
+    """The environment the relaunched processes get: ours, with NCCL_DEFAULTS and OMP_NUM_THREADS where unset, and
+    RELAUNCHED_VAR. OMP_NUM_THREADS splits this host's cores between the processes: torchrun otherwise sets 1 in
+    each (its warning asks to tune it), leaving each process's CPU work (collating micro-batches, an offloaded
+    optimizer's step and gradient clipping) one thread, where one process alone has every core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    threads = {"OMP_NUM_THREADS": str(max(1, cores // max(1, processes)))}
+    return {**NCCL_DEFAULTS, **threads, **os.environ, RELAUNCHED_VAR: "1"}
 
 
 def relaunched() -> bool:
