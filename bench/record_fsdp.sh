@@ -57,7 +57,7 @@ fi
 [ "${PREP_ONLY:-0}" = 1 ] && { du -sh $DIR; exit 0; }
 LOG=$OUT/fsdp.log
 # As `rigplan run --gpus 2` gives its processes (trainer/distributed.py launch_env): the cores split between them,
-# where torchrun alone would set one thread each (the runs before 2026-11-30 19:30 UTC had one).
+# where torchrun alone would set one thread each.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / 2 ))}
 DATA="--examples ${EXAMPLES:-300} --seed ${SEED:-5}"
 python3 bench/validation_data.py --out /tmp/data-fsdp.jsonl $DATA | tee -a $LOG
