@@ -114,6 +114,8 @@ def _render_check(d: dict[str, Any]) -> str:
                       if r["cpu_memory_gib"] else "")
                    + (f"; weights: {r['model_path']}, loaded into CPU memory by each process" if r["load_on_cpu"]
                       else ""))
+        if d.get("host_memory_note"):
+            out.append(f"this machine ({d['host_memory_gib']:.0f} GiB of memory): {d['host_memory_note']}")
     out += _warning_lines(d)
     return "\n".join(out)
 

@@ -271,8 +271,19 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
         "fits": result.fits, "reason": result.reason, "calibration": info,
         "recommended": plan_row(plan_, load) if plan_ else None,
         "alternatives": [plan_row(p, load) for p in result.alternatives],
-        "workload": load.to_dict(), **warning_fields(model),
+        "workload": load.to_dict(), **warning_fields(model), **host_memory_fields(plan_, target),
     }
+
+
+def host_memory_fields(p: Plan | None, target: Target) -> dict[str, Any]:
+    """On this machine's own GPUs, a sharded plan's CPU memory against this machine's (cpu_memory_check):
+    `host_memory_gib`, and `host_memory_note` where it falls short or only the page cache would make it fit."""
+    if p is None or not p.cpu_memory_gib or not target.local:
+        return {}
+    host = host_memory_gib()
+    problems, warning = cpu_memory_check(p, host)
+    note = "; ".join(problems) or warning
+    return {"host_memory_gib": round(host, 1) if host else None, **({"host_memory_note": note} if note else {})}
 
 
 def methods_for(model: ModelSpec, methods: tuple[str, ...]) -> tuple[str, ...]:

@@ -210,3 +210,21 @@ def test_a_sharded_plan_is_held_to_the_machines_cpu_memory_before_any_process_st
     assert "needs 47 GiB of CPU memory" in problems[0] and "--no-cpu-offload" in problems[0]
     one = planning.make_plan("llama-3.1-8b", "rtx-4090")
     assert planning.cpu_memory_check(one, 1.0) == ([], None)
+
+
+def test_check_on_local_gpus_holds_a_sharded_plan_to_this_machines_memory(monkeypatch) -> None:
+    """`rigplan check` on two local RTX 4090s (NVML's view replaced here) says when this machine's memory cannot
+    hold what the processes keep to themselves; a catalogue GPU says nothing of this machine."""
+    from rigplan import planning
+    from rigplan.profiles import catalog
+
+    gpu = catalog.resolve_gpu("rtx-4090")
+    monkeypatch.setattr(planning, "resolve_target", lambda _gpu: (planning.Target(gpu, 23.6, True), ""))
+    monkeypatch.setattr(planning, "host_memory_gib", lambda meminfo=None: 32.0)
+    d = planning.check("llama-3.1-70b", "auto", num_gpus=2)
+    assert d["recommended"]["load_on_cpu"] and d["host_memory_gib"] == 32.0
+    assert "needs 47 GiB of CPU memory" in d["host_memory_note"]
+    text = CliRunner().invoke(main, ["check", "llama-3.1-70b", "--gpus", "2"])
+    assert text.exit_code == 0 and "this machine (32 GiB of memory): this plan needs 47 GiB" in text.output
+    monkeypatch.setattr(planning, "resolve_target", lambda _gpu: (planning.Target(gpu, 23.6, False), ""))
+    assert "host_memory_gib" not in planning.check("llama-3.1-70b", "rtx-4090", num_gpus=2)
