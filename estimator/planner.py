@@ -292,8 +292,10 @@ def plan(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int = DE
     fitting.sort(key=lambda c: _preference(c, fastest, num_gpus))
     best = fitting[0]
     plans = [to_plan(model, e, gpu, coeffs, model_path) for e in _runners_up(fitting, alternatives)]
-    return PlanResult(seq == seq_len, plans[0], plans[1:], _reason(best, cands, seq, seq_len, limit, num_gpus),
-                      limit)
+    why = _reason(best, cands, seq, seq_len, limit, num_gpus)
+    if model.experts and best.setup.parallelism == "fsdp":  # the sharded runs so far: the dense 70B architecture
+        why += "; a mixture-of-experts model has not been trained sharded yet: its FSDP figures are the dense terms'"
+    return PlanResult(seq == seq_len, plans[0], plans[1:], why, limit)
 
 
 def _runners_up(fitting: list[Estimate], n: int) -> list[Estimate]:

@@ -339,3 +339,12 @@ def test_a_pre_quantized_sharded_load_holds_the_checkpoint_in_every_process(coef
     assert memory.cpu_memory_bytes(model, dataclasses.replace(offload, num_gpus=4)) == 5 * four_bit + 4 * runtime
     assert memory.cpu_memory_bytes(model, dataclasses.replace(offload, parallelism="ddp")) == 0
 
+
+
+def test_a_sharded_mixture_of_experts_plan_says_it_is_unmeasured(coeffs) -> None:
+    """Mixtral-8x7B on two 24 GB cards is sharded; no mixture-of-experts model has trained sharded yet, and the
+    reason says so. The dense 70B's sharded plan does not."""
+    two = planner.plan(resolve_model("mixtral-8x7b"), resolve_gpu("rtx-4090"), coeffs, num_gpus=2)
+    assert two.fits and two.best.parallelism == "fsdp" and "has not been trained sharded yet" in two.reason
+    dense = planner.plan(resolve_model("llama-3.1-70b"), resolve_gpu("rtx-4090"), coeffs, num_gpus=2)
+    assert dense.best.parallelism == "fsdp" and "has not been trained sharded" not in dense.reason
