@@ -1,8 +1,9 @@
 """Sharded training on two H200s, each process capped at 24 GiB to stand for two RTX 4090s (bench/record_fsdp.sh,
 bench/results/h200x2-fsdp/, 2026-11-30; provenance in each file): the Llama-3.1-70B architecture at full width and 8
 and 16 layers, QLoRA through `rigplan run --parallelism fsdp` under torchrun (FSDP2, transformers + PEFT +
-bitsandbytes). The estimate's FSDP pool (estimator/memory.py FSDP_POOL_LAYERS) was fitted on the 8-layer run; the
-16-layer one checks it and the per-layer terms."""
+bitsandbytes), and at 80 layers from a 4-bit checkpoint. The estimate's FSDP pool for QLoRA (estimator/memory.py
+FSDP_POOL_LAYERS_BY_METHOD) was fitted on the 8-layer run; the 16- and 80-layer ones check it and the per-layer
+terms; 16-bit LoRA's was fitted on its run after the fix (after-fix/a6000/)."""
 
 from __future__ import annotations
 

@@ -265,8 +265,9 @@ def test_ddp_holds_the_model_on_each_gpu_and_adds_gradient_buckets(coeffs) -> No
 def test_fsdp_shards_weights_and_offload_moves_them_to_cpu_memory(coeffs) -> None:
     """Llama-3.1-70B on RTX 4090s: one card cannot hold it. Sharded QLoRA would fit once sharded, but transformers
     5.17 loads a quantized model whole onto every process's GPU before FSDP shards it (37 GiB in 4-bit), so on two
-    cards only 16-bit LoRA fits, sharded with the frozen weights offloaded, and loading takes a 16-bit copy per
-    process in CPU memory: the plan says how much."""
+    cards only 16-bit LoRA fits, sharded with the frozen weights offloaded, and process 0 reads the 16-bit weights
+    into CPU memory: the plan says how much (the planning service plans the 4-bit copy there instead:
+    tests/test_cli.py)."""
     from rigplan.estimator import memory
 
     model, gpu = resolve_model("llama-3.1-70b"), resolve_gpu("rtx-4090")
