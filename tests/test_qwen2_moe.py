@@ -179,9 +179,10 @@ def test_a_shared_expert_elsewhere_is_refused() -> None:
         catalog.model_from_config(qwen3, "bad", "config.json")
 
 
-def test_check_warns_that_it_is_not_measured() -> None:
+def test_check_says_how_far_it_is_measured() -> None:
     d = planning.check("qwen1.5-moe-a2.7b", "rtx-4090")
-    assert d["fits"] and any(w.startswith("uncalibrated: Qwen2-MoE") for w in d["warnings_short"])
+    assert d["fits"] and any(w.startswith("measured: Qwen2-MoE") and "4-layer H200 runs" in w
+                             for w in d["warnings_short"])
 
 
 @pytest.fixture(scope="module")
