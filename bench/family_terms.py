@@ -8,7 +8,9 @@ other terms that would move a fit shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rigplan import store
@@ -26,9 +28,14 @@ QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
 
 
-def rows(files: list[Path], method: str, batch: int, seq: int) -> dict:
+def recorded(files: list[Path], method: str) -> list[dict]:
+    """The method's rows in files that trained (no error)."""
     found = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
-    (row,) = [r for r in found if (r["method"], r["batch"], r["seq"]) == (method, batch, seq)]
+    return [r for r in found if r["method"] == method and not r.get("err")]
+
+
+def rows(files: list[Path], method: str, batch: int, seq: int) -> dict:
+    (row,) = [r for r in recorded(files, method) if (r["batch"], r["seq"]) == (batch, seq)]
     return row
 
 
@@ -40,9 +47,39 @@ def model_setup(row: dict) -> tuple[ModelSpec, Setup, GpuSpec]:
     return model, setup, resolve_gpu(row["provenance"]["gpu"].removeprefix("NVIDIA ").lower())
 
 
-def _allocated(row: dict) -> float:
+def _estimate(row: dict) -> planner.Estimate:
     model, setup, gpu = model_setup(row)
-    return planner.estimate(model, setup, gpu, store.reference()[0]).peak_allocated_gib
+    return planner.estimate(model, setup, gpu, store.reference()[0])
+
+
+def _allocated(row: dict) -> float:
+    return _estimate(row).peak_allocated_gib
+
+
+def _reserved(row: dict) -> float:
+    return _estimate(row).peak_reserved_gib
+
+
+@contextlib.contextmanager
+def zeroed(table: dict, key: object) -> Iterator[None]:
+    """The estimate without a fitted constant (table[key] at 0), the table left as it was."""
+    saved = table[key]
+    table[key] = 0.0
+    try:
+        yield
+    finally:
+        table[key] = saved
+
+
+def through_zero(xs: list[float], ys: list[float]) -> float:
+    """Least squares through zero: the b of y = b x."""
+    return sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+
+
+def _per_token(row: dict, width: Callable[[ModelSpec], int]) -> float:
+    """The row's tokens x a width of its model (width(model)), in units of 2**30."""
+    model, setup, _ = model_setup(row)
+    return setup.tokens * width(model) / 2**30
 
 
 def solve(table: dict, key: object, row: dict, hi: float) -> float:
@@ -120,18 +157,10 @@ def phi3_transient() -> float:
     """memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]: bytes per token and unit of key/value width that Phi-3.5's QLoRA
     rows at 2 x 4096 and 1 x 16384 allocated beyond the other terms (estimated without it), least squares through
     zero."""
-    table, saved = memory.TRANSIENT_PER_KV_BY_TYPE, memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]
-    num = den = 0.0
-    try:
-        table["phi3"] = 0.0
-        for batch, seq in ((2, 4096), (1, 16384)):
-            r = rows(PHI_LONG, "qlora", batch, seq)
-            model, setup, _ = model_setup(r)
-            unit = setup.tokens * memory.kv_width(model) / 2**30
-            num, den = num + unit * (r["peak_alloc_gib"] - _allocated(r)), den + unit**2
-    finally:
-        table["phi3"] = saved
-    return num / den
+    fit = [rows(PHI_LONG, "qlora", batch, seq) for batch, seq in ((2, 4096), (1, 16384))]
+    with zeroed(memory.TRANSIENT_PER_KV_BY_TYPE, "phi3"):
+        ys = [r["peak_alloc_gib"] - _allocated(r) for r in fit]
+    return through_zero([_per_token(r, memory.kv_width) for r in fit], ys)
 
 
 def phi3_qlora_slack() -> tuple[float, float]:
@@ -140,18 +169,9 @@ def phi3_qlora_slack() -> tuple[float, float]:
     1 x 2048, 4 x 2048 (heldout2) and 2 x 4096, 1 x 16384 (heldout3)."""
     fit = [rows(PHI, "qlora", 1, 2048), rows(PHI, "qlora", 4, 2048), rows(PHI_LONG, "qlora", 2, 4096),
            rows(PHI_LONG, "qlora", 1, 16384)]
-    const, per = memory.QLORA_SLACK_GIB_BY_TYPE, memory.QLORA_SLACK_PER_KV_BY_TYPE
-    saved = const["phi3"], per["phi3"]
-    xs, ys = [], []
-    try:
-        const["phi3"], per["phi3"] = 0.0, 0.0
-        for r in fit:
-            model, setup, gpu = model_setup(r)
-            xs.append(setup.tokens * memory.kv_width(model) / 2**30)
-            ys.append(r["peak_reserved_gib"] - planner.estimate(model, setup, gpu, store.reference()[0])
-                      .peak_reserved_gib)
-    finally:
-        const["phi3"], per["phi3"] = saved
+    with zeroed(memory.QLORA_SLACK_GIB_BY_TYPE, "phi3"), zeroed(memory.QLORA_SLACK_PER_KV_BY_TYPE, "phi3"):
+        ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
+    xs = [_per_token(r, memory.kv_width) for r in fit]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
@@ -164,38 +184,19 @@ def gpt_oss_swiglu(method: str) -> float:
 def qlora_slack(files: list[Path], model_type: str, shapes: tuple[tuple[int, int], ...] = ()) -> float:
     """memory.QLORA_SLACK_GIB_BY_TYPE[model_type]: the mean of measured less estimated reserved GiB over the
     family's QLoRA rows in files (those of the (batch, seq) shapes given, if any), estimated without the term."""
-    found = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
-    qlora = [r for r in found if r["method"] == "qlora" and not r.get("err")
-             and (not shapes or (r["batch"], r["seq"]) in shapes)]
-    table, saved = memory.QLORA_SLACK_GIB_BY_TYPE, memory.QLORA_SLACK_GIB_BY_TYPE[model_type]
-    try:
-        table[model_type] = 0.0
-        excess = []
-        for r in qlora:
-            model, setup, gpu = model_setup(r)
-            excess.append(r["peak_reserved_gib"] - planner.estimate(model, setup, gpu, store.reference()[0])
-                          .peak_reserved_gib)
-    finally:
-        table[model_type] = saved
+    qlora = [r for r in recorded(files, "qlora") if not shapes or (r["batch"], r["seq"]) in shapes]
+    with zeroed(memory.QLORA_SLACK_GIB_BY_TYPE, model_type):
+        excess = [r["peak_reserved_gib"] - _reserved(r) for r in qlora]
     return sum(excess) / len(excess)
 
 
 def lora_slack(files: list[Path], model_type: str) -> float:
     """memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[model_type]: bytes per token and hidden unit of measured less estimated
     reserved memory (estimated without the term) over the family's LoRA rows in files, least squares through zero."""
-    found = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
-    table, saved = memory.LORA_SLACK_PER_HIDDEN_BY_TYPE, memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[model_type]
-    num = den = 0.0
-    try:
-        table[model_type] = 0.0
-        for r in (r for r in found if r["method"] == "lora" and not r.get("err")):
-            model, setup, gpu = model_setup(r)
-            unit = setup.tokens * model.hidden_size / 2**30
-            excess = r["peak_reserved_gib"] - planner.estimate(model, setup, gpu, store.reference()[0]).peak_reserved_gib
-            num, den = num + unit * excess, den + unit**2
-    finally:
-        table[model_type] = saved
-    return num / den
+    lora = recorded(files, "lora")
+    with zeroed(memory.LORA_SLACK_PER_HIDDEN_BY_TYPE, model_type):
+        ys = [r["peak_reserved_gib"] - _reserved(r) for r in lora]
+    return through_zero([_per_token(r, lambda m: m.hidden_size) for r in lora], ys)
 
 
 def fitted() -> dict[str, tuple[float, float]]:
@@ -223,7 +224,8 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (qlora_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3), ("gpt_oss", GPT_OSS))},
-        **{f'memory.LORA_SLACK_PER_HIDDEN_BY_TYPE["{t}"]': (lora_slack(files, t), memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[t])
+        **{f'memory.LORA_SLACK_PER_HIDDEN_BY_TYPE["{t}"]': (lora_slack(files, t),
+                                                           memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3))},
         'memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qlora_slack(QWEN2_MOE, "qwen2_moe", ((1, 2048),)),
                                                        memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
