@@ -51,7 +51,8 @@ def expert_params(model: ModelSpec) -> int:
     LoRA targets, which for a mixture-of-experts model are the attention ones (ModelSpec.linear_shapes)."""
     if not model.experts:
         return 0
-    return model.main_layers * split_layer_projections(model)[1]  # the sparse layers (ModelSpec.dense_layer_ids hold none)
+    # the sparse layers (ModelSpec.dense_layer_ids hold none)
+    return model.main_layers * split_layer_projections(model)[1]
 
 
 def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -> int:
@@ -446,17 +447,19 @@ def step_bytes(parts: dict[str, int]) -> int:
 # less than the estimate: none. The allocator's own scatter stays in the error (Gemma 3 at 4 x 2048 held 1.0 and
 # 1.7 GiB beyond its allocated peak under two allocator settings).
 # Phi-3.5-mini's grows with the tokens of a micro-batch (0.20 GiB at 2,048 tokens, 0.67-0.81 at 16,384): a constant
-# plus bytes per token and unit of key/value width, as its recompute (QLORA_SLACK_PER_KV_BY_TYPE), least squares over its QLoRA 1 x 2048,
-# 4 x 2048 (h200-issue17-heldout2/) and 2 x 4096, 1 x 16384 rows (h200-issue17-heldout3/; bench/family_terms.py
-# phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it. Qwen1.5-MoE's: its QLoRA 1 x 2048 row, the first
-# that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows checking it.
+# plus bytes per token and unit of key/value width, as its recompute (QLORA_SLACK_PER_KV_BY_TYPE), least squares
+# over its QLoRA 1 x 2048, 4 x 2048 (h200-issue17-heldout2/) and 2 x 4096, 1 x 16384 rows (h200-issue17-heldout3/;
+# bench/family_terms.py phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it. Qwen1.5-MoE's: its QLoRA
+# 1 x 2048 row, the first that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows
+# checking it.
 QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.537, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.089,
                            "qwen2_moe": 0.382}
 QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
 # Their 16-bit LoRA too, for Qwen3-MoE and Gemma 3: reserved memory beyond the allocated peak that grows with the
 # tokens of a micro-batch (Qwen3-30B-A3B 0.14 GiB at 2,048 tokens, 0.49 at 16,384), bytes per token and hidden unit,
 # least squares through zero on each family's first LoRA rows (bench/results/h200-issue17/, 1 x 2048, 4 x 2048,
-# 1 x 8192; bench/family_terms.py lora_slack), its 2 x 4096 and 1 x 16384 rows (h200-issue17-heldout2/) checking it.
+# 1 x 8192; bench/family_terms.py lora_slack), their 2 x 4096 and 1 x 16384 rows (h200-issue17-heldout2/) checking
+# it.
 LORA_SLACK_PER_HIDDEN_BY_TYPE = {"qwen3_moe": 16.1, "gemma3_text": 14.9, "gemma3": 14.9}
 
 

@@ -128,8 +128,8 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
 # 1.47x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row; its other GPU-bound rows check it).
 # Qwen1.5-MoE (qwen2_moe: 60 experts 1,408 wide, 4 per token, and a shared expert) runs the same grouped kernels:
-# Qwen3-MoE's factor, unmeasured as planned (its recorded runs also trained every routed expert's adapters, which
-# the plan does not: 1.36-1.52x the estimate's time without a factor, bench/results/h200-issue17-qwen2moe/).
+# Qwen3-MoE's factor, never fitted on its own runs; its rows as planned check it (bench/results/
+# h200-issue17-heldout5/probe-qwen2moe.jsonl).
 # Phi-3.5-mini: per method, below.
 GPU_TIME_BY_TYPE = {"qwen3_moe": 1.41, "qwen2_moe": 1.41, "gpt_oss": 1.47}
 # The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count and

@@ -144,7 +144,8 @@ def calibration_info(coeffs: Coefficients, doc: dict[str, Any], measured_here: b
 def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
     """A plan as the flat dict --json shows and the table prints."""
     return {"model_path": p.model_path, "engine": p.engine, "method": p.method, "rank": p.rank,
-            "micro_batch": p.micro_batch, "grad_accum": p.grad_accum, "token_budget": p.budget, "effective_batch": p.effective_batch * p.num_gpus,
+            "micro_batch": p.micro_batch, "grad_accum": p.grad_accum, "token_budget": p.budget,
+            "effective_batch": p.effective_batch * p.num_gpus,
             "seq": p.seq_len, "checkpointing": p.checkpointing, "batching": p.batching,
             "optimizer": p.optimizer, "peak_allocated_gib": p.peak_allocated_gib,
             "peak_reserved_gib": p.peak_reserved_gib, "total_gib": p.total_gib, "tokens_per_s": p.tokens_per_s,
@@ -157,11 +158,15 @@ def plan_row(p: Plan, load: Workload) -> dict[str, Any]:
             "components_gib": p.components_gib}
 
 
+def cpu_memory_terms(p: Plan) -> dict[str, int]:
+    """What a sharded plan's CPU memory is made of, bytes by term (estimator/memory.py cpu_memory_terms); empty for
+    a plan that needs none."""
+    return memory.cpu_memory_terms(plan_model(p), p.setup) if p.cpu_memory_gib else {}
+
+
 def cpu_memory_terms_gib(p: Plan) -> dict[str, float] | None:
-    """What a sharded plan's CPU memory is made of (estimator/memory.py cpu_memory_terms), or None."""
-    if not p.cpu_memory_gib:
-        return None
-    return {k: round(v / planner.GIB, 1) for k, v in memory.cpu_memory_terms(plan_model(p), p.setup).items()}
+    """cpu_memory_terms in GiB, as --json shows them, or None."""
+    return {k: round(v / planner.GIB, 1) for k, v in cpu_memory_terms(p).items()} or None
 
 
 def host_memory_gib(meminfo: str | None = None) -> float | None:
@@ -183,7 +188,7 @@ def cpu_memory_check(p: Plan, host_gib: float | None) -> tuple[list[str], str | 
     kill mid-load loses the time and says nothing). The checkpoint as each process reads it (estimator/memory.py
     cpu_memory_terms) comes through the page cache, which the processes share and the kernel can drop: more than the
     machine has only warns."""
-    terms = memory.cpu_memory_terms(plan_model(p), p.setup) if p.cpu_memory_gib else {}
+    terms = cpu_memory_terms(p)
     if not terms or host_gib is None:
         return [], None
     own = (terms["offloaded_weights"] + terms["process_runtime"]) / planner.GIB

@@ -273,7 +273,7 @@ def _last_checkpoint(out_dir: Path) -> str | None:
 
 def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float | None,
               nvml_peak: float | None = None, compiled: float | None = None,
-              compile_steps: int | None = None) -> dict[str, Any]:
+              compile_steps: int | None = None, cpu_peaks: dict[str, float] | None = None) -> dict[str, Any]:
     import torch
 
     # The process's largest resident set so far (Linux counts KiB): what the plan's cpu_memory_gib is for (loading,
@@ -282,7 +282,9 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
     out: dict[str, Any] = {"tokens": round(trained_tokens), "tokens_per_s": steady, "tokens_per_s_with_warmup":
                            round(trained_tokens / runtime_s, 1) if runtime_s else None,
                            "tokens_per_s_compiled": compiled, "compile_steps": compile_steps,
-                           "cpu_peak_rss_gib": round(rss_gib, 3)}
+                           "cpu_peak_rss_gib": round(rss_gib, 3),
+                           # by kind while training (loop.py resident_gib): the process's own, a mapped checkpoint's
+                           **{k: round(v, 3) for k, v in (cpu_peaks or {}).items()}}
     if cuda:
         from rigplan.profiles import nvml
 
@@ -443,13 +445,10 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     status = ("interrupted" if guard.signal is not None else "nan" if guard.nan_step is not None
               else "early_stopped" if has_eval and trainer.state.global_step < trainer.state.max_steps else "done")
     measured = _measured(cuda, float(guard.tokens), runtime, guard.steady_tokens_per_s(), nvml_peak,
-                         guard.compiled_tokens_per_s(), len(guard.compiling))
+                         guard.compiled_tokens_per_s(), len(guard.compiling), sampler.cpu_peaks)
     # Each optimizer step's seconds (this process's clock; only the warm-up's end, the last and those that met a new
     # shape are synchronised with the GPU): where compiling a new shape or a slow GPU stalled the run.
     measured["step_seconds"] = guard.step_seconds()
-    # Resident CPU memory by kind while training (loop.py resident_gib): what of cpu_peak_rss_gib is the process's
-    # own and what is a mapped checkpoint's pages
-    measured.update({k: round(v, 3) for k, v in sampler.cpu_peaks.items()})
     measured["gc"] = guard.gc.summary()  # Python's collections while training (trainer/loop.py GcWatch)
     # What ran, not what was asked: the Trainer's FSDP wrapping, if any (accelerate's plugin)
     parallelism = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False)
