@@ -23,7 +23,7 @@ for method in "$@"; do
   keep_ddp_run /tmp/run-$ddp $ddp "$cmd"
   mb=$(python3 -c "import json; p=json.load(open('/tmp/run-$ddp/plan.json')); print(p['micro_batch'], p['grad_accum'], p['checkpointing'])")
   read -r mbs ga ckpt <<< "$mb"
-  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --checkpointing $ckpt --epochs ${EPOCHS:-1} --out /tmp/run-$one --eval-fraction 0 --save-steps 10000"
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --checkpointing $ckpt --epochs ${EPOCHS:-1} --out /tmp/run-$one --eval-fraction 0 --save-steps 10000 ${EXTRA:-}"
   echo "== $one: $cmd" >>$LOG; t0=$SECONDS
   CUDA_VISIBLE_DEVICES=0 $cmd >>$LOG 2>&1
   echo "== $one exit $? after $((SECONDS - t0)) s" | tee -a $LOG

@@ -333,6 +333,9 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
                    "the model is sharded over them (fsdp: FSDP2 on transformers + PEFT).")
 @click.option("--cpu-offload/--no-cpu-offload", "cpu_offload", default=None,
               help="Override whether an FSDP plan keeps the frozen weights in CPU memory (re-estimated; FSDP only).")
+@click.option("--optimizer", type=click.Choice(["adamw_8bit", "adamw_torch"]),
+              help="Override the plan's optimizer (re-estimated): AdamW with 8-bit state (bitsandbytes, one update "
+                   "kernel per tensor) or torch's AdamW (32-bit state, a few multi-tensor kernels per step).")
 @click.option("--json", "as_json", is_flag=True,
               help="When training ends, the run summary (run_summary.json) as JSON on stdout; all else on stderr.")
 def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out_dir: Path, dry_run: bool,
@@ -340,7 +343,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         save_steps: int, max_steps: int, merge: bool, force: bool, method: str | None, micro_batch: int | None,
         grad_accum: int | None, rank: int | None, seq_len: int | None, learning_rate: float | None,
         engine_: str | None, batching: str | None, checkpointing: str | None, num_gpus: int | None,
-        parallelism: str | None, cpu_offload: bool | None, as_json: bool) -> None:
+        parallelism: str | None, cpu_offload: bool | None, optimizer: str | None, as_json: bool) -> None:
     """Train MODEL (hub id, profile id or local directory) or a saved plan.json on --data."""
     import contextlib
 
@@ -368,7 +371,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     changes = {"method": method, "micro_batch": micro_batch, "grad_accum": grad_accum, "rank": rank,
                "seq_len": seq_len, "learning_rate": learning_rate, "epochs": epochs, "engine": engine_,
                "batching": batching, "checkpointing": checkpointing, "parallelism": parallelism,
-               "cpu_offload": cpu_offload}
+               "cpu_offload": cpu_offload, "optimizer": optimizer}
     def check_inputs() -> None:  # everything typed, before any tokenizer or model loads (--dry-run too)
         engine.require_training_packages()
         runlib.check_options(opts, lib.run_problems(changes))

@@ -440,13 +440,16 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     if changes.get("cpu_offload") and changes.get("parallelism", p.parallelism) != "fsdp":
         raise ConfigError("--cpu-offload keeps a sharded plan's frozen weights in CPU memory; pass --parallelism fsdp "
                           "(and --gpus N) too")
+    if changes.get("optimizer") == "adamw_8bit" and changes.get("parallelism", p.parallelism) == "fsdp":
+        raise ConfigError("--optimizer adamw_8bit cannot step FSDP's sharded adapters (bitsandbytes' 8-bit state); "
+                          "use --optimizer adamw_torch, or --parallelism ddp")
     if changes.get("parallelism") == "fsdp" and changes.get("engine") == "unsloth":
         raise ConfigError("--parallelism fsdp trains on transformers + PEFT (Unsloth does not shard a model); "
                           "leave out --engine unsloth, or use --parallelism ddp")
     new = dataclasses.replace(p, **changes)
     if new.parallelism == "fsdp" and new.engine == "unsloth":  # the planner's FSDP plans are transformers + PEFT
         new = dataclasses.replace(new, engine="transformers")
-    if "parallelism" in changes and new.gpu != "cpu":
+    if "parallelism" in changes and "optimizer" not in changes and new.gpu != "cpu":
         new = dataclasses.replace(new, optimizer=planner.optimizer_for(new.parallelism))
     if "micro_batch" in changes or "seq_len" in changes:
         new = dataclasses.replace(new, token_budget=new.micro_batch * new.seq_len)
