@@ -189,11 +189,19 @@ SHARDINGS: dict[Parallelism, tuple[tuple[bool, Checkpointing | None, Engine | No
 }
 
 
-def optimizer_for(parallelism: Parallelism) -> Optimizer:
-    """AdamW with 8-bit state (bitsandbytes) everywhere but FSDP, whose DTensor shards bitsandbytes' 8-bit
-    optimizers cannot step: there torch's AdamW, as Unsloth 2026.10.9 itself switches to when handed the 8-bit one
-    under FSDP2 (unsloth/models/fsdp2_native.py; it did on both sharded H200 runs, bench/results/h200x2-fsdp/)."""
-    return "adamw_torch" if parallelism == "fsdp" else "adamw_8bit"
+def optimizer_for(parallelism: Parallelism, method: Method) -> Optimizer:
+    """AdamW with 8-bit state (bitsandbytes) wherever it costs no speed: on one GPU, and for QLoRA under DDP.
+    FSDP's DTensor shards bitsandbytes' 8-bit optimizers cannot step, and Unsloth 2026.10.9 itself switches to
+    torch's AdamW when handed the 8-bit one under FSDP2 (unsloth/models/fsdp2_native.py; it did on both sharded
+    H200 runs, bench/results/h200x2-fsdp/). Under DDP the 8-bit one launches an update per LoRA tensor (448 for an
+    8B model), host-bound work that the slower process does after each step's all-reduce while the other waits
+    (h200-runs/ddp/profile/); torch's AdamW launches a few multi-tensor kernels. On two H200s, LoRA's plan trained
+    9% faster with it (h200-runs/ddp/torch-adamw/ against omp-threads/, the same data and call), one GPU alone at
+    the same speed; QLoRA's at the speed of its 8-bit run (tokencount-seed2/), so QLoRA keeps the 8-bit state,
+    which saves 6 bytes per trainable parameter."""
+    if parallelism == "fsdp" or (parallelism == "ddp" and method == "lora"):
+        return "adamw_torch"
+    return "adamw_8bit"
 
 
 def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: int, effective_batch: int,
@@ -218,7 +226,7 @@ def _candidates(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, seq_len: i
         for micro in MICRO_BATCHES:
             accum = grad_accum_for(max(1, effective_batch // gpus), micro, seq_len, lengths, layout)
             setup = Setup(method=method, rank=rank, micro_batch=micro, seq_len=seq_len, grad_accum=accum,
-                          optimizer=optimizer_for(parallelism), checkpointing=ckpt, parallelism=parallelism,
+                          optimizer=optimizer_for(parallelism, method), checkpointing=ckpt, parallelism=parallelism,
                           num_gpus=gpus, cpu_offload=offload)
             out.append(estimate(model, setup, gpu, coeffs, limit, lengths, layout, only_engine or engine))
             if accum == 1:  # a larger budget would hold more than a step's examples

@@ -449,8 +449,8 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     new = dataclasses.replace(p, **changes)
     if new.parallelism == "fsdp" and new.engine == "unsloth":  # the planner's FSDP plans are transformers + PEFT
         new = dataclasses.replace(new, engine="transformers")
-    if "parallelism" in changes and "optimizer" not in changes and new.gpu != "cpu":
-        new = dataclasses.replace(new, optimizer=planner.optimizer_for(new.parallelism))
+    if ("parallelism" in changes or "method" in changes) and "optimizer" not in changes and new.gpu != "cpu":
+        new = dataclasses.replace(new, optimizer=planner.optimizer_for(new.parallelism, new.method))
     if "micro_batch" in changes or "seq_len" in changes:
         new = dataclasses.replace(new, token_budget=new.micro_batch * new.seq_len)
     if new.gpu == "cpu":

@@ -198,7 +198,7 @@ def test_the_70b_at_full_depth_trains_on_two_24_gib_caps() -> None:
 
 
 @pytest.mark.parametrize("folder,layers", [("after-fix/offload", 8), ("after-fix/gpus", 8), ("after-fix/a6000", 8),
-                                           ("full-depth", 80)])
+                                           ("after-fix/lora24", 8), ("after-fix/uint8", 8), ("full-depth", 80)])
 def test_after_the_fix_every_sharded_run_used_no_more_cpu_memory_than_planned(folder: str, layers: int) -> None:
     """CPU memory (every process's peak resident memory, summed) against memory.cpu_memory_bytes: its runtime term
     was fitted on the 80-layer run; the 8-layer ones (predictions/fsdp-after-fix-L8.json, written before) used
@@ -233,3 +233,37 @@ def test_a_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_runs_loss
     assert resumed["status"] == "done" and resumed["global_step"] == 20 and resumed["world_size"] == 2
     assert whole["status"] == "done" and whole["global_step"] == 20
     assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-4)
+
+
+def test_16_bit_lora_now_trains_sharded_on_two_24_gib_caps() -> None:
+    """The 8-layer 16-bit LoRA run that ran out of memory at step 0 before the fix (fsdp-L8.log), again after it
+    (after-fix/lora24/; predictions/fsdp-16-bit-L8-4090x2.json, written before: 19.09 GiB per GPU at rank 16): it
+    trains, each process under its 24 GiB cap, its per-GPU peak within 5% of its own plan's, with half a 16-bit
+    layer of FSDP pool (fitted on the 48 GiB run, after-fix/a6000/, which this one never saw)."""
+    folder = RUNS / "after-fix" / "lora24"
+    run = json.loads((folder / "fsdp-L8-lora.json").read_text())
+    assert run["status"] == "done" and run["global_step"] == 10 and run["plan"]["method"] == "lora"
+    assert "GPU 1 capped at 24.0 GiB" in (folder / "fsdp.log").read_text()
+    est = _estimate(run, 8)
+    assert run["measured"]["peak_reserved_gib"] < 24 * 0.85
+    assert abs(run["measured"]["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05
+    h200 = _estimate(run, 8, "h200")
+    low, high = h200.tokens_per_s_band
+    assert 2 * low <= run["measured"]["tokens_per_s"] <= 2 * high
+
+
+def test_a_4_bit_checkpoint_stored_as_uint8_shards_as_the_bf16_stored_one() -> None:
+    """Unsloth's -bnb-4bit copies store the 4-bit weights as uint8, which FSDP2 cannot shard as they are: Unsloth's
+    hook views them as bf16 (trainer/engine.py require_float_storage). The 8-layer replica saved that way, QLoRA
+    sharded with the frozen weights offloaded on two 24 GiB caps (after-fix/uint8/; predictions/
+    fsdp-uint8-prequantized.json, written before): it trains, every 4-bit weight repacked, and holds what the
+    bf16-stored checkpoint held (after-fix/offload/) on the GPUs and in CPU memory."""
+    folder = RUNS / "after-fix"
+    log = (folder / "uint8" / "fsdp.log").read_text()
+    assert "56 4-bit weights packed as bfloat16 (56 repacked from uint8)" in log
+    uint8 = json.loads((folder / "uint8" / "fsdp-L8-qlora-prequantized-uint8-offload.json").read_text())
+    bf16 = json.loads((folder / "offload" / "fsdp-L8-qlora-prequantized-offload.json").read_text())
+    assert uint8["status"] == "done" and uint8["global_step"] == 10 and uint8["plan"]["cpu_offload"]
+    for key, within in (("peak_reserved_gib", 0.02), ("cpu_peak_rss_gib", 0.05)):
+        assert abs(uint8["measured"][key] / bf16["measured"][key] - 1) <= within, key
+    assert uint8["final_loss"] == pytest.approx(bf16["final_loss"], abs=0.05)

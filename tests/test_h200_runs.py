@@ -64,7 +64,7 @@ def _estimate(name: str, run: dict) -> planner.Estimate:
     if "gemma2-L6" in name:
         model = dataclasses.replace(model, num_hidden_layers=6)
     lengths = data_lengths(run)
-    setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"],
+    setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"], optimizer=p["optimizer"],
                   checkpointing=p["checkpointing"], parallelism=p.get("parallelism", "single"),
                   num_gpus=p.get("num_gpus", 1))
     return planner.estimate(model, setup, resolve_gpu("h200"), store.reference()[0], lengths=lengths,
@@ -214,3 +214,55 @@ def test_ddp_against_one_gpu_is_what_the_straggler_model_says(folder: str, metho
            for k, r in runs.items()}
     measured = runs["ddp"]["measured"]["tokens_per_s_compiled"] / runs["one"]["measured"]["tokens_per_s_compiled"]
     assert abs(measured / (est["ddp"] / est["one"]) - 1) <= 0.06, (measured, est["ddp"] / est["one"])
+
+
+def test_ddp_lora_with_torch_adamw_runs_nearer_2x() -> None:
+    """Two H200s against one, the same per-GPU plan and data, one call each pair (predictions/
+    ddp-omp-threads-h200x2.json and ddp-torch-adamw-h200x2.json, written before): with 8-bit AdamW (omp-threads/,
+    each process given half the host's cores) DDP ran 1.63x one GPU; with torch's AdamW (torch-adamw/) 1.79x, one GPU
+    alone at the same speed. The jitter model of the DDP step (bench/ddp_jitter.py: lengths, one GPU's strays, DDP's
+    2%) then comes within 2% of the measured DDP time, where the 8-bit run took 9% longer than it. Issue 16's 1.85x
+    over the whole run is still not reached. QLoRA's plan with torch's AdamW ran 1.75x, the speed of its 8-bit run
+    (tokencount-seed2/), so QLoRA keeps the 8-bit state (estimator/planner.py optimizer_for)."""
+    from ddp_jitter import analyse
+
+    folder = RUNS / "ddp"
+    pairs = {k: [json.loads((folder / f"{k}/{w}-lora.json").read_text()) for w in ("ddp", "one")]
+             for k in ("omp-threads", "torch-adamw")}
+    for k, optimizer in (("omp-threads", "adamw_8bit"), ("torch-adamw", "adamw_torch")):
+        ddp, one = pairs[k]
+        assert ddp["plan"]["optimizer"] == one["plan"]["optimizer"] == optimizer and ddp["ranks_agree"]
+        assert ddp["plan"]["micro_batch"] == one["plan"]["micro_batch"] and ddp["plan"]["epochs"] == 2
+    ratio = {k: d["measured"]["tokens_per_s"] / o["measured"]["tokens_per_s"] for k, (d, o) in pairs.items()}
+    assert ratio["omp-threads"] < 1.7 and 1.75 <= ratio["torch-adamw"] < 1.85, ratio
+    ones = [o["measured"]["tokens_per_s"] for _, o in pairs.values()]
+    assert abs(ones[1] / ones[0] - 1) <= 0.02
+    model = {k: analyse(folder / k, "lora", draws=300) for k in pairs}
+    assert abs(model["torch-adamw"]["with_jitter_and_ddp_s"] / model["torch-adamw"]["ddp_measured_s"] - 1) <= 0.02
+    assert model["omp-threads"]["ddp_measured_s"] / model["omp-threads"]["with_jitter_and_ddp_s"] > 1.08
+    qlora = [json.loads((folder / f"torch-adamw/{w}-qlora.json").read_text()) for w in ("ddp", "one")]
+    before = json.loads((folder / "tokencount-seed2/ddp-qlora.json").read_text())
+    assert qlora[0]["measured"]["tokens_per_s"] / before["measured"]["tokens_per_s"] < 1.0  # no gain for QLoRA
+    assert qlora[0]["measured"]["tokens_per_s"] / qlora[1]["measured"]["tokens_per_s"] >= 1.7
+
+
+def test_under_ddp_the_slower_process_launches_8_bit_adamw_after_the_all_reduce() -> None:
+    """torch's profiler on both DDP processes, 8 steps of one micro-batch each (ddp/profile/, bench/
+    record_ddp_profile.sh; bench/trace_steps.py --collectives): the 8-bit optimizer updates each of the 448 LoRA
+    tensors with its own launch, and between the gradients' all-reduce and the next collective the process that
+    arrived last spent tens of milliseconds launching them for about 3 ms of GPU work, while the other, which
+    queued them as it waited, waited again. Process 0 waited inside NCCL's kernels 5x as long as process 1."""
+    folder = RUNS / "ddp" / "profile"
+    ops = (folder / "ddp-ops-rank0.txt").read_text()
+    calls = next(int(line.split()[-1]) for line in ops.splitlines() if "optimizer_update_8bit_blockwise" in line)
+    assert calls == 448 * 8
+    rows = [json.loads(line) for line in (folder / "collectives.jsonl").read_text().splitlines()]
+    waits = {}
+    for rank in (0, 1):
+        mine = [r for r in rows if r["trace"] == f"ddp-trace-rank{rank}.json.gz"]
+        waits[rank] = sum(r["ms"] for r in mine)
+        phases = [b for a, b in zip(mine, mine[1:]) if a["kind"].startswith("AllReduce_Sum_f32")]
+        assert len(phases) == 9 and all(p["gpu_busy_since_ms"] < 4 for p in phases)
+        host_bound = [p for p in phases if p["since_previous_ms"] > 25]
+        assert len(host_bound) >= (2 if rank == 0 else 6), (rank, phases)
+    assert waits[0] > 4 * waits[1] > 0

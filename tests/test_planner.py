@@ -262,6 +262,21 @@ def test_ddp_holds_the_model_on_each_gpu_and_adds_gradient_buckets(coeffs) -> No
     assert best.parallelism == "ddp" and best.num_gpus == 2 and best.checkpointing == "off"
 
 
+def test_ddp_lora_plans_torch_adamw_and_counts_its_state(coeffs) -> None:
+    """DDP LoRA plans take torch's AdamW (8-bit AdamW's launch per tensor held DDP back: estimator/planner.py
+    optimizer_for), whose 32-bit state the estimate counts; one GPU and DDP QLoRA keep the 8-bit state."""
+    gpu = resolve_gpu("h200")
+    lora = planner.plan(LLAMA8B, gpu, coeffs, num_gpus=2, methods=("lora",)).best
+    assert (lora.parallelism, lora.optimizer) == ("ddp", "adamw_torch")
+    qlora = planner.plan(LLAMA8B, gpu, coeffs, num_gpus=2, methods=("qlora",)).best
+    assert (qlora.parallelism, qlora.optimizer) == ("ddp", "adamw_8bit")
+    assert planner.plan(LLAMA8B, gpu, coeffs, methods=("lora",)).best.optimizer == "adamw_8bit"
+    torch_adamw = planner.estimate(LLAMA8B, lora.setup, gpu, coeffs)
+    eight = planner.estimate(LLAMA8B, dataclasses.replace(lora.setup, optimizer="adamw_8bit"), gpu, coeffs)
+    more = torch_adamw.components_bytes["optimizer_state"] - eight.components_bytes["optimizer_state"]
+    assert more == pytest.approx(41_943_040 * (8 - 2.03125), rel=1e-6)  # 32-bit moments against 8-bit, per param
+
+
 def test_fsdp_shards_weights_and_offload_moves_them_to_cpu_memory(coeffs) -> None:
     """Llama-3.1-70B on RTX 4090s: one card cannot hold it. Sharded QLoRA would fit once sharded, but transformers
     5.17 loads a quantized model whole onto every process's GPU before FSDP shards it (37 GiB in 4-bit), so on two

@@ -10,6 +10,7 @@ import pytest
 import sys
 
 from rigplan import planning
+from rigplan.errors import ConfigError
 from rigplan.estimator.plan import Plan
 from rigplan.profiles.catalog import resolve_model
 
@@ -174,3 +175,20 @@ def test_a_plan_is_sharded_when_asked(tmp_path) -> None:
     spread = planning.plan_for_run("llama-3.1-70b", "rtx-a6000", data, {"parallelism": "fsdp", "method": "lora"},
                                    num_gpus=2)
     assert (spread.num_gpus, spread.parallelism, spread.optimizer) == (2, "fsdp", "adamw_torch")
+
+
+def test_the_optimizer_is_overridden_re_estimated_and_8_bit_refused_for_fsdp(tmp_path) -> None:
+    """`rigplan run --optimizer`: the plan's optimizer replaced and its memory re-estimated; 8-bit AdamW cannot step
+    FSDP's shards, so asking for it with a sharded plan is refused before anything loads."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * (300 + 7 * i)}) + "\n" for i in range(200)))
+    base = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "lora"})
+    assert base.optimizer == "adamw_8bit"
+    torch_adamw = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "lora", "optimizer": "adamw_torch"})
+    assert torch_adamw.optimizer == "adamw_torch" and torch_adamw.total_gib > base.total_gib
+    ddp = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "lora", "optimizer": "adamw_8bit"},
+                                num_gpus=2)
+    assert (ddp.parallelism, ddp.optimizer) == ("ddp", "adamw_8bit")  # asked for: kept, though DDP plans torch's
+    with pytest.raises(ConfigError, match="--optimizer adamw_8bit cannot step FSDP"):
+        planning.plan_for_run("llama-3.1-70b", "rtx-a6000", data,
+                              {"parallelism": "fsdp", "method": "lora", "optimizer": "adamw_8bit"}, num_gpus=2)
