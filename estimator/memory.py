@@ -461,16 +461,21 @@ QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
 # 1 x 8192; bench/family_terms.py lora_slack), their 2 x 4096 and 1 x 16384 rows (h200-issue17-heldout2/) checking
 # it.
 LORA_SLACK_PER_HIDDEN_BY_TYPE = {"qwen3_moe": 16.1, "gemma3_text": 14.9, "gemma3": 14.9}
+# Qwen1.5-MoE's 16-bit LoRA holds a constant 0.2-0.3 GiB beyond its allocated peak at 2,048 and 8,192 tokens, as
+# its QLoRA does (a constant, not per token): GiB, its LoRA 1 x 2048 row (h200-issue17-heldout5/; bench/
+# family_terms.py qwen2_moe_lora_slack), its 4 x 2048 and 1 x 8192 rows checking it.
+LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 
 
 def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
     """The family's slack under Unsloth (QLoRA: QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE; LoRA:
-    LORA_SLACK_PER_HIDDEN_BY_TYPE); 0 otherwise."""
+    LORA_SLACK_GIB_BY_TYPE, LORA_SLACK_PER_HIDDEN_BY_TYPE); 0 otherwise."""
     if engine != "unsloth":
         return 0
     t = model.model_type
     if setup.method == "lora":
-        return int(LORA_SLACK_PER_HIDDEN_BY_TYPE.get(t, 0.0) * setup.tokens * model.hidden_size)
+        return int(LORA_SLACK_GIB_BY_TYPE.get(t, 0.0) * 2**30
+                   + LORA_SLACK_PER_HIDDEN_BY_TYPE.get(t, 0.0) * setup.tokens * model.hidden_size)
     return int(QLORA_SLACK_GIB_BY_TYPE.get(t, 0.0) * 2**30
                + QLORA_SLACK_PER_KV_BY_TYPE.get(t, 0.0) * setup.tokens * kv_width(model))
 
