@@ -188,9 +188,22 @@ def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: s
 SEQ_SQUARED_BYTES_BY_TYPE = {"phi3": 3.36}
 
 
+# Phi-4, the same model type with heads of 128 where Phi-3.5-mini's are 96, showed neither that memory nor that
+# slowness: its QLoRA 4 x 4096 row at 8 layers (bench/results/h200-issue17-heldout5/) ran 7.5% faster than the
+# estimate without the attention factor (26% faster than with it) and held 0.21 GiB less than the mask term adds.
+# The head sizes those two terms apply to, per family, set from that one row (the next Phi-4 runs check it:
+# predictions/phi4-head-dim-h200.json).
+SLOW_ATTENTION_HEAD_DIMS = {"phi3": (96,)}
+
+
+def slow_attention(model: ModelSpec) -> bool:
+    """Whether the model's attention is the kind measured off FlashAttention (SLOW_ATTENTION_HEAD_DIMS)."""
+    return model.head_dim in SLOW_ATTENTION_HEAD_DIMS.get(model.model_type, ())
+
+
 def attention_mask_bytes(model: ModelSpec, setup: Setup) -> int:
     """The families whose attention keeps a micro_batch x seq x seq mask (SEQ_SQUARED_BYTES_BY_TYPE)."""
-    per_element = SEQ_SQUARED_BYTES_BY_TYPE.get(model.model_type, 0.0)
+    per_element = SEQ_SQUARED_BYTES_BY_TYPE.get(model.model_type, 0.0) if slow_attention(model) else 0.0
     return int(setup.micro_batch * setup.seq_len * setup.seq_len * per_element)
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from functools import lru_cache
 
 from rigplan.estimator.memory import (BF16_BYTES, NF4_FLAT_BYTES_PER_PARAM, expert_params, lora_params,
-                                      projection_params)
+                                      projection_params, slow_attention)
 from rigplan.estimator.plan import Coefficients, ExampleLengths, Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
@@ -72,15 +72,16 @@ SOFTMAX_BOUND_HEAD_DIM = 128
 # FlashAttention supports). Its QLoRA ran faster than those factors say (+8% to +15% on the same file's
 # GPU-bound QLoRA rows): its own pair of factors, fitted the same way on its QLoRA 4 x 2048 and 1 x 8192
 # (h200-issue17-heldout2/probe-phi.jsonl, probe-phi-8192.jsonl), checked on 2 x 4096 and 1 x 16384
-# (h200-issue17-heldout3/probe-phi.jsonl), with GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "qlora")].
+# (h200-issue17-heldout3/probe-phi.jsonl), with GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "qlora")]. Only for the head
+# sizes measured slow (memory.SLOW_ATTENTION_HEAD_DIMS: not Phi-4's).
 ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 3.03, ("phi3", "qlora"): 3.80}
 
 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
     bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower."""
-    softmax = (max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim)
-               * ATTENTION_TIME_BY_TYPE_AND_METHOD.get((model.model_type, setup.method), 1.0))
+    slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((model.model_type, setup.method), 1.0)
+    softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * (slow if slow_attention(model) else 1.0)
     return matmul_flops_per_token(model, setup) + softmax * attention_flops_per_token(model, setup)
 
 
