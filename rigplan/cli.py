@@ -376,6 +376,8 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         engine.require_training_packages()
         runlib.check_options(opts, lib.run_problems(changes))
         lib.hub_id(model_or_plan)  # a known model, a readable config.json or a valid plan.json
+        saved = lib.read_plan(Path(model_or_plan))
+        errors.require(lib.optimizer_problems(changes, saved.parallelism if saved else None))
         if batching is not None:
             lib.require_batching(lib.model_of(model_or_plan), batching)
 

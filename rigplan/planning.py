@@ -428,6 +428,15 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     return dataclasses.replace(p, epochs=float(epochs))
 
 
+def optimizer_problems(changes: dict[str, Any], parallelism: str | None) -> list[str]:
+    """8-bit AdamW asked for with a sharded plan (parallelism: the plan's, where --parallelism does not change it):
+    bitsandbytes' 8-bit state cannot step FSDP2's DTensor shards (estimator/planner.py optimizer_for)."""
+    if changes.get("optimizer") == "adamw_8bit" and (changes.get("parallelism") or parallelism) == "fsdp":
+        return ["--optimizer adamw_8bit cannot step FSDP's sharded adapters (bitsandbytes' 8-bit state); use "
+                "--optimizer adamw_torch, or --parallelism ddp"]
+    return []
+
+
 def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: ExampleLengths | None = None) -> Plan:
     """A user's changes to a plan, re-estimated on the plan's GPU (speed for the data's lengths, when given);
     one that cannot fit is refused with the estimate that says why (force: kept anyway). The trainer gets the
@@ -440,9 +449,7 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     if changes.get("cpu_offload") and changes.get("parallelism", p.parallelism) != "fsdp":
         raise ConfigError("--cpu-offload keeps a sharded plan's frozen weights in CPU memory; pass --parallelism fsdp "
                           "(and --gpus N) too")
-    if changes.get("optimizer") == "adamw_8bit" and changes.get("parallelism", p.parallelism) == "fsdp":
-        raise ConfigError("--optimizer adamw_8bit cannot step FSDP's sharded adapters (bitsandbytes' 8-bit state); "
-                          "use --optimizer adamw_torch, or --parallelism ddp")
+    require(optimizer_problems(changes, p.parallelism))
     if changes.get("parallelism") == "fsdp" and changes.get("engine") == "unsloth":
         raise ConfigError("--parallelism fsdp trains on transformers + PEFT (Unsloth does not shard a model); "
                           "leave out --engine unsloth, or use --parallelism ddp")

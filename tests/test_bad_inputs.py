@@ -215,6 +215,10 @@ CASES: list[tuple[str, Case, str]] = [
      "BertForMaskedLM is not a causal language model"),
     ("run-corrupt-plan", lambda w: ["run", w.file("plan.json", '{"schema_version": 2, "model": 1}'),
                                     "--data", w.good_data(), "--out", str(w.out)], "not a plan this rigplan reads"),
+    ("run-8-bit-adamw-sharded", lambda w: ["run", "llama-3.1-70b", "--data", w.good_data(), "--out", str(w.out),
+                                           "--gpu", "rtx-a6000", "--gpus", "2", "--parallelism", "fsdp",
+                                           "--method", "lora", "--optimizer", "adamw_8bit"],
+     "--optimizer adamw_8bit cannot step FSDP"),
 ]
 
 
