@@ -237,7 +237,8 @@ def fitted() -> dict[str, tuple[float, float]]:
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3))},
         'memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qlora_slack(QWEN2_MOE, "qwen2_moe", ((1, 2048),)),
                                                        memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
-        'memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qwen2_moe_lora_slack(), memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
+        'memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qwen2_moe_lora_slack(),
+                                                      memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
     }
 
 
