@@ -367,6 +367,8 @@ def _parallel_reason(best: Estimate, cands: list[Estimate], num_gpus: int) -> st
                 "memory, slower and needing the host's memory (rigplan run --parallelism fsdp trains that)"))
     if s.parallelism == "ddp":
         why = f"DDP over {num_gpus} GPUs: each holds the whole model"
+        if s.optimizer == "adamw_torch":
+            why += ", with torch's AdamW (8-bit AdamW's update per tensor held DDP back)"
     else:
         why = (f"FSDP over {num_gpus} GPUs (transformers + PEFT: Unsloth does not shard): weights, adapters and "
                "optimizer sharded"

@@ -271,6 +271,8 @@ def test_ddp_lora_plans_torch_adamw_and_counts_its_state(coeffs) -> None:
     qlora = planner.plan(LLAMA8B, gpu, coeffs, num_gpus=2, methods=("qlora",)).best
     assert (qlora.parallelism, qlora.optimizer) == ("ddp", "adamw_8bit")
     assert planner.plan(LLAMA8B, gpu, coeffs, methods=("lora",)).best.optimizer == "adamw_8bit"
+    reason = planner.plan(LLAMA8B, gpu, coeffs, num_gpus=2, methods=("lora",)).reason
+    assert "torch's AdamW" in reason
     torch_adamw = planner.estimate(LLAMA8B, lora.setup, gpu, coeffs)
     eight = planner.estimate(LLAMA8B, dataclasses.replace(lora.setup, optimizer="adamw_8bit"), gpu, coeffs)
     more = torch_adamw.components_bytes["optimizer_state"] - eight.components_bytes["optimizer_state"]
