@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine with two H200s (device kind nvidia-h200-x2, carry .gpu): issue 16's DDP runs. For each method,
 # `rigplan run --gpus 2` on a full-depth Llama-3.1-8B replica (the plan rigplan makes for two H200s), then the same
-# per-GPU plan (micro-batch, accumulation, seq) on one GPU through `rigplan run --gpus 1 --micro-batch --grad-accum`,
+# per-GPU plan (micro-batch, accumulation, seq, optimizer) on one GPU through `rigplan run --gpus 1 --micro-batch`,
 # one after the other, nothing else running. Data: bench/validation_data.py --examples ${EXAMPLES:-900} --seed
 # ${SEED:-2} (data no earlier run saw). Predictions written before: bench/results/predictions/issue16-h200x2.json.
 # EPOCHS (default 1): passes over the data in each run. e.g. EPOCHS=2 bash bench/record_ddp.sh lora qlora
@@ -21,9 +21,9 @@ for method in "$@"; do
   echo "== $ddp exit $? after $((SECONDS - t0)) s" | tee -a $LOG
   [ -f /tmp/run-$ddp/run_summary.json ] || continue
   keep_ddp_run /tmp/run-$ddp $ddp "$cmd"
-  mb=$(python3 -c "import json; p=json.load(open('/tmp/run-$ddp/plan.json')); print(p['micro_batch'], p['grad_accum'], p['checkpointing'])")
-  read -r mbs ga ckpt <<< "$mb"
-  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --checkpointing $ckpt --epochs ${EPOCHS:-1} --out /tmp/run-$one --eval-fraction 0 --save-steps 10000 ${EXTRA:-}"
+  mb=$(python3 -c "import json; p=json.load(open('/tmp/run-$ddp/plan.json')); print(p['micro_batch'], p['grad_accum'], p['checkpointing'], p['optimizer'])")
+  read -r mbs ga ckpt optim <<< "$mb"
+  cmd="python3 -m rigplan run $DIR --data /tmp/data.jsonl --gpu h200 --gpus 1 --method $method --micro-batch $mbs --grad-accum $ga --checkpointing $ckpt --optimizer $optim --epochs ${EPOCHS:-1} --out /tmp/run-$one --eval-fraction 0 --save-steps 10000 ${EXTRA:-}"
   echo "== $one: $cmd" >>$LOG; t0=$SECONDS
   CUDA_VISIBLE_DEVICES=0 $cmd >>$LOG 2>&1
   echo "== $one exit $? after $((SECONDS - t0)) s" | tee -a $LOG
