@@ -656,6 +656,9 @@ def test_a_resume_under_another_plan_is_refused_and_the_saved_plan_resumes(model
               RunOptions(data=data_file, out_dir=tmp_path / "o", max_steps=3, resume=True))
     assert runlib.resume_problems(dataclasses.replace(plan, num_gpus=2, parallelism="fsdp"),
                                   tmp_path / "o")[0].startswith(f"{saved} trained num_gpus 1, parallelism single;")
+    other = "adamw_torch" if plan.optimizer == "adamw_8bit" else "adamw_8bit"  # DDP LoRA plans changed optimizer
+    assert runlib.resume_problems(dataclasses.replace(plan, optimizer=other),
+                                  tmp_path / "o")[0].startswith(f"{saved} trained optimizer {plan.optimizer};")
     shorter = dataclasses.replace(plan, seq_len=plan.seq_len // 2)
     assert runlib.resume_problems(shorter, tmp_path / "o") == []
     refused = CliRunner().invoke(main, ["run", str(saved), "--data", str(data_file), "--out", str(tmp_path / "o"),

@@ -120,13 +120,14 @@ def resume_point(out_dir: Path) -> tuple[str | None, list[str]]:
 # What a checkpoint holds and a resumed run must therefore keep: the weights it adapts, the adapters' shapes, and the
 # processes whose states it saved (one optimizer shard per process under FSDP, one random state per process). The
 # rest may change on resume (a shorter --seq or QLoRA after running out of memory, a lower learning rate after NaN).
-RESUME_KEEPS = ("model_path", "rank", "target_modules", "num_gpus", "parallelism")
+RESUME_KEEPS = ("model_path", "rank", "target_modules", "num_gpus", "parallelism", "optimizer")
 
 
 def resume_problems(plan: Any, out_dir: Path) -> list[str]:
     """A resumed run's plan (estimator.plan.Plan) against the plan its checkpoints were saved under (--out's
     plan.json). A release whose planner now chooses otherwise (DDP where it chose FSDP) would otherwise load a
-    checkpoint the new layout cannot read."""
+    checkpoint the new layout cannot read; one that now chooses another optimizer (DDP LoRA: torch's AdamW where it
+    chose 8-bit) would load optimizer state of another kind."""
     saved_file = Path(out_dir) / "plan.json"
     if not saved_file.is_file():
         return []
