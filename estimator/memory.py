@@ -189,10 +189,10 @@ SEQ_SQUARED_BYTES_BY_TYPE = {"phi3": 3.36}
 
 
 # Phi-4, the same model type with heads of 128 where Phi-3.5-mini's are 96, showed neither that memory nor that
-# slowness: its QLoRA 4 x 4096 row at 8 layers (bench/results/h200-issue17-heldout5/) ran 7.5% faster than the
-# estimate without the attention factor (26% faster than with it) and held 0.21 GiB less than the mask term adds.
-# The head sizes those two terms apply to, per family, set from that one row (the next Phi-4 runs check it:
-# predictions/phi4-head-dim-h200.json).
+# slowness: its QLoRA 4 x 4096 row at 8 layers (bench/results/h200-issue17-heldout5/) ran near its FLOP count's time
+# and held less than the mask term adds (bench/results/README.md, the eleventh session). The head sizes those two
+# terms apply to, per family, set from that one row (the next Phi-4 runs check it: predictions/
+# phi4-head-dim-h200.json).
 SLOW_ATTENTION_HEAD_DIMS = {"phi3": (96,)}
 
 
