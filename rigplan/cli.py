@@ -309,7 +309,8 @@ def plan_cmd(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective
 @click.option("--save-steps", type=int, default=50, show_default=True)
 @click.option("--max-steps", type=int, default=-1, show_default=True)
 @click.option("--merge", is_flag=True, help="Also write merged 16-bit weights.")
-@click.option("--force", is_flag=True, help="Train an override even if the estimate says it will not fit.")
+@click.option("--force", is_flag=True, help="Train even if the estimate says an override will not fit, or the plan "
+              "needs more CPU memory than this machine reports.")
 @click.option("--method", type=click.Choice(["lora", "qlora"]))
 @click.option("--micro-batch", type=int, help="Sequences of --seq per micro-batch (its token budget is the product).")
 @click.option("--grad-accum", type=int)
@@ -415,7 +416,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
         return
     _run(lambda: runlib.check_plan(p), before)
     if distributed.world().main and not distributed.relaunched():  # once, in the process that starts the others
-        problems, warning = lib.cpu_memory_check(p, lib.host_memory_gib())
+        problems, warning = lib.cpu_memory_check(p, lib.host_memory_gib(), force)
         _run(lambda: require(problems), before)
         if warning:
             click.echo(f"rigplan: {warning}", err=True)

@@ -169,25 +169,40 @@ def cpu_memory_terms_gib(p: Plan) -> dict[str, float] | None:
     return {k: round(v / planner.GIB, 1) for k, v in cpu_memory_terms(p).items()} or None
 
 
-def host_memory_gib(meminfo: str | None = None) -> float | None:
-    """This machine's memory (Linux's /proc/meminfo MemTotal), or None where it cannot be read."""
+# Where a container's memory limit lives: cgroup v2, then v1 ("max", or v1's near 2**63, where there is none).
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def host_memory_gib(meminfo: str | None = None, cgroup_limit: str | None = None) -> float | None:
+    """The memory this process may use: Linux's /proc/meminfo MemTotal, or the container's cgroup limit where that
+    is lower (a job given 64 GiB of a 512 GiB host is killed at 64); None where neither can be read."""
     if meminfo is None:
         try:
             meminfo = Path("/proc/meminfo").read_text()
         except OSError:
-            return None
-    for line in meminfo.splitlines():
-        if line.startswith("MemTotal:") and len(line.split()) >= 2:
-            return int(line.split()[1]) / 2**20
-    return None
+            meminfo = ""
+    total = next((int(line.split()[1]) / 2**20 for line in meminfo.splitlines()
+                  if line.startswith("MemTotal:") and len(line.split()) >= 2), None)
+    if cgroup_limit is None:
+        for path in CGROUP_LIMITS:
+            try:
+                cgroup_limit = Path(path).read_text()
+                break
+            except OSError:
+                continue
+    limit = cgroup_limit.strip() if cgroup_limit else ""
+    if limit.isdigit() and int(limit) < 2**60:
+        gib = int(limit) / 2**30
+        return gib if total is None else min(total, gib)
+    return total
 
 
-def cpu_memory_check(p: Plan, host_gib: float | None) -> tuple[list[str], str | None]:
+def cpu_memory_check(p: Plan, host_gib: float | None, force: bool = False) -> tuple[list[str], str | None]:
     """A sharded plan's CPU memory against this machine's, before any process starts: (problems, warning). What each
     process keeps to itself, the offloaded weights and its runtime, must fit: else refused (a kernel's out-of-memory
-    kill mid-load loses the time and says nothing). The checkpoint as each process reads it (estimator/memory.py
-    cpu_memory_terms) comes through the page cache, which the processes share and the kernel can drop: more than the
-    machine has only warns."""
+    kill mid-load loses the time and says nothing), or with force (`rigplan run --force`) said and tried. The
+    checkpoint as each process reads it (estimator/memory.py cpu_memory_terms) comes through the page cache, which
+    the processes share and the kernel can drop: more than the machine has only warns."""
     terms = cpu_memory_terms(p)
     if not terms or host_gib is None:
         return [], None
@@ -196,8 +211,12 @@ def cpu_memory_check(p: Plan, host_gib: float | None) -> tuple[list[str], str | 
         fix = ("pass --no-cpu-offload where the GPUs hold the weights (rigplan check --gpus "
                f"{p.num_gpus} says which plans do), or use GPUs with more memory" if p.cpu_offload else
                "use fewer processes or a machine with more memory")
-        return [f"this plan needs {own:.0f} GiB of CPU memory for its offloaded weights and {p.num_gpus} processes, "
-                f"and this machine has {host_gib:.0f} GiB: {fix}"], None
+        short = (f"this plan needs {own:.0f} GiB of CPU memory for its offloaded weights and {p.num_gpus} processes, "
+                 f"and this machine has {host_gib:.0f} GiB")
+        if force:
+            return [], f"--force: trying, though {short}"
+        return [f"{short}: {fix}; or pass --force to try anyway (some virtual machines report less memory than "
+                "they give once it is used)"], None
     if p.cpu_memory_gib > host_gib:
         return [], (f"the plan's CPU memory, {p.cpu_memory_gib:.0f} GiB summed over its processes, is more than this "
                     f"machine's {host_gib:.0f} GiB; {terms['checkpoint_read'] / planner.GIB:.0f} GiB of it is the "

@@ -198,8 +198,11 @@ def test_a_sharded_plan_is_held_to_the_machines_cpu_memory_before_any_process_st
     through the page cache only warns. Nothing is said of plans that keep everything on the GPUs."""
     from rigplan import planning
 
-    assert planning.host_memory_gib("MemTotal:       65536000 kB\nMemFree: 1 kB\n") == pytest.approx(62.5)
-    assert planning.host_memory_gib("MemFree: 1 kB\n") is None and planning.host_memory_gib() > 0
+    meminfo = "MemTotal:       65536000 kB\nMemFree: 1 kB\n"
+    assert planning.host_memory_gib(meminfo, "max\n") == pytest.approx(62.5)
+    assert planning.host_memory_gib(meminfo, str(32 * 2**30)) == pytest.approx(32.0)  # a container's limit
+    assert planning.host_memory_gib(meminfo, str(2**63 - 4096)) == pytest.approx(62.5)  # cgroup v1: no limit
+    assert planning.host_memory_gib("MemFree: 1 kB\n", "max") is None and planning.host_memory_gib() > 0
     p = planning.make_plan("llama-3.1-70b", "rtx-4090", num_gpus=2)
     assert p.load_on_cpu and p.cpu_offload and p.cpu_memory_gib > 100
     assert planning.cpu_memory_check(p, 256.0) == ([], None)
@@ -208,6 +211,10 @@ def test_a_sharded_plan_is_held_to_the_machines_cpu_memory_before_any_process_st
     problems, warning = planning.cpu_memory_check(p, 32.0)
     assert warning is None and len(problems) == 1
     assert "needs 47 GiB of CPU memory" in problems[0] and "--no-cpu-offload" in problems[0]
+    assert "pass --force to try anyway" in problems[0]
+    assert planning.cpu_memory_check(p, 32.0, force=True) == (
+        [], "--force: trying, though this plan needs 47 GiB of CPU memory for its offloaded weights and 2 processes, "
+            "and this machine has 32 GiB")
     one = planning.make_plan("llama-3.1-8b", "rtx-4090")
     assert planning.cpu_memory_check(one, 1.0) == ([], None)
 
