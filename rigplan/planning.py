@@ -215,8 +215,8 @@ def cpu_memory_check(p: Plan, host_gib: float | None, force: bool = False) -> tu
                  f"and this machine has {host_gib:.0f} GiB")
         if force:
             return [], f"--force: trying, though {short}"
-        return [f"{short}: {fix}; or pass --force to try anyway (some virtual machines report less memory than "
-                "they give once it is used)"], None
+        return [f"{short}: {fix}; or pass rigplan run --force to try anyway (some virtual machines report less memory "
+                "than they give once it is used)"], None
     if p.cpu_memory_gib > host_gib:
         return [], (f"the plan's CPU memory, {p.cpu_memory_gib:.0f} GiB summed over its processes, is more than this "
                     f"machine's {host_gib:.0f} GiB; {terms['checkpoint_read'] / planner.GIB:.0f} GiB of it is the "

@@ -211,7 +211,7 @@ def test_a_sharded_plan_is_held_to_the_machines_cpu_memory_before_any_process_st
     problems, warning = planning.cpu_memory_check(p, 32.0)
     assert warning is None and len(problems) == 1
     assert "needs 47 GiB of CPU memory" in problems[0] and "--no-cpu-offload" in problems[0]
-    assert "pass --force to try anyway" in problems[0]
+    assert "pass rigplan run --force to try anyway" in problems[0]
     assert planning.cpu_memory_check(p, 32.0, force=True) == (
         [], "--force: trying, though this plan needs 47 GiB of CPU memory for its offloaded weights and 2 processes, "
             "and this machine has 32 GiB")
