@@ -475,7 +475,9 @@ def override(p: Plan, changes: dict[str, Any], force: bool = False, lengths: Exa
     new = dataclasses.replace(p, **changes)
     if new.parallelism == "fsdp" and new.engine == "unsloth":  # the planner's FSDP plans are transformers + PEFT
         new = dataclasses.replace(new, engine="transformers")
-    if ("parallelism" in changes or "method" in changes) and "optimizer" not in changes and new.gpu != "cpu":
+    # The optimizer follows a change of parallelism; a saved plan's --method change keeps it, so that a checkpoint
+    # (its optimizer state) resumes under QLoRA after running out of memory (trainer/run.py's advice).
+    if "parallelism" in changes and "optimizer" not in changes and new.gpu != "cpu":
         new = dataclasses.replace(new, optimizer=planner.optimizer_for(new.parallelism, new.method))
     if "micro_batch" in changes or "seq_len" in changes:
         new = dataclasses.replace(new, token_budget=new.micro_batch * new.seq_len)

@@ -192,3 +192,17 @@ def test_the_optimizer_is_overridden_re_estimated_and_8_bit_refused_for_fsdp(tmp
     with pytest.raises(ConfigError, match="--optimizer adamw_8bit cannot step FSDP"):
         planning.plan_for_run("llama-3.1-70b", "rtx-a6000", data,
                               {"parallelism": "fsdp", "method": "lora", "optimizer": "adamw_8bit"}, num_gpus=2)
+
+
+def test_a_saved_ddp_plan_keeps_its_optimizer_when_its_method_changes(tmp_path) -> None:
+    """`rigplan run plan.json --method qlora --resume`, the advice after running out of memory: the checkpoint's
+    optimizer state is torch's AdamW's (a DDP LoRA plan's), so the QLoRA plan keeps it (a resume under another
+    optimizer is refused: trainer/options.py RESUME_KEEPS); a change of parallelism takes that parallelism's."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * (300 + 7 * i)}) + "\n" for i in range(200)))
+    ddp = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "lora"}, num_gpus=2)
+    assert (ddp.parallelism, ddp.optimizer) == ("ddp", "adamw_torch")
+    assert planning.override(ddp, {"method": "qlora"}).optimizer == "adamw_torch"
+    qlora = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "qlora"}, num_gpus=2)
+    assert (qlora.parallelism, qlora.optimizer) == ("ddp", "adamw_8bit")
+    assert planning.override(qlora, {"parallelism": "fsdp"}).optimizer == "adamw_torch"
