@@ -10,6 +10,7 @@ set -uo pipefail
 source bench/gpu_setup.sh
 LOG=$OUT/profile.log
 ddp_setup || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>$LOG
 METHOD=${METHOD:-lora}
 python3 -m rigplan plan $DIR --data /tmp/data.jsonl --gpu h200 --gpus 2 --method $METHOD --epochs 2 \
   --out /tmp/plan-ddp-prof.json >>$LOG 2>&1 || { tail -5 $LOG; exit 1; }
