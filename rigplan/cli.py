@@ -402,7 +402,7 @@ def run(model_or_plan: str, data_file: Path, gpu: str, epochs: float | None, out
     gpus = (f" x {p.num_gpus} ({p.parallelism}" + (", frozen weights in CPU memory" if p.cpu_offload else "") + ")"
             if p.num_gpus > 1 else "")
     show_plan(f"plan: {p.model} {p.method} r{p.rank} on {p.engine}, micro-batches of at most {p.budget:,} tokens "
-              f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.epochs:g} epoch(s) on {p.gpu}{gpus}"
+              f"({p.batching}) x {p.grad_accum}, seq {p.seq_len}, {p.optimizer}, {p.epochs:g} epoch(s) on {p.gpu}{gpus}"
               + (f": {p.peak_reserved_gib:.1f} GiB peak reserved" + (" per GPU" if p.num_gpus > 1 else "")
                  + f", {p.tokens_per_s:,.0f} tok/s predicted"
                  + (f" (examples of {p.example_tokens:,.0f} tokens)" if p.example_tokens else "")
