@@ -671,11 +671,11 @@ def test_a_resume_under_another_plan_is_refused_and_the_saved_plan_resumes(model
 
 
 def test_resident_memory_is_read_by_kind() -> None:
-    """/proc/self/status's RssAnon and RssFile in GiB; nothing where the lines are missing."""
+    """/proc/self/status's RssAnon, RssFile and RssShmem in GiB; nothing where the lines are missing."""
     from rigplan.trainer.loop import resident_gib
 
-    text = "Name:\tpython\nVmRSS:\t 3145728 kB\nRssAnon:\t 2097152 kB\nRssFile:\t 1048576 kB\nRssShmem:\t 0 kB\n"
-    assert resident_gib(text) == {"cpu_peak_anon_gib": 2.0, "cpu_peak_file_gib": 1.0}
+    text = "Name:\tpython\nVmRSS:\t 3670016 kB\nRssAnon:\t 2097152 kB\nRssFile:\t 1048576 kB\nRssShmem:\t 524288 kB\n"
+    assert resident_gib(text) == {"cpu_peak_anon_gib": 2.0, "cpu_peak_file_gib": 1.0, "cpu_peak_shmem_gib": 0.5}
     assert resident_gib("Name:\tpython\n") == {}
     here = resident_gib()
     assert here["cpu_peak_anon_gib"] > 0.05 and here["cpu_peak_file_gib"] > 0

@@ -283,7 +283,8 @@ def _measured(cuda: bool, trained_tokens: float, runtime_s: float, steady: float
                            round(trained_tokens / runtime_s, 1) if runtime_s else None,
                            "tokens_per_s_compiled": compiled, "compile_steps": compile_steps,
                            "cpu_peak_rss_gib": round(rss_gib, 3),
-                           # by kind while training (loop.py resident_gib): the process's own, a mapped checkpoint's
+                           # by kind while training (loop.py resident_gib): the process's own, a mapped checkpoint's,
+                           # shared memory
                            **{k: round(v, 3) for k, v in (cpu_peaks or {}).items()}}
     if cuda:
         from rigplan.profiles import nvml
