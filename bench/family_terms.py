@@ -181,12 +181,15 @@ def gpt_oss_swiglu(method: str) -> float:
     return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS, method, 4, 2048), 40.0)
 
 
-def qlora_slack(files: list[Path], model_type: str, shapes: tuple[tuple[int, int], ...] = ()) -> float:
-    """memory.QLORA_SLACK_GIB_BY_TYPE[model_type]: the mean of measured less estimated reserved GiB over the
-    family's QLoRA rows in files (those of the (batch, seq) shapes given, if any), estimated without the term."""
-    qlora = [r for r in recorded(files, "qlora") if not shapes or (r["batch"], r["seq"]) in shapes]
-    with zeroed(memory.QLORA_SLACK_GIB_BY_TYPE, model_type):
-        excess = [r["peak_reserved_gib"] - _reserved(r) for r in qlora]
+def constant_slack(files: list[Path], model_type: str, shapes: tuple[tuple[int, int], ...] = (),
+                   method: str = "qlora") -> float:
+    """memory.QLORA_SLACK_GIB_BY_TYPE[model_type] (LORA_SLACK_GIB_BY_TYPE for method "lora"): the mean of measured
+    less estimated reserved GiB over the family's rows of the method in files (those of the (batch, seq) shapes
+    given, if any), estimated without the term."""
+    table = memory.QLORA_SLACK_GIB_BY_TYPE if method == "qlora" else memory.LORA_SLACK_GIB_BY_TYPE
+    found = [r for r in recorded(files, method) if not shapes or (r["batch"], r["seq"]) in shapes]
+    with zeroed(table, model_type):
+        excess = [r["peak_reserved_gib"] - _reserved(r) for r in found]
     return sum(excess) / len(excess)
 
 
@@ -197,14 +200,6 @@ def lora_slack(files: list[Path], model_type: str) -> float:
     with zeroed(memory.LORA_SLACK_PER_HIDDEN_BY_TYPE, model_type):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in lora]
     return through_zero([_per_token(r, lambda m: m.hidden_size) for r in lora], ys)
-
-
-def qwen2_moe_lora_slack() -> float:
-    """memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]: measured less estimated reserved GiB (estimated without the
-    term) on Qwen1.5-MoE's LoRA 1 x 2048 row."""
-    with zeroed(memory.LORA_SLACK_GIB_BY_TYPE, "qwen2_moe"):
-        row = rows(QWEN2_MOE, "lora", 1, 2048)
-        return row["peak_reserved_gib"] - _reserved(row)
 
 
 def fitted() -> dict[str, tuple[float, float]]:
@@ -230,15 +225,15 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]': (phi_slack[1], memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]),
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
-        **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (qlora_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])
+        **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3), ("gpt_oss", GPT_OSS))},
         **{f'memory.LORA_SLACK_PER_HIDDEN_BY_TYPE["{t}"]': (lora_slack(files, t),
                                                            memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3))},
-        'memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qlora_slack(QWEN2_MOE, "qwen2_moe", ((1, 2048),)),
+        'memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (constant_slack(QWEN2_MOE, "qwen2_moe", ((1, 2048),)),
                                                        memory.QLORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
-        'memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (qwen2_moe_lora_slack(),
-                                                      memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
+        'memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]': (
+            constant_slack(QWEN2_MOE, "qwen2_moe", ((1, 2048),), "lora"), memory.LORA_SLACK_GIB_BY_TYPE["qwen2_moe"]),
     }
 
 

@@ -476,7 +476,7 @@ QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
 LORA_SLACK_PER_HIDDEN_BY_TYPE = {"qwen3_moe": 16.1, "gemma3_text": 14.9, "gemma3": 14.9}
 # Qwen1.5-MoE's 16-bit LoRA holds a constant 0.2-0.3 GiB beyond its allocated peak at 2,048 and 8,192 tokens, as
 # its QLoRA does (a constant, not per token): GiB, its LoRA 1 x 2048 row (h200-issue17-heldout5/; bench/
-# family_terms.py qwen2_moe_lora_slack), its 4 x 2048 and 1 x 8192 rows checking it.
+# family_terms.py constant_slack), its 4 x 2048 and 1 x 8192 rows checking it.
 LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 
 
