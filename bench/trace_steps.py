@@ -18,8 +18,13 @@ from pathlib import Path
 GAP_OPS = 8  # host operators listed for a step's longest GPU gap
 
 
+def complete_events(trace: Path) -> list[dict]:
+    """The trace's complete events (phase X: a start and a duration), host and GPU."""
+    return [e for e in json.loads(gzip.open(trace).read())["traceEvents"] if e.get("ph") == "X"]
+
+
 def steps(trace: Path) -> list[dict]:
-    events = [e for e in json.loads(gzip.open(trace).read())["traceEvents"] if e.get("ph") == "X"]
+    events = complete_events(trace)
     kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy",
                                                                                      "gpu_memset"))
     host = [e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation")
@@ -54,7 +59,7 @@ def collectives(trace: Path) -> list[dict]:
     first waits inside its kernel for the others, so a long one is this process waiting), and since the previous
     one ended, the wall time and the time the GPU ran other kernels. Between the gradients' all-reduce (f32) and
     the next collective lies the optimizer step: a span far above its GPU time is host-bound."""
-    events = [e for e in json.loads(gzip.open(trace).read())["traceEvents"] if e.get("ph") == "X"]
+    events = complete_events(trace)
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     out, end, busy = [], None, 0.0
     for e in kernels:
