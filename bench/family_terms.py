@@ -26,6 +26,9 @@ GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
+PHI4 = [RESULTS / "h200-issue17-heldout6" / "probe-phi4.jsonl"]
+QWEN3_MOE_LONG = [RESULTS / "h200-issue17-heldout2" / "probe-qwen3moe.jsonl",
+                  RESULTS / "h200-issue17-fit6" / "probe-qwen3moe-qlora-long.jsonl"]
 
 
 def recorded(files: list[Path], method: str) -> list[dict]:
@@ -65,6 +68,16 @@ def zeroed(table: dict, key: object) -> Iterator[None]:
     """The estimate without a fitted constant (table[key] at 0), the table left as it was."""
     saved = table[key]
     table[key] = 0.0
+    try:
+        yield
+    finally:
+        table[key] = saved
+
+
+@contextlib.contextmanager
+def removed(table: dict, key: object) -> Iterator[None]:
+    """The estimate without a family's entry (table[key] absent), the table left as it was."""
+    saved = table.pop(key)
     try:
         yield
     finally:
@@ -142,6 +155,25 @@ def phi3_logits() -> float:
     return solve(memory.MATERIALISED_LOGITS_BYTES, ("phi3", "lora"), rows(PHI, "lora", 4, 2048), 10.0)
 
 
+def phi4_logits() -> float:
+    return solve(memory.MATERIALISED_LOGITS_BYTES, ("phi3-128", "lora"), rows(PHI4, "lora", 4, 2048), 10.0)
+
+
+def qwen3_moe_qlora_backward() -> tuple[float, float]:
+    """memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"]: allocated GiB = the estimate's other terms + f x the recompute
+    transient as the reference counts it + c x the gate_up stack, through its QLoRA 1 x 16384 and 1 x 32768 rows."""
+    points = []
+    with removed(memory.MOE_QLORA_BACKWARD_BY_TYPE, "qwen3_moe"):
+        for row in (rows(QWEN3_MOE_LONG, "qlora", 1, 16384), rows(QWEN3_MOE_LONG, "qlora", 1, 32768)):
+            model, setup, _ = model_setup(row)
+            transient = memory.recompute_transient_bytes(model, setup, store.reference()[0]) / 2**30
+            stack = memory.BF16_BYTES * model.experts * model.hidden_size * 2 * model.expert_intermediate / 2**30
+            points.append((transient, row["peak_alloc_gib"] - (_allocated(row) - transient), stack))
+    (t1, y1, stack), (t2, y2, _) = points
+    f = (y2 - y1) / (t2 - t1)
+    return f, (y1 - f * t1) / stack
+
+
 def phi3_mask() -> float:
     """Bytes per mask element from the LoRA pair at the same tokens: what 1 x 8192 held beyond 4 x 2048, over
     the difference in micro_batch x seq x seq."""
@@ -206,6 +238,7 @@ def fitted() -> dict[str, tuple[float, float]]:
     """Each constant: (what its runs give it now, the value in the code)."""
     phi = {m: phi3_speed(m) for m in ("lora", "qlora")}
     phi_slack = phi3_qlora_slack()
+    moe = qwen3_moe_qlora_backward()
     return {
         **{f'speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "{m}")]': (phi[m][0],
                                                                   speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", m)])
@@ -219,6 +252,10 @@ def fitted() -> dict[str, tuple[float, float]]:
             step_ratio(GEMMA3, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]),
         'memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]': (phi3_logits(),
                                                                memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]),
+        'memory.MATERIALISED_LOGITS_BYTES[("phi3-128", "lora")]': (
+            phi4_logits(), memory.MATERIALISED_LOGITS_BYTES[("phi3-128", "lora")]),
+        **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][{i}]': (
+            moe[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][i]) for i in (0, 1)},
         'memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]': (phi3_mask(), memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]),
         'memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]': (phi_slack[0], memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]),

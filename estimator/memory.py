@@ -113,8 +113,8 @@ def recompute_transient_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficien
     if setup.checkpointing == "off":
         return 0
     h, i = model.hidden_size, model.widest_active_intermediate
-    family = TRANSIENT_PER_KV_BY_TYPE.get(model.model_type, 0.0) * kv_width(model)
-    return int(setup.tokens * (coeffs.transient_per_hidden * h + family + coeffs.transient_per_intermediate * i)
+    own = TRANSIENT_PER_KV_BY_TYPE.get(family(model), 0.0) * kv_width(model)
+    return int(setup.tokens * (coeffs.transient_per_hidden * h + own + coeffs.transient_per_intermediate * i)
                + routed_copy_bytes(model, setup) + fp32_swiglu_bytes(model, setup))
 
 
@@ -166,16 +166,18 @@ def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:
 # 4 x 2048, 1 x 8192 on the H200, bench/results/h200-issue17-heldout2/probe-phi*.jsonl: within 0.11 GiB of the
 # estimate without them, 0.55-0.76 GiB under it with them); its LoRA figure is fitted on the full-depth LoRA
 # 4 x 2048 run there (bench/family_terms.py), its 1 x 2048 and 1 x 8192 runs and two 8-layer H100 runs
-# (profiles/calibrations/h100-runs/h100-heldout.jsonl) left to check it.
+# (profiles/calibrations/h100-runs/h100-heldout.jsonl) left to check it. Phi-4's (family "phi3-128") on its LoRA
+# 4 x 2048 run at 8 layers (bench/results/h200-issue17-heldout6/probe-phi4.jsonl), its 1 x 2048 and 1 x 8192 runs
+# there checking it.
 MATERIALISED_LOGITS_BYTES = {("gemma3", "lora"): 3.08, ("gemma3", "qlora"): 3.08, ("gemma3_text", "lora"): 3.08,
-                             ("gemma3_text", "qlora"): 3.08, ("phi3", "lora"): 3.42}
+                             ("gemma3_text", "qlora"): 3.08, ("phi3", "lora"): 3.42, ("phi3-128", "lora"): 2.37}
 
 
 def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: str = "unsloth") -> int:
     # lm_head output and its gradient, vocab-wide per token: large for 128k-256k vocabularies.
     per_logit = coeffs.logits_per_vocab
     if engine == "unsloth":
-        per_logit += MATERIALISED_LOGITS_BYTES.get((model.model_type, setup.method), 0.0)
+        per_logit += MATERIALISED_LOGITS_BYTES.get((family(model), setup.method), 0.0)
     return int(setup.tokens * model.vocab_size * per_logit)
 
 
@@ -188,22 +190,23 @@ def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: s
 SEQ_SQUARED_BYTES_BY_TYPE = {"phi3": 3.36}
 
 
-# Phi-4, the same model type with heads of 128 where Phi-3.5-mini's are 96, showed neither that memory nor that
-# slowness: its QLoRA 4 x 4096 row at 8 layers (bench/results/h200-issue17-heldout5/) ran near its FLOP count's time
-# and held less than the mask term adds (bench/results/README.md, the eleventh session). The head sizes those two
-# terms apply to, per family, set from that one row (the next Phi-4 runs check it: predictions/
-# phi4-head-dim-h200.json).
-SLOW_ATTENTION_HEAD_DIMS = {"phi3": (96,)}
+# Phi-3.5-mini (heads of 96) and Phi-4 (heads of 128) share model type "phi3" but not what Unsloth 2026.10.9 does
+# with them. Phi-3.5's terms (its recompute, slack, attention mask and time, GPU factors) did not hold for Phi-4 at
+# 8 layers on the H200, which trained as the reference families do, but for whole logits under 16-bit LoRA, fewer
+# bytes each than Phi-3.5's (bench/results/h200-issue17-heldout5/ and -heldout6/probe-phi4.jsonl; the comparison in
+# bench/results/README.md, the twelfth session). The family a model's fitted terms are keyed by: its model type, or
+# for these the type and head size.
+FAMILY_BY_TYPE_AND_HEAD_DIM = {("phi3", 128): "phi3-128"}
 
 
-def slow_attention(model: ModelSpec) -> bool:
-    """Whether the model's attention is the kind measured off FlashAttention (SLOW_ATTENTION_HEAD_DIMS)."""
-    return model.head_dim in SLOW_ATTENTION_HEAD_DIMS.get(model.model_type, ())
+def family(model: ModelSpec) -> str:
+    """The key of the model's fitted terms in the *_BY_TYPE tables (FAMILY_BY_TYPE_AND_HEAD_DIM)."""
+    return FAMILY_BY_TYPE_AND_HEAD_DIM.get((model.model_type, model.head_dim), model.model_type)
 
 
 def attention_mask_bytes(model: ModelSpec, setup: Setup) -> int:
     """The families whose attention keeps a micro_batch x seq x seq mask (SEQ_SQUARED_BYTES_BY_TYPE)."""
-    per_element = SEQ_SQUARED_BYTES_BY_TYPE.get(model.model_type, 0.0) if slow_attention(model) else 0.0
+    per_element = SEQ_SQUARED_BYTES_BY_TYPE.get(family(model), 0.0)
     return int(setup.micro_batch * setup.seq_len * setup.seq_len * per_element)
 
 
@@ -217,6 +220,25 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
         return 0
     shapes = model.linear_shapes() + (model.dense_layer_shapes() if model.dense_layers else [])
     return BF16_BYTES * max(n_in * n_out for _, n_in, n_out in shapes)
+
+
+# Qwen3-MoE's QLoRA backward under Unsloth holds less of a layer's recompute per token than the terms above count (its
+# 16-bit LoRA holds what they count) and, beside it, much of the layer's dequantized gate_up stack
+# (expert_dequant_phase_bytes): its allocated peak grew with the tokens at a lower rate, from a higher base. Shares
+# of the recompute transient and of the stack, fitted through its QLoRA 1 x 16384 and 1 x 32768 rows at 4 layers on
+# the H200 (bench/results/h200-issue17-heldout2/ and -fit6/; bench/family_terms.py qwen3_moe_qlora_backward); its
+# rows at 2,048 to 8,192 tokens, at 4 and 8 layers, check it.
+MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 0.885)}
+
+
+def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, engine: str) -> int:
+    """A layer's recompute transient (as recompute_transient_bytes counts it) as the family's QLoRA backward holds
+    it under Unsloth, with the gate_up stack beside it (MOE_QLORA_BACKWARD_BY_TYPE); unchanged elsewhere."""
+    shares = MOE_QLORA_BACKWARD_BY_TYPE.get(family(model))
+    if setup.method != "qlora" or engine != "unsloth" or not shares or not transient:
+        return transient
+    stack = BF16_BYTES * model.experts * model.hidden_size * 2 * model.expert_intermediate
+    return int(shares[0] * transient + shares[1] * stack)
 
 
 def expert_dequant_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], engine: str) -> int:
@@ -416,7 +438,8 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         "loaded_overhead": int(coeffs.fixed_bytes),
         "step_overhead": int(coeffs.step_fixed_bytes),
         "activations_kept": checkpoint_bytes(model, setup, coeffs),
-        "recompute_transient": recompute_transient_bytes(model, setup, coeffs),
+        "recompute_transient": moe_qlora_transient_bytes(model, setup, recompute_transient_bytes(model, setup, coeffs),
+                                                         engine),
         "logits_loss": logits_bytes(model, setup, coeffs, engine),
         "dequant_buffer": dequant_buffer_bytes(model, setup),
         "attention_mask": attention_mask_bytes(model, setup),
@@ -430,8 +453,9 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     parts["expert_dequant"] = max(0, dequant - backward_phase_bytes(parts) - parts["loss_over_backward"])
     parts["quantized_load"] = 0  # the step's peak without it first
     parts["quantized_load"] = max(0, quantized_load_bytes(model, setup) - peak_allocated_bytes(parts))
-    parts["allocator_slack"] = int(step_bytes(parts) * slack_ratio(setup, coeffs)) + family_slack_bytes(model, setup,
-                                                                                                        engine)
+    ratio = 0.0 if engine == "unsloth" and (family(model), setup.method) in FAMILY_SLACK_ONLY else slack_ratio(setup,
+                                                                                                            coeffs)
+    parts["allocator_slack"] = int(step_bytes(parts) * ratio) + family_slack_bytes(model, setup, engine)
     if engine == "transformers":
         factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
         for k in STEP_TERMS + ("allocator_slack",):
@@ -465,9 +489,13 @@ def step_bytes(parts: dict[str, int]) -> int:
 # bench/family_terms.py phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it. Qwen1.5-MoE's: its QLoRA
 # 1 x 2048 row, the first that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows
 # checking it.
-QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.537, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.089,
+QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.617, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.089,
                            "qwen2_moe": 0.382}
 QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
+# Qwen3-MoE's QLoRA held the same 0.54-0.56 GiB beyond its allocated peak from 4,096 to 32,768 tokens (bench/results/
+# h200-issue17*/probe-qwen3moe*.jsonl), where the reference's slack grows with the step's bytes: for the families and
+# methods here, the family's constant alone.
+FAMILY_SLACK_ONLY = {("qwen3_moe", "qlora")}
 # Their 16-bit LoRA too, for Qwen3-MoE and Gemma 3: reserved memory beyond the allocated peak that grows with the
 # tokens of a micro-batch (Qwen3-30B-A3B 0.14 GiB at 2,048 tokens, 0.49 at 16,384), bytes per token and hidden unit,
 # least squares through zero on each family's first LoRA rows (bench/results/h200-issue17/, 1 x 2048, 4 x 2048,
@@ -485,7 +513,7 @@ def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
     LORA_SLACK_GIB_BY_TYPE, LORA_SLACK_PER_HIDDEN_BY_TYPE); 0 otherwise."""
     if engine != "unsloth":
         return 0
-    t = model.model_type
+    t = family(model)
     if setup.method == "lora":
         return int(LORA_SLACK_GIB_BY_TYPE.get(t, 0.0) * 2**30
                    + LORA_SLACK_PER_HIDDEN_BY_TYPE.get(t, 0.0) * setup.tokens * model.hidden_size)

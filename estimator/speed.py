@@ -8,8 +8,8 @@ import bisect
 import dataclasses
 from functools import lru_cache
 
-from rigplan.estimator.memory import (BF16_BYTES, NF4_FLAT_BYTES_PER_PARAM, expert_params, lora_params,
-                                      projection_params, slow_attention)
+from rigplan.estimator.memory import (BF16_BYTES, NF4_FLAT_BYTES_PER_PARAM, expert_params, family, lora_params,
+                                      projection_params)
 from rigplan.estimator.plan import Coefficients, ExampleLengths, Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
 
@@ -73,15 +73,15 @@ SOFTMAX_BOUND_HEAD_DIM = 128
 # GPU-bound QLoRA rows): its own pair of factors, fitted the same way on its QLoRA 4 x 2048 and 1 x 8192
 # (h200-issue17-heldout2/probe-phi.jsonl, probe-phi-8192.jsonl), checked on 2 x 4096 and 1 x 16384
 # (h200-issue17-heldout3/probe-phi.jsonl), with GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "qlora")]. Only for the head
-# sizes measured slow (memory.SLOW_ATTENTION_HEAD_DIMS: not Phi-4's).
+# sizes measured slow (memory.family: not Phi-4's).
 ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 3.03, ("phi3", "qlora"): 3.80}
 
 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
     bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower."""
-    slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((model.model_type, setup.method), 1.0)
-    softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * (slow if slow_attention(model) else 1.0)
+    slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0)
+    softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * slow
     return matmul_flops_per_token(model, setup) + softmax * attention_flops_per_token(model, setup)
 
 
@@ -147,8 +147,8 @@ def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) ->
     """The GPU's time for a micro-batch: its work, or under FSDP the weights' transfers if they take longer
     (FSDP2 gathers the next layer while this one computes)."""
     compute = (timed_flops_per_token(model, setup) * setup.tokens / (gpu.tensor_tflops * 1e12 * coeffs.mfu)
-               * GPU_TIME_BY_TYPE.get(model.model_type, 1.0)
-               * GPU_TIME_BY_TYPE_AND_METHOD.get((model.model_type, setup.method), 1.0))
+               * GPU_TIME_BY_TYPE.get(family(model), 1.0)
+               * GPU_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0))
     moved = (coeffs.elementwise_bytes * elementwise_units(model, setup)
              + coeffs.dequant_bytes * quantized_weights(model, setup) + expert_dequant_bytes(model, setup))
     return max(compute + moved / (gpu.bandwidth_gb_s * 1e9), fsdp_transfer_s(model, setup, gpu))
