@@ -249,7 +249,7 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     """Qwen3-30B-A3B's QLoRA at 4 and 8 layers, 2,048 to 32,768 tokens, every recorded row (memory.
     MOE_QLORA_BACKWARD_BY_TYPE fitted through 1 x 16384 and 1 x 32768): allocated peak within 2.5% of the estimate;
     reserved within 6% (the allocator's scatter: CHECK_RESERVED_BOUND) but at 1 x 16384, where the allocator held a
-    third of its slack at the other lengths, three runs in two calls (the estimate above it there: the side that does
+    third of its slack at the other lengths, three runs in two sessions (the estimate above it there: the side that does
     not run out of memory). Rows under expandable segments, as `rigplan run` trains."""
     found = [json.loads(line) for f in sorted(RUNS.parent.glob("h200-issue17*/probe-qwen3moe*.jsonl"))
              for line in f.read_text().splitlines() if line]
