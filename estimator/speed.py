@@ -82,7 +82,8 @@ def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower."""
     slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0)
     softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * slow
-    return matmul_flops_per_token(model, setup) + softmax * attention_flops_per_token(model, setup)
+    return (matmul_flops_per_token(model, setup) * MATMUL_TIME_BY_TYPE.get(family(model), 1.0)
+            + softmax * attention_flops_per_token(model, setup))
 
 
 def passes(setup: Setup) -> int:
@@ -120,19 +121,23 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
     return max(gpu_s(model, setup, gpu, coeffs), host_floor_s(model, setup, coeffs))
 
 
-# Families whose GPU time the FLOP count understates, as measured. Qwen3-MoE routes each token to 8 of 128 narrow
-# experts (768 wide), whose grouped matmuls run far below the dense rate: Qwen3-30B-A3B at 4 layers, LoRA 1 x 8192
-# on the H200, took 1.41x the estimate's time (bench/results/h200-issue17/probe-qwen3moe.jsonl, 2026-11-30; the
-# figure from that one run, refitted by bench/family_terms.py; the other five of that file left to check it).
-# Mixtral's 8 wide experts ran at the dense rate (within 3% on its GPU-bound runs, same file set).
-# gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
-# swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
-# 1.47x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row; its other GPU-bound rows check it).
+# Families whose matmuls run slower than the dense rate, as measured. Qwen3-MoE routes each token to 8 of 128 narrow
+# experts (768 wide), whose grouped matmuls run far below it, while its attention and memory-bound work do not:
+# Qwen3-30B-A3B at 4 layers, LoRA 1 x 8192 on the H200, took 1.645x the estimate's matmul time (the rest of the step
+# at the reference's rates; bench/results/h200-issue17/probe-qwen3moe.jsonl, 2026-11-30; that one run, refitted by
+# bench/family_terms.py; its other rows, 2,048 to 32,768 tokens, check it). Applied to the whole step's time instead
+# it left the estimate slower the longer the sequence, as attention's share grew (bench/results/README.md, the
+# twelfth session). Mixtral's 8 wide experts ran at the dense rate (within 3% on its GPU-bound runs, same file set).
 # Qwen1.5-MoE (qwen2_moe: 60 experts 1,408 wide, 4 per token, and a shared expert) runs the same grouped kernels:
 # Qwen3-MoE's factor, never fitted on its own runs; its rows as planned check it (bench/results/
 # h200-issue17-heldout5/probe-qwen2moe.jsonl).
+MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.645}
+# Families whose GPU time the FLOP count understates, as measured.
+# gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
+# swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
+# 1.47x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row; its other GPU-bound rows check it).
 # Phi-3.5-mini: per method, below.
-GPU_TIME_BY_TYPE = {"qwen3_moe": 1.41, "qwen2_moe": 1.41, "gpt_oss": 1.47}
+GPU_TIME_BY_TYPE = {"gpt_oss": 1.47}
 # The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count and
 # than its own QLoRA, which stayed within 10% of the estimate: Gemma-3-12B at 8 layers, LoRA 4 x 2048 on the H200,
 # took 1.225x the estimate's time (bench/results/h200-issue17/probe-gemma3.jsonl, fitted on that run, refitted by
