@@ -124,9 +124,9 @@ def step_parts(row: dict) -> tuple[float, float, float]:
 
 
 def step_ratio(files: list[Path], method: str, batch: int, seq: int) -> float:
-    """The rule Gemma 3 LoRA's factor was fitted by: the measured step over the whole
-    estimated GPU time without the factor, which the estimate then applies to the FLOPs' time alone (a little less
-    than the step's ratio; its held-out rows checked it so)."""
+    """The rule Gemma 3 LoRA's factor was fitted by: the measured step over the whole estimated GPU time without the
+    factor, which the estimate then applies to the FLOPs' time alone (a little less than the step's ratio; its
+    held-out rows checked it so)."""
     mm, attn, moved = step_parts(row := rows(files, method, batch, seq))
     return row["step_s"] / (mm + attn + moved)
 
@@ -174,7 +174,7 @@ def qwen3_moe_qlora_backward() -> tuple[float, float]:
         for row in (rows(QWEN3_MOE_LONG, "qlora", 1, 16384), rows(QWEN3_MOE_LONG, "qlora", 1, 32768)):
             model, setup, _ = model_setup(row)
             transient = memory.recompute_transient_bytes(model, setup, store.reference()[0]) / 2**30
-            stack = memory.BF16_BYTES * model.experts * model.hidden_size * 2 * model.expert_intermediate / 2**30
+            stack = memory.gate_up_stack_bytes(model) / 2**30
             points.append((transient, row["peak_alloc_gib"] - (_allocated(row) - transient), stack))
     (t1, y1, stack), (t2, y2, _) = points
     f = (y2 - y1) / (t2 - t1)

@@ -237,8 +237,12 @@ def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, en
     shares = MOE_QLORA_BACKWARD_BY_TYPE.get(family(model))
     if setup.method != "qlora" or engine != "unsloth" or not shares or not transient:
         return transient
-    stack = BF16_BYTES * model.experts * model.hidden_size * 2 * model.expert_intermediate
-    return int(shares[0] * transient + shares[1] * stack)
+    return int(shares[0] * transient + shares[1] * gate_up_stack_bytes(model))
+
+
+def gate_up_stack_bytes(model: ModelSpec) -> int:
+    """A layer's gate_up expert weights dequantized to bf16, every expert: 2 x experts x expert width x hidden."""
+    return BF16_BYTES * model.experts * model.hidden_size * 2 * model.expert_intermediate
 
 
 def expert_dequant_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], engine: str) -> int:
@@ -252,9 +256,8 @@ def expert_dequant_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, 
     if setup.method != "qlora" or not model.experts or engine != "unsloth":
         return 0
     h, width, k = model.hidden_size, model.expert_intermediate, model.num_experts_per_tok
-    stack = BF16_BYTES * model.experts * h * 2 * width
     routed = setup.tokens * k * (2 * h + 3 * width) * BF16_BYTES
-    return backward_phase_bytes(parts) - parts["recompute_transient"] + stack + routed
+    return backward_phase_bytes(parts) - parts["recompute_transient"] + gate_up_stack_bytes(model) + routed
 
 
 # Unsloth's loss (unsloth_zoo 2026.10 fused_losses/fused_linear.py, the default fused linear cross-entropy)

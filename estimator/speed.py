@@ -79,7 +79,8 @@ ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 3.03, ("phi3", "qlora"): 
 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
-    bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower."""
+    bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower, the matmuls'
+    where a family's ran slower (MATMUL_TIME_BY_TYPE)."""
     slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0)
     softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * slow
     return (matmul_flops_per_token(model, setup) * MATMUL_TIME_BY_TYPE.get(family(model), 1.0)
