@@ -14,13 +14,13 @@ FP32_BYTES = 4
 # bitsandbytes NF4 with double quantization (QLoRA, Dettmers et al. 2023, sec. 2): 4-bit weights, one
 # 8-bit absmax per 64 weights, one fp32 second-level absmax per 256 of those (bnb blocksize 64 / 256).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + FP32_BYTES / (64 * 256)
-# bitsandbytes NF4 without double quantization: 4-bit weights and one fp32 absmax per 64. Unsloth quantizes a
-# mixture-of-experts layer's fused expert stacks itself (unsloth_zoo 2026.10 temporary_patches/moe_utils_bnb4bit.py:
-# "transformers' bnb integration only quantizes nn.Linear ... These patches teach it to recognize and quantize those
-# parameters"), and stacks too large for one bitsandbytes call keep flat absmax (compress_statistics=False there).
-# Counted flat for every stack: the H200 runs' after-load memory was within +0.5% (Qwen3-30B-A3B) and +2.6%
-# (Mixtral-8x7B) of this (bench/results/h200-issue17/).
+# bitsandbytes NF4 without double quantization: 4-bit weights and one fp32 absmax per 64.
 NF4_FLAT_BYTES_PER_PARAM = 0.5 + FP32_BYTES / 64
+# Unsloth quantizes a mixture-of-experts layer's fused expert stacks itself (unsloth_zoo 2026.10.9
+# temporary_patches/moe_utils_bnb4bit.py: "transformers' bnb integration only quantizes nn.Linear"), with the
+# model's double quantization, except a stack of _BNB_MAX_QUANTIZE_NUMEL = 2**31 elements or more, which bitsandbytes
+# cannot count in 32 bits: that one is quantized in expert slices with flat absmax (compress_statistics=False).
+BNB_MAX_QUANTIZE_NUMEL = 2**31
 # bitsandbytes AdamW8bit: two 8-bit moments per parameter plus one fp32 absmax per 256-value block
 # (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", sec. 2; bnb blocksize 256).
 ADAM8BIT_BYTES_PER_PARAM = 2 * (1 + FP32_BYTES / 256)
@@ -61,12 +61,24 @@ def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -
         return model.params_total * BF16_BYTES
     # bitsandbytes quantizes nn.Linear layers inside the decoder; embeddings, lm_head (kept out by
     # transformers' llm_int8_skip_modules default), norms and biases stay bf16. A mixture-of-experts layer's
-    # experts (fused 3-D parameters in transformers 5.17) are NF4 under Unsloth (NF4_FLAT_BYTES_PER_PARAM) and
-    # stay bf16 under transformers + bitsandbytes, whose integration skips them (not measured).
+    # experts (fused 3-D parameters in transformers 5.17) are NF4 under Unsloth (expert_nf4_bytes) and stay bf16
+    # under transformers + bitsandbytes, whose integration skips them (not measured).
     linear = projection_params(model)
     experts = expert_params(model) if engine == "unsloth" else 0
-    return (int(linear * NF4_BYTES_PER_PARAM) + int(experts * NF4_FLAT_BYTES_PER_PARAM)
+    return (int(linear * NF4_BYTES_PER_PARAM) + (expert_nf4_bytes(model) if experts else 0)
             + (model.params_total - linear - experts) * BF16_BYTES)
+
+
+def expert_nf4_bytes(model: ModelSpec) -> int:
+    """The routed experts of every sparse layer in NF4 as Unsloth stores them (BNB_MAX_QUANTIZE_NUMEL): two stacks
+    a layer, gate_up (experts x 2 x expert width x hidden) and down (half that). On the H200 a layer's memory after
+    loading grew by this within 0.3% from 4 to 16 layers (Qwen3-30B-A3B, gpt-oss-20b; Mixtral-8x7B at 8 layers:
+    bench/results/h200-issue17-depth/), where flat absmax throughout counted 9% more."""
+    stacks = (2 * model.experts * model.expert_intermediate * model.hidden_size,
+              model.experts * model.expert_intermediate * model.hidden_size)
+    per_layer = sum(n * (NF4_BYTES_PER_PARAM if n < BNB_MAX_QUANTIZE_NUMEL else NF4_FLAT_BYTES_PER_PARAM)
+                    for n in stacks)
+    return int(model.main_layers * per_layer)
 
 
 def quant_state_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -147,7 +159,7 @@ def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
 # coefficients were fitted on. Bytes per unit beyond them in a layer's recompute, by method (the two paths free
 # them at different moments), fitted on gpt-oss-20b at 4 layers, 4 x 2048 on the H200 (bench/results/h200-gpt-oss/
 # probe-gptoss.jsonl, 2026-11-30; bench/family_terms.py); its 1 x 2048 rows check them.
-FP32_SWIGLU_BYTES = {"lora": 11.9, "qlora": 5.4}
+FP32_SWIGLU_BYTES = {"lora": 11.9, "qlora": 7.0}
 
 
 def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -228,7 +240,7 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
 # of the recompute transient and of the stack, fitted through its QLoRA 1 x 16384 and 1 x 32768 rows at 4 layers on
 # the H200 (bench/results/h200-issue17-heldout2/ and -fit6/; bench/family_terms.py qwen3_moe_qlora_backward); its
 # rows at 2,048 to 8,192 tokens, at 4 and 8 layers, check it.
-MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 0.885)}
+MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 1.025)}
 
 
 def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, engine: str) -> int:
@@ -482,8 +494,8 @@ def step_bytes(parts: dict[str, int]) -> int:
 # that the reference's slack ratio (fitted on Llama, Mistral and Qwen's fast path) does not give, and that does not
 # grow with the step's bytes (the estimate held their allocated peaks within 5%). GiB per family: the mean excess
 # of measured over estimated reserved memory on its first recorded QLoRA rows on the H200 (Qwen3-30B-A3B and
-# Gemma-3-12B: bench/results/h200-issue17/; Phi-3.5-mini: h200-issue17-heldout2/; gpt-oss-20b: h200-gpt-oss/;
-# bench/family_terms.py refits them), its later rows checking it (tests/test_issue17_runs.py). Mixtral's rows held
+# Gemma-3-12B: bench/results/h200-issue17/; Phi-3.5-mini: h200-issue17-heldout2/; gpt-oss-20b: h200-issue17-heldout3/,
+# the first in a process of their own; bench/family_terms.py refits them), its later rows checking it (tests/test_issue17_runs.py). Mixtral's rows held
 # less than the estimate: none. The allocator's own scatter stays in the error (Gemma 3 at 4 x 2048 held 1.0 and
 # 1.7 GiB beyond its allocated peak under two allocator settings).
 # Phi-3.5-mini's grows with the tokens of a micro-batch (0.20 GiB at 2,048 tokens, 0.67-0.81 at 16,384): a constant
@@ -492,8 +504,8 @@ def step_bytes(parts: dict[str, int]) -> int:
 # bench/family_terms.py phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it. Qwen1.5-MoE's: its QLoRA
 # 1 x 2048 row, the first that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows
 # checking it.
-QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.617, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.089,
-                           "qwen2_moe": 0.382}
+QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.631, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.255,
+                           "qwen2_moe": 0.472}
 QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
 # Qwen3-MoE's QLoRA held the same 0.54-0.56 GiB beyond its allocated peak from 4,096 to 32,768 tokens but at 16,384,
 # where it held less (bench/results/h200-issue17*/probe-qwen3moe*.jsonl), while the reference's slack grows with the

@@ -8,7 +8,7 @@ import bisect
 import dataclasses
 from functools import lru_cache
 
-from rigplan.estimator.memory import (BF16_BYTES, NF4_FLAT_BYTES_PER_PARAM, expert_params, family, lora_params,
+from rigplan.estimator.memory import (BF16_BYTES, expert_nf4_bytes, expert_params, family, lora_params,
                                       projection_params)
 from rigplan.estimator.plan import Coefficients, ExampleLengths, Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec
@@ -111,7 +111,7 @@ def expert_dequant_bytes(model: ModelSpec, setup: Setup) -> float:
     layers, bench/results/h200-issue17/), where this counts 3.9 and 9.0 ms at the H200's bandwidth."""
     if setup.method != "qlora" or not model.experts:
         return 0.0
-    return passes(setup) * expert_params(model) * (BF16_BYTES + NF4_FLAT_BYTES_PER_PARAM)
+    return passes(setup) * (expert_params(model) * BF16_BYTES + expert_nf4_bytes(model))
 
 
 def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
