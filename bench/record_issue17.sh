@@ -27,9 +27,13 @@ for family in "${families[@]}"; do
   # leftovers allocated (start_alloc_gib 0.13-0.31 GiB in the QLoRA rows run after LoRA), which a user's run has
   # not. They showed in after_load_gib, not in the peaks: Qwen3-MoE's and Gemma 3's QLoRA peaks in a process of
   # their own (h200-issue17-expandable/) matched those run after LoRA (h200-issue17/) within 0.05 GiB.
+  # The probe's log stays in /tmp (the device tool brings back 8 files at most); a failed job's tail goes to
+  # $OUT/failed.txt.
   for job in $(jobs_for $prefix); do
-    python3 -m rigplan.calibration.probe --job "$job" --out $OUT/probe-$family.jsonl >>$OUT/probe-$family.log 2>&1
-    echo "== $job exit $? after $((SECONDS - t0)) s"
+    python3 -m rigplan.calibration.probe --job "$job" --out $OUT/probe-$family.jsonl >/tmp/probe-$family.log 2>&1
+    rc=$?
+    echo "== $job exit $rc after $((SECONDS - t0)) s"
+    [ $rc -eq 0 ] || { echo "== $job exit $rc"; tail -40 /tmp/probe-$family.log; } >>$OUT/failed.txt
   done
   python3 bench/predictions.py compare $PRED $OUT/probe-$family.jsonl | grep "\"$prefix" | tee -a $OUT/compare.txt
 done
