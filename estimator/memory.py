@@ -235,11 +235,11 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
 
 
 # Qwen3-MoE's QLoRA backward under Unsloth holds less of a layer's recompute per token than the terms above count (its
-# 16-bit LoRA holds what they count) and, beside it, much of the layer's dequantized gate_up stack
+# 16-bit LoRA holds what they count) and, beside it, the layer's whole dequantized gate_up stack
 # (expert_dequant_phase_bytes): its allocated peak grew with the tokens at a lower rate, from a higher base. Shares
 # of the recompute transient and of the stack, fitted through its QLoRA 1 x 16384 and 1 x 32768 rows at 4 layers on
 # the H200 (bench/results/h200-issue17-heldout2/ and -fit6/; bench/family_terms.py qwen3_moe_qlora_backward); its
-# rows at 2,048 to 8,192 tokens, at 4 and 8 layers, check it.
+# rows at 2,048 to 8,192 tokens, at 4, 8 and 16 layers, check it.
 MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 1.025)}
 
 
