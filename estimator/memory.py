@@ -69,15 +69,20 @@ def base_weights_bytes(model: ModelSpec, method: str, engine: str = "unsloth") -
             + (model.params_total - linear - experts) * BF16_BYTES)
 
 
+def expert_stack_params(model: ModelSpec) -> tuple[int, int]:
+    """A sparse layer's two fused expert stacks, in weights: gate_up (experts x 2 x expert width x hidden) and down
+    (experts x expert width x hidden)."""
+    down = model.experts * model.expert_intermediate * model.hidden_size
+    return 2 * down, down
+
+
 def expert_nf4_bytes(model: ModelSpec) -> int:
-    """The routed experts of every sparse layer in NF4 as Unsloth stores them (BNB_MAX_QUANTIZE_NUMEL): two stacks
-    a layer, gate_up (experts x 2 x expert width x hidden) and down (half that). On the H200 a layer's memory after
+    """The routed experts of every sparse layer in NF4 as Unsloth stores them (BNB_MAX_QUANTIZE_NUMEL), stack by
+    stack (expert_stack_params). On the H200 a layer's memory after
     loading grew by this within 0.3% from 4 to 16 layers (Qwen3-30B-A3B, gpt-oss-20b; Mixtral-8x7B at 8 layers:
     bench/results/h200-issue17-depth/), where flat absmax throughout counted 9% more."""
-    stacks = (2 * model.experts * model.expert_intermediate * model.hidden_size,
-              model.experts * model.expert_intermediate * model.hidden_size)
     per_layer = sum(n * (NF4_BYTES_PER_PARAM if n < BNB_MAX_QUANTIZE_NUMEL else NF4_FLAT_BYTES_PER_PARAM)
-                    for n in stacks)
+                    for n in expert_stack_params(model))
     return int(model.main_layers * per_layer)
 
 
@@ -253,8 +258,8 @@ def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, en
 
 
 def gate_up_stack_bytes(model: ModelSpec) -> int:
-    """A layer's gate_up expert weights dequantized to bf16, every expert: 2 x experts x expert width x hidden."""
-    return BF16_BYTES * model.experts * model.hidden_size * 2 * model.expert_intermediate
+    """A layer's gate_up expert weights dequantized to bf16, every expert (expert_stack_params)."""
+    return BF16_BYTES * expert_stack_params(model)[0]
 
 
 def expert_dequant_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], engine: str) -> int:
@@ -495,8 +500,8 @@ def step_bytes(parts: dict[str, int]) -> int:
 # grow with the step's bytes (the estimate held their allocated peaks within 5%). GiB per family: the mean excess
 # of measured over estimated reserved memory on its first recorded QLoRA rows on the H200 (Qwen3-30B-A3B and
 # Gemma-3-12B: bench/results/h200-issue17/; Phi-3.5-mini: h200-issue17-heldout2/; gpt-oss-20b: h200-issue17-heldout3/,
-# the first in a process of their own; bench/family_terms.py refits them), its later rows checking it (tests/test_issue17_runs.py). Mixtral's rows held
-# less than the estimate: none. The allocator's own scatter stays in the error (Gemma 3 at 4 x 2048 held 1.0 and
+# the first in a process of their own; bench/family_terms.py refits them), its later rows checking it
+# (tests/test_issue17_runs.py). Mixtral's rows held less than the estimate: none. The allocator's own scatter stays in the error (Gemma 3 at 4 x 2048 held 1.0 and
 # 1.7 GiB beyond its allocated peak under two allocator settings).
 # Phi-3.5-mini's grows with the tokens of a micro-batch (0.20 GiB at 2,048 tokens, 0.67-0.81 at 16,384): a constant
 # plus bytes per token and unit of key/value width, as its recompute (QLORA_SLACK_PER_KV_BY_TYPE), least squares

@@ -226,8 +226,9 @@ def test_ddp_lora_with_torch_adamw_runs_nearer_2x() -> None:
     each process given half the host's cores) DDP ran 1.63x one GPU; with torch's AdamW (torch-adamw/) 1.79x, one GPU
     alone at the same speed. The jitter model of the DDP step (bench/ddp_jitter.py: lengths, one GPU's strays, DDP's
     2%) then comes within 2% of the measured DDP time, where the 8-bit run took 9% longer than it. Over two epochs
-    this was short of issue 16's 1.85x (four epochs reach it: test_ddp_over_four_epochs_reaches_1_85x). QLoRA's plan with torch's AdamW ran 1.75x, the speed of its 8-bit run
-    (tokencount-seed2/), so QLoRA keeps the 8-bit state (estimator/planner.py optimizer_for)."""
+    this was short of issue 16's 1.85x (four epochs reach it: test_ddp_over_four_epochs_reaches_1_85x). QLoRA's
+    plan with torch's AdamW ran 1.75x, the speed of its 8-bit run (tokencount-seed2/), so QLoRA keeps the 8-bit
+    state (estimator/planner.py optimizer_for)."""
     from ddp_jitter import analyse
 
     folder = RUNS / "ddp"

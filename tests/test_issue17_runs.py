@@ -30,6 +30,9 @@ RESERVED_BOUND = {"gemma-3-12b-L8-qlora-1x2048": 0.06}
 # GPU-bound speed further than 15%: none since Gemma 3's LoRA got its own factor (speed.GPU_TIME_BY_TYPE_AND_METHOD,
 # fitted on its LoRA 4 x 2048 row; the 1 x 8192 row checks it).
 SPEED_BOUND: dict[str, float] = {}
+# What a probe process holds allocated before it loads a model (start_alloc_gib) when no job ran before it in the
+# same process: more is the leftovers of that job.
+FRESH_START_ALLOC_GIB = 0.03125
 
 
 def _estimate(row: dict) -> planner.Estimate:
@@ -68,7 +71,7 @@ def test_speed_is_within_its_bound(row: dict, name: str) -> None:
 def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None:
     """The after-load memory of every mixture-of-experts QLoRA replica recorded, at 4, 8 and 16 layers, less what
     its process held before loading (a job run after another in the same process starts with its leftovers:
-    start_alloc_gib beyond the 0.031 GiB a fresh process holds), within 0.5% of the estimate: experts in NF4 with
+    start_alloc_gib beyond FRESH_START_ALLOC_GIB), within 0.5% of the estimate: experts in NF4 with
     double quantization (memory.expert_nf4_bytes). Flat absmax, counted before the 16-layer runs, was 9% over a
     layer's bytes; bf16 experts would be 3.5x."""
     from rigplan.estimator import memory
@@ -82,7 +85,7 @@ def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None
     for d, r in qlora:
         est = _estimate(r).components_bytes
         loaded = (est["base_weights"] + est["lora_weights"] + est["loaded_overhead"]) / 2**30
-        leftovers = r["start_alloc_gib"] - 0.03125
+        leftovers = r["start_alloc_gib"] - FRESH_START_ALLOC_GIB
         assert abs((r["after_load_gib"] - leftovers) / loaded - 1) <= 0.005, (d, r["model"])
     # a stack of 2**31 elements or more is quantized in slices with flat absmax (none of the profiles' stacks is)
     big = dataclasses.replace(resolve_model("qwen3-235b-a22b"), num_experts=256)
@@ -286,12 +289,12 @@ def test_phi_4s_terms_are_not_phi_3_5s(monkeypatch) -> None:
 
 def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     """Every recorded Qwen3-30B-A3B row, GPU-bound, within 12.5% of the estimate's speed, its grouped experts' slowness
-    on its matmuls alone (it was 19% at 32,768 tokens when on the whole step). Its QLoRA at 4 and 8 layers, 2,048 to
-    32,768 tokens, every recorded row (memory.
-    MOE_QLORA_BACKWARD_BY_TYPE fitted through 1 x 16384 and 1 x 32768): allocated peak within 2.5% of the estimate;
-    reserved within 6% (the allocator's scatter: CHECK_RESERVED_BOUND) but at 1 x 16384, where the allocator held a
-    third of its slack at the other lengths, three runs in two sessions (the estimate above it there: the side that does
-    not run out of memory). Rows under expandable segments, as `rigplan run` trains."""
+    on its matmuls alone (it was 19% at 32,768 tokens when on the whole step). Its QLoRA at 4, 8 and 16 layers,
+    2,048 to 32,768 tokens, every recorded row (memory.MOE_QLORA_BACKWARD_BY_TYPE fitted through 1 x 16384 and
+    1 x 32768): allocated peak within 2.5% of the estimate; reserved within 6% (the allocator's scatter:
+    CHECK_RESERVED_BOUND) but at 1 x 16384, where the allocator held a third of its slack at the other lengths, five
+    runs in three sessions (the estimate above it there: the side that does not run out of memory). Rows under
+    expandable segments, as `rigplan run` trains."""
     found = [json.loads(line) for f in sorted(RUNS.parent.glob("h200-issue17*/probe-qwen3moe*.jsonl"))
              for line in f.read_text().splitlines() if line]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
@@ -319,6 +322,6 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
     depths = {}
     for r in qlora:
         depths.setdefault(r["arch"], set()).add(r["layers"])
-        bound = 0.01 if r["start_alloc_gib"] <= 0.03125 else 0.03
+        bound = 0.01 if r["start_alloc_gib"] <= FRESH_START_ALLOC_GIB else 0.03
         assert abs(r["peak_alloc_gib"] / _estimate(r).peak_allocated_gib - 1) <= bound, (r["model"], r["seq"])
     assert depths == {"qwen3-30b-a3b": {4, 8, 16}, "gpt-oss-20b": {4, 8, 16}, "mixtral-8x7b": {4, 8}}
