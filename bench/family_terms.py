@@ -27,6 +27,7 @@ GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
 # allocator reused (start_alloc_gib 0.15), holding less beyond the allocated peak than a run of its own
 GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
+QWEN2_MOE_DEEP = [RESULTS / "h200-issue17-heldout8" / "probe-qwen2moe.jsonl"]  # at 16 and 24 (full) layers
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
 PHI4 = [RESULTS / "h200-issue17-heldout6" / "probe-phi4.jsonl"]
@@ -40,8 +41,10 @@ def recorded(files: list[Path], method: str) -> list[dict]:
     return [r for r in found if r["method"] == method and not r.get("err")]
 
 
-def rows(files: list[Path], method: str, batch: int, seq: int) -> dict:
-    (row,) = [r for r in recorded(files, method) if (r["batch"], r["seq"]) == (batch, seq)]
+def rows(files: list[Path], method: str, batch: int, seq: int, layers: int | None = None) -> dict:
+    """The one row of that shape (at that depth, where the files hold several)."""
+    (row,) = [r for r in recorded(files, method) if (r["batch"], r["seq"]) == (batch, seq)
+              and layers in (None, r["layers"])]
     return row
 
 
@@ -134,10 +137,10 @@ def step_ratio(files: list[Path], method: str, batch: int, seq: int) -> float:
     return row["step_s"] / (mm + attn + moved)
 
 
-def matmul_factor(files: list[Path], method: str, batch: int, seq: int) -> float:
+def matmul_factor(files: list[Path], method: str, batch: int, seq: int, layers: int | None = None) -> float:
     """A family's matmul factor from one GPU-bound row: the step's time less its attention (at the softmax bound) and
     memory-bound work, over its matmuls' time at the fitted rate."""
-    mm, attn, moved = step_parts(row := rows(files, method, batch, seq))
+    mm, attn, moved = step_parts(row := rows(files, method, batch, seq, layers))
     return (row["step_s"] - attn - moved) / mm
 
 
@@ -258,6 +261,9 @@ def fitted() -> dict[str, tuple[float, float]]:
         'speed.GPU_TIME_BY_TYPE["gpt_oss"]': (gpu_factor(GPT_OSS, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE["gpt_oss"]),
         'speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]': (matmul_factor(QWEN3_MOE, "lora", 1, 8192),
                                                   speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]),
+        'speed.MATMUL_TIME_BY_TYPE_AND_METHOD[("qwen2_moe", "qlora")]': (
+            matmul_factor(QWEN2_MOE_DEEP, "qlora", 1, 8192, layers=24),
+            speed.MATMUL_TIME_BY_TYPE_AND_METHOD[("qwen2_moe", "qlora")]),
         'speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]': (
             step_ratio(GEMMA3, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]),
         'memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]': (phi3_logits(),

@@ -512,9 +512,11 @@ def step_bytes(parts: dict[str, int]) -> int:
 QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.631, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.255,
                            "qwen2_moe": 0.472}
 QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
-# Qwen3-MoE's QLoRA held the same 0.54-0.56 GiB beyond its allocated peak from 4,096 to 32,768 tokens but at 16,384,
-# where it held less (bench/results/h200-issue17*/probe-qwen3moe*.jsonl), while the reference's slack grows with the
-# step's bytes: for the families and methods here, the family's constant alone.
+# Qwen3-MoE's QLoRA held 0.45-0.84 GiB beyond its allocated peak at 2,048 to 8,192 tokens and at 32,768, but
+# 0.13-0.25 at most single sequences from 12,288 to 24,576 (0.60 at 18,432), at 4, 8 and 16 layers alike
+# (bench/results/h200-issue17*/probe-qwen3moe*.jsonl): the constant holds the larger, the side that does not run out
+# of memory. The reference's slack grows with the step's bytes: for the families and methods here, the family's
+# constant alone.
 FAMILY_SLACK_ONLY = {("qwen3_moe", "qlora")}
 # Their 16-bit LoRA too, for Qwen3-MoE and Gemma 3: reserved memory beyond the allocated peak that grows with the
 # tokens of a micro-batch (Qwen3-30B-A3B 0.14 GiB at 2,048 tokens, 0.49 at 16,384), bytes per token and hidden unit,

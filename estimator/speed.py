@@ -80,10 +80,12 @@ ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 3.03, ("phi3", "qlora"): 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
     bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower, the matmuls'
-    where a family's ran slower (MATMUL_TIME_BY_TYPE)."""
+    where a family's ran slower (MATMUL_TIME_BY_TYPE, or for one method MATMUL_TIME_BY_TYPE_AND_METHOD)."""
     slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0)
     softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * slow
-    return (matmul_flops_per_token(model, setup) * MATMUL_TIME_BY_TYPE.get(family(model), 1.0)
+    matmuls = MATMUL_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method),
+                                                 MATMUL_TIME_BY_TYPE.get(family(model), 1.0))
+    return (matmul_flops_per_token(model, setup) * matmuls
             + softmax * attention_flops_per_token(model, setup))
 
 
@@ -130,9 +132,14 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # it left the estimate slower the longer the sequence, as attention's share grew (bench/results/README.md, the
 # twelfth session). Mixtral's 8 wide experts ran at the dense rate (within 3% on its GPU-bound runs, same file set).
 # Qwen1.5-MoE (qwen2_moe: 60 experts 1,408 wide, 4 per token, and a shared expert) runs the same grouped kernels:
-# Qwen3-MoE's factor, never fitted on its own runs; its rows as planned check it (bench/results/
-# h200-issue17-heldout5/probe-qwen2moe.jsonl).
+# under 16-bit LoRA Qwen3-MoE's factor, never fitted on its own runs; its LoRA rows at 4 and 16 layers check it
+# (bench/results/h200-issue17-heldout5/, -heldout8/).
 MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.645}
+# The same for one method. Qwen1.5-MoE's QLoRA layers ran faster than its 16-bit LoRA ones on the H200 (1 x 8192:
+# 0.0138 s a layer against 0.0153, from 4 to 24 layers), where the dequantizing would make them slower: fitted on
+# its full-depth (24-layer) QLoRA 1 x 8192 row by the rule above (bench/results/h200-issue17-heldout8/
+# probe-qwen2moe.jsonl, 2026-11-30; bench/family_terms.py); its QLoRA rows at 4, 8 and 16 layers check it.
+MATMUL_TIME_BY_TYPE_AND_METHOD = {("qwen2_moe", "qlora"): 1.307}
 # Families whose GPU time the FLOP count understates, as measured.
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:

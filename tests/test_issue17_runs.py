@@ -123,10 +123,13 @@ def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None
 # after which the terms fitted on the allocated peaks were refitted on the same rows as before, gpt-oss's slack on its
 # first QLoRA rows from a process of their own (heldout3: bench/family_terms.py GPT_OSS_OWN), which check nothing. A
 # ninth (h200-issue17-doublequant/, predictions/moe-double-quant-h200.json, written by that code): the refitted
-# terms on shapes they did not see, at 8 and 16 layers, and Gemma 3's QLoRA 1 x 2048 in a process of its own.
+# terms on shapes they did not see, at 8 and 16 layers, and Gemma 3's QLoRA 1 x 2048 in a process of its own. A
+# tenth (h200-issue17-heldout8/, predictions/next-moe-h200.json): Qwen1.5-MoE at 16 and 24 layers, whose full-depth
+# QLoRA row its own matmul factor was then fitted on (speed.MATMUL_TIME_BY_TYPE_AND_METHOD), and Qwen3-MoE's QLoRA
+# from 12,288 to 20,480 tokens.
 CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss", "h200-issue17-heldout3",
               "h200-issue17-heldout4", "h200-issue17-heldout5", "h200-issue17-heldout6", "h200-issue17-heldout7",
-              "h200-issue17-depth", "h200-issue17-doublequant")
+              "h200-issue17-depth", "h200-issue17-doublequant", "h200-issue17-heldout8")
 FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
@@ -135,15 +138,17 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout2", "qwen3-30b-a3b-L4", "qlora", 1, 16384),
                  ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 1, 16384),
-                 ("h200-issue17-heldout3", "gpt-oss-20b-L8", "qlora", 4, 2048)}
+                 ("h200-issue17-heldout3", "gpt-oss-20b-L8", "qlora", 4, 2048),
+                 ("h200-issue17-heldout8", "qwen1.5-moe-a2.7b", "qlora", 1, 8192)}
 CHECKS = [(d, r) for d in CHECK_DIRS for f in sorted((RUNS.parent / d).glob("probe-*.jsonl"))
           for r in map(json.loads, filter(None, f.read_text().splitlines()))
           if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
 CHECK_IDS = [f"{d}/{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for d, r in CHECKS]
 # Further from the estimate than 5% (memory) or 15% (GPU-bound speed), as recorded: the QLoRA rows the families'
 # slack terms did not see, the allocator's scatter around them (Qwen3-MoE's QLoRA 2 x 4096 held 0.84 GiB beyond its
-# allocated peak in heldout2, 0.55 twice in heldout6; its 1 x 16384 0.21 GiB twice, where the other lengths from
-# 4,096 to 32,768 tokens held 0.54-0.56, at 4 layers and at 8: the estimate's allocated peak within 0.2%); Mixtral's
+# allocated peak in heldout2, 0.55 twice in heldout6; its single sequences from 12,288 to 24,576 tokens 0.13-0.25
+# but 0.60 at 18,432, where 4,096 to 8,192 tokens and 32,768 held 0.45-0.77, at 4, 8 and 16 layers: the estimate's
+# allocated peak within 0.2%, its reserved above: test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens); Mixtral's
 # QLoRA at 1 x 16384 allocated 1.1 GiB less than the estimate at 4 layers and at 8 (its allocator held 2.3 and 1.2 GiB
 # beyond that peak: its reserved memory within 5%).
 CHECK_RESERVED_BOUND = {
@@ -151,16 +156,14 @@ CHECK_RESERVED_BOUND = {
     "h200-issue17-heldout6/qwen3-30b-a3b-L4-qlora-1x16384": 0.075,
     "h200-issue17-heldout7/qwen3-30b-a3b-L8-qlora-1x16384": 0.075,
     "h200-issue17-doublequant/qwen3-30b-a3b-L16-qlora-1x16384": 0.075,
+    **{f"h200-issue17-heldout8/qwen3-30b-a3b-L4-qlora-1x{n}": 0.095 for n in (12288, 14336, 16384, 20480)},
     # 0.28 GiB beyond its allocated peak under expandable segments (0.29 under the default allocator, issue17/),
     # where its other shapes held 1.0-2.0: the estimate 0.4 GiB above it
     "h200-issue17-doublequant/gemma-3-12b-L8-qlora-1x2048": 0.075,
 }
 CHECK_ALLOCATED_BOUND = {"h200-issue17-heldout2/mixtral-8x7b-L4-qlora-1x16384": 0.11,
                          "h200-issue17-doublequant/mixtral-8x7b-L8-qlora-1x16384": 0.09}
-# Qwen1.5-MoE borrows Qwen3-MoE's matmul factor (speed.MATMUL_TIME_BY_TYPE): within 4% at 4 layers, 16% slower
-# than measured at 8, where the experts' share of the step is larger; its own factor wants rows at 8 layers and more.
-CHECK_SPEED_BOUND = {"h200-issue17-doublequant/qwen1.5-moe-a2.7b-L8-qlora-2x4096": 0.17,
-                     "h200-issue17-doublequant/qwen1.5-moe-a2.7b-L8-qlora-1x8192": 0.17}
+CHECK_SPEED_BOUND: dict[str, float] = {}
 
 
 def test_the_checks_cover_every_family_and_gpt_oss_trains() -> None:
@@ -170,7 +173,8 @@ def test_the_checks_cover_every_family_and_gpt_oss_trains() -> None:
     assert {r["model"] for _, r in CHECKS} == {"qwen3-30b-a3b-L4", "mixtral-8x7b-L4", "gemma-3-12b-L8",
                                                "phi-3.5-mini", "gpt-oss-20b-L4", "gpt-oss-20b-L8", "qwen3-30b-a3b-L8",
                                                "qwen1.5-moe-a2.7b-L4", "phi-4-L8", "qwen3-30b-a3b-L16",
-                                               "gpt-oss-20b-L16", "mixtral-8x7b-L8", "qwen1.5-moe-a2.7b-L8"}
+                                               "gpt-oss-20b-L16", "mixtral-8x7b-L8", "qwen1.5-moe-a2.7b-L8",
+                                               "qwen1.5-moe-a2.7b-L16"}
     oss = [r for d, r in CHECKS if d == "h200-gpt-oss"]
     assert sorted((r["method"], r["batch"], r["seq"]) for r in oss) == sorted(
         (m, b, s) for m in ("lora", "qlora") for b, s in ((1, 2048), (4, 2048), (1, 8192)))
@@ -292,21 +296,32 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     on its matmuls alone (it was 19% at 32,768 tokens when on the whole step). Its QLoRA at 4, 8 and 16 layers,
     2,048 to 32,768 tokens, every recorded row (memory.MOE_QLORA_BACKWARD_BY_TYPE fitted through 1 x 16384 and
     1 x 32768): allocated peak within 2.5% of the estimate; reserved within 6% (the allocator's scatter:
-    CHECK_RESERVED_BOUND) but at 1 x 16384, where the allocator held a third of its slack at the other lengths, five
-    runs in three sessions (the estimate above it there: the side that does not run out of memory). Rows under
-    expandable segments, as `rigplan run` trains."""
+    CHECK_RESERVED_BOUND) but for single sequences from 12,288 to 24,576 tokens, where the allocator mostly held a
+    third of its slack at the other lengths (ten runs in four sessions): there the estimate is above, by at most
+    0.55 GiB at every depth, the side that does not run out of memory, and that is under 5% of the plan at the full
+    48 layers. Rows under expandable segments, as `rigplan run` trains."""
     found = [json.loads(line) for f in sorted(RUNS.parent.glob("h200-issue17*/probe-qwen3moe*.jsonl"))
              for line in f.read_text().splitlines() if line]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
         est = _estimate(r)
         assert est.host_bound or abs(r["tok_per_s"] / est.tokens_per_s - 1) <= 0.125, (r["method"], r["seq"])
     qlora = [r for r in found if r["method"] == "qlora" and r.get("alloc_conf") == "expandable_segments:True"]
-    assert {r["seq"] * r["batch"] for r in qlora} >= {2048, 8192, 16384, 32768} and len(qlora) >= 10
+    assert {r["seq"] * r["batch"] for r in qlora} >= {2048, 8192, 12288, 16384, 20480, 32768} and len(qlora) >= 15
+    short_of_slack = []
     for r in qlora:
         est = _estimate(r)
         assert abs(r["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.025, (r["batch"], r["seq"])
         err = r["peak_reserved_gib"] / est.peak_reserved_gib - 1
-        assert (-0.075 <= err < -0.05) if (r["batch"], r["seq"]) == (1, 16384) else abs(err) <= 0.06, err
+        if r["batch"] == 1 and 12288 <= r["seq"] <= 24576:
+            assert -0.095 <= err <= 0.06 and est.peak_reserved_gib - r["peak_reserved_gib"] <= 0.55, (r["seq"], err)
+            short_of_slack.append(r["seq"])
+        else:
+            assert abs(err) <= 0.06, (r["batch"], r["seq"], err)
+    assert len(short_of_slack) >= 10 and {r["layers"] for r in qlora} == {4, 8, 16}
+    full = resolve_model("qwen3-30b-a3b")
+    for seq in (12288, 24576):
+        plan = planner.estimate(full, Setup("qlora", 16, 1, seq), resolve_gpu("h200"), store.reference()[0])
+        assert 0.55 / plan.peak_reserved_gib < 0.05
 
 
 def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> None:

@@ -181,7 +181,7 @@ def test_a_shared_expert_elsewhere_is_refused() -> None:
 
 def test_check_says_how_far_it_is_measured() -> None:
     d = planning.check("qwen1.5-moe-a2.7b", "rtx-4090")
-    assert d["fits"] and any(w.startswith("measured: Qwen2-MoE") and "4- and 8-layer H200 runs" in w
+    assert d["fits"] and any(w.startswith("measured: Qwen2-MoE") and "4- to 24-layer H200 runs" in w
                              for w in d["warnings_short"])
 
 
