@@ -29,6 +29,8 @@ GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
 QWEN2_MOE_DEEP = [RESULTS / "h200-issue17-heldout8" / "probe-qwen2moe.jsonl"]  # at 16 and 24 (full) layers
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
+MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
+              RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
 PHI4 = [RESULTS / "h200-issue17-heldout6" / "probe-phi4.jsonl"]
 QWEN3_MOE_LONG = [RESULTS / "h200-issue17-heldout2" / "probe-qwen3moe.jsonl",
@@ -172,12 +174,12 @@ def phi4_logits() -> float:
     return solve(memory.MATERIALISED_LOGITS_BYTES, ("phi3-128", "lora"), rows(PHI4, "lora", 4, 2048), 10.0)
 
 
-def qwen3_moe_qlora_backward() -> tuple[float, float]:
-    """memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"]: allocated GiB = the estimate's other terms + f x the recompute
-    transient as the reference counts it + c x the gate_up stack, through its QLoRA 1 x 16384 and 1 x 32768 rows."""
+def moe_qlora_backward(model_type: str, short: dict, long: dict) -> tuple[float, float]:
+    """memory.MOE_QLORA_BACKWARD_BY_TYPE[model_type]: allocated GiB = the estimate's other terms + f x the recompute
+    transient as the reference counts it + c x the gate_up stack, through two QLoRA rows of one depth."""
     points = []
-    with removed(memory.MOE_QLORA_BACKWARD_BY_TYPE, "qwen3_moe"):
-        for row in (rows(QWEN3_MOE_LONG, "qlora", 1, 16384), rows(QWEN3_MOE_LONG, "qlora", 1, 32768)):
+    with removed(memory.MOE_QLORA_BACKWARD_BY_TYPE, model_type):
+        for row in (short, long):
             model, setup, _ = model_setup(row)
             transient = memory.recompute_transient_bytes(model, setup, store.reference()[0]) / 2**30
             stack = memory.gate_up_stack_bytes(model) / 2**30
@@ -185,6 +187,17 @@ def qwen3_moe_qlora_backward() -> tuple[float, float]:
     (t1, y1, stack), (t2, y2, _) = points
     f = (y2 - y1) / (t2 - t1)
     return f, (y1 - f * t1) / stack
+
+
+def qwen3_moe_qlora_backward() -> tuple[float, float]:
+    """Through Qwen3-MoE's QLoRA 1 x 16384 and 1 x 32768 rows at 4 layers."""
+    return moe_qlora_backward("qwen3_moe", rows(QWEN3_MOE_LONG, "qlora", 1, 16384),
+                              rows(QWEN3_MOE_LONG, "qlora", 1, 32768))
+
+
+def mixtral_qlora_backward() -> tuple[float, float]:
+    """Through Mixtral's QLoRA 1 x 16384 and 1 x 32768 rows at 8 layers, each from a process of its own."""
+    return moe_qlora_backward("mixtral", rows(MIXTRAL_L8, "qlora", 1, 16384), rows(MIXTRAL_L8, "qlora", 1, 32768))
 
 
 def phi3_mask() -> float:
@@ -252,6 +265,7 @@ def fitted() -> dict[str, tuple[float, float]]:
     phi = {m: phi3_speed(m) for m in ("lora", "qlora")}
     phi_slack = phi3_qlora_slack()
     moe = qwen3_moe_qlora_backward()
+    mixtral = mixtral_qlora_backward()
     return {
         **{f'speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "{m}")]': (phi[m][0],
                                                                   speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", m)])
@@ -272,6 +286,8 @@ def fitted() -> dict[str, tuple[float, float]]:
             phi4_logits(), memory.MATERIALISED_LOGITS_BYTES[("phi3-128", "lora")]),
         **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][{i}]': (
             moe[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][i]) for i in (0, 1)},
+        **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["mixtral"][{i}]': (
+            mixtral[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["mixtral"][i]) for i in (0, 1)},
         'memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]': (phi3_mask(), memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]),
         'memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]': (phi_slack[0], memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]),

@@ -245,7 +245,15 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
 # of the recompute transient and of the stack, fitted through its QLoRA 1 x 16384 and 1 x 32768 rows at 4 layers on
 # the H200 (bench/results/h200-issue17-heldout2/ and -fit6/; bench/family_terms.py qwen3_moe_qlora_backward); its
 # rows at 2,048 to 8,192 tokens, at 4, 8 and 16 layers, check it.
-MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 1.025)}
+# Mixtral's holds 0.83 of it and hardly any stack (from 12,288 to 32,768 tokens its allocated peak grew by 0.83 of the
+# recompute transient), fitted the same way through its QLoRA 1 x 16384 and 1 x 32768 rows at 8 layers
+# (h200-issue17-doublequant/, -mixtral-long/); its rows at 2,048 to 24,576 tokens, at 4 and 8 layers, check it.
+MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 1.025), "mixtral": (0.827, 0.056)}
+# Yet Mixtral's reserved memory held the whole recompute transient as the reference counts it: beyond the allocated
+# peak, its allocator kept 1.2-3.4 GiB at 12,288 to 32,768 tokens, growing with the tokens, against 0.2-0.5 at 8,192
+# (same files). For these families the allocator's slack keeps the backward phase at the reference's transient
+# (unlive_transient_bytes).
+WHOLE_TRANSIENT_RESERVED = {"mixtral"}
 
 
 def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, engine: str) -> int:
@@ -255,6 +263,17 @@ def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, en
     if setup.method != "qlora" or engine != "unsloth" or not shares or not transient:
         return transient
     return int(shares[0] * transient + shares[1] * gate_up_stack_bytes(model))
+
+
+def unlive_transient_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], transient: int, engine: str) -> int:
+    """Reserved beyond the allocated peak where the allocator maps a layer's whole recompute transient (transient, as
+    the reference counts it) though less of it is alive at once (WHOLE_TRANSIENT_RESERVED): the backward phase
+    with the whole transient, less the allocated peak; 0 elsewhere."""
+    if setup.method != "qlora" or engine != "unsloth" or family(model) not in WHOLE_TRANSIENT_RESERVED:
+        return 0
+    allocated = peak_allocated_bytes(parts)
+    backward = allocated - parts["loss_over_backward"] - parts["expert_dequant"] - parts["quantized_load"]
+    return max(0, backward + transient - parts["recompute_transient"] - allocated)
 
 
 def gate_up_stack_bytes(model: ModelSpec) -> int:
@@ -449,6 +468,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     """Every memory term of one configuration, per GPU; the one place they are added up."""
     offloaded = setup.parallelism == "fsdp" and setup.cpu_offload
     whole = quant_state_bytes(model, setup)  # on every GPU, sharded or offloaded
+    transient = recompute_transient_bytes(model, setup, coeffs)
     parts = {
         "base_weights": whole + (0 if offloaded else sharded(
             base_weights_bytes(model, setup.method, engine) - whole, setup)),
@@ -458,8 +478,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         "loaded_overhead": int(coeffs.fixed_bytes),
         "step_overhead": int(coeffs.step_fixed_bytes),
         "activations_kept": checkpoint_bytes(model, setup, coeffs),
-        "recompute_transient": moe_qlora_transient_bytes(model, setup, recompute_transient_bytes(model, setup, coeffs),
-                                                         engine),
+        "recompute_transient": moe_qlora_transient_bytes(model, setup, transient, engine),
         "logits_loss": logits_bytes(model, setup, coeffs, engine),
         "dequant_buffer": dequant_buffer_bytes(model, setup),
         "attention_mask": attention_mask_bytes(model, setup),
@@ -475,7 +494,8 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
     parts["quantized_load"] = max(0, quantized_load_bytes(model, setup) - peak_allocated_bytes(parts))
     ratio = 0.0 if engine == "unsloth" and (family(model), setup.method) in FAMILY_SLACK_ONLY else slack_ratio(setup,
                                                                                                             coeffs)
-    parts["allocator_slack"] = int(step_bytes(parts) * ratio) + family_slack_bytes(model, setup, engine)
+    parts["allocator_slack"] = (int(step_bytes(parts) * ratio) + family_slack_bytes(model, setup, engine)
+                                + unlive_transient_bytes(model, setup, parts, transient, engine))
     if engine == "transformers":
         factor = TRANSFORMERS_STEP_MEMORY_BY_TYPE.get(model.model_type, TRANSFORMERS_STEP_MEMORY)
         for k in STEP_TERMS + ("allocator_slack",):

@@ -69,7 +69,7 @@ def test_speed_is_within_its_bound(row: dict, name: str) -> None:
 
 
 def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None:
-    """The after-load memory of every mixture-of-experts QLoRA replica recorded, at 4, 8 and 16 layers, less what
+    """The after-load memory of every mixture-of-experts QLoRA replica recorded, at 4 to 24 layers, less what
     its process held before loading (a job run after another in the same process starts with its leftovers:
     start_alloc_gib beyond FRESH_START_ALLOC_GIB), within 0.5% of the estimate: experts in NF4 with
     double quantization (memory.expert_nf4_bytes). Flat absmax, counted before the 16-layer runs, was 9% over a
@@ -81,7 +81,7 @@ def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None
     qlora = [(d, r) for d, r in found if r["method"] == "qlora" and not r["err"] and d != "h200-issue17-qwen2moe"
              and resolve_model(r["arch"]).experts]  # qwen2moe/: adapters other than those planned (heldout5/ has them)
     assert {r["model"] for _, r in qlora} >= {"qwen3-30b-a3b-L16", "gpt-oss-20b-L16", "mixtral-8x7b-L8",
-                                              "mixtral-8x7b-L4", "qwen1.5-moe-a2.7b-L4"}
+                                              "mixtral-8x7b-L4", "qwen1.5-moe-a2.7b-L4", "qwen1.5-moe-a2.7b"}
     for d, r in qlora:
         est = _estimate(r).components_bytes
         loaded = (est["base_weights"] + est["lora_weights"] + est["loaded_overhead"]) / 2**30
@@ -126,10 +126,12 @@ def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None
 # terms on shapes they did not see, at 8 and 16 layers, and Gemma 3's QLoRA 1 x 2048 in a process of its own. A
 # tenth (h200-issue17-heldout8/, predictions/next-moe-h200.json): Qwen1.5-MoE at 16 and 24 layers, whose full-depth
 # QLoRA row its own matmul factor was then fitted on (speed.MATMUL_TIME_BY_TYPE_AND_METHOD), and Qwen3-MoE's QLoRA
-# from 12,288 to 20,480 tokens.
+# from 12,288 to 20,480 tokens. An eleventh (h200-issue17-mixtral-long/, predictions/mixtral-long-h200.json):
+# Mixtral's QLoRA from 12,288 to 32,768 tokens, two of whose rows its backward's share was then fitted on
+# (memory.MOE_QLORA_BACKWARD_BY_TYPE), and Qwen1.5-MoE at full depth on shapes its QLoRA factor was not fitted on.
 CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss", "h200-issue17-heldout3",
               "h200-issue17-heldout4", "h200-issue17-heldout5", "h200-issue17-heldout6", "h200-issue17-heldout7",
-              "h200-issue17-depth", "h200-issue17-doublequant", "h200-issue17-heldout8")
+              "h200-issue17-depth", "h200-issue17-doublequant", "h200-issue17-heldout8", "h200-issue17-mixtral-long")
 FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
@@ -139,7 +141,9 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 1, 16384),
                  ("h200-issue17-heldout3", "gpt-oss-20b-L8", "qlora", 4, 2048),
-                 ("h200-issue17-heldout8", "qwen1.5-moe-a2.7b", "qlora", 1, 8192)}
+                 ("h200-issue17-heldout8", "qwen1.5-moe-a2.7b", "qlora", 1, 8192),
+                 ("h200-issue17-doublequant", "mixtral-8x7b-L8", "qlora", 1, 16384),
+                 ("h200-issue17-mixtral-long", "mixtral-8x7b-L8", "qlora", 1, 32768)}
 CHECKS = [(d, r) for d in CHECK_DIRS for f in sorted((RUNS.parent / d).glob("probe-*.jsonl"))
           for r in map(json.loads, filter(None, f.read_text().splitlines()))
           if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
@@ -149,9 +153,13 @@ CHECK_IDS = [f"{d}/{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for d, r 
 # allocated peak in heldout2, 0.55 twice in heldout6; its single sequences from 12,288 to 24,576 tokens 0.13-0.25
 # but 0.60 at 18,432, where 4,096 to 8,192 tokens and 32,768 held 0.45-0.77, at 4, 8 and 16 layers: the estimate's
 # allocated peak within 0.2%, its reserved above: test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens); Mixtral's
-# QLoRA at 1 x 16384 allocated 1.1 GiB less than the estimate at 4 layers and at 8 (its allocator held 2.3 and 1.2 GiB
-# beyond that peak: its reserved memory within 5%).
+# QLoRA at 1 x 16384 and 4 layers ran after its LoRA job in the same process (start_alloc_gib 0.31) and held 2.3 GiB
+# beyond its allocated peak, where the same shape at 8 layers in a process of its own held 1.2; Qwen1.5-MoE's QLoRA at
+# full depth, 2 x 8192, allocated 4.4% less than the estimate (its rows of 8,192 tokens within 1.2%) and held 0.41
+# GiB beyond that peak.
 CHECK_RESERVED_BOUND = {
+    "h200-issue17-heldout2/mixtral-8x7b-L4-qlora-1x16384": 0.055,
+    "h200-issue17-mixtral-long/qwen1.5-moe-a2.7b-qlora-2x8192": 0.075,
     "h200-issue17-heldout2/qwen3-30b-a3b-L4-qlora-2x4096": 0.06,
     "h200-issue17-heldout6/qwen3-30b-a3b-L4-qlora-1x16384": 0.075,
     "h200-issue17-heldout7/qwen3-30b-a3b-L8-qlora-1x16384": 0.075,
@@ -161,8 +169,7 @@ CHECK_RESERVED_BOUND = {
     # where its other shapes held 1.0-2.0: the estimate 0.4 GiB above it
     "h200-issue17-doublequant/gemma-3-12b-L8-qlora-1x2048": 0.075,
 }
-CHECK_ALLOCATED_BOUND = {"h200-issue17-heldout2/mixtral-8x7b-L4-qlora-1x16384": 0.11,
-                         "h200-issue17-doublequant/mixtral-8x7b-L8-qlora-1x16384": 0.09}
+CHECK_ALLOCATED_BOUND: dict[str, float] = {}
 CHECK_SPEED_BOUND: dict[str, float] = {}
 
 
@@ -174,7 +181,7 @@ def test_the_checks_cover_every_family_and_gpt_oss_trains() -> None:
                                                "phi-3.5-mini", "gpt-oss-20b-L4", "gpt-oss-20b-L8", "qwen3-30b-a3b-L8",
                                                "qwen1.5-moe-a2.7b-L4", "phi-4-L8", "qwen3-30b-a3b-L16",
                                                "gpt-oss-20b-L16", "mixtral-8x7b-L8", "qwen1.5-moe-a2.7b-L8",
-                                               "qwen1.5-moe-a2.7b-L16"}
+                                               "qwen1.5-moe-a2.7b-L16", "qwen1.5-moe-a2.7b"}
     oss = [r for d, r in CHECKS if d == "h200-gpt-oss"]
     assert sorted((r["method"], r["batch"], r["seq"]) for r in oss) == sorted(
         (m, b, s) for m in ("lora", "qlora") for b, s in ((1, 2048), (4, 2048), (1, 8192)))
@@ -328,8 +335,10 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
     """Qwen3-30B-A3B at 4, 8 and 16 layers, gpt-oss-20b at 4, 8 and 16, Mixtral-8x7B at 4 and 8 (predictions/
     moe-depth-h200.json for the deepest, written before): the QLoRA allocated peak within 1% of the estimate at every
     depth, micro-batches of 2,048 to 8,192 tokens, in a process of its own; within 3% where a job ran before in the
-    same process (its leftovers, freed during the step or not). Before the experts were counted double-quantized the
-    estimate drifted over by 0.03-0.06 GiB a layer (4% at 16 layers)."""
+    same process, with its leftovers or without them (freed during the step or not). Before the experts were counted double-quantized the
+    estimate drifted over by 0.03-0.06 GiB a layer (4% at 16 layers). Mixtral within 2%: at these lengths its peak is
+    the experts' dequantizing phase (memory.expert_dequant_phase_bytes), 0.14 GiB over at 4 and at 8 layers alike,
+    since its backward holds less of the recompute (memory.MOE_QLORA_BACKWARD_BY_TYPE)."""
     found = [json.loads(line) for f in sorted(RUNS.parent.glob("h200-*/probe-*.jsonl"))
              for line in f.read_text().splitlines() if line]
     qlora = [r for r in found if r["method"] == "qlora" and not r["err"] and r["batch"] * r["seq"] <= 8192
@@ -337,6 +346,8 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
     depths = {}
     for r in qlora:
         depths.setdefault(r["arch"], set()).add(r["layers"])
-        bound = 0.01 if r["start_alloc_gib"] <= FRESH_START_ALLOC_GIB else 0.03
-        assert abs(r["peak_alloc_gib"] / _estimate(r).peak_allocated_gib - 1) <= bound, (r["model"], r["seq"])
+        est, left = _estimate(r).peak_allocated_gib, r["start_alloc_gib"] - FRESH_START_ALLOC_GIB
+        bound = (0.02 if r["arch"] == "mixtral-8x7b" else 0.01) if left <= 0 else 0.03
+        err = min(abs(r["peak_alloc_gib"] / est - 1), abs((r["peak_alloc_gib"] - left) / est - 1))
+        assert err <= bound, (r["model"], r["seq"])
     assert depths == {"qwen3-30b-a3b": {4, 8, 16}, "gpt-oss-20b": {4, 8, 16}, "mixtral-8x7b": {4, 8}}
