@@ -28,6 +28,7 @@ GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
 GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
 QWEN2_MOE_DEEP = [RESULTS / "h200-issue17-heldout8" / "probe-qwen2moe.jsonl"]  # at 16 and 24 (full) layers
+QWEN2_MOE_LONG = [RESULTS / "h200-issue17-heldout9" / "probe-qwen2moe.jsonl"]
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
               RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
@@ -195,6 +196,12 @@ def qwen3_moe_qlora_backward() -> tuple[float, float]:
                               rows(QWEN3_MOE_LONG, "qlora", 1, 32768))
 
 
+def qwen2_moe_qlora_backward() -> tuple[float, float]:
+    """Through Qwen1.5-MoE's QLoRA 2 x 8192 and 4 x 8192 rows at 8 layers."""
+    return moe_qlora_backward("qwen2_moe", rows(QWEN2_MOE_LONG, "qlora", 2, 8192),
+                              rows(QWEN2_MOE_LONG, "qlora", 4, 8192))
+
+
 def mixtral_qlora_backward() -> tuple[float, float]:
     """Through Mixtral's QLoRA 1 x 16384 and 1 x 32768 rows at 8 layers, each from a process of its own."""
     return moe_qlora_backward("mixtral", rows(MIXTRAL_L8, "qlora", 1, 16384), rows(MIXTRAL_L8, "qlora", 1, 32768))
@@ -266,6 +273,7 @@ def fitted() -> dict[str, tuple[float, float]]:
     phi_slack = phi3_qlora_slack()
     moe = qwen3_moe_qlora_backward()
     mixtral = mixtral_qlora_backward()
+    qwen2 = qwen2_moe_qlora_backward()
     return {
         **{f'speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "{m}")]': (phi[m][0],
                                                                   speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", m)])
@@ -288,6 +296,8 @@ def fitted() -> dict[str, tuple[float, float]]:
             moe[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][i]) for i in (0, 1)},
         **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["mixtral"][{i}]': (
             mixtral[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["mixtral"][i]) for i in (0, 1)},
+        **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen2_moe"][{i}]': (
+            qwen2[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen2_moe"][i]) for i in (0, 1)},
         'memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]': (phi3_mask(), memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]),
         'memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]': (phi_slack[0], memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]),

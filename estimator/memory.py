@@ -248,7 +248,9 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
 # Mixtral's holds 0.83 of it and hardly any stack (from 12,288 to 32,768 tokens its allocated peak grew by 0.83 of the
 # recompute transient), fitted the same way through its QLoRA 1 x 16384 and 1 x 32768 rows at 8 layers
 # (h200-issue17-doublequant/, -mixtral-long/); its rows at 2,048 to 24,576 tokens, at 4 and 8 layers, check it.
-MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 1.025), "mixtral": (0.827, 0.056)}
+# Qwen1.5-MoE's, as Qwen3-MoE's, holds part of the recompute and the whole stack: through its QLoRA 2 x 8192 and
+# 4 x 8192 rows at 8 layers (h200-issue17-heldout9/); its rows at 2,048 to 16,384 tokens, at 4 to 24 layers, check it.
+MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.812, 1.025), "mixtral": (0.827, 0.056), "qwen2_moe": (0.693, 0.951)}
 # Yet Mixtral's reserved memory held the whole recompute transient as the reference counts it: beyond the allocated
 # peak, its allocator kept 1.2-3.4 GiB at 12,288 to 32,768 tokens, growing with the tokens, against 0.2-0.5 at 8,192
 # (same files). For these families the allocator's slack keeps the backward phase at the reference's transient
@@ -530,14 +532,15 @@ def step_bytes(parts: dict[str, int]) -> int:
 # 1 x 2048 row, the first that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows
 # checking it.
 QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.631, "gemma3_text": 0.343, "gemma3": 0.343, "phi3": 0.086, "gpt_oss": 0.255,
-                           "qwen2_moe": 0.472}
+                           "qwen2_moe": 0.447}
 QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.94}
 # Qwen3-MoE's QLoRA held 0.45-0.84 GiB beyond its allocated peak at 2,048 to 8,192 tokens and at 32,768, but
 # 0.13-0.25 at most single sequences from 12,288 to 24,576 (0.60 at 18,432), at 4, 8 and 16 layers alike
 # (bench/results/h200-issue17*/probe-qwen3moe*.jsonl): the constant holds the larger, the side that does not run out
-# of memory. The reference's slack grows with the step's bytes: for the families and methods here, the family's
-# constant alone.
-FAMILY_SLACK_ONLY = {("qwen3_moe", "qlora")}
+# of memory. Qwen1.5-MoE's held 0.41-0.59 GiB from 2,048 to 32,768 tokens (0.14 once, at 2 x 8192; h200-issue17-
+# heldout5/, -doublequant/, -heldout8/, -heldout9/, -mixtral-long/). The reference's slack grows with the step's
+# bytes: for the families and methods here, the family's constant alone.
+FAMILY_SLACK_ONLY = {("qwen3_moe", "qlora"), ("qwen2_moe", "qlora")}
 # Their 16-bit LoRA too, for Qwen3-MoE and Gemma 3: reserved memory beyond the allocated peak that grows with the
 # tokens of a micro-batch (Qwen3-30B-A3B 0.14 GiB at 2,048 tokens, 0.49 at 16,384), bytes per token and hidden unit,
 # least squares through zero on each family's first LoRA rows (bench/results/h200-issue17/, 1 x 2048, 4 x 2048,

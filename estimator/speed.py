@@ -136,9 +136,13 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # (bench/results/h200-issue17-heldout5/, -heldout8/).
 MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.645}
 # The same for one method. Qwen1.5-MoE's QLoRA layers ran faster than its 16-bit LoRA ones on the H200 (1 x 8192:
-# 0.0138 s a layer against 0.0153, from 4 to 24 layers), where the dequantizing would make them slower: fitted on
-# its full-depth (24-layer) QLoRA 1 x 8192 row by the rule above (bench/results/h200-issue17-heldout8/
-# probe-qwen2moe.jsonl, 2026-11-30; bench/family_terms.py); its QLoRA rows at 4, 8 and 16 layers check it.
+# 0.0138 s a layer against 0.0153, from 4 to 24 layers), where the dequantizing would make them slower. Unsloth
+# rewrites PEFT's LoRA forward to compute a plain nn.Linear's adapter in fp32, and a bitsandbytes Linear4bit's in
+# bf16 (unsloth_zoo 2026.10.9 compiler.py, the rewrite skips forwards that check is_autocast_enabled, as peft
+# tuners/lora/bnb.py's does), and Qwen1.5-MoE adapts seven such projections a layer, its wide shared expert's among
+# them (bench/results/h200-issue17-lora-fp32/). Fitted on its full-depth (24-layer) QLoRA 1 x 8192 row by the rule
+# above (bench/results/h200-issue17-heldout8/probe-qwen2moe.jsonl, 2026-11-30; bench/family_terms.py); its QLoRA rows
+# at 4 to 24 layers check it.
 MATMUL_TIME_BY_TYPE_AND_METHOD = {("qwen2_moe", "qlora"): 1.307}
 # Families whose GPU time the FLOP count understates, as measured.
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
