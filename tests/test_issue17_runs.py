@@ -52,13 +52,13 @@ def test_allocated_memory_is_within_5_percent(row: dict) -> None:
     assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.05
 
 
-@pytest.mark.parametrize("row,name", zip(ROWS, IDS), ids=IDS)
+@pytest.mark.parametrize("row,name", list(zip(ROWS, IDS)), ids=IDS)
 def test_reserved_memory_is_within_its_bound(row: dict, name: str) -> None:
     est = _estimate(row)
     assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= RESERVED_BOUND.get(name, 0.05)
 
 
-@pytest.mark.parametrize("row,name", zip(ROWS, IDS), ids=IDS)
+@pytest.mark.parametrize("row,name", list(zip(ROWS, IDS)), ids=IDS)
 def test_speed_is_within_its_bound(row: dict, name: str) -> None:
     est = _estimate(row)
     if est.host_bound:  # the host's pace: the estimate stands behind its band only
