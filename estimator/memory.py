@@ -269,13 +269,13 @@ def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, en
 
 def unlive_transient_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int], transient: int, engine: str) -> int:
     """Reserved beyond the allocated peak where the allocator maps a layer's whole recompute transient (transient, as
-    the reference counts it) though less of it is alive at once (WHOLE_TRANSIENT_RESERVED): the backward phase
-    with the whole transient, less the allocated peak; 0 elsewhere."""
+    the reference counts it) though less of it is alive at once (WHOLE_TRANSIENT_RESERVED): how far the backward
+    phase with the whole transient would rise above the allocated peak, which exceeds the backward phase by the
+    terms of its other moments; 0 elsewhere."""
     if setup.method != "qlora" or engine != "unsloth" or family(model) not in WHOLE_TRANSIENT_RESERVED:
         return 0
-    allocated = peak_allocated_bytes(parts)
-    backward = allocated - parts["loss_over_backward"] - parts["expert_dequant"] - parts["quantized_load"]
-    return max(0, backward + transient - parts["recompute_transient"] - allocated)
+    beyond_backward = parts["loss_over_backward"] + parts["expert_dequant"] + parts["quantized_load"]
+    return max(0, transient - parts["recompute_transient"] - beyond_backward)
 
 
 def gate_up_stack_bytes(model: ModelSpec) -> int:

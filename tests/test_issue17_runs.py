@@ -21,7 +21,15 @@ from rigplan.estimator.plan import Setup
 from rigplan.profiles.catalog import resolve_gpu, resolve_model
 
 RUNS = Path(__file__).parents[1] / "bench" / "results" / "h200-issue17"
-ROWS = [json.loads(line) for f in sorted(RUNS.glob("probe-*.jsonl")) for line in f.read_text().splitlines() if line]
+
+
+def recorded(pattern: str) -> list[tuple[str, dict]]:
+    """(its run directory's name, the row) for every probe row in the bench/results files pattern names."""
+    return [(f.parent.name, json.loads(line)) for f in sorted(RUNS.parent.glob(pattern))
+            for line in f.read_text().splitlines() if line]
+
+
+ROWS = [r for _, r in recorded("h200-issue17/probe-*.jsonl")]
 IDS = [f"{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for r in ROWS]
 # Reserved memory further from the estimate than 5%, as recorded (the estimate holds their allocated memory): Gemma
 # 3's QLoRA at 1 x 2048 held less slack than its family's term (memory.QLORA_SLACK_GIB_BY_TYPE, fitted on these
@@ -76,9 +84,7 @@ def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None
     layer's bytes; bf16 experts would be 3.5x."""
     from rigplan.estimator import memory
 
-    found = [(f.parent.name, json.loads(line)) for f in sorted(RUNS.parent.glob("h200-*/probe-*.jsonl"))
-             for line in f.read_text().splitlines() if line]
-    qlora = [(d, r) for d, r in found if r["method"] == "qlora" and not r["err"] and d != "h200-issue17-qwen2moe"
+    qlora = [(d, r) for d, r in recorded("h200-*/probe-*.jsonl") if r["method"] == "qlora" and not r["err"] and d != "h200-issue17-qwen2moe"
              and resolve_model(r["arch"]).experts]  # qwen2moe/: adapters other than those planned (heldout5/ has them)
     assert {r["model"] for _, r in qlora} >= {"qwen3-30b-a3b-L16", "gpt-oss-20b-L16", "mixtral-8x7b-L8",
                                               "mixtral-8x7b-L4", "qwen1.5-moe-a2.7b-L4", "qwen1.5-moe-a2.7b"}
@@ -151,8 +157,7 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-mixtral-long", "mixtral-8x7b-L8", "qlora", 1, 32768),
                  ("h200-issue17-heldout9", "qwen1.5-moe-a2.7b-L8", "qlora", 2, 8192),
                  ("h200-issue17-heldout9", "qwen1.5-moe-a2.7b-L8", "qlora", 4, 8192)}
-CHECKS = [(d, r) for d in CHECK_DIRS for f in sorted((RUNS.parent / d).glob("probe-*.jsonl"))
-          for r in map(json.loads, filter(None, f.read_text().splitlines()))
+CHECKS = [(d, r) for pattern in CHECK_DIRS for d, r in recorded(f"{pattern}/probe-*.jsonl")
           if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
 CHECK_IDS = [f"{d}/{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for d, r in CHECKS]
 # Further from the estimate than 5% (memory) or 15% (GPU-bound speed), as recorded: the QLoRA rows the families'
@@ -316,8 +321,7 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     third of its slack at the other lengths (ten runs in four sessions): there the estimate is above, by at most
     0.55 GiB at every depth, the side that does not run out of memory, and that is under 5% of the plan at the full
     48 layers. Rows under expandable segments, as `rigplan run` trains."""
-    found = [json.loads(line) for f in sorted(RUNS.parent.glob("h200-issue17*/probe-qwen3moe*.jsonl"))
-             for line in f.read_text().splitlines() if line]
+    found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
         est = _estimate(r)
         assert est.host_bound or abs(r["tok_per_s"] / est.tokens_per_s - 1) <= 0.125, (r["method"], r["seq"])
@@ -348,8 +352,7 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
     estimate drifted over by 0.03-0.06 GiB a layer (4% at 16 layers). Mixtral within 2%: at these lengths its peak is
     the experts' dequantizing phase (memory.expert_dequant_phase_bytes), 0.14 GiB over at 4 and at 8 layers alike,
     since its backward holds less of the recompute (memory.MOE_QLORA_BACKWARD_BY_TYPE)."""
-    found = [json.loads(line) for f in sorted(RUNS.parent.glob("h200-*/probe-*.jsonl"))
-             for line in f.read_text().splitlines() if line]
+    found = [r for _, r in recorded("h200-*/probe-*.jsonl")]
     qlora = [r for r in found if r["method"] == "qlora" and not r["err"] and r["batch"] * r["seq"] <= 8192
              and r["arch"] in ("qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b") and r["checkpointing"] == "unsloth"]
     depths = {}
@@ -368,8 +371,7 @@ def test_mixtral_and_qwen1_5_moe_qlora_hold_a_share_of_the_recompute() -> None:
     backward's share (memory.MOE_QLORA_BACKWARD_BY_TYPE, two rows each) the estimate's allocated peak was 7.7-12.5%
     over Mixtral's beyond 8,192 tokens and 13.1% over Qwen1.5-MoE's at 32,768; Mixtral's reserved stays where it was,
     since its allocator keeps the whole transient (memory.WHOLE_TRANSIENT_RESERVED)."""
-    found = [json.loads(line) for f in sorted(RUNS.parent.glob("h200-issue17-*/probe-*.jsonl"))
-             if f.parent.name != "h200-issue17-qwen2moe" for line in f.read_text().splitlines() if line]
+    found = [r for d, r in recorded("h200-issue17-*/probe-*.jsonl") if d != "h200-issue17-qwen2moe"]
     rows = [r for r in found if r["method"] == "qlora" and r["arch"] in ("mixtral-8x7b", "qwen1.5-moe-a2.7b")
             and r["start_alloc_gib"] <= FRESH_START_ALLOC_GIB and r["checkpointing"] == "unsloth"]
     longest = {}
