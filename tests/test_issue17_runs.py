@@ -84,7 +84,8 @@ def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None
     layer's bytes; bf16 experts would be 3.5x."""
     from rigplan.estimator import memory
 
-    qlora = [(d, r) for d, r in recorded("h200-*/probe-*.jsonl") if r["method"] == "qlora" and not r["err"] and d != "h200-issue17-qwen2moe"
+    qlora = [(d, r) for d, r in recorded("h200-*/probe-*.jsonl")
+             if r["method"] == "qlora" and not r["err"] and d != "h200-issue17-qwen2moe"
              and resolve_model(r["arch"]).experts]  # qwen2moe/: adapters other than those planned (heldout5/ has them)
     assert {r["model"] for _, r in qlora} >= {"qwen3-30b-a3b-L16", "gpt-oss-20b-L16", "mixtral-8x7b-L8",
                                               "mixtral-8x7b-L4", "qwen1.5-moe-a2.7b-L4", "qwen1.5-moe-a2.7b"}
