@@ -242,6 +242,21 @@ def phi3_qlora_slack() -> tuple[float, float]:
     return my - b * mx, b
 
 
+MIXTRAL_NOCKPT = [RESULTS / "h200-issue17-nockpt-fit" / "probe-mixtral.jsonl"]
+
+
+def nockpt_qlora_slack() -> tuple[float, float]:
+    """memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"]: measured less estimated reserved GiB (estimated without it) =
+    a + b x tokens x hidden / 2**30, least squares over the 4-layer 1 x 2048, 1 x 16384 and 1 x 32768 rows."""
+    fit = [rows(MIXTRAL_NOCKPT, "qlora", 1, seq) for seq in (2048, 16384, 32768)]
+    with removed(memory.NOCKPT_QLORA_SLACK_BY_TYPE, "mixtral"):
+        ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
+    xs = [_per_token(r, lambda m: m.hidden_size) for r in fit]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
 def gpt_oss_swiglu(method: str) -> float:
     return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS, method, 4, 2048), 40.0)
 
@@ -274,6 +289,7 @@ def fitted() -> dict[str, tuple[float, float]]:
     moe = qwen3_moe_qlora_backward()
     mixtral = mixtral_qlora_backward()
     qwen2 = qwen2_moe_qlora_backward()
+    nockpt = nockpt_qlora_slack()
     return {
         **{f'speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "{m}")]': (phi[m][0],
                                                                   speed.GPU_TIME_BY_TYPE_AND_METHOD[("phi3", m)])
@@ -302,6 +318,8 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]': (phi_slack[0], memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]': (phi_slack[1], memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]),
+        **{f'memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][{i}]': (
+            nockpt[i], memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][i]) for i in (0, 1)},
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])

@@ -119,8 +119,11 @@ def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> in
     layers, h, i = model.num_hidden_layers, model.hidden_size, model.mean_active_intermediate
     if setup.checkpointing == "off":
         # Without checkpointing every layer keeps its attention and MLP activations (Korthikanti et al.
-        # 2022, sec. 4.1: a multiple of hidden and MLP width per token per layer).
-        return int(setup.tokens * layers * (coeffs.nockpt_per_hidden * h + coeffs.nockpt_per_intermediate * i))
+        # 2022, sec. 4.1: a multiple of hidden and MLP width per token per layer), and a mixture-of-experts
+        # layer its routed copy of the hidden states besides (routed_copy_bytes), which its grouped matmul's
+        # backward reads.
+        return int(setup.tokens * layers * (coeffs.nockpt_per_hidden * h + coeffs.nockpt_per_intermediate * i)
+                   + layers * routed_copy_bytes(model, setup))
     # Checkpointing keeps one hidden-state tensor per layer (Chen et al. 2016, sec. 3).
     return int(setup.tokens * layers * coeffs.ckpt_per_hidden * h)
 
@@ -294,7 +297,8 @@ def expert_dequant_phase_bytes(model: ModelSpec, setup: Setup, parts: dict[str, 
     if setup.method != "qlora" or not model.experts or engine != "unsloth":
         return 0
     h, width, k = model.hidden_size, model.expert_intermediate, model.num_experts_per_tok
-    routed = setup.tokens * k * (2 * h + 3 * width) * BF16_BYTES
+    # Without checkpointing the routed tensors are the layer's kept activations (checkpoint_bytes), not beside them.
+    routed = setup.tokens * k * (2 * h + 3 * width) * BF16_BYTES if setup.checkpointing != "off" else 0
     return backward_phase_bytes(parts) - parts["recompute_transient"] + gate_up_stack_bytes(model) + routed
 
 
@@ -553,12 +557,25 @@ LORA_SLACK_PER_HIDDEN_BY_TYPE = {"qwen3_moe": 16.1, "gemma3_text": 14.9, "gemma3
 LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 
 
+# Mixtral's QLoRA without checkpointing held 1.5-3.8 GiB beyond its allocated peak from 2,048 to 32,768 tokens, at 4
+# and at 8 layers alike (bench/results/h200-issue17-nockpt*/probe-mixtral.jsonl), where the reference's slack
+# without checkpointing is a hundredth of the step's bytes: about the bf16 gate_up stack its experts dequantize
+# (gate_up_stack_bytes, 1.75 GiB) at 2,048 tokens, growing with the tokens. GiB, and bytes per token and hidden unit:
+# least squares over the 4-layer 1 x 2048, 1 x 16384 and 1 x 32768 rows (h200-issue17-nockpt-fit/; bench/
+# family_terms.py nockpt_qlora_slack); its 4-layer rows at 8,192 and 24,576 tokens and its 8-layer rows check it.
+NOCKPT_QLORA_SLACK_BY_TYPE = {"mixtral": (1.434, 14.8)}
+
+
 def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
-    """The family's slack under Unsloth (QLoRA: QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE; LoRA:
-    LORA_SLACK_GIB_BY_TYPE, LORA_SLACK_PER_HIDDEN_BY_TYPE); 0 otherwise."""
+    """The family's slack under Unsloth (QLoRA: QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE, and without
+    checkpointing NOCKPT_QLORA_SLACK_BY_TYPE; LoRA: LORA_SLACK_GIB_BY_TYPE, LORA_SLACK_PER_HIDDEN_BY_TYPE); 0
+    otherwise."""
     if engine != "unsloth":
         return 0
     t = family(model)
+    if setup.method == "qlora" and setup.checkpointing == "off" and t in NOCKPT_QLORA_SLACK_BY_TYPE:
+        gib, per_hidden = NOCKPT_QLORA_SLACK_BY_TYPE[t]
+        return int(gib * 2**30 + per_hidden * setup.tokens * model.hidden_size)
     if setup.method == "lora":
         return int(LORA_SLACK_GIB_BY_TYPE.get(t, 0.0) * 2**30
                    + LORA_SLACK_PER_HIDDEN_BY_TYPE.get(t, 0.0) * setup.tokens * model.hidden_size)
