@@ -257,6 +257,27 @@ def nockpt_qlora_slack() -> tuple[float, float]:
     return my - b * mx, b
 
 
+QWEN3_MOE_NOCKPT = [RESULTS / "h200-issue17-nockpt" / "probe-qwen3moe.jsonl",
+                    RESULTS / "h200-issue17-nockpt-check" / "probe-qwen3moe.jsonl"]
+
+
+def nockpt_routed_share() -> float:
+    """memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"]: the share of a layer's routed copy that makes the estimated
+    allocated peak of the 8-layer 1 x 8192 row without checkpointing exceed the 4-layer one's by what was measured
+    (the layers' weights as measured after loading)."""
+    short, deep = (rows(QWEN3_MOE_NOCKPT, "qlora", 1, 8192, layers=n) for n in (4, 8))
+    measured = deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
+    saved, lo, hi = memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"], 0.0, 2.0
+    try:
+        for _ in range(60):
+            memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"] = mid = (lo + hi) / 2
+            est = [_estimate(r).components_bytes["activations_kept"] / 2**30 for r in (short, deep)]
+            lo, hi = (mid, hi) if est[1] - est[0] < measured else (lo, mid)
+    finally:
+        memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"] = saved
+    return (lo + hi) / 2
+
+
 def gpt_oss_swiglu(method: str) -> float:
     return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS, method, 4, 2048), 40.0)
 
@@ -320,6 +341,8 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]': (phi_slack[1], memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]),
         **{f'memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][{i}]': (
             nockpt[i], memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][i]) for i in (0, 1)},
+        'memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"]': (nockpt_routed_share(),
+                                                           memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"]),
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])

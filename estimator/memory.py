@@ -114,16 +114,25 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
     return int(lora_params(model, rank) * per_param)
 
 
+# What a mixture-of-experts layer keeps without checkpointing beyond the dense terms, per token: Mixtral-8x7B's 4-,
+# 8- and 12-layer QLoRA runs kept 168 kB per token and layer (the 8- less the 4-layer peaks at 2,048, 16,384 and
+# 32,768 tokens, bench/results/h200-issue17-nockpt-fit/ and -nockpt-depth/, within 0.5% of each other), the dense
+# terms and its routed copy (k x hidden bf16, routed_copy_bytes) 171 kB. Qwen3-30B-A3B's kept 73.7 kB, the dense
+# terms 55.4 kB and its routed copy 32.8 kB: the share of the copy, fitted on its 4- and 8-layer 1 x 8192 rows
+# (h200-issue17-nockpt/, -nockpt-check/; bench/family_terms.py nockpt_routed_share); its other rows check it.
+NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56}
+
+
 def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
     """Activations kept for backward: each layer's input with checkpointing, all of them without."""
     layers, h, i = model.num_hidden_layers, model.hidden_size, model.mean_active_intermediate
     if setup.checkpointing == "off":
         # Without checkpointing every layer keeps its attention and MLP activations (Korthikanti et al.
         # 2022, sec. 4.1: a multiple of hidden and MLP width per token per layer), and a mixture-of-experts
-        # layer its routed copy of the hidden states besides (routed_copy_bytes), which its grouped matmul's
-        # backward reads.
+        # layer its routed copy of the hidden states besides (routed_copy_bytes, NOCKPT_ROUTED_SHARE_BY_TYPE).
+        routed = NOCKPT_ROUTED_SHARE_BY_TYPE.get(family(model), 1.0) * routed_copy_bytes(model, setup)
         return int(setup.tokens * layers * (coeffs.nockpt_per_hidden * h + coeffs.nockpt_per_intermediate * i)
-                   + layers * routed_copy_bytes(model, setup))
+                   + layers * routed)
     # Checkpointing keeps one hidden-state tensor per layer (Chen et al. 2016, sec. 3).
     return int(setup.tokens * layers * coeffs.ckpt_per_hidden * h)
 
