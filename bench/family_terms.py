@@ -74,9 +74,9 @@ def _reserved(row: dict) -> float:
 
 @contextlib.contextmanager
 def zeroed(table: dict, key: object) -> Iterator[None]:
-    """The estimate without a fitted constant (table[key] at 0), the table left as it was."""
+    """The estimate without a fitted constant (table[key] at 0, or each of its values), the table left as it was."""
     saved = table[key]
-    table[key] = 0.0
+    table[key] = tuple(0.0 for _ in saved) if isinstance(saved, tuple) else 0.0
     try:
         yield
     finally:
@@ -259,23 +259,35 @@ def nockpt_qlora_slack() -> tuple[float, float]:
 
 QWEN3_MOE_NOCKPT = [RESULTS / "h200-issue17-nockpt" / "probe-qwen3moe.jsonl",
                     RESULTS / "h200-issue17-nockpt-check" / "probe-qwen3moe.jsonl"]
+QWEN2_MOE_NOCKPT = [RESULTS / "h200-issue17-nockpt-deep" / "probe-qwen2moe.jsonl",
+                    RESULTS / "h200-issue17-nockpt-qwen2moe" / "probe-qwen2moe.jsonl"]
 
 
-def nockpt_routed_share() -> float:
-    """memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"]: the share of a layer's routed copy that makes the estimated
-    allocated peak of the 8-layer 1 x 8192 row without checkpointing exceed the 4-layer one's by what was measured
-    (the layers' weights as measured after loading)."""
-    short, deep = (rows(QWEN3_MOE_NOCKPT, "qlora", 1, 8192, layers=n) for n in (4, 8))
+def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
+    """memory.NOCKPT_ROUTED_SHARE_BY_TYPE[model_type]: the multiple of a layer's routed copy that makes the
+    estimated allocated peak of the family's 8-layer 1 x 8192 row without checkpointing exceed the 4-layer one's by
+    what was measured (the layers' weights as measured after loading)."""
+    short, deep = (rows(files, "qlora", 1, 8192, layers=n) for n in (4, 8))
     measured = deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
-    saved, lo, hi = memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"], 0.0, 2.0
+    table = memory.NOCKPT_ROUTED_SHARE_BY_TYPE
+    saved, lo, hi = table[model_type], 0.0, 4.0
     try:
         for _ in range(60):
-            memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"] = mid = (lo + hi) / 2
+            table[model_type] = mid = (lo + hi) / 2
             est = [_estimate(r).components_bytes["activations_kept"] / 2**30 for r in (short, deep)]
             lo, hi = (mid, hi) if est[1] - est[0] < measured else (lo, mid)
     finally:
-        memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"] = saved
+        table[model_type] = saved
     return (lo + hi) / 2
+
+
+def nockpt_constant_slack() -> float:
+    """memory.NOCKPT_QLORA_SLACK_BY_TYPE["qwen2_moe"][0]: the mean of measured less estimated reserved GiB (estimated
+    without it) over Qwen1.5-MoE's 1 x 8192 rows without checkpointing, at 4 and at 8 layers."""
+    fit = [rows(QWEN2_MOE_NOCKPT, "qlora", 1, 8192, layers=n) for n in (4, 8)]
+    with zeroed(memory.NOCKPT_QLORA_SLACK_BY_TYPE, "qwen2_moe"):
+        excess = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
+    return sum(excess) / len(excess)
 
 
 def gpt_oss_swiglu(method: str) -> float:
@@ -341,8 +353,11 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]': (phi_slack[1], memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]),
         **{f'memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][{i}]': (
             nockpt[i], memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][i]) for i in (0, 1)},
-        'memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"]': (nockpt_routed_share(),
-                                                           memory.NOCKPT_ROUTED_SHARE_BY_TYPE["qwen3_moe"]),
+        **{f'memory.NOCKPT_ROUTED_SHARE_BY_TYPE["{t}"]': (nockpt_routed_share(t, files),
+                                                         memory.NOCKPT_ROUTED_SHARE_BY_TYPE[t])
+           for t, files in (("qwen3_moe", QWEN3_MOE_NOCKPT), ("qwen2_moe", QWEN2_MOE_NOCKPT))},
+        'memory.NOCKPT_QLORA_SLACK_BY_TYPE["qwen2_moe"][0]': (nockpt_constant_slack(),
+                                                             memory.NOCKPT_QLORA_SLACK_BY_TYPE["qwen2_moe"][0]),
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])

@@ -114,13 +114,14 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
     return int(lora_params(model, rank) * per_param)
 
 
-# What a mixture-of-experts layer keeps without checkpointing beyond the dense terms, per token: Mixtral-8x7B's 4-,
-# 8- and 12-layer QLoRA runs kept 168 kB per token and layer (the 8- less the 4-layer peaks at 2,048, 16,384 and
-# 32,768 tokens, bench/results/h200-issue17-nockpt-fit/ and -nockpt-depth/, within 0.5% of each other), the dense
-# terms and its routed copy (k x hidden bf16, routed_copy_bytes) 171 kB. Qwen3-30B-A3B's kept 73.7 kB, the dense
-# terms 55.4 kB and its routed copy 32.8 kB: the share of the copy, fitted on its 4- and 8-layer 1 x 8192 rows
-# (h200-issue17-nockpt/, -nockpt-check/; bench/family_terms.py nockpt_routed_share); its other rows check it.
-NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56}
+# What a mixture-of-experts layer keeps without checkpointing beyond the dense terms, per token, in units of its routed
+# copy (k x hidden bf16, routed_copy_bytes): the 8- less the 4-layer allocated peaks, the layers' weights taken out,
+# gave the same bytes per token and layer within 1% from 2,048 to 32,768 tokens (bench/results/h200-issue17-nockpt*/).
+# Mixtral-8x7B kept 168 kB, the dense terms and one copy 171 kB: the default, its 12-layer runs checking it. Qwen3-30B-A3B
+# kept 73.7 kB (dense terms 55.4, a copy 32.8) and Qwen1.5-MoE-A2.7B 98.1 kB (dense 68.9, a copy 16.4; its shared expert
+# is counted in the dense terms): the multiple of the copy that gives each family's 4- and 8-layer 1 x 8192 rows their
+# difference (bench/family_terms.py nockpt_routed_share); their other rows check it.
+NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781}
 
 
 def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
@@ -571,8 +572,10 @@ LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 # without checkpointing is a hundredth of the step's bytes: about the bf16 gate_up stack its experts dequantize
 # (gate_up_stack_bytes, 1.75 GiB) at 2,048 tokens, growing with the tokens. GiB, and bytes per token and hidden unit:
 # least squares over the 4-layer 1 x 2048, 1 x 16384 and 1 x 32768 rows (h200-issue17-nockpt-fit/; bench/
-# family_terms.py nockpt_qlora_slack); its 4-layer rows at 8,192 and 24,576 tokens and its 8-layer rows check it.
-NOCKPT_QLORA_SLACK_BY_TYPE = {"mixtral": (1.434, 14.8)}
+# family_terms.py nockpt_qlora_slack); its 4-layer rows at 8,192 and 24,576 tokens and its 8- and 12-layer rows check
+# it. Qwen1.5-MoE's held 0.08-0.23 GiB, where its QLoRA with checkpointing held 0.41-0.59: the mean excess on its 4- and
+# 8-layer 1 x 8192 rows (nockpt_constant_slack), the 1 x 2048 rows checking it. Qwen3-MoE's keeps its family constant.
+NOCKPT_QLORA_SLACK_BY_TYPE = {"mixtral": (1.434, 14.8), "qwen2_moe": (0.225, 0.0)}
 
 
 def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
