@@ -114,13 +114,14 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
     return int(lora_params(model, rank) * per_param)
 
 
-# What a mixture-of-experts layer keeps without checkpointing beyond the dense terms, per token, in units of its routed
-# copy (k x hidden bf16, routed_copy_bytes): the 8- less the 4-layer allocated peaks, the layers' weights taken out,
-# gave the same bytes per token and layer within 1% from 2,048 to 32,768 tokens (bench/results/h200-issue17-nockpt*/).
-# Mixtral-8x7B kept 168 kB, the dense terms and one copy 171 kB: the default, its 12-layer runs checking it. Qwen3-30B-A3B
-# kept 73.7 kB (dense terms 55.4, a copy 32.8) and Qwen1.5-MoE-A2.7B 98.1 kB (dense 68.9, a copy 16.4; its shared expert
-# is counted in the dense terms): the multiple of the copy that gives each family's 4- and 8-layer 1 x 8192 rows their
-# difference (bench/family_terms.py nockpt_routed_share); their other rows check it.
+# What a mixture-of-experts layer keeps without checkpointing beyond the dense terms, per token, in units of its
+# routed copy (k x hidden bf16, routed_copy_bytes): the 8- less the 4-layer allocated peaks, the layers' weights taken
+# out, gave the same bytes per token and layer within 1% from 2,048 to 32,768 tokens (bench/results/
+# h200-issue17-nockpt*/). Mixtral-8x7B kept 168 kB, the dense terms and one copy 171 kB: the default, its 12-layer
+# runs checking it. Qwen3-30B-A3B kept 73.7 kB (dense terms 55.4, a copy 32.8) and Qwen1.5-MoE-A2.7B 98.1 kB (dense
+# 68.9, a copy 16.4; its shared expert is counted in the dense terms): the multiple of the copy that gives each
+# family's 4- and 8-layer 1 x 8192 rows their difference (bench/family_terms.py nockpt_routed_share); their other rows
+# check it.
 NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781}
 
 

@@ -416,7 +416,7 @@ def test_moe_without_checkpointing_keeps_what_the_estimate_counts() -> None:
         if layers != 8 or short is None:
             continue
         kept = [_estimate(r).components_bytes["activations_kept"] / 2**30 for r in (short, deep)]
-        measured = (deep["peak_alloc_gib"] - deep["after_load_gib"]) - (short["peak_alloc_gib"] - short["after_load_gib"])
+        measured = deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
         assert abs(measured / (kept[1] - kept[0]) - 1) <= 0.02, (arch, tokens)
         pairs += 1
     assert pairs >= 8
