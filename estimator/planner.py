@@ -254,7 +254,9 @@ def short_of(est: Estimate, limit: float) -> str:
     s = est.setup
     gpus = f" per GPU ({s.parallelism} over {s.num_gpus})" if s.num_gpus > 1 else ""
     largest = sorted(est.components_bytes.items(), key=lambda kv: -kv[1])[:2]
-    return (f"needs {est.total_gib:.1f} GiB{gpus}, over the {limit * (1 - SAFETY_MARGIN):.1f} GiB usable "
+    usable = limit * (1 - SAFETY_MARGIN)
+    digits = 1 if f"{est.total_gib:.1f}" != f"{usable:.1f}" else 2  # "needs 7.2 GiB, over the 7.2" says nothing
+    return (f"needs {est.total_gib:.{digits}f} GiB{gpus}, over the {usable:.{digits}f} GiB usable "
             f"({SAFETY_MARGIN:.0%} of {limit:.1f} GiB kept free); the largest terms: "
             + ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in largest))
 
