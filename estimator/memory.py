@@ -121,7 +121,7 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
 # runs checking it. Qwen3-30B-A3B kept 73.7 kB (dense terms 55.4, a copy 32.8) and Qwen1.5-MoE-A2.7B 98.1 kB (dense
 # 68.9, a copy 16.4; its shared expert is counted in the dense terms): the multiple of the copy that gives each
 # family's 4- and 8-layer 1 x 8192 rows their difference (bench/family_terms.py nockpt_routed_share); their other rows
-# check it.
+# check it. docs/moe-saved-tensors.md counts the tensors the source saves, which gives the same figures.
 NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781}
 
 

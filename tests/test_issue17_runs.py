@@ -427,3 +427,33 @@ def test_moe_without_checkpointing_keeps_what_the_estimate_counts() -> None:
         assert -0.06 <= err <= 0.02, (r["model"], r["batch"], r["seq"], err)
     assert {r["arch"] for r in found} == {"mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"}
     assert max(r["layers"] for r in found) >= 12 and max(r["batch"] * r["seq"] for r in found) == 32768
+
+
+def _saved_per_token_layer(model) -> int:
+    """The bytes one mixture-of-experts layer saves for its backward per token without checkpointing under Unsloth's
+    compiled QLoRA, counted tensor by tensor from the source (docs/moe-saved-tensors.md, section 3): attention's
+    inputs, q/k/v, output and its contiguous copy, the residual; Qwen3-MoE's q/k norm copies; the routed experts'
+    gate_up output (4 bytes x k x expert width: their activation is recomputed); the routing's bookkeeping; a shared
+    expert's normed input, gate/up, activation and gated output."""
+    h, nh, nkv, hd = model.hidden_size, model.num_attention_heads, model.num_key_value_heads, model.head_dim
+    qw, kvw, k, width = nh * hd, nkv * hd, model.num_experts_per_tok, model.expert_intermediate
+    saved = 2 * h + 2 * h + 2 * qw + 4 * kvw + 2 * qw + 4 * nh + 2 * qw + 2 * h
+    if model.model_type == "qwen3_moe":
+        saved += 2 * (qw + kvw) + 4 * (nh + nkv)
+    saved += 4 * k * width + 4 * model.num_experts + 8 * k * 3 + 4 * k + 4 + 4 * k
+    shared = model.shared_expert_intermediate_size
+    return saved + (2 * h + 6 * shared + 2 * h if shared else 0)
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "qwen3-235b-a22b"])
+def test_moe_kept_bytes_agree_with_the_tensors_the_source_saves(name: str) -> None:
+    """The estimate's kept activations per token and layer without checkpointing (the dense terms and the family's
+    multiple of the routed copy, fitted on two runs) within 3% of the tensor count read from the source, which
+    reproduces the three measured families within 0.3% and extends to Qwen3-235B-A22B, not measured (there the
+    estimate is 2.6% above it, the side that does not run out of memory)."""
+    from rigplan.estimator import memory
+
+    model = resolve_model(name)
+    setup = Setup("qlora", 16, 1, 8192, checkpointing="off")
+    counted = memory.checkpoint_bytes(model, setup, store.reference()[0]) / setup.tokens / model.num_hidden_layers
+    assert abs(counted / _saved_per_token_layer(model) - 1) <= 0.03
