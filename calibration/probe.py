@@ -2,7 +2,7 @@
 
     python -m rigplan.calibration.probe --job llama-3.1-8b:lora:16:1x2048,4x2048 --job llama-3.1-8b@4:qlora:16:2x2048 --out runs.jsonl
 
-A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,... Each shape is measured after a warm-up step, with torch's
+A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16]. Each shape is measured after a warm-up step, with torch's
 peak allocated and reserved memory and NVML's used memory; an out-of-memory shape is recorded, not fatal.
 Every row is appended (and flushed) as soon as it is measured, so a killed probe keeps what it had.
 """
@@ -44,6 +44,12 @@ class Job:
     shapes: tuple[tuple[int, int], ...]
     optimizer: str = "adamw_8bit"
     checkpointing: str = "unsloth"
+    # "bf16": the forward under torch.autocast(bfloat16), as accelerate wraps the model's forward when TRL trains with
+    # bf16 mixed precision (`rigplan run`; Unsloth 2026.10.9 turns it off for the families it forces to float32,
+    # Gemma 3 and gpt-oss: unsloth/models/rl.py). "off": a plain forward, as every probe recorded before 2026-12-01
+    # ran. Unsloth's rewrite of PEFT's LoRA forward upcasts a 16-bit layer's adapter input to fp32 only without
+    # autocast (unsloth_zoo compiler.py), so the two can differ (docs/moe-saved-tensors.md).
+    autocast: Literal["off", "bf16"] = "off"
 
     @classmethod
     def parse(cls, text: str) -> "Job":
@@ -55,8 +61,9 @@ class Job:
 
 
 def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str,
-                  min_timed_s: float = MIN_TIMED_S) -> dict[str, Any]:
-    """Warm-up, then timed forward+backward+optimizer steps on random ids; peaks since the reset."""
+                  min_timed_s: float = MIN_TIMED_S, autocast: str = "off") -> dict[str, Any]:
+    """Warm-up, then timed forward+backward+optimizer steps on random ids; peaks since the reset. With autocast
+    "bf16" the forward (loss included, as the model computes it) runs under torch.autocast, the backward outside."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -74,7 +81,8 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -180,13 +188,14 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
             opt = torch.optim.AdamW(params, lr=1e-4)
         head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
                 "rank": job.rank, "engine": engine, "optimizer": optimizer, "checkpointing": job.checkpointing,
+                "autocast": job.autocast,
                 "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "load_s": round(load_s, 1), "after_load_gib": after_load, **start,
                 "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
         for batch, seq in job.shapes:
             row = {**head, "batch": batch, "seq": seq, "err": None}
             try:
-                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device, min_timed_s))
+                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device, min_timed_s, job.autocast))
             except torch.OutOfMemoryError as e:
                 row["err"] = f"oom: {str(e).splitlines()[0][:200]}"
                 opt.zero_grad(set_to_none=True)

@@ -177,7 +177,9 @@ def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
 # and products in fp32: more bytes per routed token and expert width unit than the bf16 SwiGLU the transient
 # coefficients were fitted on. Bytes per unit beyond them in a layer's recompute, by method (the two paths free
 # them at different moments), fitted on gpt-oss-20b at 4 layers, 4 x 2048 on the H200 (bench/results/h200-gpt-oss/
-# probe-gptoss.jsonl, 2026-11-30; bench/family_terms.py); its 1 x 2048 rows check them.
+# probe-gptoss.jsonl, 2026-11-30; bench/family_terms.py); its 1 x 2048 rows check them. A later reading of the source
+# (docs/moe-saved-tensors.md, gpt-oss) found that a replica with fused experts, as the probes load, runs the fused
+# Triton SwiGLU instead: the bytes are measured, their cause is not settled.
 FP32_SWIGLU_BYTES = {"lora": 11.9, "qlora": 7.0}
 
 

@@ -17,6 +17,7 @@ def test_job_parse() -> None:
     job = Job.parse("llama-3.1-8b@4:qlora:16:1x2048,4x4096:checkpointing=off")
     assert (job.model, job.layers, job.method, job.rank, job.shapes, job.checkpointing) == (
         "llama-3.1-8b", 4, "qlora", 16, ((1, 2048), (4, 4096)), "off")
+    assert job.autocast == "off" and Job.parse("llama-3.1-8b:lora:16:1x2048:autocast=bf16").autocast == "bf16"
 
 
 def test_calibrate_grid_reduces_depth_and_covers_both_regimes() -> None:
@@ -49,7 +50,35 @@ def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
         assert r["err"] is None and r["layers"] == 1 and r["step_s"] > 0 and r["steps_timed"] >= 5
         # step_s is stored to 0.1 ms: a few-ms CPU step carries that rounding into the ratio
         assert r["tok_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_s"], rel=0.01 + 5e-5 / r["step_s"])
-        assert r["provenance"]["packages"]["torch"] and r["trainable_params"] > 0
+        assert r["provenance"]["packages"]["torch"] and r["trainable_params"] > 0 and r["autocast"] == "off"
+
+
+def test_probe_can_run_the_forward_under_autocast_as_the_trainer_does(tmp_path) -> None:
+    """autocast=bf16: the forward under torch.autocast(bfloat16), as accelerate wraps it for `rigplan run`'s bf16
+    mixed precision, and the row says so; without it a float32 replica's layers compute in float32."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from rigplan.calibration import probe
+    from rigplan.calibration.replica import build_replica, toy
+
+    model_dir = tmp_path / "tiny-qwen"
+    spec = toy(resolve_model("qwen2.5-0.5b"))
+    build_replica(spec, model_dir, dtype="float32")
+    out = tmp_path / "probes.jsonl"
+    probe.main(["--job", f"{model_dir}@1:lora:8:1x32:autocast=bf16", "--engine", "transformers", "--out", str(out)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["err"] is None and row["autocast"] == "bf16" and row["steps_timed"] >= 5
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seen: list = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for autocast in ("off", "bf16"):
+        seen.clear()
+        probe.measure_shape(model, opt, spec.vocab_size, 1, 16, "cpu", min_timed_s=0.01, autocast=autocast)
+        assert set(seen) == {torch.bfloat16 if autocast == "bf16" else torch.float32}
 
 
 def test_calibrate_learns_this_machines_real_data_speed_from_its_runs() -> None:
