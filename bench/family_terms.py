@@ -98,23 +98,35 @@ def through_zero(xs: list[float], ys: list[float]) -> float:
     return sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
 
 
+def least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares: the a and b of y = a + b x."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
 def _per_token(row: dict, width: Callable[[ModelSpec], int]) -> float:
     """The row's tokens x a width of its model (width(model)), in units of 2**30."""
     model, setup, _ = model_setup(row)
     return setup.tokens * width(model) / 2**30
 
 
-def solve(table: dict, key: object, row: dict, hi: float) -> float:
-    """The value of table[key] (a memory term's constant) at which the row's estimated allocated peak meets the
-    measured one, by bisection between 0 and hi (the estimate grows with it); the table is left as it was."""
+def bisect_constant(table: dict, key: object, hi: float, short: Callable[[], bool]) -> float:
+    """The value of table[key] (a memory term's constant) between 0 and hi at which short() (whether the estimate,
+    which grows with it, is still below what was measured) turns false, by bisection; the table is left as it was."""
     saved, lo = table[key], 0.0
     try:
         for _ in range(60):
             table[key] = mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if _allocated(row) < row["peak_alloc_gib"] else (lo, mid)
+            lo, hi = (mid, hi) if short() else (lo, mid)
     finally:
         table[key] = saved
     return (lo + hi) / 2
+
+
+def solve(table: dict, key: object, row: dict, hi: float) -> float:
+    """The value of table[key] at which the row's estimated allocated peak meets the measured one."""
+    return bisect_constant(table, key, hi, lambda: _allocated(row) < row["peak_alloc_gib"])
 
 
 def step_parts(row: dict) -> tuple[float, float, float]:
@@ -236,10 +248,7 @@ def phi3_qlora_slack() -> tuple[float, float]:
            rows(PHI_LONG, "qlora", 1, 16384)]
     with zeroed(memory.QLORA_SLACK_GIB_BY_TYPE, "phi3"), zeroed(memory.QLORA_SLACK_PER_KV_BY_TYPE, "phi3"):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
-    xs = [_per_token(r, memory.kv_width) for r in fit]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
+    return least_squares([_per_token(r, memory.kv_width) for r in fit], ys)
 
 
 MIXTRAL_NOCKPT = [RESULTS / "h200-issue17-nockpt-fit" / "probe-mixtral.jsonl"]
@@ -251,10 +260,7 @@ def nockpt_qlora_slack() -> tuple[float, float]:
     fit = [rows(MIXTRAL_NOCKPT, "qlora", 1, seq) for seq in (2048, 16384, 32768)]
     with removed(memory.NOCKPT_QLORA_SLACK_BY_TYPE, "mixtral"):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
-    xs = [_per_token(r, lambda m: m.hidden_size) for r in fit]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
+    return least_squares([_per_token(r, lambda m: m.hidden_size) for r in fit], ys)
 
 
 QWEN3_MOE_NOCKPT = [RESULTS / "h200-issue17-nockpt" / "probe-qwen3moe.jsonl",
@@ -269,16 +275,12 @@ def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
     what was measured (the layers' weights as measured after loading)."""
     short, deep = (rows(files, "qlora", 1, 8192, layers=n) for n in (4, 8))
     measured = deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
-    table = memory.NOCKPT_ROUTED_SHARE_BY_TYPE
-    saved, lo, hi = table[model_type], 0.0, 4.0
-    try:
-        for _ in range(60):
-            table[model_type] = mid = (lo + hi) / 2
-            est = [_estimate(r).components_bytes["activations_kept"] / 2**30 for r in (short, deep)]
-            lo, hi = (mid, hi) if est[1] - est[0] < measured else (lo, mid)
-    finally:
-        table[model_type] = saved
-    return (lo + hi) / 2
+
+    def kept(row: dict) -> float:
+        return _estimate(row).components_bytes["activations_kept"] / 2**30
+
+    return bisect_constant(memory.NOCKPT_ROUTED_SHARE_BY_TYPE, model_type, 4.0,
+                           lambda: kept(deep) - kept(short) < measured)
 
 
 def nockpt_constant_slack() -> float:

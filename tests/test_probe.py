@@ -34,14 +34,22 @@ def test_calibrate_without_gpu_is_a_clear_error(monkeypatch) -> None:
         calibrate.calibrate(quick=True)
 
 
-def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
+@pytest.fixture
+def tiny_replica(tmp_path):
+    """A one-layer float32 replica of Qwen2.5's architecture (toy widths) on disk: (its directory, its spec)."""
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from rigplan.calibration import probe
     from rigplan.calibration.replica import build_replica, toy
 
-    model_dir = tmp_path / "tiny-qwen"
-    build_replica(toy(resolve_model("qwen2.5-0.5b")), model_dir, dtype="float32")
+    spec = toy(resolve_model("qwen2.5-0.5b"))
+    build_replica(spec, tmp_path / "tiny-qwen", dtype="float32")
+    return tmp_path / "tiny-qwen", spec
+
+
+def test_probe_runs_end_to_end_on_cpu(tmp_path, tiny_replica) -> None:
+    from rigplan.calibration import probe
+
+    model_dir, _ = tiny_replica
     out = tmp_path / "probes.jsonl"
     probe.main(["--job", f"{model_dir}@1:lora:8:2x32,1x64", "--engine", "transformers", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -53,19 +61,15 @@ def test_probe_runs_end_to_end_on_cpu(tmp_path) -> None:
         assert r["provenance"]["packages"]["torch"] and r["trainable_params"] > 0 and r["autocast"] == "off"
 
 
-def test_probe_can_run_the_forward_under_autocast_as_the_trainer_does(tmp_path) -> None:
+def test_probe_can_run_the_forward_under_autocast_as_the_trainer_does(tmp_path, tiny_replica) -> None:
     """autocast=bf16: the forward under torch.autocast(bfloat16), as accelerate wraps it for `rigplan run`'s bf16
     mixed precision, and the row says so; without it a float32 replica's layers compute in float32."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
+    import torch
     from transformers import AutoModelForCausalLM
 
     from rigplan.calibration import probe
-    from rigplan.calibration.replica import build_replica, toy
 
-    model_dir = tmp_path / "tiny-qwen"
-    spec = toy(resolve_model("qwen2.5-0.5b"))
-    build_replica(spec, model_dir, dtype="float32")
+    model_dir, spec = tiny_replica
     out = tmp_path / "probes.jsonl"
     probe.main(["--job", f"{model_dir}@1:lora:8:1x32:autocast=bf16", "--engine", "transformers", "--out", str(out)])
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
