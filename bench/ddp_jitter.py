@@ -45,7 +45,7 @@ def steps(rows: list[int], world: int, seed: int, epochs: int) -> tuple[np.ndarr
     before (a step meeting a new shape compiles it, which the law leaves out)."""
     toks, settled, seen = [], [], set()
     for epoch in range(epochs):
-        sampler = BlockSampler(len(rows), world, seed)
+        sampler = BlockSampler(len(rows), world, seed, longest_first=False)  # the runs predate the longest first
         sampler.set_epoch(epoch)
         order = sampler.order()
         order += order[:(-len(order)) % world]  # accelerate deals the last short block out evenly

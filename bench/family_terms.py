@@ -255,10 +255,11 @@ MIXTRAL_NOCKPT = [RESULTS / "h200-issue17-nockpt-fit" / "probe-mixtral.jsonl"]
 
 
 def nockpt_qlora_slack() -> tuple[float, float]:
-    """memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"]: measured less estimated reserved GiB (estimated without it) =
-    a + b x tokens x hidden / 2**30, least squares over the 4-layer 1 x 2048, 1 x 16384 and 1 x 32768 rows."""
+    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["mixtral", "qlora"]: measured less estimated reserved GiB (estimated
+    without it) = a + b x tokens x hidden / 2**30, least squares over the 4-layer 1 x 2048, 1 x 16384 and 1 x 32768
+    rows."""
     fit = [rows(MIXTRAL_NOCKPT, "qlora", 1, seq) for seq in (2048, 16384, 32768)]
-    with removed(memory.NOCKPT_QLORA_SLACK_BY_TYPE, "mixtral"):
+    with removed(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, ("mixtral", "qlora")):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
     return least_squares([_per_token(r, lambda m: m.hidden_size) for r in fit], ys)
 
@@ -284,12 +285,34 @@ def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
 
 
 def nockpt_constant_slack() -> float:
-    """memory.NOCKPT_QLORA_SLACK_BY_TYPE["qwen2_moe"][0]: the mean of measured less estimated reserved GiB (estimated
-    without it) over Qwen1.5-MoE's 1 x 8192 rows without checkpointing, at 4 and at 8 layers."""
+    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["qwen2_moe", "qlora"][0]: the mean of measured less estimated reserved
+    GiB (estimated without it) over Qwen1.5-MoE's 1 x 8192 rows without checkpointing, at 4 and at 8 layers."""
     fit = [rows(QWEN2_MOE_NOCKPT, "qlora", 1, 8192, layers=n) for n in (4, 8)]
-    with zeroed(memory.NOCKPT_QLORA_SLACK_BY_TYPE, "qwen2_moe"):
+    with zeroed(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, ("qwen2_moe", "qlora")):
         excess = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
     return sum(excess) / len(excess)
+
+
+GPT_OSS_NOCKPT = [RESULTS / "h200-issue17-gptoss-nockpt" / "probe-gptoss.jsonl"]
+
+
+def gpt_oss_nockpt_slack(method: str) -> tuple[float, float]:
+    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["gpt_oss", method]: measured less estimated reserved GiB (estimated
+    without it) = a + b x tokens x hidden / 2**30, the line through the 4-layer 1 x 2048 and 1 x 8192 rows."""
+    fit = [rows(GPT_OSS_NOCKPT, method, 1, seq, layers=4) for seq in (2048, 8192)]
+    with zeroed(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, ("gpt_oss", method)):
+        ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
+    return least_squares([_per_token(r, lambda m: m.hidden_size) for r in fit], ys)
+
+
+def gpt_oss_host() -> float:
+    """speed.HOST_LAYER_TIME_BY_TYPE["gpt_oss"]: least squares through zero of the step's seconds less the host's fixed
+    cost on the layers' host seconds (estimated without it), over the 4-layer 1 x 2048 rows without checkpointing."""
+    fit = [rows(GPT_OSS_NOCKPT, m, 1, 2048, layers=4) for m in ("lora", "qlora")]
+    coeffs = store.reference()[0]
+    with removed(speed.HOST_LAYER_TIME_BY_TYPE, "gpt_oss"):
+        layers = [speed.host_floor_s(*model_setup(r)[:2], coeffs) - coeffs.step_overhead_s for r in fit]
+    return through_zero(layers, [r["step_s"] - coeffs.step_overhead_s for r in fit])
 
 
 def gpt_oss_swiglu(method: str) -> float:
@@ -334,9 +357,8 @@ def fitted() -> dict[str, tuple[float, float]]:
         'speed.GPU_TIME_BY_TYPE["gpt_oss"]': (gpu_factor(GPT_OSS, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE["gpt_oss"]),
         'speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]': (matmul_factor(QWEN3_MOE, "lora", 1, 8192),
                                                   speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]),
-        'speed.MATMUL_TIME_BY_TYPE_AND_METHOD[("qwen2_moe", "qlora")]': (
-            matmul_factor(QWEN2_MOE_DEEP, "qlora", 1, 8192, layers=24),
-            speed.MATMUL_TIME_BY_TYPE_AND_METHOD[("qwen2_moe", "qlora")]),
+        'speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]': (matmul_factor(QWEN2_MOE_DEEP, "qlora", 1, 8192, layers=24),
+                                                  speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]),
         'speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]': (
             step_ratio(GEMMA3, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]),
         'memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]': (phi3_logits(),
@@ -353,13 +375,17 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]': (phi_slack[0], memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]': (phi_slack[1], memory.QLORA_SLACK_PER_KV_BY_TYPE["phi3"]),
-        **{f'memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][{i}]': (
-            nockpt[i], memory.NOCKPT_QLORA_SLACK_BY_TYPE["mixtral"][i]) for i in (0, 1)},
+        **{f'memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["mixtral", "qlora"][{i}]': (
+            nockpt[i], memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["mixtral", "qlora"][i]) for i in (0, 1)},
         **{f'memory.NOCKPT_ROUTED_SHARE_BY_TYPE["{t}"]': (nockpt_routed_share(t, files),
                                                          memory.NOCKPT_ROUTED_SHARE_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE_NOCKPT), ("qwen2_moe", QWEN2_MOE_NOCKPT))},
-        'memory.NOCKPT_QLORA_SLACK_BY_TYPE["qwen2_moe"][0]': (nockpt_constant_slack(),
-                                                             memory.NOCKPT_QLORA_SLACK_BY_TYPE["qwen2_moe"][0]),
+        'memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["qwen2_moe", "qlora"][0]': (
+            nockpt_constant_slack(), memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["qwen2_moe", "qlora"][0]),
+        **{f'memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["gpt_oss", "{m}"][{i}]': (
+            gpt_oss_nockpt_slack(m)[i], memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["gpt_oss", m][i])
+           for m in ("qlora", "lora") for i in (0, 1)},
+        'speed.HOST_LAYER_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_host(), speed.HOST_LAYER_TIME_BY_TYPE["gpt_oss"]),
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])

@@ -110,20 +110,23 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
                    nvml_used_gib=round(used, 4) if used is not None else None,
                    context_gib=round(used - reserved, 4) if used is not None else None,
                    first_step_peak_alloc_gib=round(first[0], 4), later_steps_peak_alloc_gib=round(steady[0], 4),
-                   phase_peak_alloc_gib=phase_peaks(model, optimizer, vocab, batch, seq, device))
+                   phase_peak_alloc_gib=phase_peaks(model, optimizer, vocab, batch, seq, device, autocast))
     return row
 
 
-def phase_peaks(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str) -> dict[str, float]:
+def phase_peaks(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str,
+                autocast: str = "off") -> dict[str, float]:
     """One more step, with the peak allocated memory of its forward pass (loss included), its backward pass
-    and its optimizer step read apart: which phase sets a shape's peak, for the memory terms."""
+    and its optimizer step read apart: which phase sets a shape's peak, for the memory terms. Under the same
+    autocast as the timed steps (the rows of h200-issue17-autocast/ read theirs without it)."""
     import torch
 
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     peaks = {}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    loss = model(input_ids=ids, labels=ids).loss
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        loss = model(input_ids=ids, labels=ids).loss
     peaks["forward"] = torch.cuda.max_memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
     loss.backward()

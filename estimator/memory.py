@@ -123,6 +123,13 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
 # family's 4- and 8-layer 1 x 8192 rows their difference (bench/family_terms.py nockpt_routed_share); their other rows
 # check it. docs/moe-saved-tensors.md counts the tensors the source saves, which gives the same figures.
 NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781}
+# The same for one method, where the methods keep different tensors. gpt-oss-20b, which Unsloth trains in float32
+# without autocast (so its run keeps what its probe keeps): under 16-bit LoRA Unsloth's rewritten adapters keep fp32
+# copies of their inputs, under QLoRA bf16 ones. The multiple of the copy that gives the bytes docs/moe-saved-tensors.md
+# counted from the source before any run (QLoRA 125.4 kB per token and layer, 16-bit 151.0; the dense terms 85.5, a
+# copy 23.0); its 4- and 8-layer runs without checkpointing check it (bench/results/h200-issue17-gptoss-nockpt/,
+# -lora-nockpt/; tests/test_issue17_runs.py).
+NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("gpt_oss", "qlora"): 1.734, ("gpt_oss", "lora"): 2.845}
 
 
 def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
@@ -132,7 +139,9 @@ def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> in
         # Without checkpointing every layer keeps its attention and MLP activations (Korthikanti et al.
         # 2022, sec. 4.1: a multiple of hidden and MLP width per token per layer), and a mixture-of-experts
         # layer its routed copy of the hidden states besides (routed_copy_bytes, NOCKPT_ROUTED_SHARE_BY_TYPE).
-        routed = NOCKPT_ROUTED_SHARE_BY_TYPE.get(family(model), 1.0) * routed_copy_bytes(model, setup)
+        t = family(model)
+        share = NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD.get((t, setup.method), NOCKPT_ROUTED_SHARE_BY_TYPE.get(t, 1.0))
+        routed = share * routed_copy_bytes(model, setup)
         return int(setup.tokens * layers * (coeffs.nockpt_per_hidden * h + coeffs.nockpt_per_intermediate * i)
                    + layers * routed)
     # Checkpointing keeps one hidden-state tensor per layer (Chen et al. 2016, sec. 3).
@@ -578,18 +587,22 @@ LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 # family_terms.py nockpt_qlora_slack); its 4-layer rows at 8,192 and 24,576 tokens and its 8- and 12-layer rows check
 # it. Qwen1.5-MoE's held 0.08-0.23 GiB, where its QLoRA with checkpointing held 0.41-0.59: the mean excess on its 4- and
 # 8-layer 1 x 8192 rows (nockpt_constant_slack), the 1 x 2048 rows checking it. Qwen3-MoE's keeps its family constant.
-NOCKPT_QLORA_SLACK_BY_TYPE = {"mixtral": (1.434, 14.8), "qwen2_moe": (0.225, 0.0)}
+# gpt-oss-20b's held 0.21-1.43 GiB under QLoRA and 0.32-0.75 under 16-bit LoRA, growing with the tokens: each
+# method's line through its 4-layer 1 x 2048 and 1 x 8192 rows (h200-issue17-gptoss-nockpt/; bench/family_terms.py
+# gpt_oss_nockpt_slack), its 8-layer rows checking it.
+NOCKPT_SLACK_BY_TYPE_AND_METHOD = {("mixtral", "qlora"): (1.434, 14.8), ("qwen2_moe", "qlora"): (0.225, 0.0),
+                                   ("gpt_oss", "qlora"): (0.074, 27.6), ("gpt_oss", "lora"): (0.025, 50.8)}
 
 
 def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
-    """The family's slack under Unsloth (QLoRA: QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE, and without
-    checkpointing NOCKPT_QLORA_SLACK_BY_TYPE; LoRA: LORA_SLACK_GIB_BY_TYPE, LORA_SLACK_PER_HIDDEN_BY_TYPE); 0
-    otherwise."""
+    """The family's slack under Unsloth (without checkpointing NOCKPT_SLACK_BY_TYPE_AND_METHOD where it has an
+    entry; QLoRA: QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE; LoRA: LORA_SLACK_GIB_BY_TYPE,
+    LORA_SLACK_PER_HIDDEN_BY_TYPE); 0 otherwise."""
     if engine != "unsloth":
         return 0
     t = family(model)
-    if setup.method == "qlora" and setup.checkpointing == "off" and t in NOCKPT_QLORA_SLACK_BY_TYPE:
-        gib, per_hidden = NOCKPT_QLORA_SLACK_BY_TYPE[t]
+    if setup.checkpointing == "off" and (t, setup.method) in NOCKPT_SLACK_BY_TYPE_AND_METHOD:
+        gib, per_hidden = NOCKPT_SLACK_BY_TYPE_AND_METHOD[t, setup.method]
         return int(gib * 2**30 + per_hidden * setup.tokens * model.hidden_size)
     if setup.method == "lora":
         return int(LORA_SLACK_GIB_BY_TYPE.get(t, 0.0) * 2**30

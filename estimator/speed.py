@@ -80,11 +80,10 @@ ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 3.03, ("phi3", "qlora"): 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
     bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower, the matmuls'
-    where a family's ran slower (MATMUL_TIME_BY_TYPE, or for one method MATMUL_TIME_BY_TYPE_AND_METHOD)."""
+    where a family's ran slower (MATMUL_TIME_BY_TYPE)."""
     slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0)
     softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * slow
-    matmuls = MATMUL_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method),
-                                                 MATMUL_TIME_BY_TYPE.get(family(model), 1.0))
+    matmuls = MATMUL_TIME_BY_TYPE.get(family(model), 1.0)
     return (matmul_flops_per_token(model, setup) * matmuls
             + softmax * attention_flops_per_token(model, setup))
 
@@ -131,19 +130,15 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # bench/family_terms.py; its other rows, 2,048 to 32,768 tokens, check it). Applied to the whole step's time instead
 # it left the estimate slower the longer the sequence, as attention's share grew (bench/results/README.md, the
 # twelfth session). Mixtral's 8 wide experts ran at the dense rate (within 3% on its GPU-bound runs, same file set).
-# Qwen1.5-MoE (qwen2_moe: 60 experts 1,408 wide, 4 per token, and a shared expert) runs the same grouped kernels:
-# under 16-bit LoRA Qwen3-MoE's factor, never fitted on its own runs; its LoRA rows at 4 and 16 layers check it
-# (bench/results/h200-issue17-heldout5/, -heldout8/).
-MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.645}
-# The same for one method. Qwen1.5-MoE's QLoRA layers ran faster than its 16-bit LoRA ones on the H200 (1 x 8192:
-# 0.0138 s a layer against 0.0153, from 4 to 24 layers), where the dequantizing would make them slower. Unsloth
-# rewrites PEFT's LoRA forward to compute a plain nn.Linear's adapter in fp32, and a bitsandbytes Linear4bit's in
-# bf16 (unsloth_zoo 2026.10.9 compiler.py, the rewrite skips forwards that check is_autocast_enabled, as peft
-# tuners/lora/bnb.py's does), and Qwen1.5-MoE adapts seven such projections a layer, its wide shared expert's among
-# them (bench/results/h200-issue17-lora-fp32/). Fitted on its full-depth (24-layer) QLoRA 1 x 8192 row by the rule
-# above (bench/results/h200-issue17-heldout8/probe-qwen2moe.jsonl, 2026-11-30; bench/family_terms.py); its QLoRA rows
-# at 4 to 24 layers check it.
-MATMUL_TIME_BY_TYPE_AND_METHOD = {("qwen2_moe", "qlora"): 1.307}
+# Qwen1.5-MoE (qwen2_moe: 60 experts 1,408 wide, 4 per token, and a shared expert) runs the same grouped kernels,
+# at its own rate: fitted on its full-depth (24-layer) QLoRA 1 x 8192 row by the rule above (bench/results/
+# h200-issue17-heldout8/probe-qwen2moe.jsonl, 2026-11-30; bench/family_terms.py), its QLoRA rows at 4 to 24 layers
+# checking it. Its 16-bit LoRA runs at the same rate as trained: under bf16 autocast, as `rigplan run` trains (TRL
+# bf16=True), its 8-layer LoRA and QLoRA 2 x 8192 rows took 1.206x and 1.215x (h200-issue17-autocast/, 2026-12-01).
+# The probes without autocast ran its LoRA slower (about 1.6x): Unsloth rewrites PEFT's LoRA forward to compute a
+# plain nn.Linear's adapter in fp32 when autocast is off (unsloth_zoo 2026.10.9 compiler.py; h200-issue17-lora-fp32/),
+# which a run does not do.
+MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.307}
 # Families whose GPU time the FLOP count understates, as measured.
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
@@ -264,7 +259,16 @@ def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
     per_layer = coeffs.layer_overhead_s if setup.checkpointing == "unsloth" else coeffs.nockpt_layer_overhead_s
     if setup.method == "qlora":
         per_layer += coeffs.qlora_layer_overhead_s
+    per_layer *= HOST_LAYER_TIME_BY_TYPE.get(family(model), 1.0)
     return coeffs.step_overhead_s + per_layer * model.num_hidden_layers + coeffs.offload_s_per_gb * offload_gb(model, setup)
+
+
+# Families whose layers cost the host more than the reference's. gpt-oss's layers are not compiled as one region under
+# Unsloth 2026.10.9 (its log has no "compiling each transformer block as one region"; docs/moe-saved-tensors.md), so
+# each launches its kernels one by one: least squares through zero of the step less the fixed cost on the layers'
+# cost, over its 4-layer 1 x 2048 rows without checkpointing, LoRA and QLoRA (bench/results/h200-issue17-gptoss-nockpt/;
+# bench/family_terms.py gpt_oss_host), its 8-layer rows and its rows with checkpointing checking it.
+HOST_LAYER_TIME_BY_TYPE = {"gpt_oss": 1.57}
 
 
 # How far a host-bound micro-batch's time strays: full-depth 7-8B 1 x 2048 steps on six H100 machines took

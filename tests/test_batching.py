@@ -78,6 +78,7 @@ def test_block_sampler_gives_each_gpu_micro_batches_of_similar_length_at_every_s
     sampler = BlockSampler(101, 4, seed=3)
     first = sampler.order()
     assert sorted(first) == list(range(101)) and first != list(range(101))
+    assert first[:4] == [0, 1, 2, 3]  # the longest rows first: the plan's peak at the first step
     assert first == BlockSampler(101, 4, seed=3).order()
     sampler.set_epoch(1)
     assert sampler.order() != first and sorted(sampler.order()) == list(range(101))
@@ -86,4 +87,5 @@ def test_block_sampler_gives_each_gpu_micro_batches_of_similar_length_at_every_s
     steps = list(zip(*shards))[:25]  # the 25 full blocks; the last short block is dealt after them
     assert all(max(step) - min(step) == 3 and min(step) % 4 == 0 for step in steps)
     one = BlockSampler(10, 1, seed=0).order()
-    assert sorted(one) == list(range(10)) and one != list(range(10))  # one process: a plain seeded shuffle
+    assert sorted(one) == list(range(10)) and one != list(range(10))  # one process: a seeded shuffle,
+    assert one[0] == 0  # the longest row first

@@ -136,10 +136,15 @@ class BlockSampler:
     kept last. accelerate deals the rows to the processes in turn (accelerate/data_loader.py BatchSamplerShard), so at
     every micro-step the GPUs get micro-batches of about the same length and none waits at the gradient all-reduce
     for another's longer one: with rows in random order two H200s ran 1.38x one (bench/results/h200-runs/ddp/random-order/).
-    One process: a seeded shuffle of the rows. The Trainer calls set_epoch (through accelerate) every epoch."""
+    One process: a seeded shuffle of the rows. The Trainer calls set_epoch (through accelerate) every epoch.
+    The first epoch starts with the block of the longest rows (row 0 on, as laid out above): the micro-batch that
+    sets the plan's peak memory runs at the first step, so a run that would run out of memory does so before any
+    training time is spent, and the peak a run reports is the plan's from its first step (a short --max-steps run
+    included: in random order, 20 steps of 300 rows missed it, bench/results/h200-issue17-autocast/rigplan-run/)."""
 
-    def __init__(self, rows: int, block: int, seed: int) -> None:
+    def __init__(self, rows: int, block: int, seed: int, longest_first: bool = True) -> None:
         self.rows, self.block, self.seed, self.epoch = rows, max(1, block), seed, 0
+        self.longest_first = longest_first  # False: the order of the runs recorded before it (bench/ddp_jitter.py)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -153,6 +158,8 @@ class BlockSampler:
         full = self.rows - self.rows % self.block
         blocks = [list(range(i, i + self.block)) for i in range(0, full, self.block)]
         random.Random(f"{self.seed}:{self.epoch}").shuffle(blocks)
+        if self.longest_first and self.epoch == 0:
+            blocks.sort(key=lambda b: b[0] != 0)  # stable: the longest block first, the others in shuffled order
         return [i for b in blocks for i in b] + list(range(full, self.rows))
 
     def __iter__(self):  # noqa: ANN204
