@@ -465,9 +465,12 @@ def _closing_lines(summary: dict[str, Any], out_dir: Path) -> str:
         return said + (f" (plan {plan:,.{digits}f}, {value / plan - 1:+.1%})" if plan else "")
 
     several = " on the fullest GPU" if summary.get("world_size", 1) > 1 else ""
+    d = summary.get("data") or {}
+    short = (d.get("micro_batch_tokens_max") or 0) < (d.get("token_budget") or 0)
     if m.get("peak_reserved_gib") is not None:
         lines.append(f"peak reserved {against(m['peak_reserved_gib'], planned['peak_reserved_gib'], ' GiB', 2)}"
-                     f"{several}")
+                     f"{several}" + (f"; the plan is for micro-batches of {d['token_budget']:,} tokens, this data's "
+                                     f"longest is {d['micro_batch_tokens_max']:,}" if short else ""))
     if m.get("tokens_per_s"):  # after the warm-up steps, which compile
         lines.append(f"tokens/s {against(m['tokens_per_s'], planned['tokens_per_s'], '', 0)}"
                      + (" over all GPUs" if several else ""))

@@ -81,6 +81,14 @@ def workload(data_file: Path | None, examples: int | None, avg_tokens: float | N
             warnings.warn(f"rigplan: {longer:.0%} of {data_file}'s examples are longer than the model's context "
                           f"({context:,} tokens); they train cut to it (rigplan run --overlong drop leaves them out)",
                           stacklevel=2)
+        longest = -(-max(lengths) // 256) * 256
+        if seq_len and longest * 2 <= seq_len:
+            # The plan's memory is for micro_batch x seq_len tokens (planner.estimate), which padded micro-batches of
+            # this data never reach: it would plan fewer examples a micro-batch than fit, or checkpointing it need not.
+            warnings.warn(f"rigplan: --seq {seq_len:,} is more than twice {data_file}'s longest example "
+                          f"({max(lengths):,} tokens{', of those counted' if examples_ > len(lengths) else ''}); the "
+                          f"plan is for {seq_len:,}-token sequences: leave --seq out to plan for the data",
+                          stacklevel=2)
         tokens = sum(min(n, seq) for n in lengths)
         tokens = tokens / len(lengths) * examples_  # counted lengths may be a sample of the file
         return Workload(tokens, epochs, examples_, tokens / examples_, f"{data_file} ({how})",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -234,6 +235,20 @@ def test_data_longer_than_the_context_plans_at_the_context(tmp_path) -> None:
                                      "them out)"]
 
 
+def test_a_seq_far_beyond_the_data_is_said(tmp_path) -> None:
+    """--seq 8192 on examples of at most ~1,500 tokens: the plan is for 8,192-token sequences, which the data's
+    micro-batches never reach (a run measured half its plan's peak, bench/results/h200-issue17-autocast/); check
+    says so in one line, and says nothing where --seq is near the data's longest."""
+    f = tmp_path / "short.jsonl"
+    f.write_text("\n".join(json.dumps({"text": "word " * n}) for n in (100, 800, 1200)) + "\n")
+    r = invoke("check", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--data", str(f), "--seq", "8192", "--json")
+    assert json.loads(r.stdout)["recommended"]["seq"] == 8192
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"rigplan: --seq 8,192 is more than twice {f}'s longest example (")
+    assert line.endswith("the plan is for 8,192-token sequences: leave --seq out to plan for the data")
+    assert invoke("check", "qwen2.5-0.5b", "--gpu", "h100-sxm", "--data", str(f), "--seq", "2048").stderr == ""
+
+
 def test_max_seq_answers_per_method_in_json() -> None:
     d = json.loads(invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--max-seq", "--rank", "32", "--json").output)
     assert set(d["max_seq"]) == {"lora", "qlora"} and d["max_seq"]["qlora"] > d["max_seq"]["lora"] > 0
@@ -303,3 +318,18 @@ def test_models_says_how_far_each_family_is_measured() -> None:
     assert (rows["qwen1.5-moe-a2.7b"], rows["gemma-2-9b"]) == ("measured", "transformers")
     table = invoke("models").output
     assert "measured" in table.splitlines()[2] and "unmeasured = no GPU run yet" in table
+
+
+def test_a_run_on_data_shorter_than_its_plan_says_so() -> None:
+    """The closing lines of a recorded run whose data never filled the plan's micro-batches (bench/results/
+    h200-issue17-autocast/rigplan-run/h200-lora.json: plan 23.62 GiB for 16,384-token micro-batches, longest 3,072)
+    say why the peak is far below the plan."""
+    from rigplan import cli
+
+    run = json.loads((Path(__file__).parents[1] / "bench" / "results" / "h200-issue17-autocast" / "rigplan-run"
+                      / "h200-lora.json").read_text())
+    lines = cli._closing_lines(run, Path("out")).splitlines()
+    assert lines[1] == ("peak reserved 12.27 GiB (plan 23.62, -48.0%); the plan is for micro-batches of 16,384 "
+                        "tokens, this data's longest is 3,072")
+    run["data"]["micro_batch_tokens_max"] = 16384
+    assert cli._closing_lines(run, Path("out")).splitlines()[1] == "peak reserved 12.27 GiB (plan 23.62, -48.0%)"
