@@ -484,9 +484,10 @@ COUNTED_BEFORE = {("mixtral-8x7b", "lora"): 184_800, ("qwen3-30b-a3b", "lora"): 
 def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
     """Each family's 16-bit LoRA and gpt-oss's QLoRA without checkpointing, probed without autocast at 4 and 8 layers:
     what a layer keeps (the 8- less the 4-layer allocated peaks at the same tokens, the layers' weights taken out) is
-    within 1.5% of the count written before the runs at 2,048 tokens, 0.3% at 8,192. gpt-oss, which Unsloth trains
-    without autocast, is estimated at its count (memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD); the families that
-    `rigplan run` trains under autocast keep less under it (test below), and the estimate counts QLoRA's bytes."""
+    within 1.5% of the count written before the runs at 2,048 tokens, 0.3% at 8,192. gpt-oss is estimated at its
+    count for each method (memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD), its 16-bit LoRA as probed, the upper side
+    of a run under autocast; for the other families a run's 16-bit LoRA keeps less under autocast (test below), and
+    the estimate counts their QLoRA's bytes."""
     found = [r for pattern in ("h200-issue17-gptoss-nockpt", "h200-issue17-lora-nockpt*")
              for _, r in recorded(f"{pattern}/probe-*.jsonl")]
     by_shape = {(r["arch"], r["method"], r["layers"], r["seq"]): r for r in found}
@@ -503,7 +504,7 @@ def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
 
 
 def test_autocast_changes_what_16bit_lora_keeps_and_its_speed() -> None:
-    """`rigplan run` trains under bf16 autocast (TRL bf16=True); the probes ran without it. Under QLoRA the two are
+    """`rigplan run` trains under bf16 autocast (TRL bf16=True, every family on a bf16 GPU); the probes ran without it. Under QLoRA the two are
     the same (peaks within 1.5%, speed within 2%: Mixtral and Qwen1.5-MoE); under 16-bit LoRA, where Unsloth's
     rewritten adapters compute in fp32 without autocast, autocast allocates less and runs faster (Qwen3-MoE and
     Qwen1.5-MoE, with checkpointing and without). The estimate follows the run: Qwen1.5-MoE's 16-bit LoRA at its
