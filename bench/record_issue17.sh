@@ -7,6 +7,8 @@
 # Unsloth 2026.10.9 train it at all, and how far is the unmeasured estimate.
 #   bash bench/record_issue17.sh [FAMILY ...]   (qwen3moe mixtral phi gemma3 gptoss qwen2moe phi4; default the first four,
 #   about 9 minutes)
+# DEADLINE=S: start no job later than S - 150 seconds after this script starts (a device call is cut at 600 s); the
+# jobs left go to $OUT/skipped.txt, and ONLY="$(cat skipped.txt)" runs just them in the next call.
 set -uo pipefail
 source bench/gpu_setup.sh
 PRED_GIVEN=${PRED:-}
@@ -30,6 +32,10 @@ for family in "${families[@]}"; do
   # The probe's log stays in /tmp (the device tool brings back 8 files at most); a failed job's tail goes to
   # $OUT/failed.txt.
   for job in $(jobs_for $prefix); do
+    if [ -n "${ONLY:-}" ] && [[ " $(echo $ONLY) " != *" $job "* ]]; then continue; fi  # echo: newlines to spaces
+    if [ -n "${DEADLINE:-}" ] && [ $((SECONDS + 150)) -gt "$DEADLINE" ]; then
+      echo "$job" >>$OUT/skipped.txt; echo "== $job skipped: under 150 s of the call left"; continue
+    fi
     python3 -m rigplan.calibration.probe --job "$job" --out $OUT/probe-$family.jsonl >/tmp/probe-$family.log 2>&1
     rc=$?
     echo "== $job exit $rc after $((SECONDS - t0)) s"
