@@ -48,8 +48,9 @@ class Job:
     # "bf16": the forward under torch.autocast(bfloat16), as accelerate wraps the model's forward when TRL trains with
     # bf16 mixed precision (`rigplan run`, every family on a GPU with bf16: Unsloth 2026.10.9 forces its float32 list
     # to float32 without autocast only for fp16 loads or GPUs without bf16, unsloth/models/loader.py). "off": a plain
-    # forward, as every probe recorded before 2026-12-01 ran. Unsloth's rewrite of PEFT's LoRA forward upcasts a 16-bit layer's adapter input to fp32 only without
-    # autocast (unsloth_zoo compiler.py), so the two can differ (docs/moe-saved-tensors.md).
+    # forward, as every probe recorded before 2026-12-01 ran. Unsloth's rewrite of PEFT's LoRA forward upcasts a
+    # 16-bit layer's adapter input to fp32 only without autocast (unsloth_zoo compiler.py), so the two can differ
+    # (docs/moe-saved-tensors.md, bench/results/h200-issue17-autocast/).
     autocast: Literal["off", "bf16"] = "off"
 
     @classmethod

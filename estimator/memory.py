@@ -124,12 +124,12 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
 # check it. docs/moe-saved-tensors.md counts the tensors the source saves, which gives the same figures.
 NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781}
 # The same for one method, where the methods keep different tensors. gpt-oss-20b probed without autocast: under 16-bit
-# LoRA Unsloth's rewritten adapters keep fp32 copies of their inputs, under QLoRA bf16 ones. A run trains under bf16
+# LoRA Unsloth's rewritten adapters keep fp32 copies of their inputs, under QLoRA bf16 ones. The multiple of the copy
+# that gives the bytes docs/moe-saved-tensors.md counted from the source before any run (QLoRA 125.4 kB per token and
+# layer, 16-bit 151.0; the dense terms 85.5, a copy 23.0); its 4- and 8-layer runs without checkpointing check it
+# (bench/results/h200-issue17-gptoss-nockpt/, -lora-nockpt/; tests/test_issue17_runs.py). A run trains under bf16
 # autocast, where by the same reading the 16-bit copies are bf16 and shared: its 16-bit LoRA is counted as probed, the
-# upper side, until a run under autocast is measured. The multiple of the copy that gives the bytes docs/moe-saved-tensors.md
-# counted from the source before any run (QLoRA 125.4 kB per token and layer, 16-bit 151.0; the dense terms 85.5, a
-# copy 23.0); its 4- and 8-layer runs without checkpointing check it (bench/results/h200-issue17-gptoss-nockpt/,
-# -lora-nockpt/; tests/test_issue17_runs.py).
+# upper side, until a run under autocast is measured.
 NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("gpt_oss", "qlora"): 1.734, ("gpt_oss", "lora"): 2.845}
 
 

@@ -177,7 +177,8 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-nockpt-check", "qwen3-30b-a3b-L8", "qlora", 1, 8192),
                  ("h200-issue17-nockpt-deep", "qwen1.5-moe-a2.7b-L8", "qlora", 1, 8192),
                  ("h200-issue17-nockpt-qwen2moe", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 8192),
-                 *(("h200-issue17-gptoss-nockpt", "gpt-oss-20b-L4", m, 1, n) for m in ("lora", "qlora") for n in (2048, 8192))}
+                 *(("h200-issue17-gptoss-nockpt", "gpt-oss-20b-L4", m, 1, n)
+                   for m in ("lora", "qlora") for n in (2048, 8192))}
 CHECKS = [(d, r) for pattern in CHECK_DIRS for d, r in recorded(f"{pattern}/probe-*.jsonl")
           if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
 CHECK_IDS = [f"{d}/{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for d, r in CHECKS]
@@ -210,8 +211,8 @@ CHECK_RESERVED_BOUND = {
     **{f"{d}/qwen1.5-moe-a2.7b-L{n}-lora-1x8192": 0.16 for d, n in (("h200-issue17-lora-nockpt", 4),
                                                                     ("h200-issue17-lora-nockpt-deep", 8))},
 }
-CHECK_ALLOCATED_BOUND = {f"{d}/qwen1.5-moe-a2.7b-L{n}-lora-1x8192": 0.14 for d, n in (("h200-issue17-lora-nockpt", 4),
-                                                                                     ("h200-issue17-lora-nockpt-deep", 8))}
+CHECK_ALLOCATED_BOUND = {f"{d}/qwen1.5-moe-a2.7b-L{n}-lora-1x8192": 0.14
+                         for d, n in (("h200-issue17-lora-nockpt", 4), ("h200-issue17-lora-nockpt-deep", 8))}
 CHECK_SPEED_BOUND: dict[str, float] = {}
 
 
@@ -494,7 +495,8 @@ def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
     for (arch, method), count in COUNTED_BEFORE.items():
         for seq in (2048, 8192):
             short, deep = by_shape[arch, method, 4, seq], by_shape[arch, method, 8, seq]
-            measured = deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
+            measured = (deep["peak_alloc_gib"] - deep["after_load_gib"]
+                        - (short["peak_alloc_gib"] - short["after_load_gib"]))
             assert abs(measured * 2**30 / 4 / seq / count - 1) <= (0.015 if seq == 2048 else 0.003), (arch, method, seq)
         if arch == "gpt-oss-20b":
             kept = [_estimate(r).components_bytes["activations_kept"] for r in (short, deep)]
@@ -504,11 +506,12 @@ def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
 
 
 def test_autocast_changes_what_16bit_lora_keeps_and_its_speed() -> None:
-    """`rigplan run` trains under bf16 autocast (TRL bf16=True, every family on a bf16 GPU); the probes ran without it. Under QLoRA the two are
-    the same (peaks within 1.5%, speed within 2%: Mixtral and Qwen1.5-MoE); under 16-bit LoRA, where Unsloth's
-    rewritten adapters compute in fp32 without autocast, autocast allocates less and runs faster (Qwen3-MoE and
-    Qwen1.5-MoE, with checkpointing and without). The estimate follows the run: Qwen1.5-MoE's 16-bit LoRA at its
-    QLoRA's matmul rate (speed.MATMUL_TIME_BY_TYPE), its rows under autocast within 5% (memory) and 10% (speed)."""
+    """`rigplan run` trains under bf16 autocast (TRL bf16=True, every family on a bf16 GPU); the probes ran without
+    it. Under QLoRA the two are the same (peaks within 1.5%, speed within 2%: Mixtral and Qwen1.5-MoE); under 16-bit
+    LoRA, where Unsloth's rewritten adapters compute in fp32 without autocast, autocast allocates less and runs
+    faster (Qwen3-MoE and Qwen1.5-MoE, with checkpointing and without). The estimate follows the run: Qwen1.5-MoE's
+    16-bit LoRA at its QLoRA's matmul rate (speed.MATMUL_TIME_BY_TYPE), its rows under autocast within 5% (memory)
+    and 10% (speed)."""
     shape = ("arch", "layers", "method", "batch", "seq", "checkpointing")
     off = {tuple(r[k] for k in shape): r for _, r in recorded("h200-issue17*/probe-*.jsonl")
            if r.get("autocast", "off") == "off" and not r["err"]}

@@ -140,7 +140,7 @@ class BlockSampler:
     The first epoch starts with the block of the longest rows (row 0 on, as laid out above): the micro-batch that
     sets the plan's peak memory runs at the first step, so a run that would run out of memory does so before any
     training time is spent, and the peak a run reports is the plan's from its first step (a short --max-steps run
-    included: in random order, 20 steps of 300 rows missed it, bench/results/h200-issue17-autocast/rigplan-run/)."""
+    included: in random order 20 steps of 300 rows need not meet it, h200-issue17-autocast/rigplan-run/)."""
 
     def __init__(self, rows: int, block: int, seed: int, longest_first: bool = True) -> None:
         self.rows, self.block, self.seed, self.epoch = rows, max(1, block), seed, 0
