@@ -66,14 +66,20 @@ def accuracy_table() -> str:
     coeffs, _ = accuracy.store.read_calibration(accuracy.store.REFERENCE_FILE)
     reference = accuracy.compare(fit.load_runs(sorted(accuracy.RUNS_DIR.glob("*.jsonl"))), coeffs, coeffs.gpu)
     validation = accuracy.compare(fit.load_runs(sorted(ROOT.glob(VALIDATION_RUNS))), coeffs, coeffs.gpu)
+    import issue17_rows  # bench/issue17_rows.py: the H200 rows that check the families issue 17 added
+
+    issue17 = accuracy.compare(fit.runs_from_rows([r for _, r in issue17_rows.checks()]), coeffs, coeffs.gpu)
     groups = [
         ("runs behind the reference (Llama, Mistral, Qwen; 1B-70B, some at reduced depth)",
          [r for r in reference if not r["unsloth_generic_path"]]),
         ("Phi-3.5-mini (Unsloth's generic path: compared, not fitted)",
          [r for r in reference if r["unsloth_generic_path"]]),
         ("full-depth 7-8B runs on other H100 machines, never fitted (`calibrate-h100/validate-*`)", validation),
+        ("H200: mixture-of-experts and generic-path families, 4-48 layers, rows no term was fitted on "
+         "(`bench/issue17_rows.py`)",
+         issue17),
     ]
-    lines = ["| H100 runs | peak reserved (runs) | tok/s, GPU-bound (runs) | tok/s, host-bound (runs) |",
+    lines = ["| runs (H100 unless said) | peak reserved (runs) | tok/s, GPU-bound (runs) | tok/s, host-bound (runs) |",
              "|---|--:|--:|--:|"]
     for name, rows in groups:
         mem = [r["reserved_err"] for r in rows if r["reserved_err"] is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from rigplan.estimator.plan import Setup
 from rigplan.profiles.catalog import resolve_gpu, resolve_model
 
 RUNS = Path(__file__).parents[1] / "bench" / "results" / "h200-issue17"
+sys.path.insert(0, str(RUNS.parents[1]))
+import issue17_rows  # noqa: E402  (bench/issue17_rows.py: the rows that check the estimate)
 
 
 def recorded(pattern: str) -> list[tuple[str, dict]]:
@@ -102,85 +105,7 @@ def test_unsloth_qlora_holds_experts_in_4_bit_with_double_quantization() -> None
         memory.NF4_FLAT_BYTES_PER_PARAM + memory.NF4_BYTES_PER_PARAM / 2), rel=1e-6)
 
 
-# Runs of these families that no term was written from, each against today's estimate (predictions written before
-# them): the shapes held out (2 x 4096 and 1 x 16384; Phi-3.5's five: bench/results/h200-issue17-heldout2/,
-# predictions/issue17-heldout2-h200.json; Gemma 3's QLoRA 1 x 16384 not run, the call's time ran out), the QLoRA
-# shapes of Qwen3-MoE and Gemma 3 re-probed under the run's allocator, expandable segments
-# (h200-issue17-expandable/, predictions/expandable-probes-h200.json: the allocator was not the cause of Qwen3-MoE's
-# reserved excess), and gpt-oss-20b at 4 layers (h200-gpt-oss/, predictions/issue17-gpt-oss-h200.json; its 4 x 2048
-# rows fitted memory.FP32_SWIGLU_BYTES and speed.GPU_TIME_BY_TYPE["gpt_oss"], as Phi-3.5's LoRA and QLoRA pairs
-# fitted its factors and each family's first QLoRA rows its slack: bench/family_terms.py); every other row checks
-# them; and the shapes those terms did not see (h200-issue17-heldout3/, predictions/issue17-heldout3-h200.json:
-# gpt-oss at 2 x 4096, 1 x 16384 and 8 layers, Phi-3.5 at 2 x 4096 and 1 x 16384; Gemma 3's not run, the device
-# time ran out); and a fourth set (h200-issue17-heldout4/, predictions/issue17-heldout4-h200.json: Gemma 3's QLoRA
-# at 2 x 4096 and 1 x 16384, Qwen3-MoE at 8 layers, Phi-3.5 at 4 x 4096, gpt-oss QLoRA at 8 layers). Phi-3.5's
-# QLoRA 4 x 4096 there was 8.8% under: its per-token terms (memory.TRANSIENT_PER_KV_BY_TYPE and the per-token
-# slack) were then fitted on its heldout3 QLoRA rows, which thus check nothing any more; 1 x 8192 and 4 x 4096
-# check them. A fifth set (h200-issue17-heldout5/): Phi-3.5's QLoRA at 8 x 2048 to 1 x 32768 and Phi-4 at 8 layers
-# (predictions/phi-pertoken-h200.json), Qwen1.5-MoE training the adapters planned (predictions/
-# qwen2moe-shared-h200.json), whose LoRA and QLoRA 1 x 2048 rows then fitted its family slacks. A sixth
-# (h200-issue17-heldout6/): Phi-4 at 8 layers, LoRA for the first time (predictions/phi4-head-dim-h200.json), whose
-# LoRA 4 x 2048 row then fitted its whole logits (memory.family "phi3-128"), and Qwen3-MoE's QLoRA 2 x 4096 and
-# 1 x 16384 twice (predictions/qwen3moe-scatter-h200.json). Rows measured to fit, no prediction written before
-# (h200-issue17-fit6/: Qwen3-MoE at 16,384 and 32,768 tokens) check nothing; the QLoRA 1 x 16384 row of heldout2
-# fitted memory.MOE_QLORA_BACKWARD_BY_TYPE with the 1 x 32768 one there. A seventh (h200-issue17-heldout7/): Phi-4's
-# and Qwen3-MoE's next shapes (predictions/phi4-family-h200.json, qwen3moe-backward-h200.json). An eighth
-# (h200-issue17-depth/, predictions/moe-depth-h200.json): the three mixture-of-experts families' QLoRA at twice the
-# depth; their after-load memory showed the experts double-quantized (memory.expert_nf4_bytes, from Unsloth's source),
-# after which the terms fitted on the allocated peaks were refitted on the same rows as before, gpt-oss's slack on its
-# first QLoRA rows from a process of their own (heldout3: bench/family_terms.py GPT_OSS_OWN), which check nothing. A
-# ninth (h200-issue17-doublequant/, predictions/moe-double-quant-h200.json, written by that code): the refitted
-# terms on shapes they did not see, at 8 and 16 layers, and Gemma 3's QLoRA 1 x 2048 in a process of its own. A
-# tenth (h200-issue17-heldout8/, predictions/next-moe-h200.json): Qwen1.5-MoE at 16 and 24 layers, whose full-depth
-# QLoRA row its own matmul factor was then fitted on (speed.MATMUL_TIME_BY_TYPE_AND_METHOD), and Qwen3-MoE's QLoRA
-# from 12,288 to 20,480 tokens. An eleventh (h200-issue17-mixtral-long/, predictions/mixtral-long-h200.json):
-# Mixtral's QLoRA from 12,288 to 32,768 tokens, two of whose rows its backward's share was then fitted on
-# (memory.MOE_QLORA_BACKWARD_BY_TYPE), and Qwen1.5-MoE at full depth on shapes its QLoRA factor was not fitted on. A
-# twelfth (h200-issue17-heldout9/, predictions/moe-heldout9-h200.json, written by that code): Mixtral's new terms at
-# 2 x 8192 and 1 x 20480, Qwen1.5-MoE at 16,384 and 32,768 tokens a micro-batch, whose two QLoRA rows then fitted
-# its backward's share as Mixtral's (it was 13-16% over there). A thirteenth (h200-issue17-nockpt/,
-# predictions/moe-nockpt-h200.json): Mixtral's and Qwen3-MoE's QLoRA without checkpointing, for the first time. A
-# fourteenth (h200-issue17-nockpt-fit/, -nockpt-depth/, -nockpt-check/, -nockpt-deep/, -nockpt-qwen2moe/, predictions/
-# mixtral-nockpt-fit-h200.json, mixtral-nockpt-depth-h200.json, moe-nockpt-check-h200.json, moe-nockpt-deep-h200.json,
-# qwen2moe-nockpt-h200.json): the three mixture-of-experts families without checkpointing at 4 to 16 layers, whose
-# rows fitted memory.NOCKPT_QLORA_SLACK_BY_TYPE (Mixtral's 4-layer 1 x 2048, 16384, 32768) and
-# NOCKPT_ROUTED_SHARE_BY_TYPE (Qwen3-MoE's and Qwen1.5-MoE's 1 x 8192 at 4 and 8 layers, which also fitted Qwen1.5-MoE's
-# slack); Qwen3-MoE at 32 layers from 12,288 to 20,480 tokens; Gemma-3-12B's QLoRA at full depth
-# (h200-issue17-gemma-full/, predictions/gemma3-full-depth-h200.json). A fifteenth (h200-issue17-gptoss-nockpt/,
-# -lora-nockpt/, -lora-nockpt-deep/, predictions/moe-lora-nockpt-h200.json; h200-issue17-autocast/, predictions/
-# moe-autocast-h200.json): the families' 16-bit LoRA and gpt-oss's QLoRA without checkpointing, whose gpt-oss 4-layer
-# rows fitted its slack (memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD) and host cost (speed.HOST_LAYER_TIME_BY_TYPE); probes
-# under bf16 autocast, as `rigplan run` trains.
-CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss", "h200-issue17-heldout3",
-              "h200-issue17-heldout4", "h200-issue17-heldout5", "h200-issue17-heldout6", "h200-issue17-heldout7",
-              "h200-issue17-depth", "h200-issue17-doublequant", "h200-issue17-heldout8", "h200-issue17-mixtral-long",
-              "h200-issue17-heldout9", "h200-issue17-nockpt", "h200-issue17-nockpt-fit", "h200-issue17-nockpt-depth",
-              "h200-issue17-nockpt-check", "h200-issue17-nockpt-deep", "h200-issue17-nockpt-qwen2moe",
-              "h200-issue17-gemma-full", "h200-issue17-gptoss-nockpt", "h200-issue17-lora-nockpt",
-              "h200-issue17-lora-nockpt-deep", "h200-issue17-autocast")
-FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
-                 ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
-                 ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
-                 ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "lora", 1, 2048),
-                 ("h200-issue17-heldout6", "phi-4-L8", "lora", 4, 2048),
-                 ("h200-issue17-heldout2", "qwen3-30b-a3b-L4", "qlora", 1, 16384),
-                 ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 2, 4096),
-                 ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 1, 16384),
-                 ("h200-issue17-heldout3", "gpt-oss-20b-L8", "qlora", 4, 2048),
-                 ("h200-issue17-heldout8", "qwen1.5-moe-a2.7b", "qlora", 1, 8192),
-                 ("h200-issue17-doublequant", "mixtral-8x7b-L8", "qlora", 1, 16384),
-                 ("h200-issue17-mixtral-long", "mixtral-8x7b-L8", "qlora", 1, 32768),
-                 ("h200-issue17-heldout9", "qwen1.5-moe-a2.7b-L8", "qlora", 2, 8192),
-                 ("h200-issue17-heldout9", "qwen1.5-moe-a2.7b-L8", "qlora", 4, 8192),
-                 *(("h200-issue17-nockpt-fit", "mixtral-8x7b-L4", "qlora", 1, n) for n in (2048, 16384, 32768)),
-                 ("h200-issue17-nockpt", "qwen3-30b-a3b-L4", "qlora", 1, 8192),
-                 ("h200-issue17-nockpt-check", "qwen3-30b-a3b-L8", "qlora", 1, 8192),
-                 ("h200-issue17-nockpt-deep", "qwen1.5-moe-a2.7b-L8", "qlora", 1, 8192),
-                 ("h200-issue17-nockpt-qwen2moe", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 8192),
-                 *(("h200-issue17-gptoss-nockpt", "gpt-oss-20b-L4", m, 1, n)
-                   for m in ("lora", "qlora") for n in (2048, 8192))}
-CHECKS = [(d, r) for pattern in CHECK_DIRS for d, r in recorded(f"{pattern}/probe-*.jsonl")
-          if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
+CHECKS = issue17_rows.checks()
 CHECK_IDS = [f"{d}/{r['model']}-{r['method']}-{r['batch']}x{r['seq']}" for d, r in CHECKS]
 # Further from the estimate than 5% (memory) or 15% (GPU-bound speed), as recorded: the QLoRA rows the families'
 # slack terms did not see, the allocator's scatter around them (Qwen3-MoE's QLoRA 2 x 4096 held 0.84 GiB beyond its

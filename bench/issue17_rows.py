@@ -1,0 +1,48 @@
+"""The H200 runs of the families issue 17 added (mixture-of-experts, Unsloth's generic path) that check the
+estimate: every row of CHECK_DIRS but those a term was fitted on (FIT_NOT_CHECK). Each directory was run against
+predictions committed before it (its command.txt; bench/results/README.md names each directory's prediction file,
+session by session); each fitted term cites its rows beside it (estimator/, bench/family_terms.py). Read by
+tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss", "h200-issue17-heldout3",
+              "h200-issue17-heldout4", "h200-issue17-heldout5", "h200-issue17-heldout6", "h200-issue17-heldout7",
+              "h200-issue17-depth", "h200-issue17-doublequant", "h200-issue17-heldout8", "h200-issue17-mixtral-long",
+              "h200-issue17-heldout9", "h200-issue17-nockpt", "h200-issue17-nockpt-fit", "h200-issue17-nockpt-depth",
+              "h200-issue17-nockpt-check", "h200-issue17-nockpt-deep", "h200-issue17-nockpt-qwen2moe",
+              "h200-issue17-gemma-full", "h200-issue17-gptoss-nockpt", "h200-issue17-lora-nockpt",
+              "h200-issue17-lora-nockpt-deep", "h200-issue17-autocast")
+FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
+                 ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
+                 ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
+                 ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "lora", 1, 2048),
+                 ("h200-issue17-heldout6", "phi-4-L8", "lora", 4, 2048),
+                 ("h200-issue17-heldout2", "qwen3-30b-a3b-L4", "qlora", 1, 16384),
+                 ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 2, 4096),
+                 ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 1, 16384),
+                 ("h200-issue17-heldout3", "gpt-oss-20b-L8", "qlora", 4, 2048),
+                 ("h200-issue17-heldout8", "qwen1.5-moe-a2.7b", "qlora", 1, 8192),
+                 ("h200-issue17-doublequant", "mixtral-8x7b-L8", "qlora", 1, 16384),
+                 ("h200-issue17-mixtral-long", "mixtral-8x7b-L8", "qlora", 1, 32768),
+                 ("h200-issue17-heldout9", "qwen1.5-moe-a2.7b-L8", "qlora", 2, 8192),
+                 ("h200-issue17-heldout9", "qwen1.5-moe-a2.7b-L8", "qlora", 4, 8192),
+                 *(("h200-issue17-nockpt-fit", "mixtral-8x7b-L4", "qlora", 1, n) for n in (2048, 16384, 32768)),
+                 ("h200-issue17-nockpt", "qwen3-30b-a3b-L4", "qlora", 1, 8192),
+                 ("h200-issue17-nockpt-check", "qwen3-30b-a3b-L8", "qlora", 1, 8192),
+                 ("h200-issue17-nockpt-deep", "qwen1.5-moe-a2.7b-L8", "qlora", 1, 8192),
+                 ("h200-issue17-nockpt-qwen2moe", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 8192),
+                 *(("h200-issue17-gptoss-nockpt", "gpt-oss-20b-L4", m, 1, n)
+                   for m in ("lora", "qlora") for n in (2048, 8192))}
+
+
+def checks() -> list[tuple[str, dict]]:
+    """(its directory's name, the row) for every row of CHECK_DIRS no term was fitted on."""
+    found = [(d, json.loads(line)) for d in CHECK_DIRS for f in sorted((RESULTS / d).glob("probe-*.jsonl"))
+             for line in f.read_text().splitlines() if line]
+    return [(d, r) for d, r in found if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
