@@ -28,6 +28,16 @@ def test_calibrate_grid_reduces_depth_and_covers_both_regimes() -> None:
     assert all(Job.parse(j).layers in calibrate.DEPTHS for j in jobs)
 
 
+def test_calibrate_refuses_a_family_with_its_own_terms_before_any_gpu_work() -> None:
+    """Probes of a family with its own fitted terms (gpt-oss, Qwen3-MoE, Gemma 2 on transformers) would move the
+    reference's coefficients those terms sit on: refused with one line that says what to calibrate with instead."""
+    for name in ("gpt-oss-20b", "qwen3-30b-a3b", "gemma-2-9b"):
+        with pytest.raises(CalibrationError, match=rf"--model {name}: its family's terms come from its own recorded "
+                                                   r"runs .* \(llama-3.1-8b, the default\)"):
+            calibrate.jobs(("llama-3.1-8b", name), ("lora",), quick=True)
+    assert calibrate.jobs(("qwen2.5-0.5b", "mistral-7b", "qwen3-8b"), ("lora",), quick=True)
+
+
 def test_calibrate_without_gpu_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr("rigplan.profiles.nvml.local_gpus", lambda: ([], "no NVIDIA driver or GPU found"))
     with pytest.raises(CalibrationError, match="needs an NVIDIA GPU"):
