@@ -254,14 +254,19 @@ def phi3_qlora_slack() -> tuple[float, float]:
 MIXTRAL_NOCKPT = [RESULTS / "h200-issue17-nockpt-fit" / "probe-mixtral.jsonl"]
 
 
-def nockpt_qlora_slack() -> tuple[float, float]:
-    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["mixtral", "qlora"]: measured less estimated reserved GiB (estimated
-    without it) = a + b x tokens x hidden / 2**30, least squares over the 4-layer 1 x 2048, 1 x 16384 and 1 x 32768
-    rows."""
-    fit = [rows(MIXTRAL_NOCKPT, "qlora", 1, seq) for seq in (2048, 16384, 32768)]
-    with removed(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, ("mixtral", "qlora")):
+def nockpt_slack(model_type: str, method: str, files: list[Path], seqs: tuple[int, ...]) -> tuple[float, float]:
+    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD[model_type, method]: measured less estimated reserved GiB (estimated
+    with it at 0) = a + b x tokens x hidden / 2**30, least squares over the 4-layer 1 x seq rows without
+    checkpointing."""
+    fit = [rows(files, method, 1, seq, layers=4) for seq in seqs]
+    with zeroed(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, (model_type, method)):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
     return least_squares([_per_token(r, lambda m: m.hidden_size) for r in fit], ys)
+
+
+def nockpt_qlora_slack() -> tuple[float, float]:
+    """Mixtral's, through its 1 x 2048, 1 x 16384 and 1 x 32768 rows."""
+    return nockpt_slack("mixtral", "qlora", MIXTRAL_NOCKPT, (2048, 16384, 32768))
 
 
 QWEN3_MOE_NOCKPT = [RESULTS / "h200-issue17-nockpt" / "probe-qwen3moe.jsonl",
@@ -297,12 +302,8 @@ GPT_OSS_NOCKPT = [RESULTS / "h200-issue17-gptoss-nockpt" / "probe-gptoss.jsonl"]
 
 
 def gpt_oss_nockpt_slack(method: str) -> tuple[float, float]:
-    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["gpt_oss", method]: measured less estimated reserved GiB (estimated
-    without it) = a + b x tokens x hidden / 2**30, the line through the 4-layer 1 x 2048 and 1 x 8192 rows."""
-    fit = [rows(GPT_OSS_NOCKPT, method, 1, seq, layers=4) for seq in (2048, 8192)]
-    with zeroed(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, ("gpt_oss", method)):
-        ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
-    return least_squares([_per_token(r, lambda m: m.hidden_size) for r in fit], ys)
+    """gpt-oss's for a method, the line through its 1 x 2048 and 1 x 8192 rows."""
+    return nockpt_slack("gpt_oss", method, GPT_OSS_NOCKPT, (2048, 8192))
 
 
 def gpt_oss_host() -> float:

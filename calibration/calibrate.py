@@ -47,15 +47,15 @@ def jobs(models: tuple[str, ...], methods: tuple[str, ...], quick: bool) -> list
     family's own terms (profiles/known_issues.json) are fitted on recorded runs over them, so its probes would move
     them. A generic-path family's Unsloth patches would also stay for the rest of the probe process, where the next
     model would run under them (unsloth_zoo compiler.py patch_lora_forwards)."""
-    own = [m for m in models if catalog.measured_status(catalog.resolve_model(m)) != "fitted"]
+    specs = {m: catalog.resolve_model(m) for m in models}
+    own = [m for m, spec in specs.items() if catalog.measured_status(spec) != "fitted"]
     if own:
         raise CalibrationError(f"--model {', '.join(own)}: its family's terms come from its own recorded runs "
                                "(profiles/known_issues.json), not from calibrate; calibrate with a family the "
                                f"reference was fitted on ({', '.join(DEFAULT_MODELS)}, the default), and rigplan "
                                "applies them on top")
     shapes = ",".join(f"{b}x{s}" for b, s in (QUICK_SHAPES if quick else SHAPES))
-    return [f"{catalog.resolve_model(m).id}@{d}:{method}:{RANK}:{shapes}" for m in models for method in methods
-            for d in DEPTHS]
+    return [f"{specs[m].id}@{d}:{method}:{RANK}:{shapes}" for m in models for method in methods for d in DEPTHS]
 
 
 def local_gpu() -> catalog.GpuSpec:

@@ -62,6 +62,14 @@ class Job:
         return cls(model, int(layers) if layers else None, parts[1], int(parts[2]), shapes, **extra)  # type: ignore[arg-type]
 
 
+def forward_loss(model: Any, ids: Any, device: str, autocast: str) -> Any:
+    """The loss of one forward on ids as their own labels, under torch.autocast(bfloat16) for autocast "bf16"."""
+    import torch
+
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        return model(input_ids=ids, labels=ids).loss
+
+
 def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str,
                   min_timed_s: float = MIN_TIMED_S, autocast: str = "off") -> dict[str, Any]:
     """Warm-up, then timed forward+backward+optimizer steps on random ids; peaks since the reset. With autocast
@@ -83,8 +91,7 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast == "bf16"):
-            loss = model(input_ids=ids, labels=ids).loss
+        loss = forward_loss(model, ids, device, autocast)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -126,8 +133,7 @@ def phase_peaks(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, de
     peaks = {}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        loss = model(input_ids=ids, labels=ids).loss
+    loss = forward_loss(model, ids, device, autocast)
     peaks["forward"] = torch.cuda.max_memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
     loss.backward()
