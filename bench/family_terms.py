@@ -34,6 +34,10 @@ MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
               RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
 PHI4 = [RESULTS / "h200-issue17-heldout6" / "probe-phi4.jsonl"]
+# 16-bit LoRA under bf16 autocast, as `rigplan run` trains; the rows above were probed without it
+AUTOCAST = RESULTS / "h200-issue17-autocast-next"
+PHI_AUTOCAST = [AUTOCAST / "probe-phi.jsonl"]
+GEMMA3_AUTOCAST = [AUTOCAST / "probe-gemma3.jsonl"]
 QWEN3_MOE_LONG = [RESULTS / "h200-issue17-heldout2" / "probe-qwen3moe.jsonl",
                   RESULTS / "h200-issue17-fit6" / "probe-qwen3moe-qlora-long.jsonl"]
 
@@ -162,7 +166,7 @@ def matmul_factor(files: list[Path], method: str, batch: int, seq: int, layers: 
 def phi3_speed(method: str = "lora") -> tuple[float, float]:
     """Phi-3's GPU factor and attention factor for a method from its two GPU-bound rows (same tokens, 4 x 2048 and
     1 x 8192): step - moved = factor x (matmuls + attention_factor x attention), two equations."""
-    files = PHI if method == "lora" else PHI_QLORA
+    files = PHI_AUTOCAST if method == "lora" else PHI_QLORA
     (m1, a1, v1), t1 = step_parts(r1 := rows(files, method, 4, 2048)), r1["step_s"]
     (m2, a2, v2), t2 = step_parts(r2 := rows(files, method, 1, 8192)), r2["step_s"]
     # u = factor, w = factor x attention_factor: u m + w a = t - v
@@ -177,10 +181,6 @@ def gpu_factor(files: list[Path], method: str, batch: int, seq: int) -> float:
     time at the fitted rate."""
     mm, attn, moved = step_parts(row := rows(files, method, batch, seq))
     return (row["step_s"] - moved) / (mm + attn)
-
-
-def phi3_logits() -> float:
-    return solve(memory.MATERIALISED_LOGITS_BYTES, ("phi3", "lora"), rows(PHI, "lora", 4, 2048), 10.0)
 
 
 def phi4_logits() -> float:
@@ -254,19 +254,20 @@ def phi3_qlora_slack() -> tuple[float, float]:
 MIXTRAL_NOCKPT = [RESULTS / "h200-issue17-nockpt-fit" / "probe-mixtral.jsonl"]
 
 
-def nockpt_slack(model_type: str, method: str, files: list[Path], seqs: tuple[int, ...]) -> tuple[float, float]:
-    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD[model_type, method]: measured less estimated reserved GiB (estimated
-    with it at 0) = a + b x tokens x hidden / 2**30, least squares over the 4-layer 1 x seq rows without
-    checkpointing."""
+def nockpt_slack(table: dict, key: object, method: str, files: list[Path], seqs: tuple[int, ...]) -> tuple[float, float]:
+    """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD[model_type, method] (or NOCKPT_SLACK_BY_TYPE[model_type]): measured less
+    estimated reserved GiB (estimated with it at 0) = a + b x tokens x hidden / 2**30, least squares over the method's
+    4-layer 1 x seq rows without checkpointing."""
     fit = [rows(files, method, 1, seq, layers=4) for seq in seqs]
-    with zeroed(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, (model_type, method)):
+    with zeroed(table, key):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
     return least_squares([_per_token(r, lambda m: m.hidden_size) for r in fit], ys)
 
 
 def nockpt_qlora_slack() -> tuple[float, float]:
     """Mixtral's, through its 1 x 2048, 1 x 16384 and 1 x 32768 rows."""
-    return nockpt_slack("mixtral", "qlora", MIXTRAL_NOCKPT, (2048, 16384, 32768))
+    return nockpt_slack(memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD, ("mixtral", "qlora"), "qlora", MIXTRAL_NOCKPT,
+                        (2048, 16384, 32768))
 
 
 QWEN3_MOE_NOCKPT = [RESULTS / "h200-issue17-nockpt" / "probe-qwen3moe.jsonl",
@@ -289,6 +290,14 @@ def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
                            lambda: kept(deep) - kept(short) < measured)
 
 
+def qwen2_moe_lora_share() -> float:
+    """memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD["qwen2_moe", "lora"]: the share at which Qwen1.5-MoE's 8-layer
+    16-bit LoRA 1 x 8192 row without checkpointing under autocast meets its allocated peak."""
+    (row,) = [r for r in recorded([RESULTS / "h200-issue17-autocast" / "probe-qwen2moe.jsonl"], "lora")
+              if r["checkpointing"] == "off"]
+    return solve(memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD, ("qwen2_moe", "lora"), row, 6.0)
+
+
 def nockpt_constant_slack() -> float:
     """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["qwen2_moe", "qlora"][0]: the mean of measured less estimated reserved
     GiB (estimated without it) over Qwen1.5-MoE's 1 x 8192 rows without checkpointing, at 4 and at 8 layers."""
@@ -301,9 +310,9 @@ def nockpt_constant_slack() -> float:
 GPT_OSS_NOCKPT = [RESULTS / "h200-issue17-gptoss-nockpt" / "probe-gptoss.jsonl"]
 
 
-def gpt_oss_nockpt_slack(method: str) -> tuple[float, float]:
-    """gpt-oss's for a method, the line through its 1 x 2048 and 1 x 8192 rows."""
-    return nockpt_slack("gpt_oss", method, GPT_OSS_NOCKPT, (2048, 8192))
+def gpt_oss_nockpt_slack() -> tuple[float, float]:
+    """gpt-oss's (both methods), the line through its QLoRA 1 x 2048 and 1 x 8192 rows."""
+    return nockpt_slack(memory.NOCKPT_SLACK_BY_TYPE, "gpt_oss", "qlora", GPT_OSS_NOCKPT, (2048, 8192))
 
 
 def gpt_oss_host() -> float:
@@ -361,9 +370,7 @@ def fitted() -> dict[str, tuple[float, float]]:
         'speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]': (matmul_factor(QWEN2_MOE_DEEP, "qlora", 1, 8192, layers=24),
                                                   speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]),
         'speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]': (
-            step_ratio(GEMMA3, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]),
-        'memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]': (phi3_logits(),
-                                                               memory.MATERIALISED_LOGITS_BYTES[("phi3", "lora")]),
+            step_ratio(GEMMA3_AUTOCAST, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]),
         'memory.MATERIALISED_LOGITS_BYTES[("phi3-128", "lora")]': (
             phi4_logits(), memory.MATERIALISED_LOGITS_BYTES[("phi3-128", "lora")]),
         **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][{i}]': (
@@ -383,9 +390,10 @@ def fitted() -> dict[str, tuple[float, float]]:
            for t, files in (("qwen3_moe", QWEN3_MOE_NOCKPT), ("qwen2_moe", QWEN2_MOE_NOCKPT))},
         'memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["qwen2_moe", "qlora"][0]': (
             nockpt_constant_slack(), memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["qwen2_moe", "qlora"][0]),
-        **{f'memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["gpt_oss", "{m}"][{i}]': (
-            gpt_oss_nockpt_slack(m)[i], memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD["gpt_oss", m][i])
-           for m in ("qlora", "lora") for i in (0, 1)},
+        **{f'memory.NOCKPT_SLACK_BY_TYPE["gpt_oss"][{i}]': (gpt_oss_nockpt_slack()[i],
+                                                          memory.NOCKPT_SLACK_BY_TYPE["gpt_oss"][i]) for i in (0, 1)},
+        'memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD["qwen2_moe", "lora"]': (
+            qwen2_moe_lora_share(), memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD["qwen2_moe", "lora"]),
         'speed.HOST_LAYER_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_host(), speed.HOST_LAYER_TIME_BY_TYPE["gpt_oss"]),
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),

@@ -122,15 +122,20 @@ def optimizer_state_bytes(model: ModelSpec, rank: int, optimizer: str) -> int:
 # 68.9, a copy 16.4; its shared expert is counted in the dense terms): the multiple of the copy that gives each
 # family's 4- and 8-layer 1 x 8192 rows their difference (bench/family_terms.py nockpt_routed_share); their other rows
 # check it. docs/moe-saved-tensors.md counts the tensors the source saves, which gives the same figures.
-NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781}
-# The same for one method, where the methods keep different tensors. gpt-oss-20b probed without autocast: under 16-bit
-# LoRA Unsloth's rewritten adapters keep fp32 copies of their inputs, under QLoRA bf16 ones. The multiple of the copy
-# that gives the bytes docs/moe-saved-tensors.md counted from the source before any run (QLoRA 125.4 kB per token and
-# layer, 16-bit 151.0; the dense terms 85.5, a copy 23.0); its 4- and 8-layer runs without checkpointing check it
-# (bench/results/h200-issue17-gptoss-nockpt/, -lora-nockpt/; tests/test_issue17_runs.py). A run trains under bf16
-# autocast, where by the same reading the 16-bit copies are bf16 and shared: its 16-bit LoRA is counted as probed, the
-# upper side, until a run under autocast is measured.
-NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("gpt_oss", "qlora"): 1.734, ("gpt_oss", "lora"): 2.845}
+NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781, "gpt_oss": 1.734}
+# gpt-oss-20b: the multiple of the copy that gives the bytes docs/moe-saved-tensors.md counted from the source before
+# any run (125.4 kB per token and layer; the dense terms 85.5, a copy 23.0). Its QLoRA's 4- and 8-layer runs without
+# checkpointing check it (bench/results/h200-issue17-gptoss-nockpt/; tests/test_issue17_runs.py), and so does its 16-bit
+# LoRA under bf16 autocast, as `rigplan run` trains (8 layers, 1 x 8192: h200-issue17-autocast-next/), where by the
+# same reading its adapters' inputs are kept in bf16 as under QLoRA. Probed without autocast, its 16-bit LoRA kept fp32
+# copies besides (151 kB: h200-issue17-lora-nockpt/), which a run does not.
+# The same for one method, where the methods keep different tensors under autocast. Qwen1.5-MoE-A2.7B's 16-bit LoRA:
+# the multiple that gives its 8-layer 1 x 8192 row under autocast its allocated peak (bench/results/
+# h200-issue17-autocast/probe-qwen2moe.jsonl; bench/family_terms.py qwen2_moe_lora_share); `rigplan run` on the same
+# replica at 16 x 1280 checks it (h200-issue17-run/). That is about 108 kB per token and layer, where its QLoRA keeps 98
+# and its 16-bit LoRA probed without autocast 138 (docs/moe-saved-tensors.md, section 5): which tensors the 10 kB
+# beyond its QLoRA are was not found.
+NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("qwen2_moe", "lora"): 2.41}
 
 
 def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
@@ -204,16 +209,15 @@ def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:
 # Families whose Unsloth 2026.10.9 path computes the whole logits tensor for the loss instead of the fused loss's
 # tiles, bytes per logit alive at the backward's peak, by method. Gemma 3 (12B at 8 layers, 262k vocabulary) held
 # 3.07-3.09 bytes per logit above the other terms on its three LoRA runs (1 x 2048, 4 x 2048, 1 x 8192; H200,
-# 2026-11-30, bench/results/h200-issue17/); its three QLoRA runs, not used for the figure, 3.02-3.04. Phi-3.5-mini
-# (32k vocabulary) does it under 16-bit LoRA only: its QLoRA runs at full depth held no whole logits (1 x 2048,
-# 4 x 2048, 1 x 8192 on the H200, bench/results/h200-issue17-heldout2/probe-phi*.jsonl: within 0.11 GiB of the
-# estimate without them, 0.55-0.76 GiB under it with them); its LoRA figure is fitted on the full-depth LoRA
-# 4 x 2048 run there (bench/family_terms.py), its 1 x 2048 and 1 x 8192 runs and two 8-layer H100 runs
-# (profiles/calibrations/h100-runs/h100-heldout.jsonl) left to check it. Phi-4's (family "phi3-128") on its LoRA
-# 4 x 2048 run at 8 layers (bench/results/h200-issue17-heldout6/probe-phi4.jsonl), its 1 x 2048 and 1 x 8192 runs
-# there checking it.
+# 2026-11-30, bench/results/h200-issue17/); its three QLoRA runs, not used for the figure, 3.02-3.04; its LoRA under
+# bf16 autocast, as `rigplan run` trains, the same (h200-issue17-autocast-next/). Phi-3.5-mini holds none under
+# autocast, either method: its 16-bit LoRA held 3.42 bytes per logit only when probed without autocast (h200-issue17-
+# heldout2/), and under autocast allocated within 0.3% of the estimate without them at 4 x 2048 and 1 x 8192
+# (h200-issue17-autocast-next/probe-phi.jsonl, 2026-12-01). Phi-4's (family "phi3-128") 16-bit LoRA, probed without
+# autocast only, on its LoRA 4 x 2048 run at 8 layers (bench/results/h200-issue17-heldout6/probe-phi4.jsonl; its
+# 1 x 2048 and 1 x 8192 runs there checking it): by Phi-3.5's runs a run under autocast holds less, so the upper side.
 MATERIALISED_LOGITS_BYTES = {("gemma3", "lora"): 3.08, ("gemma3", "qlora"): 3.08, ("gemma3_text", "lora"): 3.08,
-                             ("gemma3_text", "qlora"): 3.08, ("phi3", "lora"): 3.42, ("phi3-128", "lora"): 2.37}
+                             ("gemma3_text", "qlora"): 3.08, ("phi3-128", "lora"): 2.37}
 
 
 def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: str = "unsloth") -> int:
@@ -588,22 +592,24 @@ LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 # family_terms.py nockpt_qlora_slack); its 4-layer rows at 8,192 and 24,576 tokens and its 8- and 12-layer rows check
 # it. Qwen1.5-MoE's held 0.08-0.23 GiB, where its QLoRA with checkpointing held 0.41-0.59: the mean excess on its 4- and
 # 8-layer 1 x 8192 rows (nockpt_constant_slack), the 1 x 2048 rows checking it. Qwen3-MoE's keeps its family constant.
-# gpt-oss-20b's held 0.21-1.43 GiB under QLoRA and 0.32-0.75 under 16-bit LoRA, growing with the tokens: each
-# method's line through its 4-layer 1 x 2048 and 1 x 8192 rows (h200-issue17-gptoss-nockpt/; bench/family_terms.py
-# gpt_oss_nockpt_slack), its 8-layer rows checking it.
-NOCKPT_SLACK_BY_TYPE_AND_METHOD = {("mixtral", "qlora"): (1.434, 14.8), ("qwen2_moe", "qlora"): (0.225, 0.0),
-                                   ("gpt_oss", "qlora"): (0.074, 27.6), ("gpt_oss", "lora"): (0.025, 50.8)}
+# gpt-oss-20b's held 0.21-1.43 GiB under QLoRA, growing with the tokens: the line through its 4-layer 1 x 2048 and
+# 1 x 8192 rows (h200-issue17-gptoss-nockpt/; bench/family_terms.py gpt_oss_nockpt_slack), its 8- and 16-layer rows
+# checking it; for both methods, as its kept bytes (NOCKPT_ROUTED_SHARE_BY_TYPE): its 16-bit LoRA under autocast held
+# 0.65 GiB at 8 layers, 1 x 8192, where the line gives 0.68 (h200-issue17-autocast-next/).
+NOCKPT_SLACK_BY_TYPE_AND_METHOD = {("mixtral", "qlora"): (1.434, 14.8), ("qwen2_moe", "qlora"): (0.225, 0.0)}
+NOCKPT_SLACK_BY_TYPE = {"gpt_oss": (0.074, 27.6)}
 
 
 def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
-    """The family's slack under Unsloth (without checkpointing NOCKPT_SLACK_BY_TYPE_AND_METHOD where it has an
-    entry; QLoRA: QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE; LoRA: LORA_SLACK_GIB_BY_TYPE,
+    """The family's slack under Unsloth (without checkpointing NOCKPT_SLACK_BY_TYPE_AND_METHOD or NOCKPT_SLACK_BY_TYPE
+    where it has an entry; QLoRA: QLORA_SLACK_GIB_BY_TYPE, QLORA_SLACK_PER_KV_BY_TYPE; LoRA: LORA_SLACK_GIB_BY_TYPE,
     LORA_SLACK_PER_HIDDEN_BY_TYPE); 0 otherwise."""
     if engine != "unsloth":
         return 0
     t = family(model)
-    if setup.checkpointing == "off" and (t, setup.method) in NOCKPT_SLACK_BY_TYPE_AND_METHOD:
-        gib, per_hidden = NOCKPT_SLACK_BY_TYPE_AND_METHOD[t, setup.method]
+    nockpt = NOCKPT_SLACK_BY_TYPE_AND_METHOD.get((t, setup.method), NOCKPT_SLACK_BY_TYPE.get(t))
+    if setup.checkpointing == "off" and nockpt:
+        gib, per_hidden = nockpt
         return int(gib * 2**30 + per_hidden * setup.tokens * model.hidden_size)
     if setup.method == "lora":
         return int(LORA_SLACK_GIB_BY_TYPE.get(t, 0.0) * 2**30

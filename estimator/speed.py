@@ -66,15 +66,14 @@ SOFTMAX_BOUND_HEAD_DIM = 128
 
 # Families whose attention runs slower than the rest of their FLOPs, as measured. Phi-3.5-mini at full depth (head_dim
 # 96) through Unsloth's generic path on the H200: going from 4 x 2048 to 1 x 8192 (the same tokens) added 0.36 s to a
-# step where its attention FLOPs at the softmax-bound rate add 0.09 s. Fitted with its LoRA GPU factor
-# (GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "lora")]) on its two GPU-bound 16-bit LoRA rows (bench/results/
-# h200-issue17-heldout2/probe-phi.jsonl, 2026-11-30; bench/family_terms.py). Cause not found (head_dim 96 is one
-# FlashAttention supports). Its QLoRA ran faster than those factors say (+8% to +15% on the same file's
-# GPU-bound QLoRA rows): its own pair of factors, fitted the same way on its QLoRA 4 x 2048 and 1 x 8192
-# (h200-issue17-heldout2/probe-phi.jsonl, probe-phi-8192.jsonl), checked on 2 x 4096 and 1 x 16384
-# (h200-issue17-heldout3/probe-phi.jsonl), with GPU_TIME_BY_TYPE_AND_METHOD[("phi3", "qlora")]. Only for the head
-# sizes measured slow (memory.family: not Phi-4's).
-ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 3.03, ("phi3", "qlora"): 3.80}
+# step where its attention FLOPs at the softmax-bound rate add 0.09 s. Cause not found (head_dim 96 is one
+# FlashAttention supports). Per method, each fitted with the method's GPU factor (GPU_TIME_BY_TYPE_AND_METHOD) on its
+# two GPU-bound rows at the same tokens, 4 x 2048 and 1 x 8192 (bench/family_terms.py phi3_speed): 16-bit LoRA under
+# bf16 autocast, as `rigplan run` trains (bench/results/h200-issue17-autocast-next/probe-phi.jsonl, 2026-12-01; probed
+# without autocast it ran 12-17% slower, its adapters computing in fp32, h200-issue17-heldout2/); QLoRA on
+# h200-issue17-heldout2/probe-phi.jsonl and probe-phi-8192.jsonl, checked on 2 x 4096 and 1 x 16384
+# (h200-issue17-heldout3/probe-phi.jsonl). Only for the head sizes measured slow (memory.family: not Phi-4's).
+ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 4.04, ("phi3", "qlora"): 3.80}
 
 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
@@ -145,13 +144,14 @@ MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.307}
 # 1.47x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row; its other GPU-bound rows check it).
 # Phi-3.5-mini: per method, below.
 GPU_TIME_BY_TYPE = {"gpt_oss": 1.47}
-# The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count and
-# than its own QLoRA, which stayed within 10% of the estimate: Gemma-3-12B at 8 layers, LoRA 4 x 2048 on the H200,
-# took 1.225x the estimate's time (bench/results/h200-issue17/probe-gemma3.jsonl, fitted on that run, refitted by
-# bench/family_terms.py; its LoRA 1 x 8192 checks it, tests/test_issue17_runs.py). Cause not yet found.
-# Phi-3.5-mini: 1.33x under 16-bit LoRA and 1.075x under QLoRA, each fitted with its attention factor
+# The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count:
+# Gemma-3-12B at 8 layers, LoRA 4 x 2048 on the H200 under bf16 autocast, as `rigplan run` trains, took 1.07x the
+# estimate's time (bench/results/h200-issue17-autocast-next/probe-gemma3.jsonl, 2026-12-01, fitted on that row by
+# bench/family_terms.py; its LoRA 1 x 8192 there checks it, tests/test_issue17_runs.py). Probed without autocast it took
+# 1.225x (h200-issue17/): Unsloth computes a plain nn.Linear's adapter in fp32 then (unsloth_zoo compiler.py).
+# Phi-3.5-mini: 1.04x under 16-bit LoRA and 1.075x under QLoRA, each fitted with its attention factor
 # (ATTENTION_TIME_BY_TYPE_AND_METHOD, above).
-GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.225, ("gemma3_text", "lora"): 1.225, ("phi3", "lora"): 1.33,
+GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.07, ("gemma3_text", "lora"): 1.07, ("phi3", "lora"): 1.04,
                                ("phi3", "qlora"): 1.075}
 
 
