@@ -1,8 +1,9 @@
 """The H200 runs of the families issue 17 added (mixture-of-experts, Unsloth's generic path) that check the
 estimate: every row of CHECK_DIRS but those a term was fitted on (FIT_NOT_CHECK). Each directory was run against
 predictions committed before it (its command.txt; bench/results/README.md names each directory's prediction file,
-session by session); each fitted term cites its rows beside it (estimator/, bench/family_terms.py). Read by
-tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table."""
+session by session); each fitted term cites its rows beside it (estimator/, bench/family_terms.py). Those that stand
+for a run (checks) are read by tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table; the 16-bit
+LoRA probes without autocast (without_autocast) by the test only."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss"
               "h200-issue17-heldout9", "h200-issue17-nockpt", "h200-issue17-nockpt-fit", "h200-issue17-nockpt-depth",
               "h200-issue17-nockpt-check", "h200-issue17-nockpt-deep", "h200-issue17-nockpt-qwen2moe",
               "h200-issue17-gemma-full", "h200-issue17-gptoss-nockpt", "h200-issue17-lora-nockpt",
-              "h200-issue17-lora-nockpt-deep", "h200-issue17-autocast")
+              "h200-issue17-lora-nockpt-deep", "h200-issue17-autocast", "h200-issue17-autocast-next",
+              "h200-issue17-phi-autocast")
 FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
@@ -38,11 +40,33 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-nockpt-deep", "qwen1.5-moe-a2.7b-L8", "qlora", 1, 8192),
                  ("h200-issue17-nockpt-qwen2moe", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 8192),
                  *(("h200-issue17-gptoss-nockpt", "gpt-oss-20b-L4", m, 1, n)
-                   for m in ("lora", "qlora") for n in (2048, 8192))}
+                   for m in ("lora", "qlora") for n in (2048, 8192)),
+                 ("h200-issue17-autocast", "qwen1.5-moe-a2.7b-L8", "lora", 1, 8192),
+                 *(("h200-issue17-autocast-next", "phi-3.5-mini", "lora", b, s) for b, s in ((4, 2048), (1, 8192))),
+                 ("h200-issue17-autocast-next", "gemma-3-12b-L8", "lora", 4, 2048)}
 
 
-def checks() -> list[tuple[str, dict]]:
+def unfitted() -> list[tuple[str, dict]]:
     """(its directory's name, the row) for every row of CHECK_DIRS no term was fitted on."""
     found = [(d, json.loads(line)) for d in CHECK_DIRS for f in sorted((RESULTS / d).glob("probe-*.jsonl"))
              for line in f.read_text().splitlines() if line]
     return [(d, r) for d, r in found if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
+
+
+def stands_for_a_run(row: dict) -> bool:
+    """Whether the probe trained as `rigplan run` does, under bf16 autocast (TRL bf16=True on every GPU with bf16).
+    QLoRA either way: its peaks and speed were the same without autocast (within 1.5% and 2%, h200-issue17-autocast/).
+    16-bit LoRA only under it: without autocast Unsloth computes a plain nn.Linear's adapter in fp32 and keeps fp32
+    copies of its input (unsloth_zoo compiler.py), which allocated up to 13% more and ran up to 22% slower on the same
+    shapes (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
+    return row["method"] == "qlora" or row.get("autocast") == "bf16"
+
+
+def checks() -> list[tuple[str, dict]]:
+    """The unfitted rows that stand for a run: what the estimate, which plans runs, is checked on."""
+    return [(d, r) for d, r in unfitted() if stands_for_a_run(r)]
+
+
+def without_autocast() -> list[tuple[str, dict]]:
+    """The unfitted 16-bit LoRA rows probed without autocast: more memory and less speed than a run of the shape."""
+    return [(d, r) for d, r in unfitted() if not stands_for_a_run(r)]

@@ -72,7 +72,7 @@ def accuracy_table() -> str:
     groups = [
         ("runs behind the reference (Llama, Mistral, Qwen; 1B-70B, some at reduced depth)",
          [r for r in reference if not r["unsloth_generic_path"]]),
-        ("Phi-3.5-mini (Unsloth's generic path: compared, not fitted)",
+        ("Phi-3.5-mini, 16-bit LoRA probed without the autocast runs use (generic path: compared, not fitted)",
          [r for r in reference if r["unsloth_generic_path"]]),
         ("full-depth 7-8B runs on other H100 machines, never fitted (`calibrate-h100/validate-*`)", validation),
         ("H200: mixture-of-experts and generic-path families, 4-48 layers, rows no term was fitted on "

@@ -2,7 +2,7 @@
 
     python -m rigplan.calibration.probe --job llama-3.1-8b:lora:16:1x2048,4x2048 --job llama-3.1-8b@4:qlora:16:2x2048 --out runs.jsonl
 
-A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16]. Each shape is measured
+A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16|off]. Each shape is measured
 after a warm-up step, with torch's peak allocated and reserved memory and NVML's used memory; an out-of-memory
 shape is recorded, not fatal.
 Every row is appended (and flushed) as soon as it is measured, so a killed probe keeps what it had.
@@ -49,9 +49,11 @@ class Job:
     # bf16 mixed precision (`rigplan run`, every family on a GPU with bf16: Unsloth 2026.10.9 forces its float32 list
     # to float32 without autocast only for fp16 loads or GPUs without bf16, unsloth/models/loader.py). "off": a plain
     # forward, as every probe recorded before 2026-12-01 ran. Unsloth's rewrite of PEFT's LoRA forward upcasts a
-    # 16-bit layer's adapter input to fp32 only without autocast (unsloth_zoo compiler.py), so the two can differ
-    # (docs/moe-saved-tensors.md, bench/results/h200-issue17-autocast/).
-    autocast: Literal["off", "bf16"] = "off"
+    # 16-bit layer's adapter input to fp32 only without autocast (unsloth_zoo compiler.py), so the two differ for the
+    # generic-path families' 16-bit LoRA (more memory and less speed without it: bench/results/h200-issue17-autocast/,
+    # -autocast-next/), not for the Llama fast path (the same peaks, speed within 1%: h200-llama-autocast/).
+    # "auto" (the default): what `rigplan run` does on this device, "bf16" on a CUDA GPU with bf16, "off" elsewhere.
+    autocast: Literal["auto", "off", "bf16"] = "auto"
 
     @classmethod
     def parse(cls, text: str) -> "Job":
@@ -197,16 +199,18 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
             opt = bnb.optim.AdamW8bit(params, lr=1e-4)
         else:
             opt = torch.optim.AdamW(params, lr=1e-4)
+        autocast = job.autocast if job.autocast != "auto" else (
+            "bf16" if cuda and torch.cuda.is_bf16_supported() else "off")
         head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
                 "rank": job.rank, "engine": engine, "optimizer": optimizer, "checkpointing": job.checkpointing,
-                "autocast": job.autocast,
+                "autocast": autocast,
                 "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "load_s": round(load_s, 1), "after_load_gib": after_load, **start,
                 "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
         for batch, seq in job.shapes:
             row = {**head, "batch": batch, "seq": seq, "err": None}
             try:
-                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device, min_timed_s, job.autocast))
+                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device, min_timed_s, autocast))
             except torch.OutOfMemoryError as e:
                 row["err"] = f"oom: {str(e).splitlines()[0][:200]}"
                 opt.zero_grad(set_to_none=True)

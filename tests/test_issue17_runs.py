@@ -130,14 +130,7 @@ CHECK_RESERVED_BOUND = {
     # gpt-oss's QLoRA without checkpointing at 8 layers, 1 x 8192: 1.43 GiB beyond its allocated peak, where the
     # 4-layer row its slack was fitted on held 0.50 and its 16-bit LoRA at 8 layers 0.74
     "h200-issue17-gptoss-nockpt/gpt-oss-20b-L8-qlora-1x8192": 0.065,
-    # Qwen1.5-MoE's 16-bit LoRA without checkpointing at 8,192 tokens, probed without autocast: Unsloth's adapters then
-    # keep fp32 copies of their inputs, which a run, under bf16 autocast, does not (the same 8-layer shape under
-    # autocast: +4.3%, h200-issue17-autocast/; test_autocast_changes_what_16bit_lora_keeps_and_its_speed)
-    **{f"{d}/qwen1.5-moe-a2.7b-L{n}-lora-1x8192": 0.16 for d, n in (("h200-issue17-lora-nockpt", 4),
-                                                                    ("h200-issue17-lora-nockpt-deep", 8))},
 }
-CHECK_ALLOCATED_BOUND = {f"{d}/qwen1.5-moe-a2.7b-L{n}-lora-1x8192": 0.14
-                         for d, n in (("h200-issue17-lora-nockpt", 4), ("h200-issue17-lora-nockpt-deep", 8))}
 CHECK_SPEED_BOUND: dict[str, float] = {}
 
 
@@ -151,7 +144,7 @@ def test_the_checks_cover_every_family_and_gpt_oss_trains() -> None:
                                                "gpt-oss-20b-L16", "mixtral-8x7b-L8", "qwen1.5-moe-a2.7b-L8",
                                                "qwen1.5-moe-a2.7b-L16", "qwen1.5-moe-a2.7b", "mixtral-8x7b-L12",
                                                "qwen3-30b-a3b-L32", "gemma-3-12b"}
-    oss = [r for d, r in CHECKS if d == "h200-gpt-oss"]
+    oss = [r for d, r in issue17_rows.unfitted() if d == "h200-gpt-oss"]
     assert sorted((r["method"], r["batch"], r["seq"]) for r in oss) == sorted(
         (m, b, s) for m in ("lora", "qlora") for b, s in ((1, 2048), (4, 2048), (1, 8192)))
     # LoRA trains the attention projections only, as the estimate counts
@@ -167,7 +160,7 @@ def _estimate_params(row: dict) -> int:
 @pytest.mark.parametrize("name,row", [(n, r) for n, (_, r) in zip(CHECK_IDS, CHECKS)], ids=CHECK_IDS)
 def test_runs_no_term_was_written_from(name: str, row: dict) -> None:
     est = _estimate(row)
-    assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= CHECK_ALLOCATED_BOUND.get(name, 0.05)
+    assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.05
     assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= CHECK_RESERVED_BOUND.get(name, 0.05)
     if est.host_bound:
         low, high = est.tokens_per_s_band
@@ -254,7 +247,7 @@ def test_phi_4s_terms_are_not_phi_3_5s(monkeypatch) -> None:
 
     phi35, phi4 = resolve_model("phi-3.5-mini"), resolve_model("phi-4")
     assert (memory.family(phi35), memory.family(phi4)) == ("phi3", "phi3-128")
-    rows = [(d, r) for d, r in CHECKS if r["model"] == "phi-4-L8"]
+    rows = [(d, r) for d, r in issue17_rows.unfitted() if r["model"] == "phi-4-L8"]
     assert {d for d, _ in rows} == {"h200-issue17-heldout5", "h200-issue17-heldout6", "h200-issue17-heldout7"}
     assert len(rows) == 11
     worst = {}
@@ -416,10 +409,9 @@ COUNTED_BEFORE = {("mixtral-8x7b", "lora"): 184_800, ("qwen3-30b-a3b", "lora"): 
 def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
     """Each family's 16-bit LoRA and gpt-oss's QLoRA without checkpointing, probed without autocast at 4 and 8 layers:
     what a layer keeps (the 8- less the 4-layer allocated peaks at the same tokens, the layers' weights taken out) is
-    within 1.5% of the count written before the runs at 2,048 tokens, 0.3% at 8,192. gpt-oss is estimated at its
-    count for each method (memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD), its 16-bit LoRA as probed, the upper side
-    of a run under autocast; for the other families a run's 16-bit LoRA keeps less under autocast (test below), and
-    the estimate counts their QLoRA's bytes."""
+    within 1.5% of the count written before the runs at 2,048 tokens, 0.3% at 8,192. gpt-oss's QLoRA is estimated at
+    its count (memory.NOCKPT_ROUTED_SHARE_BY_TYPE); a run's 16-bit LoRA, under autocast, keeps less than these probes
+    (test below), and the estimate counts what the runs under autocast kept."""
     found = [r for pattern in ("h200-issue17-gptoss-nockpt", "h200-issue17-lora-nockpt*")
              for _, r in recorded(f"{pattern}/probe-*.jsonl")]
     by_shape = {(r["arch"], r["method"], r["layers"], r["seq"]): r for r in found}
@@ -428,7 +420,7 @@ def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
             short, deep = by_shape[arch, method, 4, seq], by_shape[arch, method, 8, seq]
             measured = _kept_by_the_extra_layers_gib(short, deep)
             assert abs(measured * 2**30 / 4 / seq / count - 1) <= (0.015 if seq == 2048 else 0.003), (arch, method, seq)
-        if arch == "gpt-oss-20b":
+        if (arch, method) == ("gpt-oss-20b", "qlora"):
             kept = [_estimate(r).components_bytes["activations_kept"] for r in (short, deep)]
             assert abs((kept[1] - kept[0]) / 4 / seq / count - 1) <= 0.002
             assert all(abs(r["peak_alloc_gib"] / _estimate(r).peak_allocated_gib - 1) <= 0.035
@@ -436,24 +428,72 @@ def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
 
 
 def test_autocast_changes_what_16bit_lora_keeps_and_its_speed() -> None:
-    """`rigplan run` trains under bf16 autocast (TRL bf16=True, every family on a bf16 GPU); the probes ran without
-    it. Under QLoRA the two are the same (peaks within 1.5%, speed within 2%: Mixtral and Qwen1.5-MoE); under 16-bit
-    LoRA, where Unsloth's rewritten adapters compute in fp32 without autocast, autocast allocates less and runs
-    faster (Qwen3-MoE and Qwen1.5-MoE, with checkpointing and without). The estimate follows the run: Qwen1.5-MoE's
-    16-bit LoRA at its QLoRA's matmul rate (speed.MATMUL_TIME_BY_TYPE), its rows under autocast within 5% (memory)
-    and 10% (speed)."""
+    """`rigplan run` trains under bf16 autocast (TRL bf16=True, every family on a bf16 GPU); the probes before
+    2026-12-01 ran without it. Every shape probed both ways: under QLoRA the same (peaks within 1.5%, speed within
+    2%: Mixtral and Qwen1.5-MoE); under 16-bit LoRA, where Unsloth's rewritten adapters compute in fp32 without
+    autocast, autocast allocates no more and runs faster, every MoE family, Phi-3.5 and Gemma 3 (whose peak is the
+    same: its whole logits, not the adapters' inputs)."""
     shape = ("arch", "layers", "method", "batch", "seq", "checkpointing")
     off = {tuple(r[k] for k in shape): r for _, r in recorded("h200-issue17*/probe-*.jsonl")
            if r.get("autocast", "off") == "off" and not r["err"]}
-    pairs = [(r, off[tuple(r[k] for k in shape)]) for _, r in recorded("h200-issue17-autocast/probe-*.jsonl")]
-    assert len(pairs) == 5 and all(r["autocast"] == "bf16" for r, _ in pairs)
+    pairs = [(r, off[tuple(r[k] for k in shape)]) for _, r in recorded("h200-issue17*/probe-*.jsonl")
+             if r.get("autocast") == "bf16" and tuple(r[k] for k in shape) in off]
+    assert {r["arch"] for r, _ in pairs} == {"mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "gpt-oss-20b",
+                                             "phi-3.5-mini", "gemma-3-12b"}
     for on, without in pairs:
         if on["method"] == "qlora":
             assert abs(on["peak_alloc_gib"] / without["peak_alloc_gib"] - 1) <= 0.015
             assert abs(on["tok_per_s"] / without["tok_per_s"] - 1) <= 0.02
         else:
-            assert on["peak_alloc_gib"] < without["peak_alloc_gib"] and on["tok_per_s"] > 1.05 * without["tok_per_s"]
-        if on["arch"] == "qwen1.5-moe-a2.7b" and on["method"] == "lora":
-            est = _estimate(on)
-            assert abs(on["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05
-            assert abs(on["tok_per_s"] / est.tokens_per_s - 1) <= 0.10
+            assert on["peak_alloc_gib"] <= without["peak_alloc_gib"] and on["tok_per_s"] > 1.02 * without["tok_per_s"]
+
+
+def test_16bit_lora_probed_without_autocast_keeps_at_least_what_a_run_is_estimated_to() -> None:
+    """The 16-bit LoRA rows probed without autocast (issue17_rows.without_autocast) do not stand for a run, but they
+    bound one: their fp32 adapter inputs come on top of what a run keeps, and their fp32 adapters run slower. So
+    each allocates and reserves no less than 5% under the run's estimate, and runs at most 15% faster than it where
+    the GPU bounds it (within the band where the host does)."""
+    rows = issue17_rows.without_autocast()
+    assert len(rows) >= 30 and all(r.get("autocast", "off") == "off" and r["method"] == "lora" for _, r in rows)
+    for d, r in rows:
+        est = _estimate(r)
+        assert r["peak_alloc_gib"] >= 0.95 * est.peak_allocated_gib, (d, r["model"], r["batch"], r["seq"])
+        assert r["peak_reserved_gib"] >= 0.95 * est.peak_reserved_gib, (d, r["model"], r["batch"], r["seq"])
+        if est.host_bound:
+            assert est.tokens_per_s_band[0] <= r["tok_per_s"] <= est.tokens_per_s_band[1]
+        else:
+            assert r["tok_per_s"] <= 1.15 * est.tokens_per_s, (d, r["model"], r["batch"], r["seq"])
+
+
+def test_the_llama_fast_path_is_the_same_under_autocast() -> None:
+    """Full-depth Llama-3.1-8B, 16-bit LoRA 1 x 8192, probed with and without bf16 autocast, each in a process of its
+    own (bench/results/h200-llama-autocast/, 2026-12-01): Unsloth's fused LoRA kernels cast the adapters to the
+    activations' dtype either way, so the peaks are the same and the speed within 1%. The reference calibration's
+    probes, without autocast, stand for runs."""
+    (without,), (on,) = ([r for _, r in recorded(f"h200-llama-autocast/probe-{n}.jsonl")] for n in ("llama", "llama-bf16"))
+    assert (without["autocast"], on["autocast"], without["arch"], on["layers"]) == ("off", "bf16", "llama-3.1-8b", 32)
+    assert on["peak_alloc_gib"] == pytest.approx(without["peak_alloc_gib"], abs=0.01)
+    assert on["peak_reserved_gib"] == pytest.approx(without["peak_reserved_gib"], abs=0.01)
+    assert on["tok_per_s"] == pytest.approx(without["tok_per_s"], rel=0.01)
+
+
+def test_rigplan_run_on_a_moe_replica_meets_its_plan() -> None:
+    """`rigplan run` on an 8-layer Qwen1.5-MoE replica, the plan rigplan made for the data on the H200 (16 x 1280
+    without checkpointing, predictions/qwen2moe-run-h200.json written before), the longest micro-batch first
+    (bench/results/h200-issue17-run/, 2026-12-01). Today's estimate of each run's setup for the data's lengths: peak
+    reserved within 5% (16-bit LoRA's share without checkpointing was solved on a probe, not on this run), and the
+    run's rate once its shapes were compiled inside the estimate's band (its 38 steps include 30 s of compiling)."""
+    sys.path.insert(0, str(RUNS.parents[1].parent / "tests"))
+    from test_h200_runs import data_lengths
+
+    for method in ("lora", "qlora"):
+        run = json.loads((RUNS.parent / "h200-issue17-run" / f"h200-{method}.json").read_text())
+        p, measured = run["plan"], run["measured"]
+        assert (p["micro_batch"], p["seq_len"], p["checkpointing"], run["status"]) == (16, 1280, "off", "done")
+        setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"],
+                      optimizer=p["optimizer"], checkpointing=p["checkpointing"])
+        model = reduced(resolve_model("qwen1.5-moe-a2.7b"), 8)
+        est = planner.estimate(model, setup, resolve_gpu("h200"), store.reference()[0], lengths=data_lengths(run),
+                               batching=p["batching"], engine=p["engine"])
+        assert abs(measured["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05, method
+        assert est.tokens_per_s_band[0] <= measured["tokens_per_s_compiled"] <= est.tokens_per_s_band[1], method

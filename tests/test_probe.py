@@ -17,7 +17,7 @@ def test_job_parse() -> None:
     job = Job.parse("llama-3.1-8b@4:qlora:16:1x2048,4x4096:checkpointing=off")
     assert (job.model, job.layers, job.method, job.rank, job.shapes, job.checkpointing) == (
         "llama-3.1-8b", 4, "qlora", 16, ((1, 2048), (4, 4096)), "off")
-    assert job.autocast == "off" and Job.parse("llama-3.1-8b:lora:16:1x2048:autocast=bf16").autocast == "bf16"
+    assert job.autocast == "auto" and Job.parse("llama-3.1-8b:lora:16:1x2048:autocast=bf16").autocast == "bf16"
 
 
 def test_calibrate_grid_reduces_depth_and_covers_both_regimes() -> None:
@@ -68,6 +68,7 @@ def test_probe_runs_end_to_end_on_cpu(tmp_path, tiny_replica) -> None:
         assert r["err"] is None and r["layers"] == 1 and r["step_s"] > 0 and r["steps_timed"] >= 5
         # step_s is stored to 0.1 ms: a few-ms CPU step carries that rounding into the ratio
         assert r["tok_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_s"], rel=0.01 + 5e-5 / r["step_s"])
+        # autocast "auto" is what the trainer does on the device: off on the CPU
         assert r["provenance"]["packages"]["torch"] and r["trainable_params"] > 0 and r["autocast"] == "off"
 
 
