@@ -254,7 +254,8 @@ def phi3_qlora_slack() -> tuple[float, float]:
 MIXTRAL_NOCKPT = [RESULTS / "h200-issue17-nockpt-fit" / "probe-mixtral.jsonl"]
 
 
-def nockpt_slack(table: dict, key: object, method: str, files: list[Path], seqs: tuple[int, ...]) -> tuple[float, float]:
+def nockpt_slack(table: dict, key: object, method: str, files: list[Path],
+                 seqs: tuple[int, ...]) -> tuple[float, float]:
     """memory.NOCKPT_SLACK_BY_TYPE_AND_METHOD[model_type, method] (or NOCKPT_SLACK_BY_TYPE[model_type]): measured less
     estimated reserved GiB (estimated with it at 0) = a + b x tokens x hidden / 2**30, least squares over the method's
     4-layer 1 x seq rows without checkpointing."""

@@ -3,7 +3,7 @@
 Phi-3.5-mini; LoRA and QLoRA at 1 x 2048, 4 x 2048 and 1 x 8192 (Phi: one shape before the call's time ran out).
 Each row against today's estimate of its shape on the H200. The predictions written before the runs are in
 bench/results/predictions/issue17-h200.json; the terms the runs led to (experts in 4-bit under Unsloth's QLoRA,
-their dequantized stack, the routed copies, Gemma 3's and Phi-3's whole logits, Qwen3-MoE's slower experts, Gemma
+their dequantized stack, the routed copies, Gemma 3's and Phi-4's whole logits, Qwen3-MoE's slower experts, Gemma
 3's slower LoRA) are in estimator/memory.py and speed.py, each with what it was checked on."""
 
 from __future__ import annotations
@@ -470,7 +470,8 @@ def test_the_llama_fast_path_is_the_same_under_autocast() -> None:
     own (bench/results/h200-llama-autocast/, 2026-12-01): Unsloth's fused LoRA kernels cast the adapters to the
     activations' dtype either way, so the peaks are the same and the speed within 1%. The reference calibration's
     probes, without autocast, stand for runs."""
-    (without,), (on,) = ([r for _, r in recorded(f"h200-llama-autocast/probe-{n}.jsonl")] for n in ("llama", "llama-bf16"))
+    (without,), (on,) = ([r for _, r in recorded(f"h200-llama-autocast/probe-{name}.jsonl")]
+                         for name in ("llama", "llama-bf16"))
     assert (without["autocast"], on["autocast"], without["arch"], on["layers"]) == ("off", "bf16", "llama-3.1-8b", 32)
     assert on["peak_alloc_gib"] == pytest.approx(without["peak_alloc_gib"], abs=0.01)
     assert on["peak_reserved_gib"] == pytest.approx(without["peak_reserved_gib"], abs=0.01)
