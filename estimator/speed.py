@@ -70,7 +70,7 @@ SOFTMAX_BOUND_HEAD_DIM = 128
 # FlashAttention supports). Per method, each fitted with the method's GPU factor (GPU_TIME_BY_TYPE_AND_METHOD) on its
 # two GPU-bound rows at the same tokens, 4 x 2048 and 1 x 8192 (bench/family_terms.py phi3_speed): 16-bit LoRA under
 # bf16 autocast, as `rigplan run` trains (bench/results/h200-issue17-autocast-next/probe-phi.jsonl, 2026-12-01; probed
-# without autocast it ran 12-17% slower, its adapters computing in fp32, h200-issue17-heldout2/); QLoRA on
+# without autocast it ran 7-14% slower, its adapters computing in fp32, h200-issue17-heldout2/); QLoRA on
 # h200-issue17-heldout2/probe-phi.jsonl and probe-phi-8192.jsonl, checked on 2 x 4096 and 1 x 16384
 # (h200-issue17-heldout3/probe-phi.jsonl). Only for the head sizes measured slow (memory.family: not Phi-4's).
 ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 4.04, ("phi3", "qlora"): 3.80}
@@ -259,10 +259,22 @@ def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
     per_layer = coeffs.layer_overhead_s if setup.checkpointing == "unsloth" else coeffs.nockpt_layer_overhead_s
     if setup.method == "qlora":
         per_layer += coeffs.qlora_layer_overhead_s
-    per_layer *= HOST_LAYER_TIME_BY_TYPE.get(family(model), 1.0)
+    modules = len(model.target_modules) / REFERENCE_LORA_MODULES if not model.experts else 1.0
+    per_layer *= HOST_LAYER_TIME_BY_TYPE.get(family(model), 1.0) * modules
     return coeffs.step_overhead_s + per_layer * model.num_hidden_layers + coeffs.offload_s_per_gb * offload_gb(model, setup)
 
 
+# The reference's per-layer host cost was fitted on dense models whose LoRA adapts seven linear modules a layer (q, k,
+# v, o, gate, up, down: Llama, Mistral, Qwen). Each adapted module launches kernels of its own (the adapter's matmuls
+# forward and backward, its scaling and addition), so a dense layer costs the host in proportion to the modules it
+# adapts: Phi-3's fused qkv_proj and gate_up_proj make four. No constant was fitted for it. Checked on Phi-3.5-mini's
+# host-bound runs (estimate / measured - 1, before -> after): at 8 layers on the H100, -33% and -40% -> +4% and -9%
+# (profiles/calibrations/h100-runs/h100-heldout.jsonl); at full depth on the H200, 16-bit LoRA -39% -> -2%, QLoRA
+# -51% -> -19% (bench/results/h200-issue17-phi-autocast/, -heldout2/). A mixture-of-experts layer keeps the
+# reference's cost: its LoRA adapts attention only (four modules) but its routing and expert dispatch launch kernels
+# of their own, and counted by its modules Mixtral's and Qwen3-MoE's 4-layer rows with checkpointing ran 17-37% slower
+# than the estimate (h200-issue17/), while Qwen3-MoE's without checkpointing ran as counted (-nockpt-check/).
+REFERENCE_LORA_MODULES = 7
 # Families whose layers cost the host more than the reference's. gpt-oss's layers are not compiled as one region under
 # Unsloth 2026.10.9 (its log has no "compiling each transformer block as one region"; docs/moe-saved-tensors.md), so
 # each launches its kernels one by one: least squares through zero of the step less the fixed cost on the layers'
