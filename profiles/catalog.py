@@ -640,8 +640,15 @@ def known_issues() -> tuple[dict[str, str], ...]:
     return tuple(json.loads((PROFILES_DIR / "known_issues.json").read_text()))
 
 
-def issues_for(model: ModelSpec) -> list[dict[str, str]]:
-    return [i for i in known_issues() if i["model_type"] == model.model_type]
+def issues_for(model: ModelSpec, gpu: GpuSpec | None = None) -> list[dict[str, str]]:
+    """The notes for the model's family (an entry's model_types, or its model_type); those that hold only on some
+    GPUs ("when": "gpu_without_bf16") only for such a GPU."""
+    def applies(i: dict) -> bool:
+        if model.model_type not in i.get("model_types", [i["model_type"]]):
+            return False
+        return not i.get("when") or (i["when"] == "gpu_without_bf16" and gpu is not None and not gpu.bf16)
+
+    return [i for i in known_issues() if applies(i)]
 
 
 def measured_status(model: ModelSpec) -> str:

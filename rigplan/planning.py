@@ -233,11 +233,11 @@ def cpu_memory_check(p: Plan, host_gib: float | None, force: bool = False) -> tu
     return [], None
 
 
-def warnings_for(model: ModelSpec, short: bool = False) -> list[str]:
-    """What is known to differ for this model (profiles/known_issues.json): the whole note with its sources, or
-    (short) its one-line summary, which the tables print; --json carries both."""
+def warnings_for(model: ModelSpec, short: bool = False, gpu: GpuSpec | None = None) -> list[str]:
+    """What is known to differ for this model (on this GPU, where given; profiles/known_issues.json): the whole note
+    with its sources, or (short) its one-line summary, which the tables print; --json carries both."""
     notes = [f"{i['severity']}: {i['summary']} (profiles/known_issues.json; --json for the whole note)" if short
-             else f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model)]
+             else f"{i['severity']}: {i['issue']} ({i['source']})" for i in catalog.issues_for(model, gpu)]
     # A plain bitsandbytes NF4 copy trained as quantizing on load does, memory within 0.1%
     # (bench/results/prequantized-h200/); Unsloth's dynamic 4-bit copies (`-unsloth-bnb-4bit`) keep some layers in
     # 16 bits, which the estimate does not count.
@@ -249,9 +249,9 @@ def warnings_for(model: ModelSpec, short: bool = False) -> list[str]:
     return notes
 
 
-def warning_fields(model: ModelSpec) -> dict[str, list[str]]:
+def warning_fields(model: ModelSpec, gpu: GpuSpec | None = None) -> dict[str, list[str]]:
     """The JSON's warnings: whole, and short for the tables."""
-    return {"warnings": warnings_for(model), "warnings_short": warnings_for(model, short=True)}
+    return {"warnings": warnings_for(model, gpu=gpu), "warnings_short": warnings_for(model, short=True, gpu=gpu)}
 
 
 def choose_engine(model: ModelSpec) -> Engine:
@@ -303,7 +303,7 @@ def check(model_name: str, gpu: str | None = None, num_gpus: int = 1, seq_len: i
         "fits": result.fits, "reason": result.reason, "calibration": info,
         "recommended": plan_row(plan_, load) if plan_ else None,
         "alternatives": [plan_row(p, load) for p in result.alternatives],
-        "workload": load.to_dict(), **warning_fields(model), **host_memory_fields(plan_, target),
+        "workload": load.to_dict(), **warning_fields(model, target.spec), **host_memory_fields(plan_, target),
     }
 
 
@@ -411,7 +411,7 @@ def estimate(model_name: str, method: str, batch: int, seq_len: int, rank: int, 
             "step_s": round(est.step_s, 4), "host_bound": est.host_bound,
             "tokens_per_s_band": [round(x, 1) for x in est.tokens_per_s_band],
             "components": {k: round(v / gib, 3) for k, v in est.components_bytes.items()},
-            "calibration": calibration_info(coeffs, doc, here, target.spec), **warning_fields(model)}
+            "calibration": calibration_info(coeffs, doc, here, target.spec), **warning_fields(model, target.spec)}
 
 
 # Without a GPU (CPU training through transformers + PEFT) nothing is predicted: these are the settings.
@@ -619,4 +619,4 @@ def max_seq(model_name: str, gpu: str | None, rank: int = planner.DEFAULT_RANK) 
             "gpu_memory_gib": round(target.memory_gib, 2), "rank": rank,
             "max_seq": {m: e.setup.seq_len if e else None for m, e in found.items()}, "plans": plans,
             "why_not": why_not,
-            "calibration": calibration_info(coeffs, doc, here, target.spec), **warning_fields(model)}
+            "calibration": calibration_info(coeffs, doc, here, target.spec), **warning_fields(model, target.spec)}

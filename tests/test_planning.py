@@ -25,6 +25,22 @@ def test_engine_follows_known_issues() -> None:
     assert planning.make_plan("gemma-2-9b", "h100-sxm").engine == "transformers"
 
 
+def test_families_unsloth_trains_in_float32_warn_on_gpus_without_bf16() -> None:
+    """Unsloth 2026.10.9 trains Gemma 3, gpt-oss and Qwen3-MoE in float32 where the GPU has no bf16 (its
+    FORCE_FLOAT32 list; profiles/known_issues.json): `check` on a T4 or V100 says the plan counts bf16, for those
+    families only, and nowhere else; the families' measured status is unchanged."""
+    from rigplan.profiles.catalog import measured_status
+
+    def noted(model: str, gpu: str) -> bool:
+        return any("float32" in w for w in planning.check(model, gpu)["warnings_short"])
+
+    assert all(noted(m, g) for m in ("gemma-3-12b", "gpt-oss-20b", "qwen3-30b-a3b") for g in ("t4", "v100-32gb"))
+    assert not any(noted(m, g) for m, g in (("gemma-3-12b", "rtx-4090"), ("llama-3.1-8b", "t4"),
+                                            ("mixtral-8x7b", "t4"), ("qwen3-30b-a3b", "h100-sxm")))
+    assert planning.max_seq("gpt-oss-20b", "t4")["warnings"][-1].startswith("uncalibrated: Unsloth 2026.10.9")
+    assert measured_status(resolve_model("gemma-3-12b")) == "measured"
+
+
 def test_transformers_engine_is_estimated_apart(coeffs) -> None:
     """The same setup costs more step memory and more time on transformers + PEFT than on Unsloth, by the
     factors measured on the recorded pairs (bench/engine_factors.py); weights are the same."""
