@@ -277,12 +277,18 @@ QWEN2_MOE_NOCKPT = [RESULTS / "h200-issue17-nockpt-deep" / "probe-qwen2moe.jsonl
                     RESULTS / "h200-issue17-nockpt-qwen2moe" / "probe-qwen2moe.jsonl"]
 
 
+def kept_by_the_extra_layers_gib(short: dict, deep: dict) -> float:
+    """What the deeper replica's extra layers kept at the same shape: its allocated peak less the shallower one's,
+    each with its weights (as measured after loading) taken out."""
+    return deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
+
+
 def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
     """memory.NOCKPT_ROUTED_SHARE_BY_TYPE[model_type]: the multiple of a layer's routed copy that makes the
     estimated allocated peak of the family's 8-layer 1 x 8192 row without checkpointing exceed the 4-layer one's by
     what was measured (the layers' weights as measured after loading)."""
     short, deep = (rows(files, "qlora", 1, 8192, layers=n) for n in (4, 8))
-    measured = deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
+    measured = kept_by_the_extra_layers_gib(short, deep)
 
     def kept(row: dict) -> float:
         return _estimate(row).components_bytes["activations_kept"] / 2**30

@@ -24,6 +24,7 @@ from rigplan.profiles.catalog import resolve_gpu, resolve_model
 RUNS = Path(__file__).parents[1] / "bench" / "results" / "h200-issue17"
 sys.path.insert(0, str(RUNS.parents[1]))
 import issue17_rows  # noqa: E402  (bench/issue17_rows.py: the rows that check the estimate)
+from family_terms import kept_by_the_extra_layers_gib  # noqa: E402  (bench/family_terms.py)
 
 
 def recorded(pattern: str) -> list[tuple[str, dict]]:
@@ -334,12 +335,6 @@ def test_mixtral_and_qwen1_5_moe_qlora_hold_a_share_of_the_recompute() -> None:
     assert longest == {"mixtral-8x7b": 32768, "qwen1.5-moe-a2.7b": 32768} and len(rows) >= 20
 
 
-def _kept_by_the_extra_layers_gib(short: dict, deep: dict) -> float:
-    """What the deeper replica's extra layers kept at the same shape: its allocated peak less the shallower one's,
-    each with its weights (as measured after loading) taken out."""
-    return deep["peak_alloc_gib"] - deep["after_load_gib"] - (short["peak_alloc_gib"] - short["after_load_gib"])
-
-
 def test_moe_without_checkpointing_keeps_what_the_estimate_counts() -> None:
     """Mixtral-8x7B, Qwen3-30B-A3B and Qwen1.5-MoE-A2.7B QLoRA without checkpointing (`check` picks it where the card
     has room), 4 to 16 layers, 2,048 to 32,768 tokens: what a layer keeps, the 8- less the 4-layer allocated peaks at
@@ -356,7 +351,7 @@ def test_moe_without_checkpointing_keeps_what_the_estimate_counts() -> None:
         if layers != 8 or short is None:
             continue
         kept = [_estimate(r).components_bytes["activations_kept"] / 2**30 for r in (short, deep)]
-        measured = _kept_by_the_extra_layers_gib(short, deep)
+        measured = kept_by_the_extra_layers_gib(short, deep)
         assert abs(measured / (kept[1] - kept[0]) - 1) <= 0.02, (arch, tokens)
         pairs += 1
     assert pairs >= 8
@@ -418,7 +413,7 @@ def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
     for (arch, method), count in COUNTED_BEFORE.items():
         for seq in (2048, 8192):
             short, deep = by_shape[arch, method, 4, seq], by_shape[arch, method, 8, seq]
-            measured = _kept_by_the_extra_layers_gib(short, deep)
+            measured = kept_by_the_extra_layers_gib(short, deep)
             assert abs(measured * 2**30 / 4 / seq / count - 1) <= (0.015 if seq == 2048 else 0.003), (arch, method, seq)
         if (arch, method) == ("gpt-oss-20b", "qlora"):
             kept = [_estimate(r).components_bytes["activations_kept"] for r in (short, deep)]
