@@ -2,7 +2,7 @@
 
     python -m rigplan.calibration.probe --job llama-3.1-8b:lora:16:1x2048,4x2048 --job llama-3.1-8b@4:qlora:16:2x2048 --out runs.jsonl
 
-A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16|off]. Each shape is measured
+A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16|off][:gpu=no-bf16]. Each shape is measured
 after a warm-up step, with torch's peak allocated and reserved memory and NVML's used memory; an out-of-memory
 shape is recorded, not fatal.
 Every row is appended (and flushed) as soon as it is measured, so a killed probe keeps what it had.
@@ -11,12 +11,14 @@ Every row is appended (and flushed) as soon as it is measured, so a killed probe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +56,9 @@ class Job:
     # -autocast-next/), not for the Llama fast path (the same peaks, speed within 1%: h200-llama-autocast/).
     # "auto" (the default): what `rigplan run` does on this device, "bf16" on a CUDA GPU with bf16, "off" elsewhere.
     autocast: Literal["auto", "off", "bf16"] = "auto"
+    # "no-bf16": Unsloth's load and training as on a GPU without bf16 (T4, V100), for the families Unsloth trains in
+    # float32 there (as_without_bf16): what `rigplan check` says it has not measured (profiles/known_issues.json).
+    gpu: Literal["as-is", "no-bf16"] = "as-is"
 
     @classmethod
     def parse(cls, text: str) -> "Job":
@@ -160,6 +165,28 @@ def scratch_dir(spec: Any) -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def as_without_bf16() -> Iterator[None]:
+    """Unsloth's loader as on a GPU without bf16. There it turns the bf16 the trainer asks for into float16 ("Device
+    does not support bfloat16. Will change to float16."), and for a family of its FORCE_FLOAT32 list it then loads
+    the weights in bf16 and sets UNSLOTH_FORCE_FLOAT32 (unsloth/models/loader.py, FastModel.from_pretrained), under
+    which its trainer patch trains with mixed precision "no" (unsloth/models/rl.py): no autocast. Here the loader is
+    asked for float16 directly; the probe then runs without autocast."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    saved, original = FastLanguageModel.__dict__["from_pretrained"], FastLanguageModel.from_pretrained
+
+    def float16(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **{**kwargs, "dtype": torch.float16})
+
+    FastLanguageModel.from_pretrained = staticmethod(float16)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        FastLanguageModel.from_pretrained = saved  # type: ignore[method-assign]
+
+
 def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
             min_timed_s: float = MIN_TIMED_S) -> None:
     import torch
@@ -184,9 +211,15 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
                     grad_accum=1, seq_len=max_seq, optimizer=job.optimizer,  # type: ignore[arg-type]
                     checkpointing=job.checkpointing,  # type: ignore[arg-type]
                     target_modules=spec.target_modules, engine=engine)  # type: ignore[arg-type]
+        if job.gpu == "no-bf16" and not (engine == "unsloth" and cuda):
+            raise SystemExit("rigplan probe: gpu=no-bf16 stands for Unsloth's loader on a CUDA GPU: engine unsloth")
         t0 = time.perf_counter()
-        model, _tok = load(plan)
+        with as_without_bf16() if job.gpu == "no-bf16" else contextlib.nullcontext():
+            model, _tok = load(plan)
         load_s = time.perf_counter() - t0
+        if job.gpu == "no-bf16" and not getattr(model, "_unsloth_forced_float32", False):
+            # On such a GPU any other family trains in float16 under float16 autocast, which this does not stand for
+            raise SystemExit(f"rigplan probe: {job.model} is not one Unsloth trains in float32 without bf16")
         # Training mode, as TRL's trainer sets it: without it transformers skips gradient checkpointing
         # (`if self.gradient_checkpointing and self.training`), and the peak is that of no checkpointing.
         model.train()
@@ -200,10 +233,10 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
         else:
             opt = torch.optim.AdamW(params, lr=1e-4)
         autocast = job.autocast if job.autocast != "auto" else (
-            "bf16" if cuda and torch.cuda.is_bf16_supported() else "off")
+            "bf16" if cuda and torch.cuda.is_bf16_supported() and job.gpu == "as-is" else "off")
         head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
                 "rank": job.rank, "engine": engine, "optimizer": optimizer, "checkpointing": job.checkpointing,
-                "autocast": autocast,
+                "autocast": autocast, "gpu_emulated": job.gpu,
                 "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "load_s": round(load_s, 1), "after_load_gib": after_load, **start,
                 "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}

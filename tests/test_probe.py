@@ -152,3 +152,17 @@ def test_calibrate_estimates_recorded_runs_again_with_the_estimator_it_runs() ->
     assert n == m == 2 and printed > 1.13  # the printed plans were 14% low
     assert abs(again - 1) < 0.03  # today's estimate of the same runs
 
+
+
+def test_the_no_bf16_emulation_stands_for_unsloth_only(tmp_path, tiny_replica) -> None:
+    """gpu=no-bf16 makes Unsloth's loader take its path for GPUs without bf16 (calibration/probe.py
+    as_without_bf16); on any other engine it would measure nothing of the kind, so the probe refuses before it loads
+    a model, and writes no row."""
+    from rigplan.calibration import probe
+
+    model_dir, _ = tiny_replica
+    out = tmp_path / "probes.jsonl"
+    with pytest.raises(SystemExit, match="engine unsloth"):
+        probe.main(["--job", f"{model_dir}@1:qlora:8:1x32:gpu=no-bf16", "--engine", "transformers", "--out", str(out)])
+    assert not out.exists()
+    assert probe.Job.parse("gemma-3-12b@8:qlora:16:1x2048:gpu=no-bf16").gpu == "no-bf16"
