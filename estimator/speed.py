@@ -275,6 +275,8 @@ def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
 # of their own, and counted by its modules Mixtral's and Qwen3-MoE's 4-layer rows with checkpointing ran 17-37% slower
 # than the estimate (h200-issue17/), while Qwen3-MoE's without checkpointing ran as counted (-nockpt-check/).
 REFERENCE_LORA_MODULES = 7
+
+
 # Families whose layers cost the host more than the reference's. gpt-oss's layers are not compiled as one region under
 # Unsloth 2026.10.9 (its log has no "compiling each transformer block as one region"; docs/moe-saved-tensors.md), so
 # each launches its kernels one by one: least squares through zero of the step less the fixed cost on the layers'
