@@ -75,8 +75,8 @@ def accuracy_table() -> str:
         ("Phi-3.5-mini, 16-bit LoRA probed without the autocast runs use (generic path: compared, not fitted)",
          [r for r in reference if r["unsloth_generic_path"]]),
         ("full-depth 7-8B runs on other H100 machines, never fitted (`calibrate-h100/validate-*`)", validation),
-        ("H200: mixture-of-experts and generic-path families, 4-48 layers, rows no term was fitted on "
-         "(`bench/issue17_rows.py`)",
+        ("H200: mixture-of-experts and generic-path families, 4-48 layers, rows no term was fitted on, trained as "
+         "runs are (`bench/issue17_rows.py`)",
          issue17),
     ]
     lines = ["| runs (H100 unless said) | peak reserved (runs) | tok/s, GPU-bound (runs) | tok/s, host-bound (runs) |",
