@@ -2,9 +2,9 @@
 
     python -m rigplan.calibration.probe --job llama-3.1-8b:lora:16:1x2048,4x2048 --job llama-3.1-8b@4:qlora:16:2x2048 --out runs.jsonl
 
-A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16|off][:gpu=no-bf16]. Each shape is measured
-after a warm-up step, with torch's peak allocated and reserved memory and NVML's used memory; an out-of-memory
-shape is recorded, not fatal.
+A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16|off][:gpu=no-bf16]. Each
+shape is measured after a warm-up step, with torch's peak allocated and reserved memory and NVML's used memory; an
+out-of-memory shape is recorded, not fatal.
 Every row is appended (and flushed) as soon as it is measured, so a killed probe keeps what it had.
 """
 

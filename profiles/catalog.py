@@ -641,10 +641,10 @@ def known_issues() -> tuple[dict[str, str], ...]:
 
 
 def issues_for(model: ModelSpec, gpu: GpuSpec | None = None) -> list[dict[str, str]]:
-    """The notes for the model's family (an entry's model_types, or its model_type); those that hold only on some
-    GPUs ("when": "gpu_without_bf16") only for such a GPU."""
+    """The notes for the model's family (an entry's model_type, or one of its model_types); those that hold only on
+    some GPUs ("when": "gpu_without_bf16") only for such a GPU."""
     def applies(i: dict) -> bool:
-        if model.model_type not in i.get("model_types", [i["model_type"]]):
+        if model.model_type not in (i["model_types"] if "model_types" in i else (i["model_type"],)):
             return False
         return not i.get("when") or (i["when"] == "gpu_without_bf16" and gpu is not None and not gpu.bf16)
 

@@ -14,7 +14,7 @@ import pytest
 from rigplan import store
 from rigplan.estimator import planner
 from rigplan.estimator.plan import ExampleLengths, Setup
-from rigplan.profiles.catalog import resolve_gpu, resolve_model
+from rigplan.profiles.catalog import ModelSpec, resolve_gpu, resolve_model
 
 RUNS = Path(__file__).parents[1] / "bench" / "results" / "h200-runs"
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
@@ -63,10 +63,15 @@ def data_lengths(run: dict) -> ExampleLengths:
 
 
 def _estimate(name: str, run: dict) -> planner.Estimate:
-    p = run["plan"]
     model = resolve_model("gemma-2-9b" if "gemma2" in name else "llama-3.1-8b")
     if "gemma2-L6" in name:
         model = dataclasses.replace(model, num_hidden_layers=6)
+    return estimate_run(model, run)
+
+
+def estimate_run(model: ModelSpec, run: dict) -> planner.Estimate:
+    """Today's estimate of a recorded run's own plan on the H200, for the lengths of the data it trained on."""
+    p = run["plan"]
     lengths = data_lengths(run)
     setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"], optimizer=p["optimizer"],
                   checkpointing=p["checkpointing"], parallelism=p.get("parallelism", "single"),

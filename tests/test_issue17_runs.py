@@ -480,19 +480,16 @@ def test_rigplan_run_on_a_moe_replica_meets_its_plan() -> None:
     reserved within 5% (16-bit LoRA's share without checkpointing was solved on a probe, not on this run), and the
     run's rate once its shapes were compiled inside the estimate's band (its 38 steps include 30 s of compiling)."""
     sys.path.insert(0, str(RUNS.parents[1].parent / "tests"))
-    from test_h200_runs import data_lengths
+    from test_h200_runs import estimate_run
 
     for method in ("lora", "qlora"):
         run = json.loads((RUNS.parent / "h200-issue17-run" / f"h200-{method}.json").read_text())
         p, measured = run["plan"], run["measured"]
         assert (p["micro_batch"], p["seq_len"], p["checkpointing"], run["status"]) == (16, 1280, "off", "done")
-        setup = Setup(p["method"], p["rank"], p["micro_batch"], p["seq_len"], p["grad_accum"],
-                      optimizer=p["optimizer"], checkpointing=p["checkpointing"])
-        model = reduced(resolve_model("qwen1.5-moe-a2.7b"), 8)
-        est = planner.estimate(model, setup, resolve_gpu("h200"), store.reference()[0], lengths=data_lengths(run),
-                               batching=p["batching"], engine=p["engine"])
+        est = estimate_run(reduced(resolve_model("qwen1.5-moe-a2.7b"), 8), run)
         assert abs(measured["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05, method
         assert est.tokens_per_s_band[0] <= measured["tokens_per_s_compiled"] <= est.tokens_per_s_band[1], method
+
 
 def test_the_hosts_cost_per_layer_follows_the_modules_lora_adapts(monkeypatch) -> None:
     """A layer's host cost is in proportion to the linear modules LoRA adapts (speed.REFERENCE_LORA_MODULES): Phi-3.5's
@@ -506,6 +503,7 @@ def test_the_hosts_cost_per_layer_follows_the_modules_lora_adapts(monkeypatch) -
     assert sorted(r["method"] for r in rows) == ["lora", "qlora"]
     for modules, bound in ((speed.REFERENCE_LORA_MODULES, 0.20), (4, 1.0)):
         monkeypatch.setattr(speed, "REFERENCE_LORA_MODULES", modules)
-        errors = [_estimate(r).tokens_per_s / r["tok_per_s"] - 1 for r in rows]
-        assert all(_estimate(r).host_bound for r in rows)
+        ests = [_estimate(r) for r in rows]
+        errors = [e.tokens_per_s / r["tok_per_s"] - 1 for e, r in zip(ests, rows)]
+        assert all(e.host_bound for e in ests)
         assert all(abs(e) <= bound for e in errors) and (modules == 7 or all(e < -0.35 for e in errors)), errors
