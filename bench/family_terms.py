@@ -33,7 +33,6 @@ QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
               RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
-PHI4 = [RESULTS / "h200-issue17-heldout6" / "probe-phi4.jsonl"]
 # 16-bit LoRA under bf16 autocast, as `rigplan run` trains; the rows above were probed without it
 AUTOCAST = RESULTS / "h200-issue17-autocast-next"
 PHI_AUTOCAST = [AUTOCAST / "probe-phi.jsonl"]
@@ -181,10 +180,6 @@ def gpu_factor(files: list[Path], method: str, batch: int, seq: int) -> float:
     time at the fitted rate."""
     mm, attn, moved = step_parts(row := rows(files, method, batch, seq))
     return (row["step_s"] - moved) / (mm + attn)
-
-
-def phi4_logits() -> float:
-    return solve(memory.MATERIALISED_LOGITS_BYTES, ("phi3-128", "lora"), rows(PHI4, "lora", 4, 2048), 10.0)
 
 
 def moe_qlora_backward(model_type: str, short: dict, long: dict) -> tuple[float, float]:
@@ -378,8 +373,6 @@ def fitted() -> dict[str, tuple[float, float]]:
                                                   speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]),
         'speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]': (
             step_ratio(GEMMA3_AUTOCAST, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE_AND_METHOD[("gemma3", "lora")]),
-        'memory.MATERIALISED_LOGITS_BYTES[("phi3-128", "lora")]': (
-            phi4_logits(), memory.MATERIALISED_LOGITS_BYTES[("phi3-128", "lora")]),
         **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][{i}]': (
             moe[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen3_moe"][i]) for i in (0, 1)},
         **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["mixtral"][{i}]': (

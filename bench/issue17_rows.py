@@ -19,12 +19,12 @@ CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss"
               "h200-issue17-nockpt-check", "h200-issue17-nockpt-deep", "h200-issue17-nockpt-qwen2moe",
               "h200-issue17-gemma-full", "h200-issue17-gptoss-nockpt", "h200-issue17-lora-nockpt",
               "h200-issue17-lora-nockpt-deep", "h200-issue17-autocast", "h200-issue17-autocast-next",
-              "h200-issue17-phi-autocast")
+              "h200-issue17-phi-autocast", "h200-issue17-autocast-lora",
+              "h200-issue17-phi4-autocast")
 FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "lora", 1, 2048),
-                 ("h200-issue17-heldout6", "phi-4-L8", "lora", 4, 2048),
                  ("h200-issue17-heldout2", "qwen3-30b-a3b-L4", "qlora", 1, 16384),
                  ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "gpt-oss-20b-L4", "qlora", 1, 16384),
@@ -43,7 +43,8 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                    for m in ("lora", "qlora") for n in (2048, 8192)),
                  ("h200-issue17-autocast", "qwen1.5-moe-a2.7b-L8", "lora", 1, 8192),
                  *(("h200-issue17-autocast-next", "phi-3.5-mini", "lora", b, s) for b, s in ((4, 2048), (1, 8192))),
-                 ("h200-issue17-autocast-next", "gemma-3-12b-L8", "lora", 4, 2048)}
+                 ("h200-issue17-autocast-next", "gemma-3-12b-L8", "lora", 4, 2048),
+                 ("h200-issue17-phi4-autocast", "phi-4-L8", "lora", 4, 2048)}
 
 
 def unfitted() -> list[tuple[str, dict]]:

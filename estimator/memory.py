@@ -213,11 +213,11 @@ def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:
 # bf16 autocast, as `rigplan run` trains, the same (h200-issue17-autocast-next/). Phi-3.5-mini holds none under
 # autocast, either method: its 16-bit LoRA held 3.42 bytes per logit only when probed without autocast (h200-issue17-
 # heldout2/), and under autocast allocated within 0.3% of the estimate without them at 4 x 2048 and 1 x 8192
-# (h200-issue17-autocast-next/probe-phi.jsonl, 2026-12-01). Phi-4's (family "phi3-128") 16-bit LoRA, probed without
-# autocast only, on its LoRA 4 x 2048 run at 8 layers (bench/results/h200-issue17-heldout6/probe-phi4.jsonl; its
-# 1 x 2048 and 1 x 8192 runs there checking it): by Phi-3.5's runs a run under autocast holds less, so the upper side.
+# (h200-issue17-autocast-next/probe-phi.jsonl, 2026-12-01). Phi-4 (family "phi3-128") the same: its 16-bit LoRA held
+# 2.37 bytes per logit probed without autocast at 8 layers (h200-issue17-heldout6/probe-phi4.jsonl), and under
+# autocast, at 4 x 2048, 1.74 GiB less, within 0.4% of the estimate without them (h200-issue17-phi4-autocast/).
 MATERIALISED_LOGITS_BYTES = {("gemma3", "lora"): 3.08, ("gemma3", "qlora"): 3.08, ("gemma3_text", "lora"): 3.08,
-                             ("gemma3_text", "qlora"): 3.08, ("phi3-128", "lora"): 2.37}
+                             ("gemma3_text", "qlora"): 3.08}
 
 
 def logits_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: str = "unsloth") -> int:

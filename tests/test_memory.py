@@ -148,8 +148,8 @@ def test_loss_moment_sets_small_peaks_and_the_terms_still_add_up(coeffs) -> None
 def test_family_terms_touch_their_families_only(coeffs) -> None:
     """Phi-3's seq-squared term grows with the square of the sequence at the same tokens and is Phi-3's alone;
     gpt-oss's fp32 activation is its own, larger under 16-bit LoRA; Gemma 3's whole logits are counted under both
-    methods, Phi-4's under 16-bit LoRA only (probed without autocast), Phi-3.5's under neither (its runs under the
-    bf16 autocast `rigplan run` trains under held none)."""
+    methods, Phi-3.5's and Phi-4's under neither (their runs under the bf16 autocast `rigplan run` trains under held
+    none)."""
     phi, oss, gemma = (resolve_model(m) for m in ("phi-3.5-mini", "gpt-oss-20b", "gemma-3-12b"))
     short, long = Setup("lora", 16, 4, 2048), Setup("lora", 16, 1, 8192)
     assert memory.attention_mask_bytes(phi, long) == pytest.approx(4 * memory.attention_mask_bytes(phi, short), abs=4)
@@ -159,6 +159,6 @@ def test_family_terms_touch_their_families_only(coeffs) -> None:
     phi4 = resolve_model("phi-4")
     per_token = {(m, n): memory.logits_bytes(n, Setup(m, 16, 1, 2048), coeffs) / 2048
                  for m in ("lora", "qlora") for n in (phi, phi4)}
-    assert per_token["lora", phi4] > phi4.vocab_size * 2 > per_token["qlora", phi4]
+    assert per_token["lora", phi4] == per_token["qlora", phi4] < phi4.vocab_size * 1
     assert per_token["lora", phi] == per_token["qlora", phi] < phi.vocab_size * 1
     assert memory.logits_bytes(gemma, Setup("qlora", 16, 1, 2048), coeffs) > gemma.vocab_size * 3 * 2048
