@@ -264,3 +264,27 @@ def test_a_reduced_depth_copy_keeps_its_first_layers_attention_kinds() -> None:
     assert four.layer_types == ("sliding_attention", "full_attention") * 2
     assert speed.attended_keys(four, 8192) == pytest.approx(
         speed.attended_keys(catalog.resolve_model("gpt-oss-20b"), 8192) * 4 / 24)
+
+
+def test_gpt_oss_qlora_from_fused_experts_is_refused_before_loading_on_gpus_without_bf16(tmp_path) -> None:
+    """Unsloth 2026.10.9 refused a probe's QLoRA of a local gpt-oss replica (experts fused, no quantization_config)
+    loaded in float16, as on a T4 or V100 (bench/results/h200-no-bf16/failed-gptoss.txt). `rigplan run` says so in
+    one line before the weights load, and only there: not with bf16, not for 16-bit LoRA, not for a bitsandbytes
+    4-bit or MXFP4 copy, not for a hub id (Unsloth maps openai/gpt-oss-20b to its 4-bit copy itself)."""
+    from rigplan.trainer.engine import float16_refusal
+
+    recorded = (Path(__file__).parents[1] / "bench/results/h200-no-bf16/failed-gptoss.txt").read_text()
+    assert "refuse_gpt_oss_fused_4bit_float16" in recorded and "gpt-oss-20b@4:qlora" in recorded
+
+    def refused(config: dict, method: str = "qlora", bf16: bool = False, local: bool = True) -> str | None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        return float16_refusal(str(tmp_path), local, method, bf16)
+
+    fused = {"model_type": "gpt_oss"}
+    said = refused(fused)
+    assert said and "unsloth/gpt-oss-20b-unsloth-bnb-4bit" in said and "\n" not in said
+    assert refused(fused, bf16=True) is None and refused(fused, method="lora") is None
+    assert refused(fused, local=False) is None
+    for quant in ({"quant_method": "bitsandbytes", "load_in_4bit": True}, {"quant_method": "mxfp4"}):
+        assert refused({**fused, "quantization_config": quant}) is None
+    assert refused({"model_type": "llama"}) is None

@@ -113,6 +113,25 @@ def model_source(path: str) -> tuple[str, bool]:
     return (str(local), True) if local.is_dir() else (path, False)
 
 
+def float16_refusal(path: str, local: bool, method: str, bf16: bool) -> str | None:
+    """What Unsloth 2026.10.9 refuses on a GPU without bf16, said before the weights load: gpt-oss QLoRA from a
+    checkpoint storing its experts fused, which it will not quantize in float16 (unsloth/models/loader_utils.py
+    refuse_gpt_oss_fused_4bit_float16; gpt_oss_checkpoint_has_fused_experts: one without a quantization_config).
+    Recorded when a probe so loaded a local gpt-oss replica: bench/results/h200-no-bf16/failed-gptoss.txt. A hub id
+    it maps itself for 4-bit loads (openai/gpt-oss-20b to unsloth/gpt-oss-20b-unsloth-bnb-4bit) is not refused."""
+    config_file = Path(path) / "config.json"
+    if bf16 or method != "qlora" or not local or not config_file.is_file():
+        return None
+    import json
+
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "gpt_oss" or config.get("quantization_config"):
+        return None
+    return (f"{path} stores gpt-oss's experts fused, which Unsloth will not train as QLoRA on a GPU without bf16 "
+            "(its 4-bit experts would overflow float16); load unsloth/gpt-oss-20b-unsloth-bnb-4bit (or -120b), "
+            "or train on a GPU with bf16")
+
+
 def load_unsloth(plan: Plan) -> tuple[Any, Any]:
     """Unsloth's FastLanguageModel with the plan's method, rank and checkpointing."""
     import unsloth  # noqa: F401  (must come before transformers/peft: it patches them)
@@ -120,6 +139,9 @@ def load_unsloth(plan: Plan) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
     path, local = model_source(plan.model_path)
+    refusal = float16_refusal(path, local, plan.method, torch.cuda.is_bf16_supported())
+    if refusal:
+        raise RigplanError(refusal)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path,
         max_seq_length=plan.seq_len,
