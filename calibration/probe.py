@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -187,6 +188,12 @@ def as_without_bf16() -> Iterator[None]:
         FastLanguageModel.from_pretrained = saved  # type: ignore[method-assign]
 
 
+def refuse(message: str) -> None:
+    """A job the probe cannot measure: one line on stderr and exit code 2, as the CLI's bad input; no row written."""
+    print(f"rigplan probe: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
             min_timed_s: float = MIN_TIMED_S) -> None:
     import torch
@@ -195,6 +202,8 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
 
     spec = reduced(resolve_model(job.model), job.layers)
     cuda = device.startswith("cuda")
+    if job.gpu == "no-bf16" and not (engine == "unsloth" and cuda):  # before the replica is built
+        refuse("gpu=no-bf16 stands for Unsloth's loader on a CUDA GPU: engine unsloth")
     # What an earlier job in this process left on the GPU (0.1-0.7 GiB on the H100: compiled kernels' buffers
     # and caches that outlive the model): recorded, so that the fit subtracts it (fit.parse_run).
     gc.collect()
@@ -211,15 +220,13 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
                     grad_accum=1, seq_len=max_seq, optimizer=job.optimizer,  # type: ignore[arg-type]
                     checkpointing=job.checkpointing,  # type: ignore[arg-type]
                     target_modules=spec.target_modules, engine=engine)  # type: ignore[arg-type]
-        if job.gpu == "no-bf16" and not (engine == "unsloth" and cuda):
-            raise SystemExit("rigplan probe: gpu=no-bf16 stands for Unsloth's loader on a CUDA GPU: engine unsloth")
         t0 = time.perf_counter()
         with as_without_bf16() if job.gpu == "no-bf16" else contextlib.nullcontext():
             model, _tok = load(plan)
         load_s = time.perf_counter() - t0
         if job.gpu == "no-bf16" and not getattr(model, "_unsloth_forced_float32", False):
             # On such a GPU any other family trains in float16 under float16 autocast, which this does not stand for
-            raise SystemExit(f"rigplan probe: {job.model} is not one Unsloth trains in float32 without bf16")
+            refuse(f"{job.model} is not one Unsloth trains in float32 without bf16")
         # Training mode, as TRL's trainer sets it: without it transformers skips gradient checkpointing
         # (`if self.gradient_checkpointing and self.training`), and the peak is that of no checkpointing.
         model.train()

@@ -154,15 +154,16 @@ def test_calibrate_estimates_recorded_runs_again_with_the_estimator_it_runs() ->
 
 
 
-def test_the_no_bf16_emulation_stands_for_unsloth_only(tmp_path, tiny_replica) -> None:
+def test_the_no_bf16_emulation_stands_for_unsloth_only(tmp_path, tiny_replica, capsys) -> None:
     """gpu=no-bf16 makes Unsloth's loader take its path for GPUs without bf16 (calibration/probe.py
-    as_without_bf16); on any other engine it would measure nothing of the kind, so the probe refuses before it loads
-    a model, and writes no row."""
+    as_without_bf16); on any other engine it would measure nothing of the kind, so the probe refuses (one line, exit
+    code 2) before it builds a replica, and writes no row."""
     from rigplan.calibration import probe
 
     model_dir, _ = tiny_replica
     out = tmp_path / "probes.jsonl"
-    with pytest.raises(SystemExit, match="engine unsloth"):
+    with pytest.raises(SystemExit) as refused:
         probe.main(["--job", f"{model_dir}@1:qlora:8:1x32:gpu=no-bf16", "--engine", "transformers", "--out", str(out)])
+    assert refused.value.code == 2 and "engine unsloth" in capsys.readouterr().err
     assert not out.exists()
     assert probe.Job.parse("gemma-3-12b@8:qlora:16:1x2048:gpu=no-bf16").gpu == "no-bf16"
