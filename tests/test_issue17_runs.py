@@ -153,8 +153,9 @@ def test_the_checks_cover_every_family_and_gpt_oss_trains() -> None:
     for _, r in CHECKS:
         shapes.setdefault((r["arch"], r["method"]), set()).add((r["layers"], r["batch"], r["seq"], r["checkpointing"]))
     assert len(shapes["phi-3.5-mini", "lora"]) == 2
-    assert all(len(shapes[a, m]) >= 3 or (a, m) == ("phi-3.5-mini", "lora") for a in ("qwen3-30b-a3b", "mixtral-8x7b", "phi-3.5-mini", "gemma-3-12b",
-                                                 "gpt-oss-20b", "phi-4", "qwen1.5-moe-a2.7b")
+    families = ("qwen3-30b-a3b", "mixtral-8x7b", "phi-3.5-mini", "gemma-3-12b", "gpt-oss-20b", "phi-4",
+                "qwen1.5-moe-a2.7b")
+    assert all(len(shapes[a, m]) >= 3 or (a, m) == ("phi-3.5-mini", "lora") for a in families
                for m in ("lora", "qlora")), {k: len(v) for k, v in shapes.items()}
     oss = [r for d, r in issue17_rows.unfitted() if d == "h200-gpt-oss"]
     assert sorted((r["method"], r["batch"], r["seq"]) for r in oss) == sorted(
@@ -437,8 +438,8 @@ def test_autocast_changes_what_16bit_lora_keeps_and_its_speed() -> None:
     """`rigplan run` trains under bf16 autocast (TRL bf16=True, every family on a bf16 GPU); the probes before
     2026-12-01 ran without it. Every shape probed both ways: under QLoRA the same (peaks within 1.5%, speed within
     2%: Mixtral and Qwen1.5-MoE); under 16-bit LoRA, where Unsloth's rewritten adapters compute in fp32 without
-    autocast, autocast allocates no more (every MoE family, Phi-3.5, Phi-4 and Gemma 3, whose peak is the same: its whole
-    logits, not the adapters' inputs) and runs faster, by more than 5% on half the shapes."""
+    autocast, autocast allocates no more (every MoE family, Phi-3.5, Phi-4 and Gemma 3, whose peak is the same: its
+    whole logits, not the adapters' inputs) and runs faster, by more than 5% on half the shapes."""
     shape = ("arch", "layers", "method", "batch", "seq", "checkpointing")
     off = {tuple(r[k] for k in shape): r for _, r in recorded("h200-issue17*/probe-*.jsonl")
            if r.get("autocast", "off") == "off" and not r["err"]}
@@ -525,11 +526,11 @@ def test_the_hosts_cost_per_layer_follows_the_modules_lora_adapts(monkeypatch) -
 
 
 def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
-    """The probes standing for a GPU without bf16 (gpu=no-bf16: Unsloth's loader asked for float16, no autocast, as on a
-    T4 or V100; bench/results/h200-no-bf16/, against the bf16 plans in predictions/no-bf16-h200.json) bear out the
+    """The probes standing for a GPU without bf16 (gpu=no-bf16: Unsloth's loader asked for float16, no autocast, as on
+    a T4 or V100; bench/results/h200-no-bf16/, against the bf16 plans in predictions/no-bf16-h200.json) bear out the
     warning `check` prints there (profiles/known_issues.json): Gemma 3 reserves no more than its bf16 estimate,
-    Qwen3-MoE more, its estimate 5-15% under (estimate / measured - 1), every GPU-bound row runs at a third of the estimate's speed or less, and Unsloth refuses
-    gpt-oss's QLoRA from fused experts."""
+    Qwen3-MoE more, its estimate 5-15% under (estimate / measured - 1), every GPU-bound row runs at a third of the
+    estimate's speed or less, and Unsloth refuses gpt-oss's QLoRA from fused experts."""
     folder = RUNS.parent / "h200-no-bf16"
     rows = [json.loads(x) for f in sorted(folder.glob("probe-*.jsonl")) for x in f.read_text().splitlines() if x]
     assert {(r["arch"], r["seq"]) for r in rows} == {(a, n) for a in ("gemma-3-12b", "qwen3-30b-a3b")
