@@ -47,10 +47,15 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-phi4-autocast", "phi-4-L8", "lora", 4, 2048)}
 
 
+def probe_rows(pattern: str) -> list[tuple[str, dict]]:
+    """(its directory's name, the row) for every probe row in the bench/results files pattern names."""
+    return [(f.parent.name, json.loads(line)) for f in sorted(RESULTS.glob(pattern))
+            for line in f.read_text().splitlines() if line]
+
+
 def unfitted() -> list[tuple[str, dict]]:
     """(its directory's name, the row) for every row of CHECK_DIRS no term was fitted on."""
-    found = [(d, json.loads(line)) for d in CHECK_DIRS for f in sorted((RESULTS / d).glob("probe-*.jsonl"))
-             for line in f.read_text().splitlines() if line]
+    found = [row for d in CHECK_DIRS for row in probe_rows(f"{d}/probe-*.jsonl")]
     return [(d, r) for d, r in found if (d, r["model"], r["method"], r["batch"], r["seq"]) not in FIT_NOT_CHECK]
 
 

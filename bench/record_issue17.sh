@@ -41,5 +41,6 @@ for family in "${families[@]}"; do
     echo "== $job exit $rc after $((SECONDS - t0)) s"
     [ $rc -eq 0 ] || { echo "== $job exit $rc"; tail -40 /tmp/probe-$family.log; } >>$OUT/failed.txt
   done
+  [ -f $OUT/probe-$family.jsonl ] || continue  # every job skipped or failed: nothing to compare
   python3 bench/predictions.py compare $PRED $OUT/probe-$family.jsonl | grep "\"$prefix" | tee -a $OUT/compare.txt
 done

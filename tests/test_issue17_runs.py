@@ -30,9 +30,7 @@ from family_terms import kept_by_the_extra_layers_gib  # noqa: E402  (bench/fami
 def recorded(pattern: str) -> list[tuple[str, dict]]:
     """(its run directory's name, the row) for every probe row in the bench/results files pattern names that
     trained as the H200 does: a probe standing for a GPU without bf16 (`gpu_emulated`, h200-no-bf16/) is not."""
-    rows = [(f.parent.name, json.loads(line)) for f in sorted(RUNS.parent.glob(pattern))
-            for line in f.read_text().splitlines() if line]
-    return [(d, r) for d, r in rows if r.get("gpu_emulated", "as-is") == "as-is"]
+    return [(d, r) for d, r in issue17_rows.probe_rows(pattern) if r.get("gpu_emulated", "as-is") == "as-is"]
 
 
 ROWS = [r for _, r in recorded("h200-issue17/probe-*.jsonl")]
@@ -531,8 +529,10 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
     warning `check` prints there (profiles/known_issues.json): Gemma 3 reserves no more than its bf16 estimate,
     Qwen3-MoE more, its estimate 5-15% under (estimate / measured - 1), every GPU-bound row runs at a third of the
     estimate's speed or less, and Unsloth refuses gpt-oss's QLoRA from fused experts."""
+    from rigplan.profiles.catalog import known_issues
+
     folder = RUNS.parent / "h200-no-bf16"
-    rows = [json.loads(x) for f in sorted(folder.glob("probe-*.jsonl")) for x in f.read_text().splitlines() if x]
+    rows = [r for _, r in issue17_rows.probe_rows("h200-no-bf16/probe-*.jsonl")]
     assert {(r["arch"], r["seq"]) for r in rows} == {(a, n) for a in ("gemma-3-12b", "qwen3-30b-a3b")
                                                      for n in (2048, 8192)}
     assert all((r["gpu_emulated"], r["autocast"], r["method"]) == ("no-bf16", "off", "qlora") for r in rows)
@@ -543,6 +543,5 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
         assert (err >= -0.01) if r["arch"] == "gemma-3-12b" else (-0.15 <= err <= -0.05), (r["arch"], r["seq"])
         assert est.host_bound or r["tok_per_s"] <= est.tokens_per_s / 3, (r["arch"], r["seq"])
     assert "its fused 4-bit experts would overflow" in (folder / "failed-gptoss.txt").read_text()
-    summary = next(i["summary"] for i in json.loads((Path(__file__).parents[1] / "profiles/known_issues.json")
-                                                    .read_text()) if i.get("when") == "gpu_without_bf16")
+    summary = next(i["summary"] for i in known_issues() if i.get("when") == "gpu_without_bf16")
     assert all(s in summary for s in ("Gemma 3's memory as planned", "Qwen3-MoE's plan 7-13% under", "gpt-oss QLoRA"))

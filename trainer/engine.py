@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import json
 import os
 import platform
 import sys
@@ -122,8 +123,6 @@ def float16_refusal(path: str, local: bool, method: str, bf16: bool) -> str | No
     config_file = Path(path) / "config.json"
     if bf16 or method != "qlora" or not local or not config_file.is_file():
         return None
-    import json
-
     config = json.loads(config_file.read_text())
     if config.get("model_type") != "gpt_oss" or config.get("quantization_config"):
         return None
