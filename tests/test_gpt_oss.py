@@ -269,8 +269,9 @@ def test_a_reduced_depth_copy_keeps_its_first_layers_attention_kinds() -> None:
 def test_gpt_oss_qlora_from_fused_experts_is_refused_before_loading_on_gpus_without_bf16(tmp_path) -> None:
     """Unsloth 2026.10.9 refused a probe's QLoRA of a local gpt-oss replica (experts fused, no quantization_config)
     loaded in float16, as on a T4 or V100 (bench/results/h200-no-bf16/failed-gptoss.txt). `rigplan run` says so in
-    one line before the weights load, and only there: not with bf16, not for 16-bit LoRA, not for a bitsandbytes
-    4-bit or MXFP4 copy, not for a hub id (Unsloth maps openai/gpt-oss-20b to its 4-bit copy itself)."""
+    one line before the tokenizer, data and weights load, and only there: not with bf16, not for 16-bit LoRA, not
+    for a bitsandbytes 4-bit or MXFP4 copy, not for a hub id (Unsloth maps openai/gpt-oss-20b to its 4-bit copy
+    itself)."""
     from rigplan.trainer.engine import float16_refusal
 
     recorded = (Path(__file__).parents[1] / "bench/results/h200-no-bf16/failed-gptoss.txt").read_text()

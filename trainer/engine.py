@@ -115,9 +115,10 @@ def model_source(path: str) -> tuple[str, bool]:
 
 
 def float16_refusal(path: str, local: bool, method: str, bf16: bool) -> str | None:
-    """What Unsloth 2026.10.9 refuses on a GPU without bf16, said before the weights load: gpt-oss QLoRA from a
-    checkpoint storing its experts fused, which it will not quantize in float16 (unsloth/models/loader_utils.py
-    refuse_gpt_oss_fused_4bit_float16; gpt_oss_checkpoint_has_fused_experts: one without a quantization_config).
+    """What Unsloth 2026.10.9 refuses on a GPU without bf16, said before the tokenizer, data and weights load (run.py
+    train): gpt-oss QLoRA from a checkpoint storing its experts fused, which it will not quantize in float16
+    (unsloth/models/loader_utils.py refuse_gpt_oss_fused_4bit_float16; gpt_oss_checkpoint_has_fused_experts: one
+    without a quantization_config).
     Recorded when a probe so loaded a local gpt-oss replica: bench/results/h200-no-bf16/failed-gptoss.txt. A hub id
     it maps itself for 4-bit loads (openai/gpt-oss-20b to unsloth/gpt-oss-20b-unsloth-bnb-4bit) is not refused."""
     config_file = Path(path) / "config.json"
@@ -138,9 +139,6 @@ def load_unsloth(plan: Plan) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
     path, local = model_source(plan.model_path)
-    refusal = float16_refusal(path, local, plan.method, torch.cuda.is_bf16_supported())
-    if refusal:
-        raise RigplanError(refusal)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path,
         max_seq_length=plan.seq_len,

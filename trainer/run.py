@@ -342,8 +342,8 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     """Run the plan with the engine it names. Returns what happened (`status`: done, interrupted, nan,
     early_stopped), where the adapter is, what was measured beside what the plan predicted, and the provenance;
     raises RigplanError for what the user must fix, before anything loads where possible."""
-    from rigplan.trainer.engine import (import_engine, load, model_source, provenance, require_float_storage,
-                                        require_weights)
+    from rigplan.trainer.engine import (float16_refusal, import_engine, load, model_source, provenance,
+                                        require_float_storage, require_weights)
 
     check_options(opts)
     check_plan(plan)
@@ -362,6 +362,11 @@ def train(plan: Plan, opts: RunOptions) -> dict[str, Any]:
     if plan.method == "qlora" and not cuda:  # said here, not once the tokenizer and data are done
         raise ConfigError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); pass --method lora on this machine")
     require_weights(plan.model_path)  # in a second when offline, not after a minute of retries
+    # What Unsloth would refuse once the tokenizer and data are done, said now
+    refusal = (float16_refusal(*model_source(plan.model_path), plan.method, torch.cuda.is_bf16_supported())
+               if plan.engine == "unsloth" and cuda else None)
+    if refusal:
+        raise ConfigError(refusal)
     import_engine(plan.engine)  # Unsloth before transformers, peft and trl: it patches them on import
     from transformers import AutoConfig, AutoTokenizer, EarlyStoppingCallback
 
