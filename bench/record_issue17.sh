@@ -27,8 +27,8 @@ for family in "${families[@]}"; do
   t0=$SECONDS
   # One process per job (a method's shapes): a job run after another in the same process starts with that job's
   # leftovers allocated (start_alloc_gib 0.13-0.31 GiB in the QLoRA rows run after LoRA), which a user's run has
-  # not. They showed in after_load_gib, not in the peaks: Qwen3-MoE's and Gemma 3's QLoRA peaks in a process of
-  # their own (h200-issue17-expandable/) matched those run after LoRA (h200-issue17/) within 0.05 GiB.
+  # not: the same shapes in processes of their own reserved up to 1.15 GiB less (h200-issue17-fresh-process/), and
+  # bench/issue17_rows.py checks the estimate on those only.
   # The probe's log stays in /tmp (the device tool brings back 8 files at most); a failed job's tail goes to
   # $OUT/failed.txt.
   for job in $(jobs_for $prefix); do
