@@ -20,24 +20,30 @@ from rigplan.estimator.plan import Setup
 from rigplan.profiles.catalog import GpuSpec, ModelSpec, resolve_gpu, resolve_model
 
 RESULTS = Path(__file__).parent / "results"
+# Every memory term is fitted on rows from a process of their own, as a user's run is (bench/issue17_rows.py
+# in_a_process_of_its_own): a probe job run after another in the same process starts with its leftovers. The QLoRA
+# rows of h200-gpt-oss/, h200-issue17/ (Qwen3-MoE, Gemma 3) and h200-issue17-heldout2/ did; each shape was probed
+# again in a process of its own (h200-issue17-expandable/, -fresh-process/), and those rows stand in for them.
+# Speed terms keep the rows they were fitted on.
 PHI = [RESULTS / "h200-issue17-heldout2" / "probe-phi.jsonl"]
 PHI_QLORA = PHI + [RESULTS / "h200-issue17-heldout2" / "probe-phi-8192.jsonl"]
+FRESH = RESULTS / "h200-issue17-fresh-process"
 GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
-# its first QLoRA rows from a process of their own: those in GPT_OSS ran after its LoRA job, whose cached blocks the
-# allocator reused (start_alloc_gib 0.15), holding less beyond the allocated peak than a run of its own
 GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
 QWEN2_MOE_DEEP = [RESULTS / "h200-issue17-heldout8" / "probe-qwen2moe.jsonl"]  # at 16 and 24 (full) layers
 QWEN2_MOE_LONG = [RESULTS / "h200-issue17-heldout9" / "probe-qwen2moe.jsonl"]
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
+QWEN3_MOE_OWN = [RESULTS / "h200-issue17-expandable" / "probe-qwen3moe.jsonl"]  # its QLoRA shapes of QWEN3_MOE
 MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
               RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
+GEMMA3_OWN = [RESULTS / "h200-issue17-expandable" / "probe-gemma3.jsonl", FRESH / "probe-gemma3.jsonl"]
 # 16-bit LoRA under bf16 autocast, as `rigplan run` trains; the rows above were probed without it
 AUTOCAST = RESULTS / "h200-issue17-autocast-next"
 PHI_AUTOCAST = [AUTOCAST / "probe-phi.jsonl"]
 GEMMA3_AUTOCAST = [AUTOCAST / "probe-gemma3.jsonl"]
-QWEN3_MOE_LONG = [RESULTS / "h200-issue17-heldout2" / "probe-qwen3moe.jsonl",
+QWEN3_MOE_LONG = [RESULTS / "h200-issue17-heldout8" / "probe-qwen3moe.jsonl",
                   RESULTS / "h200-issue17-fit6" / "probe-qwen3moe-qlora-long.jsonl"]
 
 
@@ -238,8 +244,9 @@ def phi3_transient() -> float:
 def phi3_qlora_slack() -> tuple[float, float]:
     """memory.QLORA_SLACK_GIB_BY_TYPE["phi3"] and QLORA_SLACK_PER_KV_BY_TYPE["phi3"]: measured less estimated
     reserved GiB (estimated without them) = a + b x tokens x key/value width / 2**30, least squares over the rows
-    1 x 2048, 4 x 2048 (heldout2) and 2 x 4096, 1 x 16384 (heldout3)."""
-    fit = [rows(PHI, "qlora", 1, 2048), rows(PHI, "qlora", 4, 2048), rows(PHI_LONG, "qlora", 2, 4096),
+    1 x 2048, 4 x 2048 (fresh-process) and 2 x 4096, 1 x 16384 (heldout3)."""
+    phi = [FRESH / "probe-phi.jsonl"]
+    fit = [rows(phi, "qlora", 1, 2048), rows(phi, "qlora", 4, 2048), rows(PHI_LONG, "qlora", 2, 4096),
            rows(PHI_LONG, "qlora", 1, 16384)]
     with zeroed(memory.QLORA_SLACK_GIB_BY_TYPE, "phi3"), zeroed(memory.QLORA_SLACK_PER_KV_BY_TYPE, "phi3"):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]
@@ -328,7 +335,10 @@ def gpt_oss_host() -> float:
 
 
 def gpt_oss_swiglu(method: str) -> float:
-    return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS, method, 4, 2048), 40.0)
+    """memory.FP32_SWIGLU_BYTES[method]: through gpt-oss's 4 x 2048 row at 4 layers (QLoRA's from a process of its
+    own)."""
+    files = GPT_OSS if method == "lora" else [FRESH / "probe-gptoss.jsonl"]
+    return solve(memory.FP32_SWIGLU_BYTES, method, rows(files, method, 4, 2048), 40.0)
 
 
 def constant_slack(files: list[Path], model_type: str, shapes: tuple[tuple[int, int], ...] = (),
@@ -398,7 +408,7 @@ def fitted() -> dict[str, tuple[float, float]]:
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
         **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])
-           for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3), ("gpt_oss", GPT_OSS_OWN))},
+           for t, files in (("qwen3_moe", QWEN3_MOE_OWN), ("gemma3_text", GEMMA3_OWN), ("gpt_oss", GPT_OSS_OWN))},
         **{f'memory.LORA_SLACK_PER_HIDDEN_BY_TYPE["{t}"]': (lora_slack(files, t),
                                                            memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3))},
