@@ -23,7 +23,7 @@ CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss"
               "h200-issue17-lora-nockpt-deep", "h200-issue17-autocast", "h200-issue17-autocast-next",
               "h200-issue17-phi-autocast", "h200-issue17-autocast-lora",
               "h200-issue17-phi4-autocast", "h200-issue17-phi4-autocast2", "h200-issue17-phi35-lora",
-              "h200-issue17-fresh-process")
+              "h200-issue17-fresh-process", "h200-issue17-own-process-refit")
 FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
@@ -55,7 +55,6 @@ FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  *(("h200-issue17-expandable", "gemma-3-12b-L8", "qlora", b, s) for b, s in ((4, 2048), (1, 8192))),
                  ("h200-issue17-fresh-process", "gemma-3-12b-L8", "qlora", 1, 2048),
                  *(("h200-issue17-fresh-process", "phi-3.5-mini", "qlora", b, 2048) for b in (1, 4)),
-                 ("h200-issue17-fresh-process", "gpt-oss-20b-L4", "qlora", 4, 2048),
                  ("h200-issue17-heldout8", "qwen3-30b-a3b-L4", "qlora", 1, 16384)}
 
 

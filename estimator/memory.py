@@ -191,12 +191,12 @@ def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
 # 16-bit and the grouped 4-bit path) upcasts the gate and the linear half to fp32, clamps them and keeps the sigmoid
 # and products in fp32: more bytes per routed token and expert width unit than the bf16 SwiGLU the transient
 # coefficients were fitted on. Bytes per unit beyond them in a layer's recompute, by method (the two paths free
-# them at different moments), fitted on gpt-oss-20b at 4 layers, 4 x 2048 on the H200 (16-bit LoRA: bench/results/
-# h200-gpt-oss/; QLoRA: h200-issue17-fresh-process/, from a process of its own; bench/family_terms.py); its 1 x 2048
-# rows check them. A later reading of the source
+# them at different moments), fitted on gpt-oss-20b at 4 layers and 8,192 tokens on the H200 (16-bit LoRA 4 x 2048:
+# bench/results/h200-gpt-oss/; QLoRA 2 x 4096, from a process of its own: h200-issue17-heldout3/;
+# bench/family_terms.py); its other rows check them. A later reading of the source
 # (docs/moe-saved-tensors.md, gpt-oss) found that a replica with fused experts, as the probes load, runs the fused
 # Triton SwiGLU instead: the bytes are measured, their cause is not settled.
-FP32_SWIGLU_BYTES = {"lora": 11.9, "qlora": 6.0}
+FP32_SWIGLU_BYTES = {"lora": 11.9, "qlora": 7.0}
 
 
 def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:
@@ -563,7 +563,7 @@ def step_bytes(parts: dict[str, int]) -> int:
 # bench/family_terms.py phi3_qlora_slack), its 1 x 8192 and 4 x 4096 rows checking it. Qwen1.5-MoE's: its QLoRA
 # 1 x 2048 row, the first that trained the adapters planned (h200-issue17-heldout5/), its 4 x 2048 and 1 x 8192 rows
 # checking it.
-QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.572, "gemma3_text": 0.215, "gemma3": 0.215, "phi3": 0.125, "gpt_oss": 0.384,
+QLORA_SLACK_GIB_BY_TYPE = {"qwen3_moe": 0.572, "gemma3_text": 0.215, "gemma3": 0.215, "phi3": 0.125, "gpt_oss": 0.255,
                            "qwen2_moe": 0.447}
 QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.37}
 # Qwen3-MoE's QLoRA held 0.45-0.77 GiB beyond its allocated peak at 2,048 to 8,192 tokens and at 32,768, but

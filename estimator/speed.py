@@ -149,10 +149,12 @@ GPU_TIME_BY_TYPE = {"gpt_oss": 1.47}
 # estimate's time (bench/results/h200-issue17-autocast-next/probe-gemma3.jsonl, 2026-12-01, fitted on that row by
 # bench/family_terms.py; its LoRA 1 x 8192 there checks it, tests/test_issue17_runs.py). Probed without autocast it took
 # 1.225x (h200-issue17/): Unsloth computes a plain nn.Linear's adapter in fp32 then (unsloth_zoo compiler.py).
+# Its QLoRA, 1.084x: at 8 layers, 4 x 2048, from a process of its own (h200-issue17-expandable/probe-gemma3.jsonl,
+# fitted on that row the same way); its GPU-bound rows from 4,096 to 16,384 tokens and at 48 layers check it.
 # Phi-3.5-mini: 1.04x under 16-bit LoRA and 1.075x under QLoRA, each fitted with its attention factor
 # (ATTENTION_TIME_BY_TYPE_AND_METHOD, above).
-GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.07, ("gemma3_text", "lora"): 1.07, ("phi3", "lora"): 1.04,
-                               ("phi3", "qlora"): 1.075}
+GPU_TIME_BY_TYPE_AND_METHOD = {("gemma3", "lora"): 1.07, ("gemma3_text", "lora"): 1.07, ("gemma3", "qlora"): 1.084,
+                               ("gemma3_text", "qlora"): 1.084, ("phi3", "lora"): 1.04, ("phi3", "qlora"): 1.075}
 
 
 def gpu_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients) -> float:
