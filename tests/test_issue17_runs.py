@@ -328,8 +328,9 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
     same process, with its leftovers or without them (freed during the step or not). gpt-oss at 4 layers allocated
     0.09 GiB more at 2 x 4096 than at 4 x 2048 and 1 x 8192, each in a process of its own (heldout3/, fresh-process/).
     Before the experts were counted double-quantized the estimate drifted over by 0.03-0.06 GiB a layer (4% at 16
-    layers). Mixtral: at these lengths its peak is the experts' dequantizing phase (memory.expert_dequant_phase_bytes), 0.14 GiB over at 4 and at 8 layers alike,
-    since its backward holds less of the recompute (memory.MOE_QLORA_BACKWARD_BY_TYPE)."""
+    layers). Mixtral: at these lengths its peak is the experts' dequantizing phase (memory.expert_dequant_phase_bytes),
+    0.14 GiB over at 4 and at 8 layers alike, since its backward holds less of the recompute
+    (memory.MOE_QLORA_BACKWARD_BY_TYPE)."""
     found = [r for _, r in recorded("h200-*/probe-*.jsonl")]
     qlora = [r for r in found if r["method"] == "qlora" and not r["err"] and r["batch"] * r["seq"] <= 8192
              and r["arch"] in ("qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b") and r["checkpointing"] == "unsloth"]
