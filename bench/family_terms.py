@@ -39,6 +39,7 @@ MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
               RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
 GEMMA3_OWN = [RESULTS / "h200-issue17-expandable" / "probe-gemma3.jsonl", FRESH / "probe-gemma3.jsonl"]
+FIRST_SHAPES = ((1, 2048), (4, 2048), (1, 8192))  # the shapes of h200-issue17/, which the QLoRA slacks were fitted on
 # 16-bit LoRA under bf16 autocast, as `rigplan run` trains; the rows above were probed without it
 AUTOCAST = RESULTS / "h200-issue17-autocast-next"
 PHI_AUTOCAST = [AUTOCAST / "probe-phi.jsonl"]
@@ -410,8 +411,11 @@ def fitted() -> dict[str, tuple[float, float]]:
         'speed.HOST_LAYER_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_host(), speed.HOST_LAYER_TIME_BY_TYPE["gpt_oss"]),
         'memory.FP32_SWIGLU_BYTES["lora"]': (gpt_oss_swiglu("lora"), memory.FP32_SWIGLU_BYTES["lora"]),
         'memory.FP32_SWIGLU_BYTES["qlora"]': (gpt_oss_swiglu("qlora"), memory.FP32_SWIGLU_BYTES["qlora"]),
-        **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t), memory.QLORA_SLACK_GIB_BY_TYPE[t])
-           for t, files in (("qwen3_moe", QWEN3_MOE_OWN), ("gemma3_text", GEMMA3_OWN), ("gpt_oss", GPT_OSS_OWN))},
+        **{f'memory.QLORA_SLACK_GIB_BY_TYPE["{t}"]': (constant_slack(files, t, FIRST_SHAPES),
+                                                     memory.QLORA_SLACK_GIB_BY_TYPE[t])
+           for t, files in (("qwen3_moe", QWEN3_MOE_OWN), ("gemma3_text", GEMMA3_OWN))},
+        'memory.QLORA_SLACK_GIB_BY_TYPE["gpt_oss"]': (constant_slack(GPT_OSS_OWN, "gpt_oss"),
+                                                     memory.QLORA_SLACK_GIB_BY_TYPE["gpt_oss"]),
         **{f'memory.LORA_SLACK_PER_HIDDEN_BY_TYPE["{t}"]': (lora_slack(files, t),
                                                            memory.LORA_SLACK_PER_HIDDEN_BY_TYPE[t])
            for t, files in (("qwen3_moe", QWEN3_MOE), ("gemma3_text", GEMMA3))},
