@@ -18,6 +18,8 @@ itself put the weights (a pre-quantized checkpoint sharded: CPU memory, plan.loa
 MEM_HISTORY=DIR: process 0 records every CUDA allocation with its Python stack from the start (torch's memory
 snapshot, https://pytorch.org/docs/stable/torch_cuda_memory.html) and writes DIR/snapshot.pickle at its first
 training step: what loading and sharding allocated and what was still held (bench/snapshot_peak.py reads it).
+MEM_HISTORY_AT=exit: the same, recorded to the process's exit instead (a probe job of one shape: its steps whole,
+for `bench/snapshot_peak.py --reserved`, where the reserved memory beyond the allocated peak comes from).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
         print(f"GPU {device} capped at {cap_gib} GiB of {total / 2**30:.1f} GiB", flush=True)
     if os.environ.get("MEM_HISTORY") and os.environ.get("RANK", "0") == "0":
-        record_until_first_step(torch, os.environ["MEM_HISTORY"])
+        if os.environ.get("MEM_HISTORY_AT") == "exit":
+            record_until_exit(torch, os.environ["MEM_HISTORY"])
+        else:
+            record_until_first_step(torch, os.environ["MEM_HISTORY"])
     if os.environ.get("QLORA_CPU_LOAD") in ("1", "report"):
         load_4_bit_on_cpu(torch, force=os.environ["QLORA_CPU_LOAD"] == "1")
     if sys.argv[2] == "-m":
@@ -94,6 +99,24 @@ def load_4_bit_on_cpu(torch, force: bool = True) -> None:  # noqa: ANN001
         return step(self, model, *args, **kwargs)
 
     Trainer.training_step = training_step
+
+
+def record_until_exit(torch, out_dir: str) -> None:  # noqa: ANN001
+    """CUDA allocations with stacks from here to the process's exit, written gzipped as a memory snapshot."""
+    import atexit
+    import gzip
+    import pickle
+    from pathlib import Path
+
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000)
+
+    def dump() -> None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with gzip.open(f"{out_dir}/snapshot.pickle.gz", "wb") as f:
+            pickle.dump(torch.cuda.memory._snapshot(), f)
+        print(f"MEM_HISTORY: {out_dir}/snapshot.pickle.gz written at exit", flush=True)
+
+    atexit.register(dump)
 
 
 def record_until_first_step(torch, out_dir: str) -> None:  # noqa: ANN001

@@ -8,6 +8,13 @@ Replays the trace's alloc and free events (torch's memory snapshot format,
 https://pytorch.org/docs/stable/torch_cuda_memory.html) to find the peak of allocated bytes, then sums the blocks
 live at that point by their stack: the innermost frames in accelerate, transformers, peft, bitsandbytes, unsloth,
 torch's FSDP or rigplan, which say who asked for the memory.
+
+    python3 bench/snapshot_peak.py SNAPSHOT.pickle.gz --reserved   (a trace from the start: capped.py MEM_HISTORY_AT)
+
+Where reserved memory beyond the allocated peak comes from: replays the segments mapped as well (segment_map,
+segment_alloc, their unmap and free) to the last time reserved memory grew, and lists the request that grew it and
+the free holes inside the reserved memory then, each with the stack of the largest block freed there before: the
+free space the request did not fit in.
 """
 
 from __future__ import annotations
@@ -43,16 +50,115 @@ def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[int, dict]]:
     return peak, at, best
 
 
+def subtract(intervals: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """Sorted, disjoint [start, end) intervals less [start, end)."""
+    out = []
+    for a, b in intervals:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out
+
+
+def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) ranges merged where they touch or overlap, sorted."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+MAPS = ("segment_map", "segment_alloc")
+UNMAPS = ("segment_unmap", "segment_free")
+
+
+def epochs(trace: list[dict]) -> list[tuple[int, int]]:
+    """The trace cut where reserved memory was given back (torch.cuda.empty_cache: the probe does it before each
+    shape), as [start, end) event ranges: each one's growth is its own."""
+    cuts = [i + 1 for i, e in enumerate(trace) if e["action"] in UNMAPS
+            and (i + 1 == len(trace) or trace[i + 1]["action"] not in UNMAPS)]
+    bounds = [0, *cuts, len(trace)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -> dict:
+    """The last moment reserved memory grew to its highest (within trace[start:end]), replayed from the trace (which
+    must start before the first allocation it holds: capped.py MEM_HISTORY_AT=exit): reserved bytes after it, allocated bytes before it,
+    the allocation request that grew it, and the free holes in the reserved memory just before, largest first, each
+    with the largest block freed inside it (its size and event). Under expandable segments the hole at a segment's
+    end is the start of the request's space, the others are what it did not fit in."""
+    def change(event: dict) -> int:
+        return event["size"] if event["action"] in MAPS else -event["size"] if event["action"] in UNMAPS else 0
+
+    end = len(trace) if end is None else end
+    total = sum(change(e) for e in trace[:start])
+    top, at = total, None
+    for i in range(start, end):  # first pass: where reserved reached its highest for the last time
+        total += change(trace[i])
+        if trace[i]["action"] in MAPS and total >= top:
+            top, at = total, i
+    if at is None:
+        return {"reserved": top, "allocated": None, "request": None, "holes": []}
+    first = at  # the growth: the maps in a row that end there, for one request
+    while first > 0 and trace[first - 1]["action"] in MAPS:
+        first -= 1
+    mapped: list[tuple[int, int]] = []
+    live: dict[int, dict] = {}
+    freed: dict[int, dict] = {}
+    for event in trace[:first]:
+        action, addr = event["action"], event.get("addr")
+        if action in MAPS:
+            mapped = merged([*mapped, (addr, addr + event["size"])])
+        elif action in UNMAPS:
+            mapped = subtract(mapped, addr, addr + event["size"])
+        elif action == "alloc":
+            live[addr] = event
+        elif action == "free_completed" and addr in live:
+            freed[addr] = live.pop(addr)
+    holes = mapped
+    for addr, block in live.items():
+        holes = subtract(holes, addr, addr + block["size"])
+    request = next((e for e in trace[at + 1:] if e["action"] == "alloc"), None)
+    listed = []
+    for a, b in sorted(holes, key=lambda h: h[0] - h[1]):
+        inside = [blk for x, blk in freed.items() if a <= x < b]
+        listed.append({"size": b - a, "largest_freed": max(inside, key=lambda blk: blk["size"], default=None)})
+    return {"reserved": top, "allocated": sum(blk["size"] for blk in live.values()), "request": request,
+            "holes": listed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("snapshot")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--reserved", action="store_true", help="where reserved memory beyond allocated comes from")
     args = parser.parse_args()
     opener = gzip.open if args.snapshot.endswith(".gz") else open
     with opener(args.snapshot, "rb") as f:
         snapshot = pickle.load(f)
     for device, trace in enumerate(snapshot["device_traces"]):
         if not trace:
+            continue
+        if args.reserved:
+            for start, end in epochs(trace):
+                grown = reserved_growth(trace, start, end)
+                request = grown["request"]
+                if request is None:
+                    continue  # no growth in these events
+                print(f"device {device}, events {start}-{end}: reserved last grew to {grown['reserved'] / 2**30:.2f}"
+                      f" GiB from {grown['allocated'] / 2**30:.2f} GiB allocated, for "
+                      + (f"{request['size'] / 2**20:.1f} MiB: {where(request.get('frames', []))}" if request else "?"))
+                for hole in grown["holes"][:args.top]:
+                    freed = hole["largest_freed"]
+                    print(f"  hole {hole['size'] / 2**20:9.1f} MiB; largest freed there "
+                          + (f"{freed['size'] / 2**20:.1f} MiB: {where(freed.get('frames', []))}" if freed else "none"))
             continue
         peak, at, blocks = peak_blocks(trace)
         print(f"device {device}: {len(trace)} events, peak {peak / 2**30:.2f} GiB allocated at event {at}")

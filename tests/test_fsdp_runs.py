@@ -267,3 +267,31 @@ def test_a_4_bit_checkpoint_stored_as_uint8_shards_as_the_bf16_stored_one() -> N
     for key, within in (("peak_reserved_gib", 0.02), ("cpu_peak_rss_gib", 0.05)):
         assert abs(uint8["measured"][key] / bf16["measured"][key] - 1) <= within, key
     assert uint8["final_loss"] == pytest.approx(bf16["final_loss"], abs=0.05)
+
+
+def test_the_snapshot_replay_finds_where_reserved_memory_last_grew() -> None:
+    """bench/snapshot_peak.py --reserved on a recorded snapshot (snapshot-L8/, recorded from the process's start): the
+    replayed reserved memory is what the snapshot's segments hold at its end; the free holes before the last growth
+    and the blocks allocated then add up to the reserved memory before it; and the request that grew it fitted in no
+    hole (under expandable segments it took the segment's tail and the new pages)."""
+    import gzip
+    import pickle
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from snapshot_peak import MAPS, reserved_growth
+
+    with gzip.open(RUNS / "full-depth" / "snapshot-L8" / "snapshot-offload.pickle.gz", "rb") as f:
+        snapshot = pickle.load(f)
+    trace = snapshot["device_traces"][0]
+    grown = reserved_growth(trace)
+    assert grown["reserved"] == sum(s["total_size"] for s in snapshot["segments"] if s["device"] == 0)
+    at = next(i for i, e in enumerate(trace) if e is grown["request"])
+    growth = 0
+    for e in reversed(trace[:at]):
+        if e["action"] not in MAPS:
+            break
+        growth += e["size"]
+    holes = [h["size"] for h in grown["holes"]]
+    assert grown["allocated"] + sum(holes) == grown["reserved"] - growth
+    assert grown["request"]["size"] > max(holes) > 0
