@@ -90,10 +90,11 @@ def epochs(trace: list[dict]) -> list[tuple[int, int]]:
 
 def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -> dict:
     """The last moment reserved memory grew to its highest (within trace[start:end]), replayed from the trace (which
-    must start before the first allocation it holds: capped.py MEM_HISTORY_AT=exit): reserved bytes after it, allocated bytes before it,
-    the allocation request that grew it, and the free holes in the reserved memory just before, largest first, each
-    with the largest block freed inside it (its size and event). Under expandable segments the hole at a segment's
-    end is the start of the request's space, the others are what it did not fit in."""
+    must start before the first allocation it holds: capped.py MEM_HISTORY_AT=exit): reserved bytes after it,
+    allocated bytes before it, the allocation request that grew it, and the free holes in the reserved memory just
+    before, largest first, each with the largest block freed inside it (its size and event). Under expandable segments
+    the hole at a segment's end is the start of the request's space, the others are what it did not fit in."""
+
     def change(event: dict) -> int:
         return event["size"] if event["action"] in MAPS else -event["size"] if event["action"] in UNMAPS else 0
 
