@@ -450,8 +450,13 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
     result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
                              num_gpus, model_path, load.lengths, methods, ranks, name=model_name)
+    if p is not None and not result.fits:  # the planner found a plan at a shorter sequence only: say which
+        requested = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
+        raise ConfigError(f"{model.id} on {target.spec.id}: nothing fits at seq {requested}; {p.method} fits at seq "
+                          f"{p.seq_len} ({p.total_gib:.1f} GiB): pass --seq {p.seq_len}, or pick a larger GPU or more "
+                          f"GPUs (--gpus)")
     if p is None or not result.fits:
-        raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU, more GPUs (--gpus) or a shorter --seq")
+        raise ConfigError(f"{model.id} on {target.spec.id}: {result.reason}; pick a larger GPU or more GPUs (--gpus)")
     return dataclasses.replace(p, epochs=float(epochs))
 
 

@@ -222,3 +222,17 @@ def test_a_saved_ddp_plan_keeps_its_optimizer_when_its_method_changes(tmp_path) 
     qlora = planning.plan_for_run("llama-3.1-8b", "h200", data, {"method": "qlora"}, num_gpus=2)
     assert (qlora.parallelism, qlora.optimizer) == ("ddp", "adamw_8bit")
     assert planning.override(qlora, {"parallelism": "fsdp"}).optimizer == "adamw_torch"
+
+
+def test_a_plan_that_fits_only_at_a_shorter_sequence_is_refused_with_the_sequence_that_fits() -> None:
+    """`rigplan plan` and `rigplan run` refuse a sequence nothing fits at, with the one the planner found (check says
+    FITS ONLY AT A SHORTER SEQUENCE there), and that advice plans: Gemma-3-12B on a 12 GB RTX 3060."""
+    import re
+
+    with pytest.raises(ConfigError) as refused:
+        planning.make_plan("gemma-3-12b", "rtx-3060")
+    said = str(refused.value)
+    found = re.search(r"nothing fits at seq 2048; qlora fits at seq (\d+) \([\d.]+ GiB\): pass --seq (\d+)", said)
+    assert found and found[1] == found[2] and "\n" not in said
+    plan = planning.make_plan("gemma-3-12b", "rtx-3060", seq_len=int(found[1]))
+    assert plan.method == "qlora" and plan.seq_len == int(found[1])
