@@ -28,6 +28,7 @@ RESULTS = Path(__file__).parent / "results"
 PHI = [RESULTS / "h200-issue17-heldout2" / "probe-phi.jsonl"]
 PHI_QLORA = PHI + [RESULTS / "h200-issue17-heldout2" / "probe-phi-8192.jsonl"]
 FRESH = RESULTS / "h200-issue17-fresh-process"
+PHI_OWN = [FRESH / "probe-phi.jsonl"]  # its QLoRA 1 x 2048 and 4 x 2048 of PHI, from a process of their own
 GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
 GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
@@ -246,8 +247,7 @@ def phi3_qlora_slack() -> tuple[float, float]:
     """memory.QLORA_SLACK_GIB_BY_TYPE["phi3"] and QLORA_SLACK_PER_KV_BY_TYPE["phi3"]: measured less estimated
     reserved GiB (estimated without them) = a + b x tokens x key/value width / 2**30, least squares over the rows
     1 x 2048, 4 x 2048 (fresh-process) and 2 x 4096, 1 x 16384 (heldout3)."""
-    phi = [FRESH / "probe-phi.jsonl"]
-    fit = [rows(phi, "qlora", 1, 2048), rows(phi, "qlora", 4, 2048), rows(PHI_LONG, "qlora", 2, 4096),
+    fit = [rows(PHI_OWN, "qlora", 1, 2048), rows(PHI_OWN, "qlora", 4, 2048), rows(PHI_LONG, "qlora", 2, 4096),
            rows(PHI_LONG, "qlora", 1, 16384)]
     with zeroed(memory.QLORA_SLACK_GIB_BY_TYPE, "phi3"), zeroed(memory.QLORA_SLACK_PER_KV_BY_TYPE, "phi3"):
         ys = [r["peak_reserved_gib"] - _reserved(r) for r in fit]

@@ -20,6 +20,7 @@ free space the request did not fit in.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import pickle
 from collections import defaultdict
@@ -123,13 +124,20 @@ def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -
             live[addr] = event
         elif action == "free_completed" and addr in live:
             freed[addr] = live.pop(addr)
-    holes = mapped
-    for addr, block in live.items():
-        holes = subtract(holes, addr, addr + block["size"])
+    holes, blocks, j = [], sorted((addr, addr + blk["size"]) for addr, blk in live.items()), 0
+    for a, b in mapped:  # one sweep over the blocks, in address order, inside each reserved range
+        cursor = a
+        while j < len(blocks) and blocks[j][0] < b:
+            if blocks[j][0] > cursor:
+                holes.append((cursor, blocks[j][0]))
+            cursor, j = max(cursor, blocks[j][1]), j + 1
+        if cursor < b:
+            holes.append((cursor, b))
     request = next((e for e in trace[at + 1:] if e["action"] == "alloc"), None)
+    addrs = sorted(freed)
     listed = []
     for a, b in sorted(holes, key=lambda h: h[0] - h[1]):
-        inside = [blk for x, blk in freed.items() if a <= x < b]
+        inside = [freed[x] for x in addrs[bisect.bisect_left(addrs, a):bisect.bisect_left(addrs, b)]]
         listed.append({"size": b - a, "largest_freed": max(inside, key=lambda blk: blk["size"], default=None)})
     return {"reserved": top, "allocated": sum(blk["size"] for blk in live.values()), "request": request,
             "holes": listed}

@@ -437,8 +437,9 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
     load, data_seq = workload(data_file, None, None, epochs, seq_len, counted, skip_bad,
                               context=model.max_position_embeddings, family=token_family(model))
     target, why = resolve_target(gpu)
+    requested = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
     if target is None and allow_cpu:
-        seq = min(seq_len or data_seq or planner.DEFAULT_SEQ_LEN, model.max_position_embeddings)
+        seq = min(requested, model.max_position_embeddings)
         micro = min(CPU_MICRO_BATCH, effective_batch)
         return Plan(model=model.id, model_path=model_path or model.hub_id, gpu="cpu", method="lora",
                     rank=planner.DEFAULT_RANK, micro_batch=micro, grad_accum=max(1, effective_batch // micro),
@@ -448,10 +449,9 @@ def make_plan(model_name: str, gpu: str | None, seq_len: int | None = None, data
                     num_gpus=num_gpus, parallelism="ddp" if num_gpus > 1 else "single")
     if target is None:
         raise ConfigError(f"{why.split(';')[0]}; pass --gpu ID to plan for a catalogue GPU")
-    result, p, _ = best_plan(model, target, seq_len or data_seq or planner.DEFAULT_SEQ_LEN, effective_batch,
-                             num_gpus, model_path, load.lengths, methods, ranks, name=model_name)
+    result, p, _ = best_plan(model, target, requested, effective_batch, num_gpus, model_path, load.lengths, methods,
+                             ranks, name=model_name)
     if p is not None and not result.fits:  # the planner found a plan at a shorter sequence only: say which
-        requested = seq_len or data_seq or planner.DEFAULT_SEQ_LEN
         raise ConfigError(f"{model.id} on {target.spec.id}: nothing fits at seq {requested}; {p.method} fits at seq "
                           f"{p.seq_len} ({p.total_gib:.1f} GiB): pass --seq {p.seq_len}, or pick a larger GPU or more "
                           f"GPUs (--gpus)")

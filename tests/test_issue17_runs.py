@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rigplan import store
+from rigplan.calibration.fit import FRESH_PROCESS_ALLOC_GIB
 from rigplan.calibration.replica import reduced
 from rigplan.estimator import planner
 from rigplan.estimator.plan import Setup
@@ -43,8 +44,8 @@ RESERVED_BOUND = {"gemma-3-12b-L8-qlora-1x2048": 0.06}
 # fitted on its LoRA 4 x 2048 row; the 1 x 8192 row checks it).
 SPEED_BOUND: dict[str, float] = {}
 # What a probe process holds allocated before it loads a model (start_alloc_gib) when no job ran before it in the
-# same process: more is the leftovers of that job.
-FRESH_START_ALLOC_GIB = 0.03125
+# same process: more is the leftovers of that job (issue17_rows.in_a_process_of_its_own).
+FRESH_START_ALLOC_GIB = FRESH_PROCESS_ALLOC_GIB
 
 
 def _estimate(row: dict) -> planner.Estimate:
@@ -354,7 +355,7 @@ def test_mixtral_and_qwen1_5_moe_qlora_hold_a_share_of_the_recompute() -> None:
     since its allocator keeps the whole transient (memory.WHOLE_TRANSIENT_RESERVED)."""
     found = [r for d, r in recorded("h200-issue17-*/probe-*.jsonl") if d != "h200-issue17-qwen2moe"]
     rows = [r for r in found if r["method"] == "qlora" and r["arch"] in ("mixtral-8x7b", "qwen1.5-moe-a2.7b")
-            and r["start_alloc_gib"] <= FRESH_START_ALLOC_GIB and r["checkpointing"] == "unsloth"]
+            and issue17_rows.in_a_process_of_its_own(r) and r["checkpointing"] == "unsloth"]
     longest = {}
     for r in rows:
         est = _estimate(r)
