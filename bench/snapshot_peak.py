@@ -12,9 +12,10 @@ torch's FSDP or rigplan, which say who asked for the memory.
     python3 bench/snapshot_peak.py SNAPSHOT.pickle.gz --reserved   (a trace from the start: capped.py MEM_HISTORY_AT)
 
 Where reserved memory beyond the allocated peak comes from: replays the segments mapped as well (segment_map,
-segment_alloc, their unmap and free) to the last time reserved memory grew, and lists the request that grew it and
-the free holes inside the reserved memory then, each with the stack of the largest block freed there before: the
-free space the request did not fit in.
+segment_alloc, their unmap and free) to the last time the large pool's reserved memory grew (requests over 1 MiB; the
+small pool's segments are its own), and lists the request that grew it and the free holes inside the large pool's
+reserved memory then, each with the stack of the largest block freed there since it was mapped: the free space the
+request did not fit in.
 """
 
 from __future__ import annotations
@@ -89,22 +90,52 @@ def epochs(trace: list[dict]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -> dict:
-    """The last moment reserved memory grew to its highest (within trace[start:end]), replayed from the trace (which
-    must start before the first allocation it holds: capped.py MEM_HISTORY_AT=exit): reserved bytes after it,
-    allocated bytes before it, the allocation request that grew it, and the free holes in the reserved memory just
-    before, largest first, each with the largest block freed inside it (its size and event). Under expandable segments
-    the hole at a segment's end is the start of the request's space, the others are what it did not fit in."""
+SMALL_REQUEST = 1 << 20  # torch's kSmallSize: requests up to 1 MiB come from the small pool, in segments of its own
 
-    def change(event: dict) -> int:
-        return event["size"] if event["action"] in MAPS else -event["size"] if event["action"] in UNMAPS else 0
+
+def large_pool_maps(trace: list[dict]) -> set[int]:
+    """The indices of the map events made for a request over SMALL_REQUEST (the large pool's): the alloc after each
+    run of maps is the request it was made for."""
+    large, run = set(), []
+    for i, event in enumerate(trace):
+        if event["action"] in MAPS:
+            run.append(i)
+        elif event["action"] == "alloc" and run:
+            if event["size"] > SMALL_REQUEST:
+                large.update(run)
+            run = []
+    return large
+
+
+def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -> dict:
+    """The last moment the large pool's reserved memory grew to its highest (within trace[start:end]), replayed from
+    the trace (which must start before the first allocation it holds: capped.py MEM_HISTORY_AT=exit): its reserved
+    bytes after it, the bytes allocated from it before, the allocation request that grew it, and the free holes in
+    its reserved memory just before, largest first, each with the largest block freed inside it since that memory was
+    last mapped (its size and event). The small pool (requests up to 1 MiB, segments of their own) is left out: a
+    request there grows its own segments whatever the large pool holds free. Under expandable segments the hole at a
+    segment's end is the start of the request's space, the others are what it did not fit in."""
+    large = large_pool_maps(trace)
+
+    def change(i: int) -> int:
+        event = trace[i]
+        if event["action"] in MAPS:
+            return event["size"] if i in large else 0
+        return -event["size"] if event["action"] in UNMAPS and in_ranges(mapped_large, event) else 0
 
     end = len(trace) if end is None else end
-    total = sum(change(e) for e in trace[:start])
-    top, at = total, None
-    for i in range(start, end):  # first pass: where reserved reached its highest for the last time
-        total += change(trace[i])
-        if trace[i]["action"] in MAPS and total >= top:
+    mapped_large: list[tuple[int, int]] = []  # the large pool's mapped ranges, to tell whose an unmap is
+    total = 0
+    for i in range(end):  # first pass: where the large pool's reserved memory reached its highest for the last time
+        if i == start:
+            top, at = total, None
+        total += change(i)
+        action, addr = trace[i]["action"], trace[i].get("addr")
+        if action in MAPS and i in large:
+            mapped_large = merged([*mapped_large, (addr, addr + trace[i]["size"])])
+        elif action in UNMAPS:
+            mapped_large = subtract(mapped_large, addr, addr + trace[i]["size"])
+        if i >= start and action in MAPS and i in large and total >= top:
             top, at = total, i
     if at is None:
         return {"reserved": top, "allocated": None, "request": None, "holes": []}
@@ -114,13 +145,14 @@ def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -
     mapped: list[tuple[int, int]] = []
     live: dict[int, dict] = {}
     freed: dict[int, dict] = {}
-    for event in trace[:first]:
+    for i, event in enumerate(trace[:first]):
         action, addr = event["action"], event.get("addr")
-        if action in MAPS:
+        if action in MAPS and i in large:
             mapped = merged([*mapped, (addr, addr + event["size"])])
         elif action in UNMAPS:
             mapped = subtract(mapped, addr, addr + event["size"])
-        elif action == "alloc":
+            freed = {a: blk for a, blk in freed.items() if not addr <= a < addr + event["size"]}
+        elif action == "alloc" and event["size"] > SMALL_REQUEST:
             live[addr] = event
         elif action == "free_completed" and addr in live:
             freed[addr] = live.pop(addr)
@@ -143,6 +175,12 @@ def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -
             "holes": listed}
 
 
+def in_ranges(ranges: list[tuple[int, int]], event: dict) -> bool:
+    """Whether the event's [addr, addr + size) lies inside one of the sorted, disjoint ranges."""
+    k = bisect.bisect_right(ranges, (event["addr"], float("inf"))) - 1
+    return k >= 0 and ranges[k][0] <= event["addr"] and event["addr"] + event["size"] <= ranges[k][1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("snapshot")
@@ -161,8 +199,8 @@ def main() -> None:
                 request = grown["request"]
                 if request is None:
                     continue  # no growth in these events
-                print(f"device {device}, events {start}-{end}: reserved last grew to {grown['reserved'] / 2**30:.2f}"
-                      f" GiB from {grown['allocated'] / 2**30:.2f} GiB allocated, for "
+                print(f"device {device}, events {start}-{end}: the large pool's reserved memory last grew to "
+                      f"{grown['reserved'] / 2**30:.2f} GiB from {grown['allocated'] / 2**30:.2f} GiB allocated there, for "
                       + (f"{request['size'] / 2**20:.1f} MiB: {where(request.get('frames', []))}" if request else "?"))
                 for hole in grown["holes"][:args.top]:
                     freed = hole["largest_freed"]
