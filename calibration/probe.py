@@ -2,9 +2,9 @@
 
     python -m rigplan.calibration.probe --job llama-3.1-8b:lora:16:1x2048,4x2048 --job llama-3.1-8b@4:qlora:16:2x2048 --out runs.jsonl
 
-A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16|off][:gpu=no-bf16]. Each
-shape is measured after a warm-up step, with torch's peak allocated and reserved memory and NVML's used memory; an
-out-of-memory shape is recorded, not fatal.
+A job is MODEL[@LAYERS]:METHOD:RANK:BxS,BxS,...[:checkpointing=off][:autocast=bf16|off][:gpu=no-bf16]
+[:labelled=F]. Each shape is measured after a warm-up step, with torch's peak allocated and reserved memory and
+NVML's used memory; an out-of-memory shape is recorded, not fatal.
 Every row is appended (and flushed) as soon as it is measured, so a killed probe keeps what it had.
 """
 
@@ -60,6 +60,10 @@ class Job:
     # "no-bf16": Unsloth's load and training as on a GPU without bf16 (T4, V100), for the families Unsloth trains in
     # float32 there (as_without_bf16): what `rigplan check` says it has not measured (profiles/known_issues.json).
     gpu: Literal["as-is", "no-bf16"] = "as-is"
+    # The share of each row's positions that carry a label, the rest -100 at its start, as a chat or Alpaca prompt
+    # is in `rigplan run` (rigplan/data.py tokenize: the assistant's turns only): Unsloth's fused loss computes the
+    # logits of the labelled rows alone (unsloth_zoo fused_losses/fused_linear.py _keep_index). 1: every position.
+    labelled: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> "Job":
@@ -67,19 +71,27 @@ class Job:
         model, _, layers = parts[0].partition("@")
         shapes = tuple(tuple(int(x) for x in s.split("x")) for s in parts[3].split(","))
         extra = dict(p.split("=", 1) for p in parts[4:])
+        if "labelled" in extra:
+            extra["labelled"] = float(extra["labelled"])  # type: ignore[assignment]
         return cls(model, int(layers) if layers else None, parts[1], int(parts[2]), shapes, **extra)  # type: ignore[arg-type]
 
 
-def forward_loss(model: Any, ids: Any, device: str, autocast: str) -> Any:
-    """The loss of one forward on ids as their own labels, under torch.autocast(bfloat16) for autocast "bf16"."""
+def forward_loss(model: Any, ids: Any, device: str, autocast: str, labelled: float = 1.0) -> Any:
+    """The loss of one forward on ids as their own labels (the first 1 - labelled of each row's positions -100),
+    under torch.autocast(bfloat16) for autocast "bf16"."""
     import torch
 
+    labels = ids
+    if labelled < 1:
+        labels = ids.clone()
+        labels[:, : int(ids.shape[1] * (1 - labelled))] = -100
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        return model(input_ids=ids, labels=ids).loss
+        return model(input_ids=ids, labels=labels).loss
 
 
 def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str,
-                  min_timed_s: float = MIN_TIMED_S, autocast: str = "off") -> dict[str, Any]:
+                  min_timed_s: float = MIN_TIMED_S, autocast: str = "off",
+                  labelled: float = 1.0) -> dict[str, Any]:
     """Warm-up, then timed forward+backward+optimizer steps on random ids; peaks since the reset. With autocast
     "bf16" the forward (loss included, as the model computes it) runs under torch.autocast, the backward outside."""
     import torch
@@ -99,7 +111,7 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = forward_loss(model, ids, device, autocast)
+        loss = forward_loss(model, ids, device, autocast, labelled)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -126,12 +138,13 @@ def measure_shape(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, 
                    nvml_used_gib=round(used, 4) if used is not None else None,
                    context_gib=round(used - reserved, 4) if used is not None else None,
                    first_step_peak_alloc_gib=round(first[0], 4), later_steps_peak_alloc_gib=round(steady[0], 4),
-                   phase_peak_alloc_gib=phase_peaks(model, optimizer, vocab, batch, seq, device, autocast))
+                   phase_peak_alloc_gib=phase_peaks(model, optimizer, vocab, batch, seq, device, autocast,
+                                                                    labelled))
     return row
 
 
 def phase_peaks(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, device: str,
-                autocast: str = "off") -> dict[str, float]:
+                autocast: str = "off", labelled: float = 1.0) -> dict[str, float]:
     """One more step, with the peak allocated memory of its forward pass (loss included), its backward pass
     and its optimizer step read apart: which phase sets a shape's peak, for the memory terms. Under the same
     autocast as the timed steps (the rows of h200-issue17-autocast/ read theirs without it)."""
@@ -141,7 +154,7 @@ def phase_peaks(model: Any, optimizer: Any, vocab: int, batch: int, seq: int, de
     peaks = {}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    loss = forward_loss(model, ids, device, autocast)
+    loss = forward_loss(model, ids, device, autocast, labelled)
     peaks["forward"] = torch.cuda.max_memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
     loss.backward()
@@ -244,13 +257,15 @@ def run_job(job: Job, engine: str, out: Path, device: str, prov: dict[str, Any],
         head = {"model": spec.id, "arch": job.model, "layers": spec.num_hidden_layers, "method": job.method,
                 "rank": job.rank, "engine": engine, "optimizer": optimizer, "checkpointing": job.checkpointing,
                 "autocast": autocast, "gpu_emulated": job.gpu,
+                **({"labelled": job.labelled} if job.labelled < 1 else {}),
                 "trainable_params": sum(p.numel() for p in params), "build_s": round(build_s, 1),
                 "load_s": round(load_s, 1), "after_load_gib": after_load, **start,
                 "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
         for batch, seq in job.shapes:
             row = {**head, "batch": batch, "seq": seq, "err": None}
             try:
-                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device, min_timed_s, autocast))
+                row.update(measure_shape(model, opt, spec.vocab_size, batch, seq, device, min_timed_s, autocast,
+                                         job.labelled))
             except torch.OutOfMemoryError as e:
                 row["err"] = f"oom: {str(e).splitlines()[0][:200]}"
                 opt.zero_grad(set_to_none=True)
