@@ -23,7 +23,8 @@ CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss"
               "h200-issue17-lora-nockpt-deep", "h200-issue17-autocast", "h200-issue17-autocast-next",
               "h200-issue17-phi-autocast", "h200-issue17-autocast-lora",
               "h200-issue17-phi4-autocast", "h200-issue17-phi4-autocast2", "h200-issue17-phi35-lora",
-              "h200-issue17-fresh-process", "h200-issue17-own-process-refit", "h200-issue17-gemma-qlora-speed")
+              "h200-issue17-fresh-process", "h200-issue17-own-process-refit", "h200-issue17-gemma-qlora-speed",
+              "h200-issue17-qwen3moe-labelled")
 FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
