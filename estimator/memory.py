@@ -569,7 +569,9 @@ QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.37}
 # Qwen3-MoE's QLoRA held 0.45-0.77 GiB beyond its allocated peak at 2,048 to 8,192 tokens and at 32,768, but
 # 0.13-0.25 at most single sequences from 12,288 to 24,576 (0.60 at 18,432), at 4, 8 and 16 layers alike
 # (bench/results/h200-issue17*/probe-qwen3moe*.jsonl): the constant holds the larger, the side that does not run out
-# of memory. Qwen1.5-MoE's held 0.41-0.59 GiB from 2,048 to 32,768 tokens (0.14 once, at 2 x 8192; h200-issue17-
+# of memory. Memory snapshots (h200-qwen3moe-slack-snapshot/) show why there is no trend: the large pool last grows
+# for one of the step's largest transients (a layer's dequantized gate_up stack, the routed tokens' buffer), which
+# the largest free hole misses by under 5%, and their sizes move with the tokens. Qwen1.5-MoE's held 0.41-0.59 GiB from 2,048 to 32,768 tokens (0.14 once, at 2 x 8192; h200-issue17-
 # heldout5/, -doublequant/, -heldout8/, -heldout9/, -mixtral-long/). The reference's slack grows with the step's
 # bytes: for the families and methods here, the family's constant alone.
 FAMILY_SLACK_ONLY = {("qwen3_moe", "qlora"), ("qwen2_moe", "qlora")}
