@@ -200,7 +200,8 @@ def main() -> None:
                 if request is None:
                     continue  # no growth in these events
                 print(f"device {device}, events {start}-{end}: the large pool's reserved memory last grew to "
-                      f"{grown['reserved'] / 2**30:.2f} GiB from {grown['allocated'] / 2**30:.2f} GiB allocated there, for "
+                      f"{grown['reserved'] / 2**30:.2f} GiB from {grown['allocated'] / 2**30:.2f} GiB allocated there, "
+                      "for "
                       + (f"{request['size'] / 2**20:.1f} MiB: {where(request.get('frames', []))}" if request else "?"))
                 for hole in grown["holes"][:args.top]:
                     freed = hole["largest_freed"]

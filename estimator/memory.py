@@ -571,8 +571,9 @@ QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.37}
 # (bench/results/h200-issue17*/probe-qwen3moe*.jsonl): the constant holds the larger, the side that does not run out
 # of memory. Memory snapshots (h200-qwen3moe-slack-snapshot/) show why there is no trend: the large pool last grows
 # for one of the step's largest transients (a layer's dequantized gate_up stack, the routed tokens' buffer), which
-# the largest free hole misses by under 5%, and their sizes move with the tokens. Qwen1.5-MoE's held 0.41-0.59 GiB from 2,048 to 32,768 tokens (0.14 once, at 2 x 8192; h200-issue17-
-# heldout5/, -doublequant/, -heldout8/, -heldout9/, -mixtral-long/). The reference's slack grows with the step's
+# the largest free hole misses by under 5%, and their sizes move with the tokens. Qwen1.5-MoE's held 0.41-0.59 GiB
+# from 2,048 to 32,768 tokens (0.14 once, at 2 x 8192; h200-issue17-heldout5/, -doublequant/, -heldout8/, -heldout9/,
+# -mixtral-long/). The reference's slack grows with the step's
 # bytes: for the families and methods here, the family's constant alone.
 FAMILY_SLACK_ONLY = {("qwen3_moe", "qlora"), ("qwen2_moe", "qlora")}
 # Their 16-bit LoRA too, for Qwen3-MoE and Gemma 3: reserved memory beyond the allocated peak that grows with the
