@@ -293,8 +293,11 @@ def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
     short, deep = (rows(files, "qlora", 1, 8192, layers=n) for n in (4, 8))
     measured = kept_by_the_extra_layers_gib(short, deep)
 
-    def kept(row: dict) -> float:
-        return _estimate(row).components_bytes["activations_kept"] / 2**30
+    def kept(row: dict) -> float:  # as probed: the rows ran without autocast (memory.without_autocast_bytes)
+        assert row.get("autocast") in (None, "off")
+        model, setup, _ = model_setup(row)
+        run = _estimate(row).components_bytes["activations_kept"]
+        return (run + memory.without_autocast_bytes(model, setup)) / 2**30
 
     return bisect_constant(memory.NOCKPT_ROUTED_SHARE_BY_TYPE, model_type, 4.0,
                            lambda: kept(deep) - kept(short) < measured)

@@ -2,8 +2,8 @@
 estimate: every row of CHECK_DIRS but those a term was fitted on (FIT_NOT_CHECK). Each directory was run against
 predictions committed before it (its command.txt; bench/results/README.md names each directory's prediction file,
 session by session); each fitted term cites its rows beside it (estimator/, bench/family_terms.py). Those that stand
-for a run (checks) are read by tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table; the 16-bit
-LoRA probes without autocast (without_autocast) by the test only."""
+for a run (checks) are read by tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table; the probes
+without autocast that keep more than a run (without_autocast) by the test only."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 from rigplan.calibration.fit import FRESH_PROCESS_ALLOC_GIB
+from rigplan.estimator.memory import NO_AUTOCAST_COPIES_BY_TYPE, family
+from rigplan.profiles.catalog import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,10 +84,15 @@ def in_a_process_of_its_own(row: dict) -> bool:
 def under_autocast_or_qlora(row: dict) -> bool:
     """Whether the probe trained in the precision `rigplan run` does, bf16 autocast (TRL bf16=True on every GPU with
     bf16). QLoRA with autocast or without: its peaks and speed were the same (within 1.5% and 2%,
-    h200-issue17-autocast/). 16-bit LoRA only under it: without autocast Unsloth computes a plain nn.Linear's adapter
-    in fp32 and keeps fp32 copies of its input (unsloth_zoo compiler.py), which allocated up to 13% more and ran up to
-    22% slower on the same shapes (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
-    return row["method"] == "qlora" or row.get("autocast") == "bf16"
+    h200-issue17-autocast/), but for QLoRA without checkpointing in a family whose layers keep copies of their input
+    without autocast (memory.NO_AUTOCAST_COPIES_BY_TYPE: Qwen3-MoE, 9% more at 8 layers and 20,480 tokens). 16-bit
+    LoRA only under it: without autocast Unsloth computes a plain nn.Linear's adapter in fp32 and keeps fp32 copies of
+    its input (unsloth_zoo compiler.py), which allocated up to 13% more and ran up to 22% slower on the same shapes
+    (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
+    if row.get("autocast") == "bf16":
+        return True
+    copies = NO_AUTOCAST_COPIES_BY_TYPE.get(family(resolve_model(row["arch"])), 0)
+    return row["method"] == "qlora" and not (row["checkpointing"] == "off" and copies)
 
 
 def stands_for_a_run(row: dict) -> bool:
@@ -99,5 +106,6 @@ def checks() -> list[tuple[str, dict]]:
 
 
 def without_autocast() -> list[tuple[str, dict]]:
-    """The unfitted 16-bit LoRA rows probed without autocast: more memory and less speed than a run of the shape."""
+    """The unfitted rows probed without autocast that keep more than a run of the shape (16-bit LoRA: and run
+    slower; under_autocast_or_qlora)."""
     return [(d, r) for d, r in unfitted() if in_a_process_of_its_own(r) and not under_autocast_or_qlora(r)]

@@ -136,6 +136,27 @@ NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781, "gpt_oss":
 # and its 16-bit LoRA probed without autocast 138 (docs/moe-saved-tensors.md, section 5): which tensors the 10 kB
 # beyond its QLoRA are was not found.
 NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("qwen2_moe", "lora"): 2.41}
+# Probed without autocast, as every row NOCKPT_ROUTED_SHARE_BY_TYPE is fitted on was, a Qwen3-MoE layer keeps two bf16
+# copies of its hidden states that a run under bf16 autocast (TRL bf16=True, as `rigplan run` trains) does not: only
+# without autocast PEFT casts a LoRA layer's input to its fp32 adapter's dtype (peft 0.21 tuners/lora/bnb.py
+# Linear4bit.forward) and Unsloth's rewritten lora_forward casts it back to bf16 (unsloth_zoo 2026.10.9 compiler.py),
+# so q, k and v each save a copy where under autocast they share one input. Measured, 8,192 bytes a token (2 x hidden
+# x 2), on the backward peaks of three 4-layer QLoRA pairs with checkpointing, which hold one layer's recompute:
+# without autocast (h200-issue17-heldout8/, -expandable/) and under it (h200-qwen3moe-slack-snapshot/), 8192.0, 8192.0
+# and 8190.5 bytes a token at 8,192, 16,384 and 18,432 tokens. Found after the 8-layer rows without checkpointing
+# under autocast (h200-issue17-qwen3moe-labelled/, 20,480 tokens) and the family's 16-bit LoRA under autocast
+# (h200-issue17-autocast-next/, 1 x 8192) allocated 9% and 4% under the estimate; the figure is the pairs', not a fit
+# to those rows. Copies a layer keeps without checkpointing in such a probe beyond a run, by family:
+NO_AUTOCAST_COPIES_BY_TYPE = {"qwen3_moe": 2}
+
+
+def without_autocast_bytes(model: ModelSpec, setup: Setup) -> int:
+    """What a probe without autocast keeps beyond a run of the same shape without checkpointing, every layer
+    (NO_AUTOCAST_COPIES_BY_TYPE): the estimate, which plans runs, leaves it out of the kept activations."""
+    if setup.checkpointing != "off":
+        return 0
+    copies = NO_AUTOCAST_COPIES_BY_TYPE.get(family(model), 0)
+    return setup.tokens * model.num_hidden_layers * copies * model.hidden_size * BF16_BYTES
 
 
 def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
@@ -149,7 +170,7 @@ def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> in
         share = NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD.get((t, setup.method), NOCKPT_ROUTED_SHARE_BY_TYPE.get(t, 1.0))
         routed = share * routed_copy_bytes(model, setup)
         return int(setup.tokens * layers * (coeffs.nockpt_per_hidden * h + coeffs.nockpt_per_intermediate * i)
-                   + layers * routed)
+                   + layers * routed - without_autocast_bytes(model, setup))
     # Checkpointing keeps one hidden-state tensor per layer (Chen et al. 2016, sec. 3).
     return int(setup.tokens * layers * coeffs.ckpt_per_hidden * h)
 

@@ -142,17 +142,10 @@ CHECK_RESERVED_BOUND = {
     # 4-layer row its slack was fitted on held 0.50 and its 16-bit LoRA at 8 layers 0.74
     "h200-issue17-gptoss-nockpt/gpt-oss-20b-L8-qlora-1x8192": 0.065,
 }
-# Qwen3-MoE's QLoRA without checkpointing at 8 layers and 20,480 tokens a micro-batch (h200-issue17-qwen3moe-labelled/,
-# as `rigplan run` on its 16 x 1280 plan allocated, h200-issue17-qwen3moe-run/): 15.15 GiB allocated at 16 x 1280,
-# 4 x 5120 and 1 x 20480 alike, where the estimate is 16.68; its rows from 2,048 to 16,384 tokens are within 4% of it
-# (test_moe_without_checkpointing_keeps_what_the_estimate_counts), and from 16,384 to 20,480 tokens the allocated
-# memory grew at half the rate below, which no term has. In several sequences they ran 13-18% faster than the
-# estimate (1 x 20480: 1.3%).
-QWEN3_MOE_20K = [f"h200-issue17-qwen3moe-labelled/qwen3-30b-a3b-L8-qlora-{s}" for s in
-                 ("16x1280", "4x5120", "1x20480")]  # 16 x 1280 twice: all positions labelled and 78%
-CHECK_ALLOCATED_BOUND = {name: 0.095 for name in QWEN3_MOE_20K}
-CHECK_RESERVED_BOUND.update({name: 0.08 for name in QWEN3_MOE_20K})
-CHECK_SPEED_BOUND = {QWEN3_MOE_20K[0]: 0.185}
+# Qwen3-MoE's QLoRA without checkpointing at 8 layers, 20,480 tokens a micro-batch in 16 sequences (all positions
+# labelled, and 78% as `rigplan run`'s Alpaca data: h200-issue17-qwen3moe-labelled/) ran 18% faster than the
+# estimate; in 4 sequences 13%, in one 1.3%.
+CHECK_SPEED_BOUND = {"h200-issue17-qwen3moe-labelled/qwen3-30b-a3b-L8-qlora-16x1280": 0.185}
 
 
 def test_every_shape_probed_after_another_job_is_checked_from_a_process_of_its_own() -> None:
@@ -202,7 +195,7 @@ def _estimate_params(row: dict) -> int:
 @pytest.mark.parametrize("name,row", [(n, r) for n, (_, r) in zip(CHECK_IDS, CHECKS)], ids=CHECK_IDS)
 def test_runs_no_term_was_written_from(name: str, row: dict) -> None:
     est = _estimate(row)
-    assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= CHECK_ALLOCATED_BOUND.get(name, 0.05)
+    assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.05
     assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= CHECK_RESERVED_BOUND.get(name, 0.05)
     if est.host_bound:
         low, high = est.tokens_per_s_band
@@ -316,7 +309,7 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
         est = _estimate(r)
-        # but for 20,480 tokens in several sequences without checkpointing (QWEN3_MOE_20K: 13-18% faster)
+        # but for 20,480 tokens in several sequences without checkpointing (CHECK_SPEED_BOUND: 13-18% faster)
         bound = 0.185 if r["checkpointing"] == "off" and r["batch"] > 1 and r["batch"] * r["seq"] > 16384 else 0.125
         assert est.host_bound or abs(r["tok_per_s"] / est.tokens_per_s - 1) <= bound, (r["method"], r["seq"])
     qlora = [r for r in found if r["method"] == "qlora" and r.get("alloc_conf") == "expandable_segments:True"
@@ -418,23 +411,32 @@ def test_moe_without_checkpointing_keeps_what_the_estimate_counts() -> None:
     only); every row's allocated peak is within 4%, and its reserved peak within 3% on the side that runs out of memory
     (Qwen3-MoE's 8-layer 1 x 2048 row held 0.65 GiB beyond its allocated peak, its family's constant 0.57) and 6% on
     the other (Qwen3-MoE's 4-layer 1 x 2048 row held 0.31). Before, the estimate counted 8% (Mixtral) to 30%
-    (Qwen1.5-MoE) less than a layer keeps, the dense terms alone."""
+    (Qwen1.5-MoE) less than a layer keeps, the dense terms alone. These probes ran without autocast: the estimate is
+    compared as such a probe keeps (a run's and memory.without_autocast_bytes, Qwen3-MoE's input copies)."""
+    from rigplan.estimator.memory import without_autocast_bytes
+
     found = [r for d, r in recorded("h200-issue17-nockpt*/probe-*.jsonl") if r["checkpointing"] == "off"]
+    assert all(r.get("autocast") in (None, "off") for r in found)
     by_shape = {(r["arch"], r["layers"], r["batch"] * r["seq"]): r for r in found}
+
+    def probed(row: dict) -> float:  # GiB a probe without autocast keeps beyond the run the estimate is for
+        setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
+        return without_autocast_bytes(reduced(resolve_model(row["arch"]), row["layers"]), setup) / 2**30
+
     pairs = 0
     for (arch, layers, tokens), deep in by_shape.items():
         short = by_shape.get((arch, 4, tokens))
         if layers != 8 or short is None:
             continue
-        kept = [_estimate(r).components_bytes["activations_kept"] / 2**30 for r in (short, deep)]
+        kept = [_estimate(r).components_bytes["activations_kept"] / 2**30 + probed(r) for r in (short, deep)]
         measured = kept_by_the_extra_layers_gib(short, deep)
         assert abs(measured / (kept[1] - kept[0]) - 1) <= 0.02, (arch, tokens)
         pairs += 1
     assert pairs >= 8
     for r in found:
         est = _estimate(r)
-        assert abs(r["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.04, (r["model"], r["seq"])
-        err = r["peak_reserved_gib"] / est.peak_reserved_gib - 1
+        assert abs(r["peak_alloc_gib"] / (est.peak_allocated_gib + probed(r)) - 1) <= 0.04, (r["model"], r["seq"])
+        err = r["peak_reserved_gib"] / (est.peak_reserved_gib + probed(r)) - 1
         assert -0.06 <= err <= 0.03, (r["model"], r["batch"], r["seq"], err)
     assert {r["arch"] for r in found} == {"mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"}
     assert max(r["layers"] for r in found) >= 12 and max(r["batch"] * r["seq"] for r in found) == 32768
@@ -459,14 +461,16 @@ def _saved_per_token_layer(model) -> int:
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "qwen3-235b-a22b"])
 def test_moe_kept_bytes_agree_with_the_tensors_the_source_saves(name: str) -> None:
     """The estimate's kept activations per token and layer without checkpointing (the dense terms and the family's
-    multiple of the routed copy, fitted on two runs) within 3% of the tensor count read from the source, which
+    multiple of the routed copy, fitted on two runs), as a probe without autocast keeps them (a run's and
+    memory.without_autocast_bytes), within 3% of the tensor count read from the source for such a probe, which
     reproduces the three measured families within 0.3% and extends to Qwen3-235B-A22B, not measured (there the
     estimate is 2.6% above it, the side that does not run out of memory)."""
     from rigplan.estimator import memory
 
     model = resolve_model(name)
     setup = Setup("qlora", 16, 1, 8192, checkpointing="off")
-    counted = memory.checkpoint_bytes(model, setup, store.reference()[0]) / setup.tokens / model.num_hidden_layers
+    probed = memory.checkpoint_bytes(model, setup, store.reference()[0]) + memory.without_autocast_bytes(model, setup)
+    counted = probed / setup.tokens / model.num_hidden_layers
     assert abs(counted / _saved_per_token_layer(model) - 1) <= 0.03
 
 
@@ -530,9 +534,11 @@ def test_16bit_lora_probed_without_autocast_keeps_at_least_what_a_run_is_estimat
     """The 16-bit LoRA rows probed without autocast (issue17_rows.without_autocast) do not stand for a run, but they
     bound one: their fp32 adapter inputs come on top of what a run keeps, and their fp32 adapters run slower. So
     each allocates and reserves no less than 5% under the run's estimate, and runs at most 15% faster than it where
-    the GPU bounds it (within the band where the host does)."""
+    the GPU bounds it (within the band where the host does). So do Qwen3-MoE's QLoRA rows without checkpointing
+    probed without autocast, whose layers keep copies of their input a run does not (memory.without_autocast_bytes)."""
     rows = issue17_rows.without_autocast()
-    assert len(rows) >= 30 and all(r.get("autocast", "off") == "off" and r["method"] == "lora" for _, r in rows)
+    assert len(rows) >= 30 and all(r.get("autocast") in (None, "off") for _, r in rows)
+    assert {(r["arch"], r["checkpointing"]) for _, r in rows if r["method"] == "qlora"} == {("qwen3-30b-a3b", "off")}
     for d, r in rows:
         est = _estimate(r)
         assert r["peak_alloc_gib"] >= 0.95 * est.peak_allocated_gib, (d, r["model"], r["batch"], r["seq"])
@@ -572,6 +578,21 @@ def test_rigplan_run_on_a_moe_replica_meets_its_plan() -> None:
         est = estimate_run(reduced(resolve_model("qwen1.5-moe-a2.7b"), 8), run)
         assert abs(measured["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.05, method
         assert est.tokens_per_s_band[0] <= measured["tokens_per_s_compiled"] <= est.tokens_per_s_band[1], method
+    # Qwen3-30B-A3B at 8 layers, QLoRA (h200-issue17-qwen3moe-run/, predictions/qwen3moe-run-h200.json before): the
+    # H200's plan and the RTX 4090's, the same 16 x 1280 without checkpointing, the latter capped at 24 GiB for 10
+    # steps. Planned 17.25 GiB, 8.4% over both; today's estimate, a run's layers without the input copies of the
+    # probes its kept bytes were fitted on (memory.NO_AUTOCAST_COPIES_BY_TYPE), within 1.5%.
+    for case in ("h200-qlora", "4090-qlora"):
+        run = json.loads((RUNS.parent / "h200-issue17-qwen3moe-run" / f"{case}.json").read_text())
+        p, measured = run["plan"], run["measured"]
+        assert (p["micro_batch"], p["seq_len"], p["checkpointing"], run["status"]) == (16, 1280, "off", "done")
+        est = estimate_run(reduced(resolve_model("qwen3-30b-a3b"), 8), run)
+        assert measured["peak_reserved_gib"] / run["predicted"]["peak_reserved_gib"] - 1 < -0.08, case
+        assert abs(measured["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.015, case
+        assert abs(measured["peak_allocated_gib"] / est.peak_allocated_gib - 1) <= 0.025, case
+    h200 = json.loads((RUNS.parent / "h200-issue17-qwen3moe-run" / "h200-qlora.json").read_text())
+    est = estimate_run(reduced(resolve_model("qwen3-30b-a3b"), 8), h200)  # its rate once compiled, the H200's plan
+    assert abs(h200["measured"]["tokens_per_s_compiled"] / est.tokens_per_s - 1) <= 0.05
 
 
 def test_the_hosts_cost_per_layer_follows_the_modules_lora_adapts(monkeypatch) -> None:
