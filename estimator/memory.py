@@ -142,8 +142,8 @@ NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("qwen2_moe", "lora"): 2.41}
 # Linear4bit.forward) and Unsloth's rewritten lora_forward casts it back to bf16 (unsloth_zoo 2026.10.9 compiler.py),
 # so q, k and v each save a copy where under autocast they share one input. Measured, 8,192 bytes a token (2 x hidden
 # x 2), on the backward peaks of three 4-layer QLoRA pairs with checkpointing, which hold one layer's recompute:
-# without autocast (h200-issue17-heldout8/, -expandable/) and under it (h200-qwen3moe-slack-snapshot/), 8192.0, 8192.0
-# and 8190.5 bytes a token at 8,192, 16,384 and 18,432 tokens. Found after the 8-layer rows without checkpointing
+# without autocast (h200-issue17-expandable/, -fit6/, -heldout8/) and under it (h200-qwen3moe-slack-snapshot/), 8192.0,
+# 8192.0 and 8190.5 bytes a token at 8,192, 16,384 and 18,432 tokens (tests/test_issue17_runs.py). Found after the 8-layer rows without checkpointing
 # under autocast (h200-issue17-qwen3moe-labelled/, 20,480 tokens) and the family's 16-bit LoRA under autocast
 # (h200-issue17-autocast-next/, 1 x 8192) allocated 9% and 4% under the estimate; the figure is the pairs', not a fit
 # to those rows. Copies a layer keeps without checkpointing in such a probe beyond a run, by family:
@@ -594,8 +594,8 @@ QLORA_SLACK_PER_KV_BY_TYPE = {"phi3": 3.37}
 # for one of the step's largest transients (a layer's dequantized gate_up stack, the routed tokens' buffer), which
 # the largest free hole misses by under 5%, and their sizes move with the tokens. Qwen1.5-MoE's held 0.41-0.59 GiB
 # from 2,048 to 32,768 tokens (0.14 once, at 2 x 8192; h200-issue17-heldout5/, -doublequant/, -heldout8/, -heldout9/,
-# -mixtral-long/). The reference's slack grows with the step's
-# bytes: for the families and methods here, the family's constant alone.
+# -mixtral-long/). The reference's slack grows with the step's bytes: for the families and methods here, the family's
+# constant alone.
 FAMILY_SLACK_ONLY = {("qwen3_moe", "qlora"), ("qwen2_moe", "qlora")}
 # Their 16-bit LoRA too, for Qwen3-MoE and Gemma 3: reserved memory beyond the allocated peak that grows with the
 # tokens of a micro-batch (Qwen3-30B-A3B 0.14 GiB at 2,048 tokens, 0.49 at 16,384), bytes per token and hidden unit,

@@ -360,6 +360,28 @@ def test_qwen3_moe_qlora_slack_is_a_large_transient_just_short_of_a_hole() -> No
         assert 0.95 * size <= largest < size, (seq, largest)
 
 
+def test_qwen3_moe_probes_without_autocast_keep_two_copies_of_a_layers_input() -> None:
+    """memory.NO_AUTOCAST_COPIES_BY_TYPE["qwen3_moe"]: Qwen3-MoE's 4-layer QLoRA with checkpointing at 1 x 8192,
+    1 x 16384 and 1 x 18432, probed under autocast (h200-qwen3moe-slack-snapshot/) and without it (h200-issue17-
+    expandable/, -fit6/, -heldout8/): the same forward peak, and a backward peak, which holds one layer's recompute,
+    two hidden-wide bf16 copies a token more without autocast (8,192 bytes, within 0.1%)."""
+    from rigplan.estimator.memory import BF16_BYTES, NO_AUTOCAST_COPIES_BY_TYPE
+
+    hidden = resolve_model("qwen3-30b-a3b").hidden_size
+    copies = NO_AUTOCAST_COPIES_BY_TYPE["qwen3_moe"] * hidden * BF16_BYTES
+    under = [r for _, r in issue17_rows.probe_rows("h200-qwen3moe-slack-snapshot/rows-under-memory-history*.jsonl")]
+    without = [r for _, r in recorded("h200-issue17-*/probe-qwen3moe*.jsonl") if r.get("autocast") in (None, "off")
+               and (r["layers"], r["method"], r["checkpointing"], r["batch"]) == (4, "qlora", "unsloth", 1)
+               and issue17_rows.in_a_process_of_its_own(r)]
+    assert {r["seq"] for r in under} == {8192, 16384, 18432} and all(r["autocast"] == "bf16" for r in under)
+    for r in under:
+        pairs = [w["phase_peak_alloc_gib"] for w in without if w["seq"] == r["seq"]]
+        per_token = [(w["backward"] - r["phase_peak_alloc_gib"]["backward"]) * 2**30 / r["seq"] for w in pairs]
+        best = min(per_token, key=lambda b: abs(b - copies))
+        assert abs(best / copies - 1) <= 0.001, (r["seq"], per_token)
+        assert any(w["forward"] == r["phase_peak_alloc_gib"]["forward"] for w in pairs), r["seq"]
+
+
 def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> None:
     """Qwen3-30B-A3B at 4, 8 and 16 layers, gpt-oss-20b at 4, 8 and 16, Mixtral-8x7B at 4 and 8 (predictions/
     moe-depth-h200.json for the deepest, written before): the QLoRA allocated peak within 2% of the estimate at every
