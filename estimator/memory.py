@@ -142,11 +142,12 @@ NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("qwen2_moe", "lora"): 2.41}
 # Linear4bit.forward) and Unsloth's rewritten lora_forward casts it back to bf16 (unsloth_zoo 2026.10.9 compiler.py),
 # so q, k and v each save a copy where under autocast they share one input. Measured, 8,192 bytes a token (2 x hidden
 # x 2), on the backward peaks of three 4-layer QLoRA pairs with checkpointing, which hold one layer's recompute:
-# without autocast (h200-issue17-expandable/, -fit6/, -heldout8/) and under it (h200-qwen3moe-slack-snapshot/), 8192.0,
-# 8192.0 and 8190.5 bytes a token at 8,192, 16,384 and 18,432 tokens (tests/test_issue17_runs.py). Found after the 8-layer rows without checkpointing
-# under autocast (h200-issue17-qwen3moe-labelled/, 20,480 tokens) and the family's 16-bit LoRA under autocast
-# (h200-issue17-autocast-next/, 1 x 8192) allocated 9% and 4% under the estimate; the figure is the pairs', not a fit
-# to those rows. Copies a layer keeps without checkpointing in such a probe beyond a run, by family:
+# without autocast (h200-issue17-expandable/, -fit6/, -heldout8/) and under it (h200-qwen3moe-slack-snapshot/),
+# 8192.0, 8192.0 and 8190.5 bytes a token at 8,192, 16,384 and 18,432 tokens (tests/test_issue17_runs.py). Found after
+# the 8-layer rows without checkpointing under autocast (h200-issue17-qwen3moe-labelled/, 20,480 tokens) and the
+# family's 16-bit LoRA under autocast (h200-issue17-autocast-next/, 1 x 8192) allocated 9% and 4% under the estimate;
+# the figure is the pairs', not a fit to those rows. Copies a layer keeps without checkpointing in such a probe beyond
+# a run, by family:
 NO_AUTOCAST_COPIES_BY_TYPE = {"qwen3_moe": 2}
 
 
