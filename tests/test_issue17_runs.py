@@ -297,7 +297,8 @@ def test_phi_4s_terms_are_not_phi_3_5s(monkeypatch) -> None:
 
 def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     """Every recorded Qwen3-30B-A3B row, GPU-bound, within 12.5% of the estimate's speed, its grouped experts' slowness
-    on its matmuls alone (it was 19% at 32,768 tokens when on the whole step). Its QLoRA at 4, 8 and 16 layers,
+    on its matmuls alone (it was 19% at 32,768 tokens when on the whole step), but 20,480 tokens in several sequences
+    without checkpointing, 13-18% faster. Its QLoRA at 4, 8 and 16 layers,
     2,048 to 32,768 tokens, every recorded row (memory.MOE_QLORA_BACKWARD_BY_TYPE fitted through 1 x 16384 and
     1 x 32768) and at 32 from 12,288 to 20,480: allocated peak within 2.5% of the estimate; reserved within 6% (the
     allocator's scatter: CHECK_RESERVED_BOUND) but for single sequences from 12,288 to 24,576 tokens, where the
