@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import issue17_rows  # bench/
 from rigplan import store
 from rigplan.calibration.replica import reduced
 from rigplan.estimator import memory, planner, speed
@@ -295,9 +296,7 @@ def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
 
     def kept(row: dict) -> float:  # as probed: the rows ran without autocast (memory.without_autocast_bytes)
         assert row.get("autocast") in (None, "off")
-        model, setup, _ = model_setup(row)
-        run = _estimate(row).components_bytes["activations_kept"]
-        return (run + memory.without_autocast_bytes(model, setup)) / 2**30
+        return _estimate(row).components_bytes["activations_kept"] / 2**30 + issue17_rows.without_autocast_gib(row)
 
     return bisect_constant(memory.NOCKPT_ROUTED_SHARE_BY_TYPE, model_type, 4.0,
                            lambda: kept(deep) - kept(short) < measured)

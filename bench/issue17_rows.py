@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 from rigplan.calibration.fit import FRESH_PROCESS_ALLOC_GIB
-from rigplan.estimator.memory import NO_AUTOCAST_COPIES_BY_TYPE, family
+from rigplan.calibration.replica import reduced
+from rigplan.estimator.memory import without_autocast_bytes
+from rigplan.estimator.plan import Setup
 from rigplan.profiles.catalog import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,10 +91,16 @@ def under_autocast_or_qlora(row: dict) -> bool:
     LoRA only under it: without autocast Unsloth computes a plain nn.Linear's adapter in fp32 and keeps fp32 copies of
     its input (unsloth_zoo compiler.py), which allocated up to 13% more and ran up to 22% slower on the same shapes
     (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
+    return row.get("autocast") == "bf16" or (row["method"] == "qlora" and without_autocast_gib(row) == 0)
+
+
+def without_autocast_gib(row: dict) -> float:
+    """What the probe kept beyond a run of its shape where it ran without autocast (memory.without_autocast_bytes:
+    Qwen3-MoE's input copies without checkpointing), GiB; 0 under autocast."""
     if row.get("autocast") == "bf16":
-        return True
-    copies = NO_AUTOCAST_COPIES_BY_TYPE.get(family(resolve_model(row["arch"])), 0)
-    return row["method"] == "qlora" and not (row["checkpointing"] == "off" and copies)
+        return 0.0
+    setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
+    return without_autocast_bytes(reduced(resolve_model(row["arch"]), row["layers"]), setup) / 2**30
 
 
 def stands_for_a_run(row: dict) -> bool:

@@ -107,15 +107,17 @@ def large_pool_maps(trace: list[dict]) -> set[int]:
     return large
 
 
-def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None) -> dict:
+def reserved_growth(trace: list[dict], start: int = 0, end: int | None = None,
+                    large: set[int] | None = None) -> dict:
     """The last moment the large pool's reserved memory grew to its highest (within trace[start:end]), replayed from
     the trace (which must start before the first allocation it holds: capped.py MEM_HISTORY_AT=exit): its reserved
     bytes after it, the bytes allocated from it before, the allocation request that grew it, and the free holes in
     its reserved memory just before, largest first, each with the largest block freed inside it since that memory was
     last mapped (its size and event). The small pool (requests up to 1 MiB, segments of their own) is left out: a
     request there grows its own segments whatever the large pool holds free. Under expandable segments the hole at a
-    segment's end is the start of the request's space, the others are what it did not fit in."""
-    large = large_pool_maps(trace)
+    segment's end is the start of the request's space, the others are what it did not fit in. `large`: the trace's
+    large_pool_maps, where the caller replays several stretches of one trace."""
+    large = large_pool_maps(trace) if large is None else large
 
     def change(i: int) -> int:
         event = trace[i]
@@ -194,8 +196,9 @@ def main() -> None:
         if not trace:
             continue
         if args.reserved:
+            large = large_pool_maps(trace)
             for start, end in epochs(trace):
-                grown = reserved_growth(trace, start, end)
+                grown = reserved_growth(trace, start, end, large)
                 request = grown["request"]
                 if request is None:
                     continue  # no growth in these events

@@ -345,11 +345,11 @@ def test_qwen3_moe_qlora_slack_is_a_large_transient_just_short_of_a_hole() -> No
 
     from snapshot_peak import epochs, reserved_growth  # bench/
 
-    from rigplan.estimator.memory import gate_up_stack_bytes
+    from rigplan.estimator.memory import gate_up_stack_bytes, routed_copy_bytes
 
     model = reduced(resolve_model("qwen3-30b-a3b"), 4)
     folder = RUNS.parent / "h200-qwen3moe-slack-snapshot"
-    routed = 18432 * model.num_experts_per_tok * model.hidden_size * 2  # 576 MiB
+    routed = routed_copy_bytes(model, Setup("qlora", 16, 1, 18432))  # 576 MiB
     for seq, size, frame in ((8192, gate_up_stack_bytes(model), "_gate_up_provider"),
                              (18432, routed, "_grouped_mm_eager")):
         with gzip.open(folder / f"snapshot-{seq}.pickle.gz", "rb") as f:
@@ -366,10 +366,11 @@ def test_qwen3_moe_probes_without_autocast_keep_two_copies_of_a_layers_input() -
     1 x 16384 and 1 x 18432, probed under autocast (h200-qwen3moe-slack-snapshot/) and without it (h200-issue17-
     expandable/, -fit6/, -heldout8/): the same forward peak, and a backward peak, which holds one layer's recompute,
     two hidden-wide bf16 copies a token more without autocast (8,192 bytes, within 0.1%)."""
-    from rigplan.estimator.memory import BF16_BYTES, NO_AUTOCAST_COPIES_BY_TYPE
+    from rigplan.estimator.memory import without_autocast_bytes
 
-    hidden = resolve_model("qwen3-30b-a3b").hidden_size
-    copies = NO_AUTOCAST_COPIES_BY_TYPE["qwen3_moe"] * hidden * BF16_BYTES
+    one_layer = reduced(resolve_model("qwen3-30b-a3b"), 1)
+    copies = without_autocast_bytes(one_layer, Setup("qlora", 16, 1, 1, checkpointing="off"))  # a token's, a layer's
+    assert copies == 8192
     under = [r for _, r in issue17_rows.probe_rows("h200-qwen3moe-slack-snapshot/rows-under-memory-history*.jsonl")]
     without = [r for _, r in recorded("h200-issue17-*/probe-qwen3moe*.jsonl") if r.get("autocast") in (None, "off")
                and (r["layers"], r["method"], r["checkpointing"], r["batch"]) == (4, "qlora", "unsloth", 1)
@@ -436,16 +437,10 @@ def test_moe_without_checkpointing_keeps_what_the_estimate_counts() -> None:
     the other (Qwen3-MoE's 4-layer 1 x 2048 row held 0.31). Before, the estimate counted 8% (Mixtral) to 30%
     (Qwen1.5-MoE) less than a layer keeps, the dense terms alone. These probes ran without autocast: the estimate is
     compared as such a probe keeps (a run's and memory.without_autocast_bytes, Qwen3-MoE's input copies)."""
-    from rigplan.estimator.memory import without_autocast_bytes
-
+    probed = issue17_rows.without_autocast_gib
     found = [r for d, r in recorded("h200-issue17-nockpt*/probe-*.jsonl") if r["checkpointing"] == "off"]
     assert all(r.get("autocast") in (None, "off") for r in found)
     by_shape = {(r["arch"], r["layers"], r["batch"] * r["seq"]): r for r in found}
-
-    def probed(row: dict) -> float:  # GiB a probe without autocast keeps beyond the run the estimate is for
-        setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
-        return without_autocast_bytes(reduced(resolve_model(row["arch"]), row["layers"]), setup) / 2**30
-
     pairs = 0
     for (arch, layers, tokens), deep in by_shape.items():
         short = by_shape.get((arch, 4, tokens))
