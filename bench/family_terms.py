@@ -77,11 +77,13 @@ def _estimate(row: dict) -> planner.Estimate:
 
 
 def _allocated(row: dict) -> float:
-    return _estimate(row).peak_allocated_gib
+    """As probed: with what a probe without autocast keeps beyond a run (issue17_rows.without_autocast_gib)."""
+    return _estimate(row).peak_allocated_gib + issue17_rows.without_autocast_gib(row)
 
 
 def _reserved(row: dict) -> float:
-    return _estimate(row).peak_reserved_gib
+    """As probed (_allocated)."""
+    return _estimate(row).peak_reserved_gib + issue17_rows.without_autocast_gib(row)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@ estimate: every row of CHECK_DIRS but those a term was fitted on (FIT_NOT_CHECK)
 predictions committed before it (its command.txt; bench/results/README.md names each directory's prediction file,
 session by session); each fitted term cites its rows beside it (estimator/, bench/family_terms.py). Those that stand
 for a run (checks) are read by tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table; the probes
-without autocast that keep more than a run (without_autocast) by the test only."""
+without autocast that keep more than a run (without_autocast) by the test only, but for QLoRA's speed (speed_checks)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss"
               "h200-issue17-phi-autocast", "h200-issue17-autocast-lora",
               "h200-issue17-phi4-autocast", "h200-issue17-phi4-autocast2", "h200-issue17-phi35-lora",
               "h200-issue17-fresh-process", "h200-issue17-own-process-refit", "h200-issue17-gemma-qlora-speed",
-              "h200-issue17-qwen3moe-labelled")
+              "h200-issue17-qwen3moe-labelled", "h200-issue17-nockpt-autocast")
 FIT_NOT_CHECK = {("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 2, 4096),
                  ("h200-issue17-heldout3", "phi-3.5-mini", "qlora", 1, 16384),
                  ("h200-issue17-heldout5", "qwen1.5-moe-a2.7b-L4", "qlora", 1, 2048),
@@ -87,7 +87,8 @@ def under_autocast_or_qlora(row: dict) -> bool:
     """Whether the probe trained in the precision `rigplan run` does, bf16 autocast (TRL bf16=True on every GPU with
     bf16). QLoRA with autocast or without: its peaks and speed were the same (within 1.5% and 2%,
     h200-issue17-autocast/), but for QLoRA without checkpointing in a family whose layers keep copies of their input
-    without autocast (memory.NO_AUTOCAST_COPIES_BY_TYPE: Qwen3-MoE, 9% more at 8 layers and 20,480 tokens). 16-bit
+    without autocast (memory.NO_AUTOCAST_COPIES_BY_TYPE: the mixture-of-experts families; Qwen3-MoE, 9% more at 8
+    layers and 20,480 tokens). 16-bit
     LoRA only under it: without autocast Unsloth computes a plain nn.Linear's adapter in fp32 and keeps fp32 copies of
     its input (unsloth_zoo compiler.py), which allocated up to 13% more and ran up to 22% slower on the same shapes
     (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
@@ -96,7 +97,7 @@ def under_autocast_or_qlora(row: dict) -> bool:
 
 def without_autocast_gib(row: dict) -> float:
     """What the probe kept beyond a run of its shape where it ran without autocast (memory.without_autocast_bytes:
-    Qwen3-MoE's input copies without checkpointing), GiB; 0 under autocast."""
+    mixture-of-experts layers' input copies without checkpointing), GiB; 0 under autocast."""
     if row.get("autocast") == "bf16":
         return 0.0
     setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
@@ -111,6 +112,13 @@ def stands_for_a_run(row: dict) -> bool:
 def checks() -> list[tuple[str, dict]]:
     """The unfitted rows that stand for a run: what the estimate, which plans runs, is checked on."""
     return [(d, r) for d, r in unfitted() if stands_for_a_run(r)]
+
+
+def speed_checks() -> list[tuple[str, dict]]:
+    """The unfitted rows whose speed stands for a run's: the checks, and the QLoRA probes without autocast that keep
+    more memory than a run (without_autocast), since QLoRA ran at the same speed with autocast or without (within 2%,
+    h200-issue17-autocast/, -nockpt-autocast/; gpt-oss 2-8% slower without it: tests/test_issue17_runs.py)."""
+    return checks() + [(d, r) for d, r in without_autocast() if r["method"] == "qlora"]
 
 
 def without_autocast() -> list[tuple[str, dict]]:

@@ -69,20 +69,24 @@ def accuracy_table() -> str:
     import issue17_rows  # bench/issue17_rows.py: the H200 rows that check the families issue 17 added
 
     issue17 = accuracy.compare(fit.runs_from_rows([r for _, r in issue17_rows.checks()]), coeffs, coeffs.gpu)
+    # speed also on QLoRA probes without autocast, which keep more memory than a run but run at its speed
+    timed = fit.runs_from_rows([r for _, r in issue17_rows.speed_checks()])
+    issue17_speed = accuracy.compare(timed, coeffs, coeffs.gpu)
     groups = [
         ("runs behind the reference (Llama, Mistral, Qwen; 1B-70B, some at reduced depth)",
-         [r for r in reference if not r["unsloth_generic_path"]]),
+         [r for r in reference if not r["unsloth_generic_path"]], None),
         ("Phi-3.5-mini, 16-bit LoRA probed without the autocast runs use (generic path: compared, not fitted)",
-         [r for r in reference if r["unsloth_generic_path"]]),
-        ("full-depth 7-8B runs on other H100 machines, never fitted (`calibrate-h100/validate-*`)", validation),
+         [r for r in reference if r["unsloth_generic_path"]], None),
+        ("full-depth 7-8B runs on other H100 machines, never fitted (`calibrate-h100/validate-*`)", validation, None),
         ("H200: mixture-of-experts and generic-path families, 4-48 layers, rows no term was fitted on, trained as "
-         "runs are (`bench/issue17_rows.py`)",
-         issue17),
+         "runs are (speed: and QLoRA probes without autocast; `bench/issue17_rows.py`)",
+         issue17, issue17_speed),
     ]
     lines = ["| runs (H100 unless said) | peak reserved (runs) | tok/s, GPU-bound (runs) | tok/s, host-bound (runs) |",
              "|---|--:|--:|--:|"]
-    for name, rows in groups:
+    for name, rows, timed in groups:
         mem = [r["reserved_err"] for r in rows if r["reserved_err"] is not None]
+        rows = timed or rows
         gpu = [r["tok_per_s_err"] for r in rows if r["tok_per_s_err"] is not None and not r["host_bound"]]
         host = [r["tok_per_s_err"] for r in rows if r["tok_per_s_err"] is not None and r["host_bound"]]
         lines.append(f"| {name} | {error_range(mem)} | {error_range(gpu)} | {error_range(host)} |")

@@ -132,23 +132,25 @@ NOCKPT_ROUTED_SHARE_BY_TYPE = {"qwen3_moe": 0.56, "qwen2_moe": 1.781, "gpt_oss":
 # The same for one method, where the methods keep different tensors under autocast. Qwen1.5-MoE-A2.7B's 16-bit LoRA:
 # the multiple that gives its 8-layer 1 x 8192 row under autocast its allocated peak (bench/results/
 # h200-issue17-autocast/probe-qwen2moe.jsonl; bench/family_terms.py qwen2_moe_lora_share); `rigplan run` on the same
-# replica at 16 x 1280 checks it (h200-issue17-run/). That is about 108 kB per token and layer, where its QLoRA keeps 98
-# and its 16-bit LoRA probed without autocast 138 (docs/moe-saved-tensors.md, section 5): which tensors the 10 kB
-# beyond its QLoRA are was not found.
-NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("qwen2_moe", "lora"): 2.41}
-# Probed without autocast, as every row NOCKPT_ROUTED_SHARE_BY_TYPE is fitted on was, a Qwen3-MoE layer keeps two bf16
-# copies of its hidden states that a run under bf16 autocast (TRL bf16=True, as `rigplan run` trains) does not: only
-# without autocast PEFT casts a LoRA layer's input to its fp32 adapter's dtype (peft 0.21 tuners/lora/bnb.py
+# replica at 16 x 1280 checks it (h200-issue17-run/). That is about 108 kB per token and layer, where its QLoRA run
+# keeps 94 (probed without autocast 98, NO_AUTOCAST_COPIES_BY_TYPE below) and its 16-bit LoRA probed without autocast
+# 138 (docs/moe-saved-tensors.md, section 5): which tensors the 14 kB beyond a QLoRA run are was not found. The
+# multiple counts the copy that the estimate takes out of every method (without_autocast_bytes).
+NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD = {("qwen2_moe", "lora"): 2.659}
+# Probed without autocast, as every row NOCKPT_ROUTED_SHARE_BY_TYPE is fitted on was, a mixture-of-experts layer keeps
+# bf16 copies of its hidden states that a run under bf16 autocast (TRL bf16=True, as `rigplan run` trains) does not:
+# only without autocast PEFT casts a LoRA layer's input to its fp32 adapter's dtype (peft 0.21 tuners/lora/bnb.py
 # Linear4bit.forward) and Unsloth's rewritten lora_forward casts it back to bf16 (unsloth_zoo 2026.10.9 compiler.py),
-# so q, k and v each save a copy where under autocast they share one input. Measured, 8,192 bytes a token (2 x hidden
-# x 2), on the backward peaks of three 4-layer QLoRA pairs with checkpointing, which hold one layer's recompute:
-# without autocast (h200-issue17-expandable/, -fit6/, -heldout8/) and under it (h200-qwen3moe-slack-snapshot/),
-# 8192.0, 8192.0 and 8190.5 bytes a token at 8,192, 16,384 and 18,432 tokens (tests/test_issue17_runs.py). Found after
-# the 8-layer rows without checkpointing under autocast (h200-issue17-qwen3moe-labelled/, 20,480 tokens) and the
-# family's 16-bit LoRA under autocast (h200-issue17-autocast-next/, 1 x 8192) allocated 9% and 4% under the estimate;
-# the figure is the pairs', not a fit to those rows. Copies a layer keeps without checkpointing in such a probe beyond
-# a run, by family:
-NO_AUTOCAST_COPIES_BY_TYPE = {"qwen3_moe": 2}
+# so projections that share one input under autocast each save a copy. Measured on Qwen3-MoE first, 8,192 bytes a
+# token (2 x hidden x 2), on the backward peaks of three 4-layer QLoRA pairs with checkpointing, which hold one
+# layer's recompute: without autocast (h200-issue17-expandable/, -fit6/, -heldout8/) and under it
+# (h200-qwen3moe-slack-snapshot/), 8192.0, 8192.0 and 8190.5 bytes a token at 8,192, 16,384 and 18,432 tokens. Then
+# for each family on QLoRA pairs without checkpointing, the same shape in processes of their own, without autocast
+# (h200-issue17-nockpt/, -nockpt-check/, -nockpt-deep/, -gptoss-nockpt/) and under it (h200-issue17-nockpt-autocast/,
+# run against predictions that left out Qwen3-MoE's copies only): their allocated peaks differ by the copies below
+# to within 0.1% of the copies (tests/test_issue17_runs.py). Copies a layer keeps without checkpointing in such a
+# probe beyond a run, by family:
+NO_AUTOCAST_COPIES_BY_TYPE = {"qwen3_moe": 2, "gpt_oss": 2, "mixtral": 1, "qwen2_moe": 1}
 
 
 def without_autocast_bytes(model: ModelSpec, setup: Setup) -> int:
