@@ -625,7 +625,7 @@ LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 # checking it; for both methods, as its kept bytes (NOCKPT_ROUTED_SHARE_BY_TYPE): its 16-bit LoRA under autocast held
 # 0.65 GiB at 8 layers, 1 x 8192, where the line gives 0.68 (h200-issue17-autocast-next/).
 NOCKPT_SLACK_BY_TYPE_AND_METHOD = {("mixtral", "qlora"): (1.434, 14.8), ("qwen2_moe", "qlora"): (0.225, 0.0)}
-NOCKPT_SLACK_BY_TYPE = {"gpt_oss": (0.074, 27.6)}
+NOCKPT_SLACK_BY_TYPE = {"gpt_oss": (0.113, 18.9)}
 
 
 def family_slack_bytes(model: ModelSpec, setup: Setup, engine: str) -> int:
