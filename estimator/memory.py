@@ -620,10 +620,13 @@ LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 # family_terms.py nockpt_qlora_slack); its 4-layer rows at 8,192 and 24,576 tokens and its 8- and 12-layer rows check
 # it. Qwen1.5-MoE's held 0.08-0.23 GiB, where its QLoRA with checkpointing held 0.41-0.59: the mean excess on its 4- and
 # 8-layer 1 x 8192 rows (nockpt_constant_slack), the 1 x 2048 rows checking it. Qwen3-MoE's keeps its family constant.
-# gpt-oss-20b's held 0.21-1.43 GiB under QLoRA, growing with the tokens: the line through its 4-layer 1 x 2048 and
-# 1 x 8192 rows (h200-issue17-gptoss-nockpt/; bench/family_terms.py gpt_oss_nockpt_slack), its 8- and 16-layer rows
-# checking it; for both methods, as its kept bytes (NOCKPT_ROUTED_SHARE_BY_TYPE): its 16-bit LoRA under autocast held
-# 0.65 GiB at 8 layers, 1 x 8192, where the line gives 0.68 (h200-issue17-autocast-next/).
+# gpt-oss-20b's grows with the tokens, and held more without autocast (0.21-1.43 GiB, h200-issue17-gptoss-nockpt/)
+# than under it as runs train (0.36 against 0.50 at 4 layers and 1 x 8192): the line through its 4-layer QLoRA
+# 1 x 2048 and 1 x 16384 rows under autocast (h200-issue17-autocast-slack/; bench/family_terms.py
+# gpt_oss_nockpt_slack). Its other rows under autocast check it: 1 x 8192 at 4, 8 and 16 layers (-nockpt-autocast/,
+# -gptoss-depth-autocast/: 0.36, 0.52 and 0.95 GiB, the estimate's slack 0.56-0.65), `rigplan run` at 4 layers and
+# 16 x 1280 (h200-issue17-moe-runs/: 0.89, the estimate's 1.24); for both methods, as its kept bytes (NOCKPT_ROUTED_SHARE_BY_TYPE):
+# its 16-bit LoRA at 8 layers and 1 x 8192 held 0.65 (h200-issue17-autocast-next/).
 NOCKPT_SLACK_BY_TYPE_AND_METHOD = {("mixtral", "qlora"): (1.434, 14.8), ("qwen2_moe", "qlora"): (0.225, 0.0)}
 NOCKPT_SLACK_BY_TYPE = {"gpt_oss": (0.113, 18.9)}
 
