@@ -403,18 +403,22 @@ MAX_SEQ_STEP = 256
 
 
 def max_seq(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, method: Method, rank: int = DEFAULT_RANK,
-            gpu_memory_gib: float | None = None, engine: Engine = "unsloth") -> Estimate | None:
+            gpu_memory_gib: float | None = None, engine: Engine = "unsloth",
+            effective_batch: int = DEFAULT_EFFECTIVE_BATCH) -> Estimate | None:
     """The longest sequence one example at a time (micro-batch 1) trains with this method and rank, with
     SAFETY_MARGIN kept free, checkpointing on or off, whichever reaches further (on: only one layer's
-    activations at a time); None when not even MIN_SEQ_LEN fits. Memory grows with the sequence, so a binary
-    search over multiples of MAX_SEQ_STEP up to the model's context finds it."""
+    activations at a time); None when not even MIN_SEQ_LEN fits. Accumulating to the effective batch, as `plan`
+    at that --seq would: the adapters' gradients then live through the loss too (memory.loss_phase_bytes), which
+    sets the peak of the shortest sequences. Memory grows with the sequence, so a binary search over multiples of
+    MAX_SEQ_STEP up to the model's context finds it."""
     limit = usable_gib(gpu, gpu_memory_gib)
 
     def fitting(seq: int) -> Estimate | None:
         best = None
         for ckpt in ("unsloth", "off"):
-            est = estimate(model, Setup(method=method, rank=rank, micro_batch=1, seq_len=seq, checkpointing=ckpt),
-                           gpu, coeffs, limit, engine=engine)
+            setup = Setup(method=method, rank=rank, micro_batch=1, seq_len=seq, grad_accum=effective_batch,
+                          checkpointing=ckpt)
+            est = estimate(model, setup, gpu, coeffs, limit, engine=engine)
             if est.fits and (best is None or est.tokens_per_s > best.tokens_per_s):
                 best = est
         return best

@@ -259,6 +259,9 @@ def test_max_seq_answers_per_method_in_json() -> None:
     assert set(none["why_not"]) == {"lora", "qlora"} and "base_weights" in none["why_not"]["qlora"]
     text = invoke("check", "llama-3.1-70b", "--gpu", "rtx-3060", "--max-seq").output
     assert "qlora: not even 256 tokens fit: needs" in text
+    # where a lower rank fits, as `check` would pick, it says so
+    low = json.loads(invoke("check", "llama-3.1-8b", "--gpu", "rtx-4060", "--max-seq", "--json").output)
+    assert low["max_seq"]["qlora"] is None and low["why_not"]["qlora"].endswith("256 tokens fit (pass --rank 8)")
     several = invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "2", "--max-seq")
     assert several.exit_code == 2 and "one GPU" in several.output  # the search is one GPU's
 

@@ -241,6 +241,24 @@ def test_max_seq_is_the_longest_that_fits(coeffs) -> None:
     assert planner.max_seq(resolve_model("llama-3.1-70b"), gpu, coeffs, "lora", 16) is None
 
 
+def test_max_seq_is_what_plan_trains_at_that_seq(coeffs) -> None:
+    """--max-seq's answer is a sequence `plan` (and so `rigplan run`) trains at, accumulating to the effective batch:
+    on an 8 GB card the adapters' gradients, alive through the loss when accumulating, are what decides the
+    shortest sequences (at rank 8 on an RTX 4060: 512 tokens fit one micro-batch at a time, 256 accumulating)."""
+    for model, gpu, method, rank in ((LLAMA8B, "rtx-4060", "qlora", 8), (LLAMA8B, "rtx-4090", "qlora", 32),
+                                     (LLAMA8B, "rtx-4090", "lora", 32), (resolve_model("qwen2.5-7b"), "rtx-3060",
+                                                                          "qlora", 16)):
+        spec = resolve_gpu(gpu)
+        e = planner.max_seq(model, spec, coeffs, method, rank)
+        result = planner.plan(model, spec, coeffs, seq_len=e.setup.seq_len, methods=(method,), ranks=(rank,))
+        assert result.fits and result.best.seq_len == e.setup.seq_len, (gpu, method)
+        longer = planner.plan(model, spec, coeffs, seq_len=e.setup.seq_len + planner.MAX_SEQ_STEP, methods=(method,),
+                              ranks=(rank,))
+        assert not longer.fits, (gpu, method)
+    alone = planner.estimate(LLAMA8B, Setup("qlora", 8, 1, 512), resolve_gpu("rtx-4060"), coeffs)
+    assert alone.fits and planner.max_seq(LLAMA8B, resolve_gpu("rtx-4060"), coeffs, "qlora", 8).setup.seq_len == 256
+
+
 def test_ddp_holds_the_model_on_each_gpu_and_adds_gradient_buckets(coeffs) -> None:
     gpu = resolve_gpu("h200")
     one = planner.estimate(LLAMA8B, Setup("lora", 16, 2, 2048, 4, checkpointing="off"), gpu, coeffs)
