@@ -322,16 +322,13 @@ def nockpt_constant_slack() -> float:
 
 
 GPT_OSS_NOCKPT = [RESULTS / "h200-issue17-gptoss-nockpt" / "probe-gptoss.jsonl"]
-
-
 GPT_OSS_AUTOCAST_SLACK = [RESULTS / "h200-issue17-autocast-slack" / "probe-autocast-slack.jsonl"]
 
 
 def gpt_oss_nockpt_slack() -> tuple[float, float]:
     """gpt-oss's (both methods), the line through its QLoRA 1 x 2048 and 1 x 16384 rows under autocast, as runs
     train: probes without it held more beyond their allocated peak (0.50 against 0.36 GiB at 1 x 8192)."""
-    return nockpt_slack(memory.NOCKPT_SLACK_BY_TYPE, "gpt_oss", "qlora",
-                        GPT_OSS_AUTOCAST_SLACK, (2048, 16384))
+    return nockpt_slack(memory.NOCKPT_SLACK_BY_TYPE, "gpt_oss", "qlora", GPT_OSS_AUTOCAST_SLACK, (2048, 16384))
 
 
 def gpt_oss_host() -> float:

@@ -90,10 +90,9 @@ def under_autocast_or_qlora(row: dict) -> bool:
     bf16). QLoRA with autocast or without: its peaks and speed were the same (within 1.5% and 2%,
     h200-issue17-autocast/), but for QLoRA without checkpointing in a family whose layers keep copies of their input
     without autocast (memory.NO_AUTOCAST_COPIES_BY_TYPE: the mixture-of-experts families; Qwen3-MoE, 9% more at 8
-    layers and 20,480 tokens). 16-bit
-    LoRA only under it: without autocast Unsloth computes a plain nn.Linear's adapter in fp32 and keeps fp32 copies of
-    its input (unsloth_zoo compiler.py), which allocated up to 13% more and ran up to 22% slower on the same shapes
-    (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
+    layers and 20,480 tokens). 16-bit LoRA only under it: without autocast Unsloth computes a plain nn.Linear's
+    adapter in fp32 and keeps fp32 copies of its input (unsloth_zoo compiler.py), which allocated up to 13% more and
+    ran up to 22% slower on the same shapes (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
     return row.get("autocast") == "bf16" or (row["method"] == "qlora" and without_autocast_gib(row) == 0)
 
 

@@ -625,8 +625,8 @@ LORA_SLACK_GIB_BY_TYPE = {"qwen2_moe": 0.302}
 # 1 x 2048 and 1 x 16384 rows under autocast (h200-issue17-autocast-slack/; bench/family_terms.py
 # gpt_oss_nockpt_slack). Its other rows under autocast check it: 1 x 8192 at 4, 8 and 16 layers (-nockpt-autocast/,
 # -gptoss-depth-autocast/: 0.36, 0.52 and 0.95 GiB, the estimate's slack 0.56-0.65), `rigplan run` at 4 layers and
-# 16 x 1280 (h200-issue17-moe-runs/: 0.89, the estimate's 1.24); for both methods, as its kept bytes (NOCKPT_ROUTED_SHARE_BY_TYPE):
-# its 16-bit LoRA at 8 layers and 1 x 8192 held 0.65 (h200-issue17-autocast-next/).
+# 16 x 1280 (h200-issue17-moe-runs/: 0.89, the estimate's 1.24). For both methods, as its kept bytes
+# (NOCKPT_ROUTED_SHARE_BY_TYPE): its 16-bit LoRA at 8 layers and 1 x 8192 held 0.65 (h200-issue17-autocast-next/).
 NOCKPT_SLACK_BY_TYPE_AND_METHOD = {("mixtral", "qlora"): (1.434, 14.8), ("qwen2_moe", "qlora"): (0.225, 0.0)}
 NOCKPT_SLACK_BY_TYPE = {"gpt_oss": (0.113, 18.9)}
 
