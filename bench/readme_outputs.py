@@ -86,9 +86,9 @@ def accuracy_table() -> str:
              "|---|--:|--:|--:|"]
     for name, rows, timed in groups:
         mem = [r["reserved_err"] for r in rows if r["reserved_err"] is not None]
-        rows = timed or rows
-        gpu = [r["tok_per_s_err"] for r in rows if r["tok_per_s_err"] is not None and not r["host_bound"]]
-        host = [r["tok_per_s_err"] for r in rows if r["tok_per_s_err"] is not None and r["host_bound"]]
+        speed_rows = timed or rows
+        gpu = [r["tok_per_s_err"] for r in speed_rows if r["tok_per_s_err"] is not None and not r["host_bound"]]
+        host = [r["tok_per_s_err"] for r in speed_rows if r["tok_per_s_err"] is not None and r["host_bound"]]
         lines.append(f"| {name} | {error_range(mem)} | {error_range(gpu)} | {error_range(host)} |")
     return "\n".join(lines) + "\n"
 

@@ -205,7 +205,7 @@ def main() -> None:
                 print(f"device {device}, events {start}-{end}: the large pool's reserved memory last grew to "
                       f"{grown['reserved'] / 2**30:.2f} GiB from {grown['allocated'] / 2**30:.2f} GiB allocated there, "
                       "for "
-                      + (f"{request['size'] / 2**20:.1f} MiB: {where(request.get('frames', []))}" if request else "?"))
+                      + f"{request['size'] / 2**20:.1f} MiB: {where(request.get('frames', []))}")
                 for hole in grown["holes"][:args.top]:
                     freed = hole["largest_freed"]
                     print(f"  hole {hole['size'] / 2**20:9.1f} MiB; largest freed there "

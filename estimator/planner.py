@@ -402,23 +402,29 @@ def train_time_s(tokens: float, epochs: float, plan_: Plan) -> float:
 MAX_SEQ_STEP = 256
 
 
+def single_sequence(method: Method, rank: int, seq: int, checkpointing: Checkpointing,
+                    effective_batch: int = DEFAULT_EFFECTIVE_BATCH) -> Setup:
+    """--max-seq's setup: one example at a time (micro-batch 1), accumulating to the effective batch, as `plan` at
+    that --seq would: the adapters' gradients then live through the loss too (memory.loss_phase_bytes), which sets
+    the peak of the shortest sequences."""
+    return Setup(method=method, rank=rank, micro_batch=1, seq_len=seq, grad_accum=effective_batch,
+                 checkpointing=checkpointing)
+
+
 def max_seq(model: ModelSpec, gpu: GpuSpec, coeffs: Coefficients, method: Method, rank: int = DEFAULT_RANK,
             gpu_memory_gib: float | None = None, engine: Engine = "unsloth",
             effective_batch: int = DEFAULT_EFFECTIVE_BATCH) -> Estimate | None:
     """The longest sequence one example at a time (micro-batch 1) trains with this method and rank, with
     SAFETY_MARGIN kept free, checkpointing on or off, whichever reaches further (on: only one layer's
-    activations at a time); None when not even MIN_SEQ_LEN fits. Accumulating to the effective batch, as `plan`
-    at that --seq would: the adapters' gradients then live through the loss too (memory.loss_phase_bytes), which
-    sets the peak of the shortest sequences. Memory grows with the sequence, so a binary search over multiples of
-    MAX_SEQ_STEP up to the model's context finds it."""
+    activations at a time); None when not even MIN_SEQ_LEN fits (setups: single_sequence). Memory grows with the
+    sequence, so a binary search over multiples of MAX_SEQ_STEP up to the model's context finds it."""
     limit = usable_gib(gpu, gpu_memory_gib)
 
     def fitting(seq: int) -> Estimate | None:
         best = None
         for ckpt in ("unsloth", "off"):
-            setup = Setup(method=method, rank=rank, micro_batch=1, seq_len=seq, grad_accum=effective_batch,
-                          checkpointing=ckpt)
-            est = estimate(model, setup, gpu, coeffs, limit, engine=engine)
+            est = estimate(model, single_sequence(method, rank, seq, ckpt, effective_batch), gpu, coeffs, limit,
+                           engine=engine)
             if est.fits and (best is None or est.tokens_per_s > best.tokens_per_s):
                 best = est
         return best

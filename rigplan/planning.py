@@ -618,15 +618,14 @@ def max_seq(model_name: str, gpu: str | None, rank: int = planner.DEFAULT_RANK) 
     limit = planner.usable_gib(target.spec, target.memory_gib)
     # Where a method fits nothing: how far its shortest sequence (checkpointing on, the least memory) is from fitting.
     why_not = {m: f"not even {planner.MIN_SEQ_LEN} tokens fit: " + planner.short_of(planner.estimate(
-        model, planner.Setup(method=m, rank=rank, micro_batch=1, seq_len=planner.MIN_SEQ_LEN,
-                             grad_accum=planner.DEFAULT_EFFECTIVE_BATCH, checkpointing="unsloth"),
+        model, planner.single_sequence(m, rank, planner.MIN_SEQ_LEN, "unsloth"),  # type: ignore[arg-type]
         target.spec, coeffs, limit, engine=engine), limit) for m, e in found.items() if e is None}
     for m in why_not:  # `check` lowers the rank to fit; say where a lower one would
-        lower = ((r, planner.max_seq(model, target.spec, coeffs, m, r, target.memory_gib, engine))  # type: ignore
-                 for r in sorted((r for r in planner.RANKS if r < rank), reverse=True))
-        r, e = next(((r, e) for r, e in lower if e is not None), (None, None))
-        if e is not None:
-            why_not[m] += f"; at rank {r}, {e.setup.seq_len:,} tokens fit (pass --rank {r})"
+        for r in sorted((r for r in planner.RANKS if r < rank), reverse=True):
+            e = planner.max_seq(model, target.spec, coeffs, m, r, target.memory_gib, engine)  # type: ignore[arg-type]
+            if e is not None:
+                why_not[m] += f"; at rank {r}, {e.setup.seq_len:,} tokens fit (pass --rank {r})"
+                break
     return {"model": model.id, "gpu": target.spec.id, "gpu_name": target.spec.name,
             "gpu_memory_gib": round(target.memory_gib, 2), "rank": rank,
             "max_seq": {m: e.setup.seq_len if e else None for m, e in found.items()}, "plans": plans,
