@@ -203,7 +203,7 @@ def check(model: str, gpu: str, num_gpus: int, seq_len: int | None, effective_ba
     if max_seq:
         if num_gpus != 1:  # the search is one GPU's, micro-batch 1; sharding over several is not searched
             _run(lambda: errors.require([f"--max-seq answers for one GPU, not --gpus {num_gpus}; leave out --gpus"]))
-        data = _run(lambda: lib.max_seq(model, gpu, rank or DEFAULT_RANK))
+        data = _run(lambda: lib.max_seq(model, gpu, DEFAULT_RANK if rank is None else rank))
         _emit(data, as_json, _render_max_seq)
         return
     data = _run(lambda: lib.check(model, gpu, num_gpus, seq_len, data_file, examples, avg_tokens, epochs,

@@ -262,6 +262,8 @@ def test_max_seq_answers_per_method_in_json() -> None:
     # where a lower rank fits, as `check` would pick, it says so
     low = json.loads(invoke("check", "llama-3.1-8b", "--gpu", "rtx-4060", "--max-seq", "--json").output)
     assert low["max_seq"]["qlora"] is None and low["why_not"]["qlora"].endswith("256 tokens fit (pass --rank 8)")
+    zero = invoke("check", "llama-3.1-8b", "--gpu", "rtx-4060", "--max-seq", "--rank", "0")
+    assert zero.exit_code == 2 and zero.output.strip() == "rigplan: --rank 0: pass a whole number >= 1"
     several = invoke("check", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "2", "--max-seq")
     assert several.exit_code == 2 and "one GPU" in several.output  # the search is one GPU's
 
