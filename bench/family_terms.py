@@ -31,6 +31,7 @@ PHI_QLORA = PHI + [RESULTS / "h200-issue17-heldout2" / "probe-phi-8192.jsonl"]
 FRESH = RESULTS / "h200-issue17-fresh-process"
 PHI_OWN = [FRESH / "probe-phi.jsonl"]  # its QLoRA 1 x 2048 and 4 x 2048 of PHI, from a process of their own
 GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
+GPT_OSS_FULL = [RESULTS / "h200-issue17-full-depth" / "probe-gptoss-full.jsonl"]  # 24 layers, under autocast
 GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
 QWEN2_MOE_DEEP = [RESULTS / "h200-issue17-heldout8" / "probe-qwen2moe.jsonl"]  # at 16 and 24 (full) layers
@@ -186,11 +187,16 @@ def phi3_speed(method: str = "lora") -> tuple[float, float]:
     return u, w / u
 
 
-def gpu_factor(files: list[Path], method: str, batch: int, seq: int) -> float:
-    """A family's GPU factor from one GPU-bound row: the step's time less its memory-bound work, over its FLOPs'
-    time at the fitted rate."""
-    mm, attn, moved = step_parts(row := rows(files, method, batch, seq))
-    return (row["step_s"] - moved) / (mm + attn)
+def gpt_oss_speed() -> tuple[float, float]:
+    """gpt-oss's GPU factor and attention factor: the attention's from the per-token step going from 1 x 8192 to
+    1 x 16384 at full depth (QLoRA, GPT_OSS_FULL: the matmuls' share per token is the same in both), the GPU factor
+    then from its LoRA 4 x 2048 row (GPT_OSS), as before. u m + w a = t - v, w = factor x attention factor."""
+    (_, a1, v1), r1 = step_parts(r1 := rows(GPT_OSS_FULL, "qlora", 1, 8192)), r1
+    (_, a2, v2), r2 = step_parts(r2 := rows(GPT_OSS_FULL, "qlora", 1, 16384)), r2
+    w = ((r2["step_s"] - v2) / r2["seq"] - (r1["step_s"] - v1) / r1["seq"]) / (a2 / r2["seq"] - a1 / r1["seq"])
+    (m0, a0, v0), r0 = step_parts(r0 := rows(GPT_OSS, "lora", 4, 2048)), r0
+    u = (r0["step_s"] - v0 - w * a0) / m0
+    return u, w / u
 
 
 def moe_qlora_backward(model_type: str, short: dict, long: dict) -> tuple[float, float]:
@@ -384,7 +390,8 @@ def fitted() -> dict[str, tuple[float, float]]:
            for m in phi},
         **{f'speed.ATTENTION_TIME_BY_TYPE_AND_METHOD[("phi3", "{m}")]': (
             phi[m][1], speed.ATTENTION_TIME_BY_TYPE_AND_METHOD[("phi3", m)]) for m in phi},
-        'speed.GPU_TIME_BY_TYPE["gpt_oss"]': (gpu_factor(GPT_OSS, "lora", 4, 2048), speed.GPU_TIME_BY_TYPE["gpt_oss"]),
+        'speed.GPU_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_speed()[0], speed.GPU_TIME_BY_TYPE["gpt_oss"]),
+        'speed.ATTENTION_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_speed()[1], speed.ATTENTION_TIME_BY_TYPE["gpt_oss"]),
         'speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]': (matmul_factor(QWEN3_MOE, "lora", 1, 8192),
                                                   speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]),
         'speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]': (matmul_factor(QWEN2_MOE_DEEP, "qlora", 1, 8192, layers=24),

@@ -74,13 +74,21 @@ SOFTMAX_BOUND_HEAD_DIM = 128
 # h200-issue17-heldout2/probe-phi.jsonl and probe-phi-8192.jsonl, checked on 2 x 4096 and 1 x 16384
 # (h200-issue17-heldout3/probe-phi.jsonl). Only for the head sizes measured slow (memory.family: not Phi-4's).
 ATTENTION_TIME_BY_TYPE_AND_METHOD = {("phi3", "lora"): 4.04, ("phi3", "qlora"): 3.80}
+# The same for every method, where a family's attention ran faster than the softmax bound. gpt-oss (head_dim 64) trains
+# through flex attention with its sinks (unsloth_zoo 2026.10.9 temporary_patches/gpt_oss.py flex_attention_with_sink),
+# not FlashAttention: going from 1 x 8192 to 1 x 16384 at full depth (24 layers, QLoRA without checkpointing, under
+# bf16 autocast) added per token 0.48x what its attention FLOPs at the softmax-bound rate add, about the matmuls' rate
+# (bench/results/h200-issue17-full-depth/probe-gptoss-full.jsonl, 2026-12-01; bench/family_terms.py gpt_oss_speed,
+# which fits it together with GPU_TIME_BY_TYPE["gpt_oss"]); its other GPU-bound rows, 4 to 16 layers, check it.
+ATTENTION_TIME_BY_TYPE = {"gpt_oss": 0.482}
 
 
 def timed_flops_per_token(model: ModelSpec, setup: Setup) -> float:
     """FLOPs per token as the GPU's time sees them: attention's count scaled up where its softmax is the
-    bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and where a family's attention ran slower, the matmuls'
+    bottleneck (heads smaller than SOFTMAX_BOUND_HEAD_DIM) and by a family's measured attention factor, the matmuls'
     where a family's ran slower (MATMUL_TIME_BY_TYPE)."""
-    slow = ATTENTION_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0)
+    slow = (ATTENTION_TIME_BY_TYPE_AND_METHOD.get((family(model), setup.method), 1.0)
+            * ATTENTION_TIME_BY_TYPE.get(family(model), 1.0))
     softmax = max(1.0, SOFTMAX_BOUND_HEAD_DIM / model.head_dim) * slow
     matmuls = MATMUL_TIME_BY_TYPE.get(family(model), 1.0)
     return (matmul_flops_per_token(model, setup) * matmuls
@@ -141,9 +149,9 @@ MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.307}
 # Families whose GPU time the FLOP count understates, as measured.
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:
-# 1.47x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row; its other GPU-bound rows check it).
-# Phi-3.5-mini: per method, below.
-GPU_TIME_BY_TYPE = {"gpt_oss": 1.47}
+# 1.516x (bench/results/h200-gpt-oss/probe-gptoss.jsonl, fitted on that row with its attention factor,
+# ATTENTION_TIME_BY_TYPE; its other GPU-bound rows check it). Phi-3.5-mini: per method, below.
+GPU_TIME_BY_TYPE = {"gpt_oss": 1.516}
 # The same for one method. Gemma 3's 16-bit LoRA through Unsloth's generic path ran slower than its FLOP count:
 # Gemma-3-12B at 8 layers, LoRA 4 x 2048 on the H200 under bf16 autocast, as `rigplan run` trains, took 1.07x the
 # estimate's time (bench/results/h200-issue17-autocast-next/probe-gemma3.jsonl, 2026-12-01, fitted on that row by
