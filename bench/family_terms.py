@@ -31,6 +31,7 @@ PHI_QLORA = PHI + [RESULTS / "h200-issue17-heldout2" / "probe-phi-8192.jsonl"]
 FRESH = RESULTS / "h200-issue17-fresh-process"
 PHI_OWN = [FRESH / "probe-phi.jsonl"]  # its QLoRA 1 x 2048 and 4 x 2048 of PHI, from a process of their own
 GPT_OSS = [RESULTS / "h200-gpt-oss" / "probe-gptoss.jsonl"]
+GPT_OSS_AUTOCAST = [RESULTS / "h200-issue17-autocast-lora" / "probe-gptoss.jsonl"]  # GPT_OSS's LoRA shapes under it
 GPT_OSS_FULL = [RESULTS / "h200-issue17-full-depth" / "probe-gptoss-full.jsonl"]  # 24 layers, under autocast
 GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
@@ -348,10 +349,11 @@ def gpt_oss_host() -> float:
 
 
 def gpt_oss_swiglu(method: str) -> float:
-    """memory.FP32_SWIGLU_BYTES[method]: through gpt-oss's row of 8,192 tokens at 4 layers (QLoRA's 2 x 4096, from a
-    process of its own; in another, 4 x 2048 allocated 0.09 GiB less, fresh-process/)."""
+    """memory.FP32_SWIGLU_BYTES[method]: through gpt-oss's row of 8,192 tokens at 4 layers (16-bit LoRA's 4 x 2048
+    under bf16 autocast, as `rigplan run` trains; QLoRA's 2 x 4096, from a process of its own; in another, 4 x 2048
+    allocated 0.09 GiB less, fresh-process/)."""
     if method == "lora":
-        return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS, method, 4, 2048), 40.0)
+        return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS_AUTOCAST, method, 4, 2048), 40.0)
     return solve(memory.FP32_SWIGLU_BYTES, method, rows(GPT_OSS_OWN, method, 2, 4096), 40.0)
 
 

@@ -215,12 +215,14 @@ def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
 # 16-bit and the grouped 4-bit path) upcasts the gate and the linear half to fp32, clamps them and keeps the sigmoid
 # and products in fp32: more bytes per routed token and expert width unit than the bf16 SwiGLU the transient
 # coefficients were fitted on. Bytes per unit beyond them in a layer's recompute, by method (the two paths free
-# them at different moments), fitted on gpt-oss-20b at 4 layers and 8,192 tokens on the H200 (16-bit LoRA 4 x 2048:
-# bench/results/h200-gpt-oss/; QLoRA 2 x 4096, from a process of its own: h200-issue17-heldout3/;
-# bench/family_terms.py); its other rows check them. A later reading of the source
-# (docs/moe-saved-tensors.md, gpt-oss) found that a replica with fused experts, as the probes load, runs the fused
-# Triton SwiGLU instead: the bytes are measured, their cause is not settled.
-FP32_SWIGLU_BYTES = {"lora": 11.9, "qlora": 7.0}
+# them at different moments), fitted on gpt-oss-20b at 4 layers and 8,192 tokens on the H200 (16-bit LoRA 4 x 2048
+# under bf16 autocast, as `rigplan run` trains: bench/results/h200-issue17-autocast-lora/, where probed without it
+# the same shape held 0.28 GiB more, h200-gpt-oss/; QLoRA 2 x 4096, from a process of its own: h200-issue17-heldout3/;
+# bench/family_terms.py); its other rows check them, 16-bit LoRA at 32,768 tokens among them
+# (h200-issue17-gptoss-long/). A later reading of the source (docs/moe-saved-tensors.md, gpt-oss) found that a replica
+# with fused experts, as the probes load, runs the fused Triton SwiGLU instead: the bytes are measured, their cause is
+# not settled.
+FP32_SWIGLU_BYTES = {"lora": 8.65, "qlora": 7.0}
 
 
 def fp32_swiglu_bytes(model: ModelSpec, setup: Setup) -> int:

@@ -283,7 +283,9 @@ def host_floor_s(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> float:
 # -51% -> -19% (bench/results/h200-issue17-phi-autocast/, -heldout2/). A mixture-of-experts layer keeps the
 # reference's cost: its LoRA adapts attention only (four modules) but its routing and expert dispatch launch kernels
 # of their own, and counted by its modules Mixtral's and Qwen3-MoE's 4-layer rows with checkpointing ran 17-37% slower
-# than the estimate (h200-issue17/), while Qwen3-MoE's without checkpointing ran as counted (-nockpt-check/).
+# than the estimate (h200-issue17/). Qwen3-MoE's 4-layer rows without checkpointing ran as counted (-nockpt-check/),
+# but at 8 and 16 layers, predicted both ways before the runs, 25-31% slower than counted by its modules and 13-15%
+# faster than the reference's cost (h200-issue17-full-depth/probe-qwen3moe-host.jsonl): the reference's count stays.
 REFERENCE_LORA_MODULES = 7
 
 

@@ -170,7 +170,8 @@ def test_the_checks_cover_every_family_and_gpt_oss_trains() -> None:
                                                "qwen1.5-moe-a2.7b-L4", "phi-4-L8", "qwen3-30b-a3b-L16",
                                                "gpt-oss-20b-L16", "mixtral-8x7b-L8", "qwen1.5-moe-a2.7b-L8",
                                                "qwen1.5-moe-a2.7b-L16", "qwen1.5-moe-a2.7b",
-                                               "qwen3-30b-a3b-L32", "gemma-3-12b", "phi-4", "gemma-3-12b-L16"}
+                                               "qwen3-30b-a3b-L32", "gemma-3-12b", "phi-4", "gemma-3-12b-L16",
+                                               "gpt-oss-20b", "qwen3-30b-a3b"}
     # Mixtral at 12 layers: QLoRA without checkpointing, probed without autocast (QLORA_WITHOUT_AUTOCAST)
     assert "mixtral-8x7b-L12" in {r["model"] for _, r in QLORA_WITHOUT_AUTOCAST}
     # what the issue asks: every family, LoRA and QLoRA, three shapes each that stand for a run and no term saw
@@ -306,7 +307,8 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     allocator's scatter: CHECK_RESERVED_BOUND) but for single sequences from 12,288 to 24,576 tokens, where the
     allocator mostly held a third of its slack at the other lengths (thirteen runs in five sessions): there the
     estimate is above, by at most 0.55 GiB at every depth (0.40-0.42 at 32 layers, 2.8-3.0% of the plan), the side
-    that does not run out of memory, and that is under 5% of the plan at the full 48 layers. Rows under expandable
+    that does not run out of memory; at the full 48 layers 0.47 and 0.30 GiB, 2.6% and 1.6% (h200-issue17-full-depth/,
+    predicted before as 1.5-3% over). Rows under expandable
     segments, as `rigplan run` trains, with Unsloth's checkpointing (without it:
     test_moe_without_checkpointing_keeps_what_the_estimate_counts)."""
     found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
@@ -328,11 +330,10 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
             short_of_slack.append(r["seq"])
         else:
             assert abs(err) <= 0.06, (r["batch"], r["seq"], err)
-    assert len(short_of_slack) >= 13 and {r["layers"] for r in qlora} == {4, 8, 16, 32}
-    full = resolve_model("qwen3-30b-a3b")
-    for seq in (12288, 24576):
-        plan = planner.estimate(full, Setup("qlora", 16, 1, seq), resolve_gpu("h200"), store.reference()[0])
-        assert 0.55 / plan.peak_reserved_gib < 0.05
+    assert len(short_of_slack) >= 15 and {r["layers"] for r in qlora} == {4, 8, 16, 32, 48}
+    full = [r for r in qlora if r["layers"] == 48]
+    assert sorted(r["seq"] for r in full) == [12288, 16384]
+    assert all(0 < 1 - r["peak_reserved_gib"] / _estimate(r).peak_reserved_gib <= 0.03 for r in full)
 
 
 def test_qwen3_moe_qlora_slack_is_a_large_transient_just_short_of_a_hole() -> None:
