@@ -192,11 +192,12 @@ def gpt_oss_speed() -> tuple[float, float]:
     """gpt-oss's GPU factor and attention factor: the attention's from the per-token step going from 1 x 8192 to
     1 x 16384 at full depth (QLoRA, GPT_OSS_FULL: the matmuls' share per token is the same in both), the GPU factor
     then from its LoRA 4 x 2048 row (GPT_OSS), as before. u m + w a = t - v, w = factor x attention factor."""
-    (_, a1, v1), r1 = step_parts(r1 := rows(GPT_OSS_FULL, "qlora", 1, 8192)), r1
-    (_, a2, v2), r2 = step_parts(r2 := rows(GPT_OSS_FULL, "qlora", 1, 16384)), r2
-    w = ((r2["step_s"] - v2) / r2["seq"] - (r1["step_s"] - v1) / r1["seq"]) / (a2 / r2["seq"] - a1 / r1["seq"])
-    (m0, a0, v0), r0 = step_parts(r0 := rows(GPT_OSS, "lora", 4, 2048)), r0
-    u = (r0["step_s"] - v0 - w * a0) / m0
+    short, long = rows(GPT_OSS_FULL, "qlora", 1, 8192), rows(GPT_OSS_FULL, "qlora", 1, 16384)
+    (_, a1, v1), (_, a2, v2) = step_parts(short), step_parts(long)
+    per_token = (long["step_s"] - v2) / long["seq"] - (short["step_s"] - v1) / short["seq"]
+    w = per_token / (a2 / long["seq"] - a1 / short["seq"])
+    m0, a0, v0 = step_parts(first := rows(GPT_OSS, "lora", 4, 2048))
+    u = (first["step_s"] - v0 - w * a0) / m0
     return u, w / u
 
 
