@@ -305,12 +305,11 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     2,048 to 32,768 tokens, every recorded row (memory.MOE_QLORA_BACKWARD_BY_TYPE fitted through 1 x 16384 and
     1 x 32768) and at 32 from 12,288 to 20,480: allocated peak within 2.5% of the estimate; reserved within 6% (the
     allocator's scatter: CHECK_RESERVED_BOUND) but for single sequences from 12,288 to 24,576 tokens, where the
-    allocator mostly held a third of its slack at the other lengths (thirteen runs in five sessions): there the
+    allocator mostly held a third of its slack at the other lengths (fifteen runs on six machines): there the
     estimate is above, by at most 0.55 GiB at every depth (0.40-0.42 at 32 layers, 2.8-3.0% of the plan), the side
-    that does not run out of memory; at the full 48 layers 0.47 and 0.30 GiB, 2.6% and 1.6% (h200-issue17-full-depth/,
-    predicted before as 1.5-3% over). Rows under expandable
-    segments, as `rigplan run` trains, with Unsloth's checkpointing (without it:
-    test_moe_without_checkpointing_keeps_what_the_estimate_counts)."""
+    that does not run out of memory; at the full 48 layers by 0.47 and 0.30 GiB, 2.6% and 1.6%
+    (h200-issue17-full-depth/; 1.5-3% expected before the runs). Rows under expandable segments, as `rigplan run`
+    trains, with Unsloth's checkpointing (without it: test_moe_without_checkpointing_keeps_what_the_estimate_counts)."""
     found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
         est = _estimate(r)
