@@ -38,6 +38,7 @@ QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its 
 QWEN2_MOE_DEEP = [RESULTS / "h200-issue17-heldout8" / "probe-qwen2moe.jsonl"]  # at 16 and 24 (full) layers
 QWEN2_MOE_LONG = [RESULTS / "h200-issue17-heldout9" / "probe-qwen2moe.jsonl"]
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
+QWEN3_MOE_AUTOCAST = [RESULTS / "h200-issue17-autocast" / "probe-qwen3moe.jsonl"]  # its LoRA 1 x 8192 under it
 QWEN3_MOE_OWN = [RESULTS / "h200-issue17-expandable" / "probe-qwen3moe.jsonl"]  # its QLoRA shapes of QWEN3_MOE
 MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
               RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
@@ -395,7 +396,7 @@ def fitted() -> dict[str, tuple[float, float]]:
             phi[m][1], speed.ATTENTION_TIME_BY_TYPE_AND_METHOD[("phi3", m)]) for m in phi},
         'speed.GPU_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_speed()[0], speed.GPU_TIME_BY_TYPE["gpt_oss"]),
         'speed.ATTENTION_TIME_BY_TYPE["gpt_oss"]': (gpt_oss_speed()[1], speed.ATTENTION_TIME_BY_TYPE["gpt_oss"]),
-        'speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]': (matmul_factor(QWEN3_MOE, "lora", 1, 8192),
+        'speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]': (matmul_factor(QWEN3_MOE_AUTOCAST, "lora", 1, 8192),
                                                   speed.MATMUL_TIME_BY_TYPE["qwen3_moe"]),
         'speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]': (matmul_factor(QWEN2_MOE_DEEP, "qlora", 1, 8192, layers=24),
                                                   speed.MATMUL_TIME_BY_TYPE["qwen2_moe"]),

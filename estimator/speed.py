@@ -132,9 +132,12 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 
 # Families whose matmuls run slower than the dense rate, as measured. Qwen3-MoE routes each token to 8 of 128 narrow
 # experts (768 wide), whose grouped matmuls run far below it, while its attention and memory-bound work do not:
-# Qwen3-30B-A3B at 4 layers, LoRA 1 x 8192 on the H200, took 1.645x the estimate's matmul time (the rest of the step
-# at the reference's rates; bench/results/h200-issue17/probe-qwen3moe.jsonl, 2026-11-30; that one run, refitted by
-# bench/family_terms.py; its other rows, 2,048 to 32,768 tokens, check it). Applied to the whole step's time instead
+# Qwen3-30B-A3B at 4 layers, LoRA 1 x 8192 on the H200 under bf16 autocast, as `rigplan run` trains, took 1.515x the
+# estimate's matmul time (the rest of the step at the reference's rates; bench/results/h200-issue17-autocast/
+# probe-qwen3moe.jsonl, 2026-12-01; that one run, refitted by bench/family_terms.py; its other rows, 4 to 48 layers,
+# 2,048 to 32,768 tokens, check it). Probed without autocast the same shape took 1.645x (h200-issue17/, 2026-11-30),
+# its adapters computed in fp32 (unsloth_zoo compiler.py), and the factor fitted on it left the estimate up to 18%
+# slow (bench/results/README.md, the twenty-second session). Applied to the whole step's time instead
 # it left the estimate slower the longer the sequence, as attention's share grew (bench/results/README.md, the
 # twelfth session). Mixtral's 8 wide experts ran at the dense rate (within 3% on its GPU-bound runs, same file set).
 # Qwen1.5-MoE (qwen2_moe: 60 experts 1,408 wide, 4 per token, and a shared expert) runs the same grouped kernels,
@@ -145,7 +148,7 @@ def micro_batch_s(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coeffici
 # The probes without autocast ran its LoRA slower (about 1.6x): Unsloth rewrites PEFT's LoRA forward to compute a
 # plain nn.Linear's adapter in fp32 when autocast is off (unsloth_zoo 2026.10.9 compiler.py; h200-issue17-lora-fp32/),
 # which a run does not do.
-MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.645, "qwen2_moe": 1.307}
+MATMUL_TIME_BY_TYPE = {"qwen3_moe": 1.515, "qwen2_moe": 1.307}
 # Families whose GPU time the FLOP count understates, as measured.
 # gpt-oss-20b at 4 layers (32 experts, 4 per token, attention sinks, half the layers sliding over 128 tokens; its
 # swiglu computed in fp32, unsloth_zoo temporary_patches/gpt_oss.py swiglu_torch_forward), LoRA 4 x 2048 on the H200:

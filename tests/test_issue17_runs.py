@@ -142,10 +142,6 @@ CHECK_RESERVED_BOUND = {
     # its allocated peak, as its rows without autocast at those lengths (0.13-0.17, heldout8/), its constant 0.57
     **{f"h200-issue17-autocast-slack/qwen3-30b-a3b-L4-qlora-1x{n}": 0.11 for n in (12288, 14336)},
 }
-# Qwen3-MoE's QLoRA without checkpointing at 8 layers, 20,480 tokens a micro-batch in 16 sequences (all positions
-# labelled, and 78% as `rigplan run`'s Alpaca data: h200-issue17-qwen3moe-labelled/) ran 18% faster than the
-# estimate; in 4 sequences 13%, in one 1.3%.
-CHECK_SPEED_BOUND = {"h200-issue17-qwen3moe-labelled/qwen3-30b-a3b-L8-qlora-16x1280": 0.185}
 
 
 def test_every_shape_probed_after_another_job_is_checked_from_a_process_of_its_own() -> None:
@@ -204,7 +200,7 @@ def test_runs_no_term_was_written_from(name: str, row: dict) -> None:
         low, high = est.tokens_per_s_band
         assert low <= row["tok_per_s"] <= high
     else:
-        assert abs(row["tok_per_s"] / est.tokens_per_s - 1) <= CHECK_SPEED_BOUND.get(name, 0.15)
+        assert abs(row["tok_per_s"] / est.tokens_per_s - 1) <= 0.15
 
 
 def test_the_family_terms_are_what_their_runs_give() -> None:
@@ -299,9 +295,10 @@ def test_phi_4s_terms_are_not_phi_3_5s(monkeypatch) -> None:
 
 
 def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
-    """Every recorded Qwen3-30B-A3B row, GPU-bound, within 12.5% of the estimate's speed, its grouped experts' slowness
-    on its matmuls alone (it was 19% at 32,768 tokens when on the whole step), but 20,480 tokens in several sequences
-    without checkpointing, 13-18% faster. Its QLoRA at 4, 8 and 16 layers,
+    """Every recorded Qwen3-30B-A3B row, GPU-bound, within 11% of the estimate's speed, its grouped experts' slowness
+    on its matmuls alone (it was 19% at 32,768 tokens when on the whole step), fitted on 16-bit LoRA under autocast
+    (fitted without it, the 20,480-token rows in several sequences without checkpointing ran 13-18% faster than the
+    estimate; now 6-10%). Its QLoRA at 4, 8 and 16 layers,
     2,048 to 32,768 tokens, every recorded row (memory.MOE_QLORA_BACKWARD_BY_TYPE fitted through 1 x 16384 and
     1 x 32768) and at 32 from 12,288 to 20,480: allocated peak within 2.5% of the estimate; reserved within 6% (the
     allocator's scatter: CHECK_RESERVED_BOUND) but for single sequences from 12,288 to 24,576 tokens, where the
@@ -313,9 +310,7 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
         est = _estimate(r)
-        # but for 20,480 tokens in several sequences without checkpointing (CHECK_SPEED_BOUND: 13-18% faster)
-        bound = 0.185 if r["checkpointing"] == "off" and r["batch"] > 1 and r["batch"] * r["seq"] > 16384 else 0.125
-        assert est.host_bound or abs(r["tok_per_s"] / est.tokens_per_s - 1) <= bound, (r["method"], r["seq"])
+        assert est.host_bound or abs(r["tok_per_s"] / est.tokens_per_s - 1) <= 0.11, (r["method"], r["seq"])
     qlora = [r for r in found if r["method"] == "qlora" and r.get("alloc_conf") == "expandable_segments:True"
              and r["checkpointing"] == "unsloth" and issue17_rows.in_a_process_of_its_own(r)]
     assert {r["seq"] * r["batch"] for r in qlora} >= {2048, 8192, 12288, 16384, 20480, 32768} and len(qlora) >= 15
@@ -681,8 +676,10 @@ def test_rigplan_run_on_a_moe_replica_meets_its_plan() -> None:
         assert abs(measured["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= 0.015, case
         assert abs(measured["peak_allocated_gib"] / est.peak_allocated_gib - 1) <= 0.025, case
     h200 = json.loads((RUNS.parent / "h200-issue17-qwen3moe-run" / "h200-qlora.json").read_text())
-    est = estimate_run(reduced(resolve_model("qwen3-30b-a3b"), 8), h200)  # its rate once compiled, the H200's plan
-    assert abs(h200["measured"]["tokens_per_s_compiled"] / est.tokens_per_s - 1) <= 0.05
+    # its rate once compiled: 4.0% under its plan, 7.3% under today's estimate, whose matmul factor was refitted on
+    # the 16-bit LoRA probe under autocast (speed.MATMUL_TIME_BY_TYPE), where the probes of this shape ran 18% faster
+    est = estimate_run(reduced(resolve_model("qwen3-30b-a3b"), 8), h200)
+    assert -0.08 <= h200["measured"]["tokens_per_s_compiled"] / est.tokens_per_s - 1 <= -0.03
     # Mixtral-8x7B (QLoRA, 16-bit LoRA) and gpt-oss-20b (QLoRA) at 4 layers, the H200's plans, 16 x 1280 without
     # checkpointing (h200-issue17-moe-runs/; predictions/moe-runs-h200.json and gptoss-run-h200.json before, with the
     # copies out): allocated within 1% of the plan; reserved within 5.5% of it (gpt-oss's, +5.4%, from its slack line
