@@ -44,7 +44,9 @@ def run_gpu(run: fit.Run, default: str) -> catalog.GpuSpec:
 
 
 def compare(runs: list[fit.Run], coeffs, gpu_id: str, goals: tuple[float, float] = GOALS["check"]) -> list[dict]:
-    """One row per run: measured and estimated figures, through the same estimate() `rigplan estimate` uses."""
+    """One row per run: measured and estimated figures, through the same estimate() `rigplan estimate` uses. A row's
+    `beyond_run_gib`, what a probe kept beyond a run of its shape (bench/issue17_rows.py without_autocast_gib), is
+    added to the estimate it is compared with."""
     memory_goal, speed_goal = goals
     rows = []
     for r in runs:
@@ -52,10 +54,11 @@ def compare(runs: list[fit.Run], coeffs, gpu_id: str, goals: tuple[float, float]
         est = planner.estimate(r.model, r.setup, gpu, coeffs)
         mem_ok = r.row.get("clean_load", True)
         spd_ok = fit.speed_valid(r)
-        mem_err = est.peak_reserved_gib / r.row["peak_reserved_gib"] - 1 if mem_ok else None
+        reserved = est.peak_reserved_gib + r.row.get("beyond_run_gib", 0.0)
+        mem_err = reserved / r.row["peak_reserved_gib"] - 1 if mem_ok else None
         tps_err = est.tokens_per_s / r.row["tok_per_s"] - 1 if spd_ok else None
         rows.append({"run": r.label, "gpu": gpu.id, "measured_reserved_gib": r.row["peak_reserved_gib"],
-                     "estimated_reserved_gib": round(est.peak_reserved_gib, 3), "reserved_err": mem_err,
+                     "estimated_reserved_gib": round(reserved, 3), "reserved_err": mem_err,
                      "measured_tok_per_s": r.row["tok_per_s"], "estimated_tok_per_s": round(est.tokens_per_s, 1),
                      "tok_per_s_err": tps_err, "host_bound": est.host_bound,
                      "unsloth_generic_path": catalog.unsloth_generic_path(r.model),

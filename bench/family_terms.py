@@ -206,12 +206,17 @@ def moe_qlora_backward(model_type: str, short: dict, long: dict) -> tuple[float,
     """memory.MOE_QLORA_BACKWARD_BY_TYPE[model_type]: allocated GiB = the estimate's other terms + f x the recompute
     transient as the reference counts it + c x the gate_up stack, through two QLoRA rows of one depth."""
     points = []
-    with removed(memory.MOE_QLORA_BACKWARD_BY_TYPE, model_type):
-        for row in (short, long):
-            model, setup, _ = model_setup(row)
-            transient = memory.recompute_transient_bytes(model, setup, store.reference()[0]) / 2**30
-            stack = memory.gate_up_stack_bytes(model) / 2**30
-            points.append((transient, row["peak_alloc_gib"] - (_allocated(row) - transient), stack))
+    phases = ("recompute_transient", "loss_over_backward", "expert_dequant", "quantized_load")
+    for row in (short, long):
+        model, setup, _ = model_setup(row)
+        parts = _estimate(row).components_bytes
+        others = sum(parts[k] for k in memory.ALLOCATED_TERMS if k not in phases) / 2**30  # the backward's but these
+        # the probe's recompute as probed: a run's (f and c's terms less the recomputed layer's input copies) and
+        # what a probe without autocast keeps beyond it
+        beyond_run = issue17_rows.without_autocast_gib(row) - memory.without_autocast_bytes(model, setup) / 2**30
+        transient = memory.recompute_transient_bytes(model, setup, store.reference()[0]) / 2**30
+        stack = memory.gate_up_stack_bytes(model) / 2**30
+        points.append((transient, row["peak_alloc_gib"] - others - beyond_run, stack))
     (t1, y1, stack), (t2, y2, _) = points
     f = (y2 - y1) / (t2 - t1)
     return f, (y1 - f * t1) / stack

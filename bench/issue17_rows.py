@@ -2,8 +2,10 @@
 estimate: every row of CHECK_DIRS but those a term was fitted on (FIT_NOT_CHECK). Each directory was run against
 predictions committed before it (its command.txt; bench/results/README.md names each directory's prediction file,
 session by session); each fitted term cites its rows beside it (estimator/, bench/family_terms.py). Those that stand
-for a run (checks) are read by tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table; the probes
-without autocast that keep more than a run (without_autocast) by the test only, but for QLoRA's speed (speed_checks)."""
+for a run (checks; compared as probed: the estimate and what a probe without autocast kept beyond a run,
+without_autocast_gib) are read by tests/test_issue17_runs.py and by bench/readme_outputs.py's accuracy table; the
+probes without autocast that keep more than a run otherwise (without_autocast) by the test only, but for QLoRA's speed
+(speed_checks)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss"
               "h200-issue17-fresh-process", "h200-issue17-own-process-refit", "h200-issue17-gemma-qlora-speed",
               "h200-issue17-qwen3moe-labelled", "h200-issue17-nockpt-autocast",
               "h200-issue17-autocast-slack", "h200-issue17-gptoss-depth-autocast", "h200-issue17-full-depth",
-              "h200-issue17-gptoss-long")
+              "h200-issue17-gptoss-long", "h200-issue17-blind-checks")
 FIT_NOT_CHECK = {("h200-issue17-autocast", "qwen3-30b-a3b-L4", "lora", 1, 8192),
                  ("h200-issue17-autocast-lora", "gpt-oss-20b-L4", "lora", 4, 2048),
                  ("h200-issue17-full-depth", "gpt-oss-20b", "qlora", 1, 8192),
@@ -92,18 +94,22 @@ def in_a_process_of_its_own(row: dict) -> bool:
 
 def under_autocast_or_qlora(row: dict) -> bool:
     """Whether the probe trained in the precision `rigplan run` does, bf16 autocast (TRL bf16=True on every GPU with
-    bf16). QLoRA with autocast or without: its peaks and speed were the same (within 1.5% and 2%,
-    h200-issue17-autocast/), but for QLoRA without checkpointing in a family whose layers keep copies of their input
-    without autocast (memory.NO_AUTOCAST_COPIES_BY_TYPE: the mixture-of-experts families; Qwen3-MoE, 9% more at 8
-    layers and 20,480 tokens). 16-bit LoRA only under it: without autocast Unsloth computes a plain nn.Linear's
-    adapter in fp32 and keeps fp32 copies of its input (unsloth_zoo compiler.py), which allocated up to 13% more and
-    ran up to 22% slower on the same shapes (h200-issue17-autocast/, -autocast-next/; tests/test_issue17_runs.py)."""
-    return row.get("autocast") == "bf16" or (row["method"] == "qlora" and without_autocast_gib(row) == 0)
+    bf16), or as a run of its shape with what it kept beyond one known (without_autocast_gib). QLoRA with autocast or
+    without: its speed was the same (within 2%, h200-issue17-autocast/) and its peaks but for the mixture-of-experts
+    families' copies of their layers' input without autocast (memory.NO_AUTOCAST_COPIES_BY_TYPE): with checkpointing,
+    the recomputed layer's, compared as probed; without it, every layer's (Qwen3-MoE, 9% more at 8 layers and
+    20,480 tokens), checked apart (without_autocast). 16-bit LoRA only under it: without autocast Unsloth computes a
+    plain nn.Linear's adapter in fp32 and keeps fp32 copies of its input (unsloth_zoo compiler.py), which allocated up
+    to 13% more and ran up to 22% slower on the same shapes (h200-issue17-autocast/, -autocast-next/;
+    tests/test_issue17_runs.py)."""
+    return row.get("autocast") == "bf16" or (row["method"] == "qlora" and (
+        row["checkpointing"] != "off" or without_autocast_gib(row) == 0))
 
 
 def without_autocast_gib(row: dict) -> float:
     """What the probe kept beyond a run of its shape where it ran without autocast (memory.without_autocast_bytes:
-    mixture-of-experts layers' input copies without checkpointing), GiB; 0 under autocast."""
+    mixture-of-experts layers' input copies, every layer's without checkpointing, the recomputed one's with it), GiB;
+    0 under autocast. The estimate plus this is what the probe is compared with."""
     if row.get("autocast") == "bf16":
         return 0.0
     setup = Setup(row["method"], row["rank"], row["batch"], row["seq"], checkpointing=row["checkpointing"])
@@ -128,6 +134,6 @@ def speed_checks() -> list[tuple[str, dict]]:
 
 
 def without_autocast() -> list[tuple[str, dict]]:
-    """The unfitted rows probed without autocast that keep more than a run of the shape (16-bit LoRA: and run
-    slower; under_autocast_or_qlora)."""
+    """The unfitted rows probed without autocast that keep more than a run of the shape and are not checks (16-bit
+    LoRA: and run slower; QLoRA without checkpointing: every layer's input copies; under_autocast_or_qlora)."""
     return [(d, r) for d, r in unfitted() if in_a_process_of_its_own(r) and not under_autocast_or_qlora(r)]

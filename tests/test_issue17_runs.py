@@ -54,6 +54,13 @@ def _estimate(row: dict) -> planner.Estimate:
     return planner.estimate(model, setup, resolve_gpu("h200"), store.reference()[0])
 
 
+def _as_probed(row: dict) -> tuple[float, float]:
+    """The estimate's allocated and reserved GiB as the probe trained: a run's, and what a probe without autocast keeps
+    beyond it (issue17_rows.without_autocast_gib: the mixture-of-experts layers' input copies)."""
+    est, beyond = _estimate(row), issue17_rows.without_autocast_gib(row)
+    return est.peak_allocated_gib + beyond, est.peak_reserved_gib + beyond
+
+
 def _assert_speed(row: dict, est: planner.Estimate, bound: float = 0.15) -> None:
     """A probe's speed against the estimate: inside its band where the host sets the pace (the estimate stands behind
     its band only), within bound where the GPU does."""
@@ -198,10 +205,10 @@ def _estimate_params(row: dict) -> int:
 
 @pytest.mark.parametrize("name,row", [(n, r) for n, (_, r) in zip(CHECK_IDS, CHECKS)], ids=CHECK_IDS)
 def test_runs_no_term_was_written_from(name: str, row: dict) -> None:
-    est = _estimate(row)
-    assert abs(row["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.05
-    assert abs(row["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= CHECK_RESERVED_BOUND.get(name, 0.05)
-    _assert_speed(row, est)
+    allocated, reserved = _as_probed(row)
+    assert abs(row["peak_alloc_gib"] / allocated - 1) <= 0.05
+    assert abs(row["peak_reserved_gib"] / reserved - 1) <= CHECK_RESERVED_BOUND.get(name, 0.05)
+    _assert_speed(row, _estimate(row))
 
 
 def test_the_family_terms_are_what_their_runs_give() -> None:
@@ -304,10 +311,12 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     1 x 32768) and at 32 from 12,288 to 20,480: allocated peak within 2.5% of the estimate; reserved within 6% (the
     allocator's scatter: CHECK_RESERVED_BOUND) but for single sequences from 12,288 to 24,576 tokens, where the
     allocator mostly held a third of its slack at the other lengths (fifteen runs on six machines): there the
-    estimate is above, by at most 0.55 GiB at every depth (0.40-0.42 at 32 layers, 2.8-3.0% of the plan), the side
-    that does not run out of memory; at the full 48 layers by 0.47 and 0.30 GiB, 2.6% and 1.6%
-    (h200-issue17-full-depth/; 1.5-3% expected before the runs). Rows under expandable segments, as `rigplan run`
-    trains, with Unsloth's checkpointing (without it: test_moe_without_checkpointing_keeps_what_the_estimate_counts)."""
+    estimate is above, by at most 0.55 GiB at every depth (0.33-0.36 at 32 layers, 2.4-2.5% of the plan), the side
+    that does not run out of memory; at the full 48 layers by 0.38 and 0.17 GiB, 2.1% and 0.9% (h200-issue17-full-depth/;
+    1.5-3% expected before the runs), and in several sequences, 16 x 1280 and 4 x 5120, 1.7% (-blind-checks/; within
+    3% expected). Rows under expandable segments, as `rigplan run` trains, with Unsloth's checkpointing (without it:
+    test_moe_without_checkpointing_keeps_what_the_estimate_counts); those without autocast compared as probed, with
+    the recomputed layer's input copies (_as_probed)."""
     found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
         est = _estimate(r)
@@ -317,18 +326,18 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     assert {r["seq"] * r["batch"] for r in qlora} >= {2048, 8192, 12288, 16384, 20480, 32768} and len(qlora) >= 15
     short_of_slack = []
     for r in qlora:
-        est = _estimate(r)
-        assert abs(r["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.025, (r["batch"], r["seq"])
-        err = r["peak_reserved_gib"] / est.peak_reserved_gib - 1
+        allocated, reserved = _as_probed(r)
+        assert abs(r["peak_alloc_gib"] / allocated - 1) <= 0.025, (r["batch"], r["seq"])
+        err = r["peak_reserved_gib"] / reserved - 1
         if r["batch"] == 1 and 12288 <= r["seq"] <= 24576:
-            assert -0.095 <= err <= 0.06 and est.peak_reserved_gib - r["peak_reserved_gib"] <= 0.55, (r["seq"], err)
+            assert -0.095 <= err <= 0.06 and reserved - r["peak_reserved_gib"] <= 0.55, (r["seq"], err)
             short_of_slack.append(r["seq"])
         else:
             assert abs(err) <= 0.06, (r["batch"], r["seq"], err)
     assert len(short_of_slack) >= 15 and {r["layers"] for r in qlora} == {4, 8, 16, 32, 48}
     full = [r for r in qlora if r["layers"] == 48]
-    assert sorted(r["seq"] for r in full) == [12288, 16384]
-    assert all(0 < 1 - r["peak_reserved_gib"] / _estimate(r).peak_reserved_gib <= 0.03 for r in full)
+    assert sorted((r["batch"], r["seq"]) for r in full) == [(1, 12288), (1, 16384), (4, 5120), (16, 1280)]
+    assert all(0 < 1 - r["peak_reserved_gib"] / _as_probed(r)[1] <= 0.03 for r in full)
 
 
 def test_qwen3_moe_qlora_slack_is_a_large_transient_just_short_of_a_hole() -> None:
@@ -398,7 +407,7 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
     depths = {}
     for r in qlora:
         depths.setdefault(r["arch"], set()).add(r["layers"])
-        est, left = _estimate(r).peak_allocated_gib, r["start_alloc_gib"] - FRESH_START_ALLOC_GIB
+        est, left = _as_probed(r)[0], r["start_alloc_gib"] - FRESH_START_ALLOC_GIB
         bound = 0.02 if left <= 0 else 0.03
         err = min(abs(r["peak_alloc_gib"] / est - 1), abs((r["peak_alloc_gib"] - left) / est - 1))
         assert err <= bound, (r["model"], r["seq"])
@@ -417,10 +426,10 @@ def test_mixtral_and_qwen1_5_moe_qlora_hold_a_share_of_the_recompute() -> None:
             and issue17_rows.in_a_process_of_its_own(r) and r["checkpointing"] == "unsloth"]
     longest = {}
     for r in rows:
-        est = _estimate(r)
-        assert abs(r["peak_alloc_gib"] / est.peak_allocated_gib - 1) <= 0.02, (r["model"], r["batch"], r["seq"])
+        allocated, reserved = _as_probed(r)
+        assert abs(r["peak_alloc_gib"] / allocated - 1) <= 0.02, (r["model"], r["batch"], r["seq"])
         bound = 0.055 if (r["model"], r["batch"], r["seq"]) == ("mixtral-8x7b-L4", 1, 16384) else 0.05
-        assert abs(r["peak_reserved_gib"] / est.peak_reserved_gib - 1) <= bound, (r["model"], r["batch"], r["seq"])
+        assert abs(r["peak_reserved_gib"] / reserved - 1) <= bound, (r["model"], r["batch"], r["seq"])
         longest[r["arch"]] = max(longest.get(r["arch"], 0), r["batch"] * r["seq"])
     assert longest == {"mixtral-8x7b": 32768, "qwen1.5-moe-a2.7b": 32768} and len(rows) >= 20
 
@@ -503,7 +512,8 @@ def test_gpt_oss_at_32k_tokens_meets_its_prediction(monkeypatch: pytest.MonkeyPa
     attention at about the matmuls' rate (speed.ATTENTION_TIME_BY_TYPE, fitted on the full-depth 1 x 8192 and
     1 x 16384 rows): the estimate within 5% of both speeds, where at its heads' softmax bound it was 20% or more slow.
     The 16-bit LoRA's fp32 expert activation fitted under autocast, as runs train (memory.FP32_SWIGLU_BYTES): allocated
-    within 1%, where the value fitted on the same shape probed without autocast (11.9 bytes) put it over 5% high."""
+    within 1%, where the value fitted on the same shape probed without autocast (11.9 bytes, as probed) put it over 4%
+    high."""
     from rigplan.estimator import memory, speed
 
     rows = [r for _, r in recorded("h200-issue17-gptoss-long/probe-*.jsonl")]
@@ -517,7 +527,7 @@ def test_gpt_oss_at_32k_tokens_meets_its_prediction(monkeypatch: pytest.MonkeyPa
     (lora,) = [r for r in rows if r["method"] == "lora"]
     assert abs(lora["peak_alloc_gib"] / _estimate(lora).peak_allocated_gib - 1) <= 0.01
     monkeypatch.setitem(memory.FP32_SWIGLU_BYTES, "lora", 11.9)
-    assert lora["peak_alloc_gib"] / _estimate(lora).peak_allocated_gib - 1 < -0.05
+    assert lora["peak_alloc_gib"] / _estimate(lora).peak_allocated_gib - 1 < -0.04
 
 
 def test_16bit_lora_and_gpt_oss_keep_what_the_source_count_said() -> None:
@@ -739,7 +749,7 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
     """The probes standing for a GPU without bf16 (gpu=no-bf16: Unsloth's loader asked for float16, no autocast, as on
     a T4 or V100; bench/results/h200-no-bf16/, against the bf16 plans in predictions/no-bf16-h200.json) bear out the
     warning `check` prints there (profiles/known_issues.json): Gemma 3 reserves no more than its bf16 estimate,
-    Qwen3-MoE more, its estimate 5-15% under (estimate / measured - 1), every GPU-bound row runs at a third of the
+    Qwen3-MoE more, its estimate 5-16% under (estimate / measured - 1), every GPU-bound row runs at a third of the
     estimate's speed or less, and Unsloth refuses gpt-oss's QLoRA from fused experts."""
     from rigplan.profiles.catalog import known_issues
 
@@ -752,7 +762,7 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
     for r in rows:
         est = _estimate(r)
         err = est.peak_reserved_gib / r["peak_reserved_gib"] - 1
-        assert (err >= -0.01) if r["arch"] == "gemma-3-12b" else (-0.15 <= err <= -0.05), (r["arch"], r["seq"])
+        assert (err >= -0.01) if r["arch"] == "gemma-3-12b" else (-0.16 <= err <= -0.05), (r["arch"], r["seq"])
         assert est.host_bound or r["tok_per_s"] <= est.tokens_per_s / 3, (r["arch"], r["seq"])
     assert "its fused 4-bit experts would overflow" in (folder / "failed-gptoss.txt").read_text()
     # Qwen3-MoE at 8 layers (h200-no-bf16-depth/, predictions/no-bf16-depth-h200.json): the same extra allocated over
@@ -763,4 +773,4 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
     assert sorted(extra) == [(4, 2048), (4, 8192), (8, 2048), (8, 8192)]
     assert all(extra[4, n] > 0.7 and abs(extra[8, n] - extra[4, n]) <= 0.15 for n in (2048, 8192)), extra
     summary = next(i["summary"] for i in known_issues() if i.get("when") == "gpu_without_bf16")
-    assert all(s in summary for s in ("Gemma 3's memory as planned", "Qwen3-MoE's plan 7-13% under", "gpt-oss QLoRA"))
+    assert all(s in summary for s in ("Gemma 3's memory as planned", "Qwen3-MoE's plan 8-16% under", "gpt-oss QLoRA"))
