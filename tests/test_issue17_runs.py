@@ -136,9 +136,6 @@ CHECK_RESERVED_BOUND = {
     **{f"h200-issue17-{d}/qwen3-30b-a3b-L{n}-qlora-1x16384": 0.065 for d, n in (("heldout6", 4), ("heldout7", 8))},
     **{f"h200-issue17-heldout8/qwen3-30b-a3b-L4-qlora-1x{n}": b for n, b in ((12288, 0.08), (14336, 0.085),
                                                                            (20480, 0.07))},
-    # Mixtral's QLoRA at 1 x 16384 and 4 layers held 1.23 GiB beyond its allocated peak (fresh-process/), its
-    # estimate 1.68, the whole transient its rows at 20,480 tokens and above held
-    "h200-issue17-fresh-process/mixtral-8x7b-L4-qlora-1x16384": 0.055,
     # Gemma 3's QLoRA at 1 x 2048: 0.27 GiB beyond its allocated peak, its constant fitted on this shape (in
     # fresh-process/) and on 4 x 2048 and 1 x 8192, which held 1.7 and 1.0; at 2 x 2048, 0.41
     "h200-issue17-doublequant/gemma-3-12b-L8-qlora-1x2048": 0.06,
@@ -149,10 +146,15 @@ CHECK_RESERVED_BOUND = {
     "h200-issue17-gemma-qlora-speed/gemma-3-12b-L8-qlora-4x1024": 0.055,
     # gpt-oss's QLoRA at 4 layers and 8,192 tokens a micro-batch: 0.10 GiB beyond its allocated peak in a process of
     # its own at 4 x 2048 and 1 x 8192 (fresh-process/), 0.64 at 2 x 4096 (heldout3/, which its constant is fitted on)
-    **{f"h200-issue17-fresh-process/gpt-oss-20b-L4-qlora-{shape}": 0.08 for shape in ("4x2048", "1x8192")},
+    **{f"h200-issue17-fresh-process/gpt-oss-20b-L4-qlora-{shape}": 0.065 for shape in ("4x2048", "1x8192")},
     # Qwen3-MoE's checkpointed QLoRA in one sequence of 12,288 and 14,336 tokens under autocast: 0.11-0.12 GiB beyond
     # its allocated peak, as its rows without autocast at those lengths (0.13-0.17, heldout8/), its constant 0.57
-    **{f"h200-issue17-autocast-slack/qwen3-30b-a3b-L4-qlora-1x{n}": 0.11 for n in (12288, 14336)},
+    **{f"h200-issue17-autocast-slack/qwen3-30b-a3b-L4-qlora-1x{n}": 0.095 for n in (12288, 14336)},
+    # and at 8 layers and 1 x 16384 under autocast, 0.13 (ckpt-copies/; without autocast 0.14, heldout7/)
+    "h200-issue17-ckpt-copies/qwen3-30b-a3b-L8-qlora-1x16384": 0.07,
+    # Qwen1.5-MoE's checkpointed QLoRA at 8 layers and 4 x 4096 under autocast: 0.09 GiB beyond its allocated peak,
+    # its constant 0.45 (fitted on its 1 x 2048 row; 0.20-0.59 on its other rows), allocated within 0.1%
+    "h200-issue17-ckpt-copies/qwen1.5-moe-a2.7b-L8-qlora-4x4096": 0.055,
 }
 
 
@@ -391,6 +393,32 @@ def test_qwen3_moe_probes_without_autocast_keep_two_copies_of_a_layers_input() -
         assert any(w["forward"] == r["phase_peak_alloc_gib"]["forward"] for w in pairs), r["seq"]
 
 
+def test_checkpointed_runs_under_autocast_hold_none_of_the_recomputed_layers_input_copies() -> None:
+    """With checkpointing, the terms fitted on probes without autocast count the recomputed layer's input copies, which
+    a run under autocast does not hold; the estimate takes them out (memory.without_autocast_bytes). Blind, on three
+    checkpointed QLoRA shapes under autocast (h200-issue17-ckpt-copies/, predictions/ckpt-copies-h200.json written
+    before): Qwen3-MoE at 8 layers 1 x 16384, Qwen1.5-MoE at 8 layers 4 x 4096, Mixtral at 4 layers 1 x 24576, each
+    allocated within 0.5% of the estimate, where with the copies the estimate is 1.1-2.1% over. The first and the last
+    shape probed without autocast allocated the copies more (heldout7/, mixtral-long/), within 0.2% of them."""
+    from rigplan.estimator.memory import without_autocast_bytes
+
+    rows = [r for _, r in recorded("h200-issue17-ckpt-copies/probe-*.jsonl")]
+    assert sorted(r["arch"] for r in rows) == ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b"]
+    earlier = {(r["arch"], r["layers"], r["batch"], r["seq"]): r for _, r in recorded("h200-issue17-*/probe-*.jsonl")
+               if r.get("autocast") is None and r["checkpointing"] == "unsloth" and r["method"] == "qlora"}
+    for r in rows:
+        assert r["autocast"] == "bf16" and r["checkpointing"] == "unsloth" and issue17_rows.in_a_process_of_its_own(r)
+        est = _estimate(r).peak_allocated_gib
+        copies = without_autocast_bytes(reduced(resolve_model(r["arch"]), r["layers"]),
+                                        Setup("qlora", 16, r["batch"], r["seq"])) / 2**30
+        assert abs(r["peak_alloc_gib"] / est - 1) <= 0.005, r["arch"]
+        assert (est + copies) / r["peak_alloc_gib"] - 1 >= 0.009, r["arch"]
+        without = earlier.get((r["arch"], r["layers"], r["batch"], r["seq"]))
+        if without:
+            assert abs((without["peak_alloc_gib"] - r["peak_alloc_gib"]) / copies - 1) <= 0.01, r["arch"]
+    assert sum((r["arch"], r["layers"], r["batch"], r["seq"]) in earlier for r in rows) == 2
+
+
 def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> None:
     """Qwen3-30B-A3B at 4, 8 and 16 layers, gpt-oss-20b at 4, 8 and 16, Mixtral-8x7B at 4 and 8 (predictions/
     moe-depth-h200.json for the deepest, written before): the QLoRA allocated peak within 2% of the estimate at every
@@ -417,7 +445,8 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
 def test_mixtral_and_qwen1_5_moe_qlora_hold_a_share_of_the_recompute() -> None:
     """Mixtral-8x7B at 4 and 8 layers and Qwen1.5-MoE at 4 to 24, QLoRA from 2,048 to 32,768 tokens a micro-batch,
     with Unsloth's checkpointing, every row from a process of its own: allocated within 2% and reserved within 5% of
-    the estimate (5.5% for Mixtral at 4 layers and 1 x 16384: CHECK_RESERVED_BOUND). Before their
+    the estimate (5.5% for Qwen1.5-MoE at 8 layers and 4 x 4096: CHECK_RESERVED_BOUND).
+    Before their
     backward's share (memory.MOE_QLORA_BACKWARD_BY_TYPE, two rows each) the estimate's allocated peak was 7.7-12.5%
     over Mixtral's beyond 8,192 tokens and 13.1% over Qwen1.5-MoE's at 32,768; Mixtral's reserved stays where it was,
     since its allocator keeps the whole transient (memory.WHOLE_TRANSIENT_RESERVED)."""
@@ -428,7 +457,7 @@ def test_mixtral_and_qwen1_5_moe_qlora_hold_a_share_of_the_recompute() -> None:
     for r in rows:
         allocated, reserved = _as_probed(r)
         assert abs(r["peak_alloc_gib"] / allocated - 1) <= 0.02, (r["model"], r["batch"], r["seq"])
-        bound = 0.055 if (r["model"], r["batch"], r["seq"]) == ("mixtral-8x7b-L4", 1, 16384) else 0.05
+        bound = 0.055 if (r["model"], r["batch"], r["seq"]) == ("qwen1.5-moe-a2.7b-L8", 4, 4096) else 0.05
         assert abs(r["peak_reserved_gib"] / reserved - 1) <= bound, (r["model"], r["batch"], r["seq"])
         longest[r["arch"]] = max(longest.get(r["arch"], 0), r["batch"] * r["seq"])
     assert longest == {"mixtral-8x7b": 32768, "qwen1.5-moe-a2.7b": 32768} and len(rows) >= 20
