@@ -210,7 +210,7 @@ def moe_qlora_backward(model_type: str, short: dict, long: dict) -> tuple[float,
     for row in (short, long):
         model, setup, _ = model_setup(row)
         parts = _estimate(row).components_bytes
-        others = sum(parts[k] for k in memory.ALLOCATED_TERMS if k not in phases) / 2**30  # the backward's but these
+        others = sum(parts[k] for k in memory.ALLOCATED_TERMS if k not in phases) / 2**30  # the backward's but f, c
         # the probe's recompute as probed: a run's (f and c's terms less the recomputed layer's input copies) and
         # what a probe without autocast keeps beyond it
         beyond_run = issue17_rows.without_autocast_gib(row) - memory.without_autocast_bytes(model, setup) / 2**30

@@ -225,8 +225,8 @@ def routed_copy_bytes(model: ModelSpec, setup: Setup) -> int:
 # bench/family_terms.py); its other rows check them, 16-bit LoRA at 32,768 tokens among them
 # (h200-issue17-gptoss-long/). A later reading of the source (docs/moe-saved-tensors.md, gpt-oss) found that a replica
 # with fused experts, as the probes load, runs the fused Triton SwiGLU instead: the bytes are measured, their cause is
-# not settled. 16-bit LoRA's under autocast also hold what the recomputed layer's input copies, which the estimate
-# takes out (NO_AUTOCAST_COPIES_BY_TYPE), would: its value is fitted with them out.
+# not settled. Its 16-bit LoRA row under autocast held what the recomputed layer's input copies would, which the
+# estimate takes out (NO_AUTOCAST_COPIES_BY_TYPE): the LoRA value, fitted with them out, counts those bytes.
 FP32_SWIGLU_BYTES = {"lora": 9.65, "qlora": 7.0}
 
 

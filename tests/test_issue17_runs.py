@@ -314,9 +314,9 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     allocator's scatter: CHECK_RESERVED_BOUND) but for single sequences from 12,288 to 24,576 tokens, where the
     allocator mostly held a third of its slack at the other lengths (fifteen runs on six machines): there the
     estimate is above, by at most 0.55 GiB at every depth (0.33-0.36 at 32 layers, 2.4-2.5% of the plan), the side
-    that does not run out of memory; at the full 48 layers by 0.38 and 0.17 GiB, 2.1% and 0.9% (h200-issue17-full-depth/;
-    1.5-3% expected before the runs), and in several sequences, 16 x 1280 and 4 x 5120, 1.7% (-blind-checks/; within
-    3% expected). Rows under expandable segments, as `rigplan run` trains, with Unsloth's checkpointing (without it:
+    that does not run out of memory; at the full 48 layers by 0.38 and 0.17 GiB, 2.1% and 0.9%
+    (h200-issue17-full-depth/; 1.5-3% expected before the runs), and in several sequences, 16 x 1280 and 4 x 5120,
+    1.7% (-blind-checks/; within 3% expected). Rows under expandable segments, as `rigplan run` trains, with Unsloth's checkpointing (without it:
     test_moe_without_checkpointing_keeps_what_the_estimate_counts); those without autocast compared as probed, with
     the recomputed layer's input copies (_as_probed)."""
     found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
