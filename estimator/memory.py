@@ -166,8 +166,9 @@ def without_autocast_bytes(model: ModelSpec, setup: Setup) -> int:
     return setup.tokens * layers * NO_AUTOCAST_COPIES_BY_TYPE.get(family(model), 0) * model.hidden_size * BF16_BYTES
 
 
-def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> int:
-    """Activations kept for backward: each layer's input with checkpointing, all of them without."""
+def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, autocast: bool = True) -> int:
+    """Activations kept for backward: each layer's input with checkpointing, all of them without (and, without
+    autocast, the mixture-of-experts layers' input copies: without_autocast_bytes)."""
     layers, h, i = model.num_hidden_layers, model.hidden_size, model.mean_active_intermediate
     if setup.checkpointing == "off":
         # Without checkpointing every layer keeps its attention and MLP activations (Korthikanti et al.
@@ -177,7 +178,7 @@ def checkpoint_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients) -> in
         share = NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD.get((t, setup.method), NOCKPT_ROUTED_SHARE_BY_TYPE.get(t, 1.0))
         routed = share * routed_copy_bytes(model, setup)
         return int(setup.tokens * layers * (coeffs.nockpt_per_hidden * h + coeffs.nockpt_per_intermediate * i)
-                   + layers * routed - without_autocast_bytes(model, setup))
+                   + layers * routed - (without_autocast_bytes(model, setup) if autocast else 0))
     # Checkpointing keeps one hidden-state tensor per layer (Chen et al. 2016, sec. 3).
     return int(setup.tokens * layers * coeffs.ckpt_per_hidden * h)
 
@@ -528,14 +529,16 @@ def cpu_offload_bytes(model: ModelSpec, setup: Setup) -> int:
     return base_weights_bytes(model, setup.method, "transformers") if offloaded else 0
 
 
-def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
-                     engine: str = "unsloth", batching: str = "padded") -> dict[str, int]:
-    """Every memory term of one configuration, per GPU; the one place they are added up."""
+def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engine: str = "unsloth",
+                     batching: str = "padded", autocast: bool = True) -> dict[str, int]:
+    """Every memory term of one configuration, per GPU; the one place they are added up. autocast: whether the step
+    runs under bf16 autocast, as `rigplan run` trains on a GPU with bf16 (TRL bf16=True); on one without, Unsloth
+    trains without autocast and a mixture-of-experts layer keeps copies of its input (without_autocast_bytes)."""
     offloaded = setup.parallelism == "fsdp" and setup.cpu_offload
     whole = quant_state_bytes(model, setup)  # on every GPU, sharded or offloaded
     transient = recompute_transient_bytes(model, setup, coeffs)
     # the recomputed layer's input copies that the terms fitted on probes without autocast hold and a run does not
-    copies = without_autocast_bytes(model, setup) if transient else 0
+    copies = without_autocast_bytes(model, setup) if transient and autocast else 0
     parts = {
         "base_weights": whole + (0 if offloaded else sharded(
             base_weights_bytes(model, setup.method, engine) - whole, setup)),
@@ -544,7 +547,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients,
         "optimizer_state": sharded(optimizer_state_bytes(model, setup.rank, setup.optimizer), setup),
         "loaded_overhead": int(coeffs.fixed_bytes),
         "step_overhead": int(coeffs.step_fixed_bytes),
-        "activations_kept": checkpoint_bytes(model, setup, coeffs),
+        "activations_kept": checkpoint_bytes(model, setup, coeffs, autocast),
         "recompute_transient": moe_qlora_transient_bytes(model, setup, transient, engine) - copies,
         "logits_loss": logits_bytes(model, setup, coeffs, engine),
         "dequant_buffer": dequant_buffer_bytes(model, setup),

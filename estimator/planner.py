@@ -105,7 +105,7 @@ def estimate(model: ModelSpec, setup: Setup, gpu: GpuSpec, coeffs: Coefficients,
     (speed.data_micro_batch), else for full ones. On the transformers engine both are scaled by the factors
     measured against Unsloth (memory.TRANSFORMERS_STEP_MEMORY, speed.transformers_speed)."""
     validate(model, setup)
-    parts = memory.components_bytes(model, setup, coeffs, engine, batching)
+    parts = memory.components_bytes(model, setup, coeffs, engine, batching, autocast=gpu.bf16)
     total = memory.total_bytes(parts) / GIB
     limit = gpu_memory_gib if gpu_memory_gib is not None else usable_gib(gpu)
     times: list[tuple[float, int]] = []  # padded micro-batches of the data: each shape's seconds and count

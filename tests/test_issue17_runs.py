@@ -778,8 +778,10 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
     """The probes standing for a GPU without bf16 (gpu=no-bf16: Unsloth's loader asked for float16, no autocast, as on
     a T4 or V100; bench/results/h200-no-bf16/, against the bf16 plans in predictions/no-bf16-h200.json) bear out the
     warning `check` prints there (profiles/known_issues.json): Gemma 3 reserves no more than its bf16 estimate,
-    Qwen3-MoE more, its estimate 5-16% under (estimate / measured - 1), every GPU-bound row runs at a third of the
-    estimate's speed or less, and Unsloth refuses gpt-oss's QLoRA from fused experts."""
+    Qwen3-MoE more, its estimate 5-15% under (estimate / measured - 1), every GPU-bound row runs at a third of the
+    estimate's speed or less, and Unsloth refuses gpt-oss's QLoRA from fused experts. The estimate is the H200's were
+    it without bf16: the run trains without autocast there, and the plan counts the input copies that keeps
+    (memory.without_autocast_bytes)."""
     from rigplan.profiles.catalog import known_issues
 
     folder = RUNS.parent / "h200-no-bf16"
@@ -788,10 +790,15 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
                                                      for n in (2048, 8192)}
     assert all((r["gpu_emulated"], r["autocast"], r["method"]) == ("no-bf16", "off", "qlora") for r in rows)
     assert not recorded("h200-no-bf16/probe-*.jsonl")  # no accuracy check reads them
+    without_bf16 = dataclasses.replace(resolve_gpu("h200"), bf16=False)
     for r in rows:
         est = _estimate(r)
-        err = est.peak_reserved_gib / r["peak_reserved_gib"] - 1
-        assert (err >= -0.01) if r["arch"] == "gemma-3-12b" else (-0.16 <= err <= -0.05), (r["arch"], r["seq"])
+        model = reduced(resolve_model(r["arch"]), r["layers"])
+        setup = Setup(r["method"], r["rank"], r["batch"], r["seq"], checkpointing=r["checkpointing"])
+        planned = planner.estimate(model, setup, without_bf16, store.reference()[0]).peak_reserved_gib
+        assert planned == pytest.approx(est.peak_reserved_gib + issue17_rows.without_autocast_gib(r), abs=1e-6)
+        err = planned / r["peak_reserved_gib"] - 1
+        assert (err >= -0.01) if r["arch"] == "gemma-3-12b" else (-0.15 <= err <= -0.05), (r["arch"], r["seq"])
         assert est.host_bound or r["tok_per_s"] <= est.tokens_per_s / 3, (r["arch"], r["seq"])
     assert "its fused 4-bit experts would overflow" in (folder / "failed-gptoss.txt").read_text()
     # Qwen3-MoE at 8 layers (h200-no-bf16-depth/, predictions/no-bf16-depth-h200.json): the same extra allocated over
@@ -802,4 +809,4 @@ def test_the_float32_regime_of_gpus_without_bf16_is_as_check_warns() -> None:
     assert sorted(extra) == [(4, 2048), (4, 8192), (8, 2048), (8, 8192)]
     assert all(extra[4, n] > 0.7 and abs(extra[8, n] - extra[4, n]) <= 0.15 for n in (2048, 8192)), extra
     summary = next(i["summary"] for i in known_issues() if i.get("when") == "gpu_without_bf16")
-    assert all(s in summary for s in ("Gemma 3's memory as planned", "Qwen3-MoE's plan 8-16% under", "gpt-oss QLoRA"))
+    assert all(s in summary for s in ("Gemma 3's memory as planned", "Qwen3-MoE's plan 8-15% under", "gpt-oss QLoRA"))

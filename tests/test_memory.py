@@ -162,3 +162,25 @@ def test_family_terms_touch_their_families_only(coeffs) -> None:
     assert per_token["lora", phi4] == per_token["qlora", phi4] < phi4.vocab_size * 1
     assert per_token["lora", phi] == per_token["qlora", phi] < phi.vocab_size * 1
     assert memory.logits_bytes(gemma, Setup("qlora", 16, 1, 2048), coeffs) > gemma.vocab_size * 3 * 2048
+
+
+@pytest.mark.parametrize("checkpointing,layers", [("unsloth", 1), ("off", 48)])
+def test_a_gpu_without_bf16_plans_the_input_copies_a_run_without_autocast_keeps(coeffs, checkpointing, layers) -> None:
+    """A run on a GPU without bf16 trains without autocast (Unsloth 2026.10.9), and there a mixture-of-experts layer
+    keeps copies of its input (memory.NO_AUTOCAST_COPIES_BY_TYPE: two for Qwen3-MoE, hidden-wide, bf16): every
+    layer's without checkpointing, the recomputed layer's with it. The allocated peak counts them; a dense model's
+    does not change."""
+    import dataclasses
+
+    from rigplan.estimator import planner
+    from rigplan.profiles.catalog import resolve_gpu
+
+    h200 = resolve_gpu("h200")
+    no_bf16 = dataclasses.replace(h200, bf16=False)
+    setup = Setup("qlora", 16, 1, 4096, checkpointing=checkpointing)
+    qwen3 = resolve_model("qwen3-30b-a3b")
+    added = (planner.estimate(qwen3, setup, no_bf16, coeffs).peak_allocated_gib
+             - planner.estimate(qwen3, setup, h200, coeffs).peak_allocated_gib)
+    assert added * GIB == pytest.approx(4096 * layers * 2 * qwen3.hidden_size * 2, rel=1e-6)
+    dense = [planner.estimate(LLAMA8B, setup, gpu, coeffs).peak_allocated_gib for gpu in (h200, no_bf16)]
+    assert dense[0] == dense[1]
