@@ -316,9 +316,9 @@ def test_qwen3_moe_qlora_allocates_as_estimated_to_32k_tokens() -> None:
     estimate is above, by at most 0.55 GiB at every depth (0.33-0.36 at 32 layers, 2.4-2.5% of the plan), the side
     that does not run out of memory; at the full 48 layers by 0.38 and 0.17 GiB, 2.1% and 0.9%
     (h200-issue17-full-depth/; 1.5-3% expected before the runs), and in several sequences, 16 x 1280 and 4 x 5120,
-    1.7% (-blind-checks/; within 3% expected). Rows under expandable segments, as `rigplan run` trains, with Unsloth's checkpointing (without it:
-    test_moe_without_checkpointing_keeps_what_the_estimate_counts); those without autocast compared as probed, with
-    the recomputed layer's input copies (_as_probed)."""
+    1.7% (-blind-checks/; within 3% expected). Rows under expandable segments, as `rigplan run` trains, with Unsloth's
+    checkpointing (without it: test_moe_without_checkpointing_keeps_what_the_estimate_counts); those without autocast
+    compared as probed, with the recomputed layer's input copies (_as_probed)."""
     found = [r for _, r in recorded("h200-issue17*/probe-qwen3moe*.jsonl")]
     for r in found:  # speed.MATMUL_TIME_BY_TYPE, fitted on the LoRA 1 x 8192 row, on every GPU-bound row to 32,768
         est = _estimate(r)
@@ -445,9 +445,8 @@ def test_mixture_of_experts_qlora_allocates_as_estimated_at_every_depth() -> Non
 def test_mixtral_and_qwen1_5_moe_qlora_hold_a_share_of_the_recompute() -> None:
     """Mixtral-8x7B at 4 and 8 layers and Qwen1.5-MoE at 4 to 24, QLoRA from 2,048 to 32,768 tokens a micro-batch,
     with Unsloth's checkpointing, every row from a process of its own: allocated within 2% and reserved within 5% of
-    the estimate (5.5% for Qwen1.5-MoE at 8 layers and 4 x 4096: CHECK_RESERVED_BOUND).
-    Before their
-    backward's share (memory.MOE_QLORA_BACKWARD_BY_TYPE, two rows each) the estimate's allocated peak was 7.7-12.5%
+    the estimate (5.5% for Qwen1.5-MoE at 8 layers and 4 x 4096: CHECK_RESERVED_BOUND). Before their backward's
+    share (memory.MOE_QLORA_BACKWARD_BY_TYPE, two rows each) the estimate's allocated peak was 7.7-12.5%
     over Mixtral's beyond 8,192 tokens and 13.1% over Qwen1.5-MoE's at 32,768; Mixtral's reserved stays where it was,
     since its allocator keeps the whole transient (memory.WHOLE_TRANSIENT_RESERVED)."""
     found = [r for d, r in recorded("h200-issue17-*/probe-*.jsonl") if d != "h200-issue17-qwen2moe"]
