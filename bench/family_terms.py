@@ -205,21 +205,28 @@ def gpt_oss_speed() -> tuple[float, float]:
 def moe_qlora_backward(model_type: str, short: dict, long: dict) -> tuple[float, float]:
     """memory.MOE_QLORA_BACKWARD_BY_TYPE[model_type]: allocated GiB = the estimate's other terms + f x the recompute
     transient as the reference counts it + c x the gate_up stack, through two QLoRA rows of one depth."""
-    points = []
-    phases = ("recompute_transient", "loss_over_backward", "expert_dequant", "quantized_load")
-    for row in (short, long):
-        model, setup, _ = model_setup(row)
-        parts = _estimate(row).components_bytes
-        others = sum(parts[k] for k in memory.ALLOCATED_TERMS if k not in phases) / 2**30  # the backward's but f, c
-        # the probe's recompute as probed: a run's (f and c's terms less the recomputed layer's input copies) and
-        # what a probe without autocast keeps beyond it
-        beyond_run = issue17_rows.without_autocast_gib(row) - memory.without_autocast_bytes(model, setup) / 2**30
-        transient = memory.recompute_transient_bytes(model, setup, store.reference()[0]) / 2**30
-        stack = memory.gate_up_stack_bytes(model) / 2**30
-        points.append((transient, row["peak_alloc_gib"] - others - beyond_run, stack))
-    (t1, y1, stack), (t2, y2, _) = points
+    (t1, y1), (t2, y2) = backward_held(short), backward_held(long)
     f = (y2 - y1) / (t2 - t1)
-    return f, (y1 - f * t1) / stack
+    return f, (y1 - f * t1) / (memory.gate_up_stack_bytes(model_setup(short)[0]) / 2**30)
+
+
+def backward_held(row: dict) -> tuple[float, float]:
+    """(a layer's recompute transient as the reference counts it, what the row's backward held of it and beside it),
+    GiB: the allocated peak less the estimate's other terms, as probed (a run's recompute less the recomputed layer's
+    input copies, and what a probe without autocast keeps beyond a run)."""
+    model, setup, _ = model_setup(row)
+    parts = _estimate(row).components_bytes
+    phases = ("recompute_transient", "loss_over_backward", "expert_dequant", "quantized_load")
+    others = sum(parts[k] for k in memory.ALLOCATED_TERMS if k not in phases) / 2**30
+    beyond_run = issue17_rows.without_autocast_gib(row) - memory.without_autocast_bytes(model, setup) / 2**30
+    transient = memory.recompute_transient_bytes(model, setup, store.reference()[0]) / 2**30
+    return transient, row["peak_alloc_gib"] - others - beyond_run
+
+
+def moe_lora_backward(row: dict) -> float:
+    """memory.MOE_LORA_BACKWARD_BY_TYPE: the share of the recompute transient the row's 16-bit LoRA backward held."""
+    transient, held = backward_held(row)
+    return held / transient
 
 
 def qwen3_moe_qlora_backward() -> tuple[float, float]:
@@ -232,6 +239,10 @@ def qwen2_moe_qlora_backward() -> tuple[float, float]:
     """Through Qwen1.5-MoE's QLoRA 2 x 8192 and 4 x 8192 rows at 8 layers."""
     return moe_qlora_backward("qwen2_moe", rows(QWEN2_MOE_LONG, "qlora", 2, 8192),
                               rows(QWEN2_MOE_LONG, "qlora", 4, 8192))
+
+
+MIXTRAL_LORA = [RESULTS / "h200-issue17-autocast-lora" / "probe-mixtral.jsonl"]  # 16-bit LoRA under autocast
+QWEN2_MOE_AUTOCAST = [RESULTS / "h200-issue17-autocast" / "probe-qwen2moe.jsonl"]
 
 
 def mixtral_qlora_backward() -> tuple[float, float]:
@@ -416,6 +427,10 @@ def fitted() -> dict[str, tuple[float, float]]:
             mixtral[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["mixtral"][i]) for i in (0, 1)},
         **{f'memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen2_moe"][{i}]': (
             qwen2[i], memory.MOE_QLORA_BACKWARD_BY_TYPE["qwen2_moe"][i]) for i in (0, 1)},
+        'memory.MOE_LORA_BACKWARD_BY_TYPE["mixtral"]': (moe_lora_backward(rows(MIXTRAL_LORA, "lora", 1, 8192)),
+                                                        memory.MOE_LORA_BACKWARD_BY_TYPE["mixtral"]),
+        'memory.MOE_LORA_BACKWARD_BY_TYPE["qwen2_moe"]': (moe_lora_backward(rows(QWEN2_MOE_AUTOCAST, "lora", 2, 8192)),
+                                                          memory.MOE_LORA_BACKWARD_BY_TYPE["qwen2_moe"]),
         'memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]': (phi3_mask(), memory.SEQ_SQUARED_BYTES_BY_TYPE["phi3"]),
         'memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]': (phi3_transient(), memory.TRANSIENT_PER_KV_BY_TYPE["phi3"]),
         'memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]': (phi_slack[0], memory.QLORA_SLACK_GIB_BY_TYPE["phi3"]),

@@ -34,6 +34,8 @@ CHECK_DIRS = ("h200-issue17-heldout2", "h200-issue17-expandable", "h200-gpt-oss"
               "h200-issue17-autocast-slack", "h200-issue17-gptoss-depth-autocast", "h200-issue17-full-depth",
               "h200-issue17-gptoss-long", "h200-issue17-blind-checks", "h200-issue17-ckpt-copies")
 FIT_NOT_CHECK = {("h200-issue17-autocast", "qwen3-30b-a3b-L4", "lora", 1, 8192),
+                 ("h200-issue17-autocast-lora", "mixtral-8x7b-L4", "lora", 1, 8192),
+                 ("h200-issue17-autocast", "qwen1.5-moe-a2.7b-L8", "lora", 2, 8192),
                  ("h200-issue17-autocast-lora", "gpt-oss-20b-L4", "lora", 4, 2048),
                  ("h200-issue17-full-depth", "gpt-oss-20b", "qlora", 1, 8192),
                  ("h200-issue17-full-depth", "gpt-oss-20b", "qlora", 1, 16384),

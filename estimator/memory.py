@@ -303,11 +303,11 @@ def dequant_buffer_bytes(model: ModelSpec, setup: Setup) -> int:
 
 
 # Qwen3-MoE's QLoRA backward under Unsloth holds less of a layer's recompute per token than the terms above count (its
-# 16-bit LoRA holds what they count) and, beside it, the layer's whole dequantized gate_up stack
-# (expert_dequant_phase_bytes): its allocated peak grew with the tokens at a lower rate, from a higher base. Shares
-# of the recompute transient and of the stack, fitted through its QLoRA 1 x 16384 and 1 x 32768 rows at 4 layers on
-# the H200 (bench/results/h200-issue17-heldout8/ and -fit6/; bench/family_terms.py qwen3_moe_qlora_backward); its
-# rows at 2,048 to 8,192 tokens, at 4, 8 and 16 layers, check it.
+# 16-bit LoRA holds what they count; not so Mixtral's and Qwen1.5-MoE's: MOE_LORA_BACKWARD_BY_TYPE) and, beside it,
+# the layer's whole dequantized gate_up stack (expert_dequant_phase_bytes): its allocated peak grew with the tokens at
+# a lower rate, from a higher base. Shares of the recompute transient and of the stack, fitted through its QLoRA
+# 1 x 16384 and 1 x 32768 rows at 4 layers on the H200 (bench/results/h200-issue17-heldout8/ and -fit6/;
+# bench/family_terms.py qwen3_moe_qlora_backward); its rows at 2,048 to 8,192 tokens, at 4, 8 and 16 layers, check it.
 # Mixtral's holds 0.83 of it and hardly any stack (from 12,288 to 32,768 tokens its allocated peak grew by 0.83 of the
 # recompute transient), fitted the same way through its QLoRA 1 x 16384 and 1 x 32768 rows at 8 layers
 # (h200-issue17-doublequant/, -mixtral-long/); its rows at 2,048 to 24,576 tokens, at 4 and 8 layers, check it.
@@ -317,15 +317,27 @@ MOE_QLORA_BACKWARD_BY_TYPE = {"qwen3_moe": (0.816, 1.004), "mixtral": (0.827, 0.
 # Yet Mixtral's reserved memory held the whole recompute transient as the reference counts it: beyond the allocated
 # peak, its allocator kept 1.2-3.4 GiB at 12,288 to 32,768 tokens, growing with the tokens, against 0.2-0.5 at 8,192
 # (same files). For these families the allocator's slack keeps the backward phase at the reference's transient
-# (unlive_transient_bytes).
+# (unlive_transient_bytes). So does its 16-bit LoRA's under autocast (MOE_LORA_BACKWARD_BY_TYPE): beyond its allocated
+# peak 0.17 GiB at 2,048 tokens and 0.62-0.66 at 8,192 (h200-issue17-autocast-lora/), where the slack ratio gives
+# 0.05 and 0.20 and the transient its backward does not hold 0.15 and 0.60.
 WHOLE_TRANSIENT_RESERVED = {"mixtral"}
+# Mixtral's and Qwen1.5-MoE's 16-bit LoRA backward under autocast, as runs train, holds a share of the recompute
+# transient too, with no stack beside it (its experts stay bf16): as probed, the share of its 1 x 8192 row at 4
+# layers (Mixtral, h200-issue17-autocast-lora/) and of its 2 x 8192 row at 8 (Qwen1.5-MoE, h200-issue17-autocast/;
+# bench/family_terms.py moe_lora_backward); their other rows under autocast, 2,048 and 8,192 tokens, check it.
+MOE_LORA_BACKWARD_BY_TYPE = {"mixtral": 0.841, "qwen2_moe": 0.854}
 
 
-def moe_qlora_transient_bytes(model: ModelSpec, setup: Setup, transient: int, engine: str) -> int:
-    """A layer's recompute transient (as recompute_transient_bytes counts it) as the family's QLoRA backward holds
-    it under Unsloth, with the gate_up stack beside it (MOE_QLORA_BACKWARD_BY_TYPE); unchanged elsewhere."""
+def moe_transient_bytes(model: ModelSpec, setup: Setup, transient: int, engine: str) -> int:
+    """A layer's recompute transient (as recompute_transient_bytes counts it) as the family's backward holds it under
+    Unsloth: QLoRA's share with the gate_up stack beside it (MOE_QLORA_BACKWARD_BY_TYPE), 16-bit LoRA's share
+    (MOE_LORA_BACKWARD_BY_TYPE); unchanged elsewhere."""
+    if engine != "unsloth" or not transient:
+        return transient
+    if setup.method == "lora" and family(model) in MOE_LORA_BACKWARD_BY_TYPE:
+        return int(MOE_LORA_BACKWARD_BY_TYPE[family(model)] * transient)
     shares = MOE_QLORA_BACKWARD_BY_TYPE.get(family(model))
-    if setup.method != "qlora" or engine != "unsloth" or not shares or not transient:
+    if setup.method != "qlora" or not shares:
         return transient
     return int(shares[0] * transient + shares[1] * gate_up_stack_bytes(model))
 
@@ -335,7 +347,7 @@ def unlive_transient_bytes(model: ModelSpec, setup: Setup, parts: dict[str, int]
     the reference counts it) though less of it is alive at once (WHOLE_TRANSIENT_RESERVED): how far the backward
     phase with the whole transient would rise above the allocated peak, which exceeds the backward phase by the
     terms of its other moments; 0 elsewhere."""
-    if setup.method != "qlora" or engine != "unsloth" or family(model) not in WHOLE_TRANSIENT_RESERVED:
+    if engine != "unsloth" or family(model) not in WHOLE_TRANSIENT_RESERVED:
         return 0
     beyond_backward = parts["loss_over_backward"] + parts["expert_dequant"] + parts["quantized_load"]
     return max(0, transient - parts["recompute_transient"] - beyond_backward)
@@ -548,7 +560,7 @@ def components_bytes(model: ModelSpec, setup: Setup, coeffs: Coefficients, engin
         "loaded_overhead": int(coeffs.fixed_bytes),
         "step_overhead": int(coeffs.step_fixed_bytes),
         "activations_kept": checkpoint_bytes(model, setup, coeffs, autocast),
-        "recompute_transient": moe_qlora_transient_bytes(model, setup, transient, engine) - copies,
+        "recompute_transient": moe_transient_bytes(model, setup, transient, engine) - copies,
         "logits_loss": logits_bytes(model, setup, coeffs, engine),
         "dequant_buffer": dequant_buffer_bytes(model, setup),
         "attention_mask": attention_mask_bytes(model, setup),
