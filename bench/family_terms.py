@@ -37,11 +37,13 @@ GPT_OSS_OWN = [RESULTS / "h200-issue17-heldout3" / "probe-gptoss.jsonl"]
 QWEN2_MOE = [RESULTS / "h200-issue17-heldout5" / "probe-qwen2moe.jsonl"]  # its first runs training what was planned
 QWEN2_MOE_DEEP = [RESULTS / "h200-issue17-heldout8" / "probe-qwen2moe.jsonl"]  # at 16 and 24 (full) layers
 QWEN2_MOE_LONG = [RESULTS / "h200-issue17-heldout9" / "probe-qwen2moe.jsonl"]
+QWEN2_MOE_AUTOCAST = [RESULTS / "h200-issue17-autocast" / "probe-qwen2moe.jsonl"]  # 16-bit LoRA under autocast
 QWEN3_MOE = [RESULTS / "h200-issue17" / "probe-qwen3moe.jsonl"]
 QWEN3_MOE_AUTOCAST = [RESULTS / "h200-issue17-autocast" / "probe-qwen3moe.jsonl"]  # its LoRA 1 x 8192 under it
 QWEN3_MOE_OWN = [RESULTS / "h200-issue17-expandable" / "probe-qwen3moe.jsonl"]  # its QLoRA shapes of QWEN3_MOE
 MIXTRAL_L8 = [RESULTS / "h200-issue17-doublequant" / "probe-mixtral.jsonl",
               RESULTS / "h200-issue17-mixtral-long" / "probe-mixtral-L8.jsonl"]
+MIXTRAL_LORA = [RESULTS / "h200-issue17-autocast-lora" / "probe-mixtral.jsonl"]  # 16-bit LoRA under autocast
 GEMMA3 = [RESULTS / "h200-issue17" / "probe-gemma3.jsonl"]
 GEMMA3_OWN = [RESULTS / "h200-issue17-expandable" / "probe-gemma3.jsonl", FRESH / "probe-gemma3.jsonl"]
 FIRST_SHAPES = ((1, 2048), (4, 2048), (1, 8192))  # the shapes of h200-issue17/, which the QLoRA slacks were fitted on
@@ -241,10 +243,6 @@ def qwen2_moe_qlora_backward() -> tuple[float, float]:
                               rows(QWEN2_MOE_LONG, "qlora", 4, 8192))
 
 
-MIXTRAL_LORA = [RESULTS / "h200-issue17-autocast-lora" / "probe-mixtral.jsonl"]  # 16-bit LoRA under autocast
-QWEN2_MOE_AUTOCAST = [RESULTS / "h200-issue17-autocast" / "probe-qwen2moe.jsonl"]
-
-
 def mixtral_qlora_backward() -> tuple[float, float]:
     """Through Mixtral's QLoRA 1 x 16384 and 1 x 32768 rows at 8 layers, each from a process of its own."""
     return moe_qlora_backward("mixtral", rows(MIXTRAL_L8, "qlora", 1, 16384), rows(MIXTRAL_L8, "qlora", 1, 32768))
@@ -332,7 +330,7 @@ def nockpt_routed_share(model_type: str, files: list[Path]) -> float:
 def qwen2_moe_lora_share() -> float:
     """memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD["qwen2_moe", "lora"]: the share at which Qwen1.5-MoE's 8-layer
     16-bit LoRA 1 x 8192 row without checkpointing under autocast meets its allocated peak."""
-    (row,) = [r for r in recorded([RESULTS / "h200-issue17-autocast" / "probe-qwen2moe.jsonl"], "lora")
+    (row,) = [r for r in recorded(QWEN2_MOE_AUTOCAST, "lora")
               if r["checkpointing"] == "off"]
     return solve(memory.NOCKPT_ROUTED_SHARE_BY_TYPE_AND_METHOD, ("qwen2_moe", "lora"), row, 6.0)
 
